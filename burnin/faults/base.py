@@ -1,0 +1,61 @@
+"""What a fault is: a name, a validated parameter model, where it acts, and `inject(ctx)`.
+
+In-rank faults run inside a rank worker at a named point of the training step and may touch
+torch state through the context. Out-of-rank faults run in the supervisor (which never imports
+torch) while the target rank is held at the step point, so their effect lands at a known step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["STEP_POINTS", "Fault", "NoParams"]
+
+#: The points of a training step at which faults fire and detectors look, in step order.
+STEP_POINTS: tuple[str, ...] = (
+    "before_forward",        # the batch is built, nothing computed yet
+    "after_backward",        # local gradients, before the all-reduce
+    "after_allreduce",       # gradients averaged across ranks
+    "after_optimizer_step",  # parameters and optimizer state updated
+    "between_steps",         # the step is done and logged; out-of-rank faults act here
+)
+
+
+class NoParams(BaseModel):
+    """Parameters of a fault that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Fault:
+    """Base class of every fault. Subclass, set the class attributes, implement `inject`."""
+
+    name: ClassVar[str]                       # "family.kind", e.g. "process.kill"
+    summary: ClassVar[str]                    # one line for `burnin list`
+    where: ClassVar[Literal["in_rank", "out_of_rank"]]
+    points: ClassVar[tuple[str, ...]] = ("between_steps",)  # allowed points; the first is the default
+    Params: ClassVar[type[BaseModel]] = NoParams
+    #: True when the fault is a stand-in for the real thing on this machine; reports say `simulated`.
+    simulated: ClassVar[bool] = False
+    #: True when the fault is meant to bring the group down; failures are attributed to such faults.
+    disruptive: ClassVar[bool] = True
+
+    def __init__(self, params: BaseModel | None = None):
+        self.params = params if params is not None else self.Params()
+
+    @property
+    def family(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    def span(self) -> int:
+        """How many consecutive steps the fault acts on (most act once)."""
+        return 1
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        """Apply the fault. Returns details that go into the `fault_injected` event."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.params!r}>"

@@ -1,0 +1,80 @@
+"""Process faults: real signals to real rank processes, and exceptions raised inside the step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from burnin.errors import InjectedFault
+from burnin.faults.base import STEP_POINTS, Fault
+from burnin.faults.registry import register
+
+__all__ = ["Kill", "Hang", "Exception_", "Straggler"]
+
+
+@register
+class Kill(Fault):
+    """SIGKILL the rank: what a node loss or an OOM killer looks like to the job."""
+
+    name = "process.kill"
+    summary = "SIGKILL a rank at a step (node loss)"
+    where = "out_of_rank"
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        os.kill(ctx.pid, signal.SIGKILL)
+        return {"signal": "SIGKILL", "pid": ctx.pid}
+
+
+@register
+class Hang(Fault):
+    """SIGSTOP the rank: every thread freezes, heartbeats stop, peers block in the next collective."""
+
+    name = "process.hang"
+    summary = "SIGSTOP a rank at a step (a hung process; caught by the heartbeat timeout)"
+    where = "out_of_rank"
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        os.kill(ctx.pid, signal.SIGSTOP)
+        return {"signal": "SIGSTOP", "pid": ctx.pid}
+
+
+@register
+class Exception_(Fault):
+    """Raise inside the training step, as a software bug would."""
+
+    name = "process.exception"
+    summary = "raise an exception inside a rank's step"
+    where = "in_rank"
+    points = ("before_forward", "after_optimizer_step", "between_steps")
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        raise InjectedFault(f"burnin injected process.exception at step {ctx.step} ({ctx.point}) on rank {ctx.rank}")
+
+
+class StragglerParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    delay_s: float = Field(0.2, gt=0, le=600, description="extra seconds per step")
+    steps: int = Field(1, ge=1, le=1_000_000, description="how many consecutive steps are slowed")
+
+
+@register
+class Straggler(Fault):
+    """Sleep inside the step so one rank runs late and the others wait for it in the all-reduce."""
+
+    name = "process.straggler"
+    summary = "slow a rank down by a delay per step (a straggler)"
+    where = "in_rank"
+    points = ("before_forward",) + tuple(p for p in STEP_POINTS if p != "before_forward")
+    Params = StragglerParams
+    disruptive = False
+
+    def span(self) -> int:
+        return self.params.steps
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        time.sleep(self.params.delay_s)
+        return {"delay_s": self.params.delay_s}

@@ -1,0 +1,70 @@
+"""One registry maps fault names to classes; plug-ins join through the `burnin.faults` entry points."""
+
+from __future__ import annotations
+
+import difflib
+from importlib.metadata import entry_points
+
+from burnin.errors import UserError
+from burnin.faults.base import STEP_POINTS, Fault
+
+__all__ = ["register", "get", "names", "all_faults", "UnknownFault"]
+
+_REGISTRY: dict[str, type[Fault]] = {}
+_plugins_loaded = False
+
+
+class UnknownFault(UserError):
+    """A fault name that nothing registered."""
+
+
+def register(cls: type[Fault]) -> type[Fault]:
+    """Class decorator: add a fault class to the registry under its `name`."""
+    name = getattr(cls, "name", None)
+    if not name or "." not in name:
+        raise TypeError(f"{cls.__qualname__}.name must be 'family.kind', got {name!r}")
+    for point in cls.points:
+        if point not in STEP_POINTS:
+            raise TypeError(f"{cls.__qualname__}.points: unknown step point {point!r}")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise TypeError(f"fault {name!r} is registered twice: {_REGISTRY[name].__qualname__} and {cls.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load() -> None:
+    global _plugins_loaded
+    import burnin.faults.process  # noqa: F401  (registers the built-in catalogue)
+    import burnin.faults.storage  # noqa: F401
+
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in entry_points(group="burnin.faults"):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plug-in must not take the CLI down
+            raise UserError(f"fault plug-in {ep.name!r} ({ep.value}) failed to load: {exc}") from None
+        if isinstance(obj, type) and issubclass(obj, Fault):
+            register(obj)
+
+
+def get(name: str) -> type[Fault]:
+    """The fault class called `name`; unknown names fail with the closest match suggested."""
+    _load()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else "`burnin list` shows the catalogue"
+        raise UnknownFault(f"unknown fault {name!r}: {hint}") from None
+
+
+def names() -> list[str]:
+    _load()
+    return sorted(_REGISTRY)
+
+
+def all_faults() -> list[type[Fault]]:
+    _load()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]

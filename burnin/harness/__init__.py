@@ -1,0 +1,1 @@
+"""Runs a scenario: supervisor, rank worker, workload, checkpoints, events, golden runs."""

@@ -1,0 +1,94 @@
+"""The event log: one JSON object per line, written and flushed as things happen.
+
+Each rank appends to its own stream; the supervisor tails those streams and appends every event,
+its own included, to the run's `events.jsonl`. A process killed mid-write leaves at most one torn
+last line, which readers skip, so the log of a run that died is still readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["EventWriter", "Tail", "read_events"]
+
+
+class EventWriter:
+    """Appends events to a JSON-lines file. Flushed on every event; fsync optional (slow)."""
+
+    def __init__(self, path: str | Path, *, fsync: bool = False, **fixed: Any):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Line-buffered text in append mode: each write is one line that reaches the OS at once.
+        self._fh = open(self.path, "a", buffering=1, encoding="utf-8")
+        self._fsync = fsync
+        self._fixed = fixed
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"t": time.time(), "event": event, **self._fixed, **fields}
+        self.write(record)
+        return record
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        if self._fsync:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def __enter__(self) -> "EventWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Tail:
+    """Reads the complete lines appended to a file since the last call (the file may not exist yet)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return []
+        if not chunk:
+            return []
+        self._offset += len(chunk)
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # an incomplete last line waits for the rest
+        return [rec for rec in map(_parse, lines) if rec is not None]
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None  # torn by a kill mid-write
+    return rec if isinstance(rec, dict) else None
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """Every well-formed event in a JSON-lines file, in file order."""
+    with open(path, "rb") as fh:
+        return [rec for rec in map(_parse, fh) if rec is not None]
+
+
+def iter_kind(events: list[dict[str, Any]], *kinds: str) -> Iterator[dict[str, Any]]:
+    return (e for e in events if e.get("event") in kinds)

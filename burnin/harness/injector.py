@@ -1,0 +1,97 @@
+"""The in-rank side of the fault schedule: `injector.fire(point, step)` at each step point.
+
+The schedule is data keyed by (step, point). In-rank faults are applied here; for out-of-rank faults
+the rank announces the point on its event stream and waits until the supervisor has acted (sent the
+signal, damaged the checkpoint) and said go, so every fault lands at a known step. Each fault fires
+once per run: faults fired before a restart are passed in and skipped when the step is replayed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from burnin.errors import HarnessError
+from burnin.harness.events import EventWriter
+
+__all__ = ["RankContext", "Injector"]
+
+
+@dataclass
+class RankContext:
+    """What an in-rank fault may touch."""
+
+    rank: int
+    world_size: int
+    step: int
+    point: str
+    model: Any = None
+    optimizer: Any = None
+    tensors: dict[str, Any] = field(default_factory=dict)
+
+
+class Injector:
+    def __init__(self, faults: list[dict[str, Any]], rank: int, world_size: int, events: EventWriter,
+                 fired: set[int], go_timeout_s: float, supervised: bool = True):
+        from burnin.faults import registry
+
+        self.rank, self.world_size, self.events = rank, world_size, events
+        self.go_timeout_s, self.supervised = go_timeout_s, supervised
+        self.fired = set(fired)
+        self.fired_here: dict[int, int] = {}  # fault index -> times fired in this process
+        # (index, fault instance, spec) of this rank's faults
+        self._mine: list[tuple[int, Any, dict[str, Any]]] = []
+        for i, spec in enumerate(faults):
+            if spec["rank"] != rank:
+                continue
+            cls = registry.get(spec["fault"])
+            spec = {**spec, "point": spec.get("point") or cls.points[0]}
+            self._mine.append((i, cls(cls.Params.model_validate(spec.get("params") or {})), spec))
+        self._points = {spec["point"] for _, _, spec in self._mine}
+
+    def fire(self, point: str, step: int, **ctx: Any) -> None:
+        if point not in self._points:  # the common case costs one set lookup
+            return
+        for index, fault, spec in self._mine:
+            if spec["point"] != point or not self._due(index, fault, spec, step):
+                continue
+            first = index not in self.fired
+            self.fired.add(index)
+            if fault.where == "out_of_rank":
+                self._hand_to_supervisor(index, fault, step, point)
+                continue
+            tensors = {k: v for k, v in ctx.items() if k not in ("model", "optimizer")}
+            context = RankContext(self.rank, self.world_size, step, point, model=ctx.get("model"),
+                                  optimizer=ctx.get("optimizer"), tensors=tensors)
+            try:
+                details = fault.inject(context) or {}
+            except BaseException:
+                self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=point,
+                                 where="in_rank", simulated=fault.simulated, details={"raised": True})
+                raise
+            if first:
+                self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=point,
+                                 where="in_rank", simulated=fault.simulated, details=details)
+
+    def _due(self, index: int, fault: Any, spec: dict[str, Any], step: int) -> bool:
+        span = fault.span()
+        if not spec["step"] <= step < spec["step"] + span:
+            return False
+        # A repeating fault keeps firing across its span; a one-shot fault never fires twice.
+        return span > 1 or index not in self.fired
+
+    def _hand_to_supervisor(self, index: int, fault: Any, step: int, point: str) -> None:
+        if not self.supervised:
+            raise HarnessError(f"{fault.name} acts from outside the rank and needs the burnin supervisor")
+        self.events.emit("fault_point", fault_index=index, fault=fault.name, step=step, point=point)
+        # The supervisor answers on our stdin once it has acted. If the fault kills or stops us,
+        # the answer never matters.
+        ready, _, _ = select.select([sys.stdin], [], [], self.go_timeout_s)
+        if not ready:
+            raise HarnessError(f"no answer from the supervisor within {self.go_timeout_s:.0f} s at {fault.name}")
+        line = os.read(sys.stdin.fileno(), 64)
+        if not line.startswith(b"go"):
+            raise HarnessError(f"unexpected answer from the supervisor at {fault.name}: {line!r}")

@@ -1,0 +1,371 @@
+"""The supervisor: launches the rank group, watches it, applies out-of-rank faults, restarts it.
+
+It never imports torch. Per attempt it spawns one worker process per rank, tails their event
+streams into the run's `events.jsonl`, and watches exit codes, heartbeats and progress. On the
+first sign of failure it gathers evidence for a moment, pins the failure on its root cause,
+tears the whole group down and starts a new one, which resumes from the newest valid checkpoint,
+up to `recovery.max_restarts` times. Whatever way the run ends, no rank process outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from burnin.harness import cleanup
+from burnin.harness.events import EventWriter, Tail
+from burnin.scenarios.schema import Scenario
+
+__all__ = ["Supervisor", "classify_exit", "classify_error", "signature"]
+
+POLL_S = 0.01
+GRACE_S = 0.25          # after the first sign of failure, how long to gather evidence of its cause
+HEARTBEAT_PERIOD_S = 0.25
+
+# Which evidence names the root cause when several ranks fail together: a rank killed by a signal
+# brings its peers down with connection errors, not the other way round.
+_PRIORITY = {"exit_signal": 0, "heartbeat": 1, "rank_error": 2, "exit_code": 3,
+             "step_timeout": 4, "connect_timeout": 5, "run_timeout": 6}
+
+_NETWORK_TEXT = re.compile(r"timed out|connection (closed|reset|refused)|broken pipe|gloo|nccl|"
+                           r"socket|recv|send|network|unreachable", re.I)
+_IMA_TEXT = re.compile(r"illegal memory access|an illegal instruction|misaligned address", re.I)
+
+
+def classify_exit(returncode: int) -> tuple[str, str]:
+    """(cause, detail) of a rank that exited with `returncode` (negative: killed by that signal)."""
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        if sig == signal.SIGKILL:
+            return "killed", sig.name
+        if sig in (signal.SIGSEGV, signal.SIGBUS):
+            return "illegal_memory_access", sig.name
+        return "signal", sig.name
+    return "exit", f"exit code {returncode}"
+
+
+def classify_error(error_type: str, message: str) -> str:
+    """Cause of a Python exception a rank reported before dying."""
+    if _IMA_TEXT.search(message):
+        return "illegal_memory_access"
+    if error_type == "InjectedFault":
+        return "exception"
+    if _NETWORK_TEXT.search(message) or error_type in ("DistBackendError", "DistNetworkError"):
+        return "network"
+    return "exception"
+
+
+def signature(cause: str, detail: str) -> str:
+    """Failures with one root cause share a signature: numbers, addresses and paths are erased."""
+    text = detail.splitlines()[0] if detail else ""
+    text = re.sub(r"0x[0-9a-fA-F]+", "0x?", text)
+    text = re.sub(r"(/[\w.\-]+)+", "<path>", text)
+    text = re.sub(r"\d+", "N", text)
+    return f"{cause}: {text[:160]}".rstrip(": ")
+
+
+@dataclass
+class _Evidence:
+    detector: str
+    rank: int | None
+    cause: str
+    detail: str
+    time: float
+
+    @property
+    def priority(self) -> int:
+        return _PRIORITY[self.detector]
+
+
+@dataclass
+class _Rank:
+    rank: int
+    proc: subprocess.Popen
+    tail: Tail
+    heartbeat: Path
+    last_step: int | None = None
+    pg_ready: bool = False
+    finished: bool = False
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class _OutOfRankContext:
+    """What an out-of-rank fault may touch: the target's pid, and the run's files."""
+
+    rank: int
+    step: int
+    point: str
+    pid: int
+    run_dir: Path
+    checkpoint_dir: Path
+
+
+@dataclass
+class Supervisor:
+    scenario: Scenario
+    run_dir: Path
+    run_id: str
+    metrics: Any = None                                   # burnin.reports.metrics.Metrics or None
+    on_event: Callable[[dict[str, Any]], None] | None = None
+    golden: bool = False                                  # a fault-free reference run
+    python: str = sys.executable
+    _log: EventWriter = field(init=False)
+    _fired: set[int] = field(init=False, default_factory=set)
+    _explained: set[int] = field(init=False, default_factory=set)
+    _tails: dict[int, Tail] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "ranks").mkdir(exist_ok=True)
+        self._log = EventWriter(self.run_dir / "events.jsonl")
+        self._faults = [f.build() for f in self.scenario.faults]
+
+    # -- public ----------------------------------------------------------------------------
+
+    def run(self) -> bool:
+        """Run the scenario to the end or until recovery gives up. True when the last step completed."""
+        sc = self.scenario
+        self._emit("run_started", scenario=sc.name, run_id=self.run_id, golden=self.golden,
+                   ranks=sc.workload.ranks, steps=sc.workload.steps, pid=os.getpid(),
+                   scenario_json=sc.model_dump(mode="json"))
+        deadline = time.time() + sc.timeouts.run_s
+        attempt, restarts = 0, 0
+        finished = False
+        try:
+            while True:
+                ok, evidence = self._attempt(attempt, deadline)
+                if ok:
+                    finished = True
+                    break
+                if evidence is not None and evidence.detector == "run_timeout":
+                    break
+                if sc.recovery.mode == "none" or restarts >= sc.recovery.max_restarts:
+                    self._emit("recovery_exhausted", restarts=restarts, max_restarts=sc.recovery.max_restarts)
+                    break
+                restarts += 1
+                attempt += 1
+                self._emit("restart", attempt=attempt)
+        finally:
+            self._emit("run_finished", finished=finished, restarts=restarts)
+            self._log.close()
+        return finished
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    def _attempt(self, attempt: int, deadline: float) -> tuple[bool, _Evidence | None]:
+        sc = self.scenario
+        ranks = self._spawn(attempt)
+        started = time.time()
+        last_progress = started
+        first_sign: float | None = None
+        evidence: list[_Evidence] = []
+        try:
+            while True:
+                now = time.time()
+                progressed = self._drain(ranks)
+                if progressed:
+                    last_progress = now
+                evidence += self._check(ranks, now, started, last_progress, deadline, evidence)
+                if all(r.finished and r.proc.poll() == 0 for r in ranks):
+                    return True, None
+                if evidence and first_sign is None:
+                    first_sign = now
+                if first_sign is not None and (now - first_sign >= GRACE_S or
+                                               evidence[-1].detector in ("run_timeout",)):
+                    break
+                time.sleep(POLL_S)
+            root = min(evidence, key=lambda e: (e.priority, e.time))
+            self._failure(attempt, root, ranks)
+            return False, root
+        finally:
+            self._teardown(ranks, attempt)
+
+    def _spawn(self, attempt: int) -> list[_Rank]:
+        sc = self.scenario
+        n = sc.workload.ranks
+        spec = {
+            "scenario": sc.model_dump(mode="json"),
+            "run_dir": str(self.run_dir),
+            "checkpoint_dir": str(self.checkpoint_dir),
+            "attempt": attempt,
+            "fired": sorted(self._fired),
+            "heartbeat_period_s": HEARTBEAT_PERIOD_S,
+        }
+        spec_path = self.run_dir / "ranks" / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        port = _free_port()
+        self._emit("attempt_started", attempt=attempt, master_port=port)
+        ranks = []
+        for r in range(n):
+            env = {
+                **os.environ,
+                "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+                "GROUP_RANK": "0", "ROLE_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "TORCHELASTIC_RESTART_COUNT": str(attempt),
+                "OMP_NUM_THREADS": str(sc.workload.threads), "MKL_NUM_THREADS": str(sc.workload.threads),
+                "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+                "BURNIN_SPEC": str(spec_path), "BURNIN_RUN_ID": self.run_id,
+                "BURNIN_SUPERVISOR_PID": str(os.getpid()),
+                "PYTHONUNBUFFERED": "1",
+            }
+            hb = self.run_dir / "ranks" / f"rank{r}.heartbeat"
+            hb.unlink(missing_ok=True)
+            log = open(self.run_dir / "ranks" / f"rank{r}.log", "ab")
+            log.write(f"--- attempt {attempt} ---\n".encode())
+            log.flush()
+            proc = subprocess.Popen([self.python, "-m", "burnin.harness.worker"], env=env,
+                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            log.close()
+            # One tail per rank for the whole run: a new attempt appends to the same stream.
+            tail = self._tails.setdefault(r, Tail(self.run_dir / "ranks" / f"rank{r}.jsonl"))
+            ranks.append(_Rank(r, proc, tail, hb))
+        cleanup.register(self.run_id, self.run_dir, [r.proc.pid for r in ranks])
+        return ranks
+
+    def _drain(self, ranks: list[_Rank]) -> bool:
+        """Copy new rank events into the log and act on them. True when any arrived."""
+        got = False
+        for r in ranks:
+            for ev in r.tail.read():
+                got = True
+                self._log.write(ev)
+                self._handle(r, ev)
+                self._publish(ev)
+        return got
+
+    def _handle(self, r: _Rank, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "step_done":
+            r.last_step = ev["step"]
+        elif kind == "pg_ready":
+            r.pg_ready = True
+        elif kind == "rank_finished":
+            r.finished = True
+        elif kind == "rank_error":
+            r.error = ev
+        elif kind == "fault_injected":
+            self._fired.add(ev["fault_index"])
+        elif kind == "fault_point":
+            self._out_of_rank(r, ev)
+
+    def _out_of_rank(self, r: _Rank, ev: dict[str, Any]) -> None:
+        index = ev["fault_index"]
+        fault = self._faults[index]
+        ctx = _OutOfRankContext(r.rank, ev["step"], ev["point"], r.proc.pid, self.run_dir, self.checkpoint_dir)
+        self._emit("fault_injected", fault_index=index, fault=fault.name, rank=r.rank, step=ev["step"],
+                   point=ev["point"], where="out_of_rank", simulated=fault.simulated, attempt=ev.get("attempt"))
+        details = fault.inject(ctx) or {}
+        self._emit("fault_applied", fault_index=index, details=details)
+        self._fired.add(index)
+        try:
+            r.proc.stdin.write(b"go\n")
+            r.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the fault killed it: nobody is listening
+
+    def _check(self, ranks: list[_Rank], now: float, started: float, last_progress: float,
+               deadline: float, seen: list[_Evidence]) -> list[_Evidence]:
+        """New evidence of failure, at most one item per rank and detector."""
+        t = self.scenario.timeouts
+        have = {(e.detector, e.rank) for e in seen}
+        new: list[_Evidence] = []
+
+        def add(detector: str, rank: int | None, cause: str, detail: str) -> None:
+            if (detector, rank) not in have:
+                new.append(_Evidence(detector, rank, cause, detail, now))
+                have.add((detector, rank))
+
+        for r in ranks:
+            rc = r.proc.poll()
+            if rc is not None and rc != 0:
+                if r.error is not None:
+                    add("rank_error", r.rank, classify_error(r.error["error_type"], r.error["message"]),
+                        f"{r.error['error_type']}: {r.error['message']}")
+                elif rc < 0:
+                    add("exit_signal", r.rank, *classify_exit(rc))
+                else:
+                    add("exit_code", r.rank, *classify_exit(rc))
+            elif rc == 0 and not r.finished:
+                add("exit_code", r.rank, "exit", "exit code 0 before the last step")
+            elif rc is None:
+                try:
+                    age = now - r.heartbeat.stat().st_mtime
+                except FileNotFoundError:
+                    age = None  # not started yet: the connect watchdog covers it
+                if age is not None and age > t.heartbeat_s:
+                    add("heartbeat", r.rank, "hang", f"no heartbeat for {age:.1f} s")
+        if not all(r.pg_ready for r in ranks) and now - started > t.connect_s:
+            late = [r.rank for r in ranks if not r.pg_ready]
+            add("connect_timeout", None, "timeout", f"ranks {late} did not join the group within {t.connect_s:g} s")
+        elif all(r.pg_ready for r in ranks) and now - last_progress > t.step_s:
+            add("step_timeout", None, "hang", f"no progress for {now - last_progress:.1f} s")
+        if now > deadline:
+            add("run_timeout", None, "timeout", f"the run exceeded timeouts.run_s={t.run_s:g}")
+        return new
+
+    def _failure(self, attempt: int, root: _Evidence, ranks: list[_Rank]) -> None:
+        last = [r.last_step for r in ranks]
+        fault_index = self._attribute(root)
+        self._emit("failure_detected", attempt=attempt, detected_at=root.time, cause=root.cause, rank=root.rank,
+                   detector=root.detector, detail=root.detail[:500], signature=signature(root.cause, root.detail),
+                   fault_index=fault_index,
+                   last_step=min((s for s in last if s is not None), default=None),
+                   max_step=max((s for s in last if s is not None), default=None))
+
+    def _attribute(self, root: _Evidence) -> int | None:
+        """The injected, still unexplained, disruptive fault this failure is most likely due to."""
+        candidates = [i for i in self._fired if self._faults[i].disruptive and i not in self._explained]
+        if not candidates:
+            return None
+        same_rank = [i for i in candidates if self.scenario.faults[i].rank == root.rank]
+        pick = max(same_rank or candidates, key=lambda i: (self.scenario.faults[i].step, i))
+        self._explained.add(pick)
+        return pick
+
+    def _teardown(self, ranks: list[_Rank], attempt: int) -> None:
+        """SIGKILL every process group of the attempt that is still there; wait for all to go."""
+        for r in ranks:
+            if r.proc.poll() is None:
+                cleanup.kill_group(r.proc.pid)
+        for r in ranks:
+            try:
+                r.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # only a process in uninterruptible sleep gets here
+                cleanup.kill_group(r.proc.pid)
+            if r.proc.stdin:
+                try:
+                    r.proc.stdin.close()
+                except OSError:
+                    pass
+        self._drain(ranks)  # the last words of the dying
+        exits = {r.rank: r.proc.returncode for r in ranks}
+        cleanup.unregister(self.run_id)
+        self._emit("teardown_done", attempt=attempt, exits=exits)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        self._publish(self._log.emit(event, source="supervisor", **fields))
+
+    def _publish(self, ev: dict[str, Any]) -> None:
+        if self.metrics:
+            self.metrics.observe(ev)
+        if self.on_event:
+            self.on_event(ev)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

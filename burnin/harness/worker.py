@@ -1,0 +1,168 @@
+"""The rank worker: one process of the data-parallel group, training step by step.
+
+Started by the supervisor (or by torchrun) with a torchrun-compatible environment: RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, plus BURNIN_SPEC (the resolved run spec, JSON).
+It resumes from the newest valid checkpoint, trains, calls the injector at named step points, and
+writes every event to its own stream. The loop reads top to bottom, nanoGPT style.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _heartbeat(path: Path, period_s: float) -> None:
+    """Touch `path` every period from a daemon thread: stops when the process is stopped or dead."""
+    path.touch()
+
+    def beat() -> None:
+        while True:
+            os.utime(path)
+            time.sleep(period_s)
+
+    threading.Thread(target=beat, name="burnin-heartbeat", daemon=True).start()
+
+
+def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from burnin.harness import checkpoint
+    from burnin.harness.injector import Injector
+    from burnin.harness.state import capture_rank_state, loss_bits, restore_rank_state, state_hash
+    from burnin.harness.workload import GPT, MarkovData, gpt_config, make_optimizer
+
+    sc = spec["scenario"]
+    w, ck, to = sc["workload"], sc["checkpoint"], sc["timeouts"]
+    ckpt_dir = Path(spec["checkpoint_dir"])
+
+    # -- determinism: pinned threads, deterministic kernels (measured: the thread count changes the bits)
+    torch.set_num_threads(w["threads"])
+    torch.use_deterministic_algorithms(True)
+
+    # -- device and process group
+    device_kind = w["device"]
+    if device_kind == "auto":
+        device_kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_kind == "cuda":
+        ngpu = torch.cuda.device_count()
+        if ngpu == 0:
+            raise RuntimeError("workload.device is cuda but this machine has no CUDA device")
+        # One GPU per rank: NCCL. Ranks sharing a GPU: NCCL refuses, gloo carries CUDA tensors.
+        own_gpu = ngpu >= world_size
+        device = torch.device("cuda", rank % ngpu)
+        torch.cuda.set_device(device)
+        backend = "nccl" if own_gpu else "gloo"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=to["collective_s"]))
+    events.emit("pg_ready", backend=backend, device=str(device))
+
+    # -- model, optimizer, data (identical init on every rank: seed before building)
+    cfg = gpt_config(w["model"], w["seq_len"], w["dropout"])
+    torch.manual_seed(w["seed"])
+    model = GPT(cfg).to(device)
+    optimizer = make_optimizer(model, w["lr"], w["weight_decay"])
+    data = MarkovData(w["seed"], cfg.vocab_size)
+
+    # -- resume: rank 0 picks the newest checkpoint that verifies and tells the others
+    t0 = time.time()
+    choice: list[Any] = [None]
+    if rank == 0:
+        ckpt = checkpoint.newest_valid(
+            ckpt_dir, world_size,
+            on_reject=lambda c, why: events.emit("checkpoint_rejected", checkpoint_step=c.step, reason=why))
+        choice = [ckpt.step if ckpt else None]
+    dist.broadcast_object_list(choice, src=0)
+    start_step = 0
+    if choice[0] is not None:
+        ckpt = checkpoint.Checkpoint(choice[0], checkpoint._dir(ckpt_dir, choice[0]))
+        model_state, rank_state = checkpoint.load(ckpt, rank, device)
+        skip = spec["scenario"]["debug"]["skip_restore"]
+        if "model" not in skip:
+            model.load_state_dict(model_state["model"])
+        if "optimizer" not in skip:
+            optimizer.load_state_dict(model_state["optimizer"])
+        restore_rank_state(rank_state, skip)
+        start_step = ckpt.step
+    else:
+        # Each rank draws its own dropout masks, as real data-parallel training does.
+        torch.manual_seed(w["seed"] * 1_000_003 + 1 + rank)
+    events.emit("resumed", from_step=start_step if choice[0] is not None else None, load_s=time.time() - t0,
+                loss_floor=data.entropy_rate, params=model.num_params())
+
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    injector = Injector(sc["faults"], rank, world_size, events, set(spec["fired"]),
+                        go_timeout_s=to["connect_s"])
+
+    for step in range(start_step, w["steps"]):
+        t_step = time.perf_counter()
+        # data
+        x, y = data.batch(step, rank, w["batch_size"], w["seq_len"], device)
+        injector.fire("before_forward", step, batch=x, model=model, optimizer=optimizer)
+        # forward
+        _, loss = ddp(x, y)
+        # backward: DDP all-reduces the gradient buckets as they fill
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        injector.fire("after_allreduce", step, model=model, optimizer=optimizer)
+        # optimizer
+        optimizer.step()
+        injector.fire("after_optimizer_step", step, model=model, optimizer=optimizer)
+        # log
+        events.emit("step_done", step=step, loss=float(loss.item()), loss_bits=loss_bits(loss),
+                    dt=time.perf_counter() - t_step)
+        # checkpoint
+        done = step + 1
+        if done % ck["every"] == 0 or done == w["steps"]:
+            t_ck = time.time()
+            saved = checkpoint.save(ckpt_dir, done, rank, world_size, capture_rank_state(done),
+                                    {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+                                    if rank == 0 else None, keep=ck["keep"])
+            if saved is not None:
+                events.emit("checkpoint_saved", checkpoint_step=done, state_hash=state_hash(model, optimizer),
+                            seconds=time.time() - t_ck)
+        injector.fire("between_steps", step, model=model, optimizer=optimizer)
+
+    events.emit("rank_finished", final_step=w["steps"] - 1, state_hash=state_hash(model, optimizer))
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from burnin.harness.cleanup import set_parent_death_signal
+    from burnin.harness.events import EventWriter
+
+    set_parent_death_signal()
+    spec = json.loads(Path(os.environ["BURNIN_SPEC"]).read_text())
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank_dir = Path(spec["run_dir"]) / "ranks"
+    events = EventWriter(rank_dir / f"rank{rank}.jsonl", rank=rank, attempt=spec["attempt"])
+    _heartbeat(rank_dir / f"rank{rank}.heartbeat", spec["heartbeat_period_s"])
+    events.emit("rank_started", pid=os.getpid())
+    try:
+        train(spec, rank, world_size, events)
+    except BaseException as exc:  # report, then die: the supervisor decides what happens next
+        tb = traceback.format_exception(exc)
+        events.emit("rank_error", error_type=type(exc).__name__, message=str(exc)[:2000],
+                    traceback="".join(tb[-6:])[-4000:])
+        sys.stderr.write("".join(tb))
+        sys.stderr.flush()
+        os._exit(1)  # skip interpreter teardown: a broken process group can hang it
+    events.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

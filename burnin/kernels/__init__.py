@@ -1,0 +1,1 @@
+"""Triton kernels used by the workload and by faults."""

@@ -1,0 +1,139 @@
+"""The outcome of one run, as reports and metrics see it.
+
+Built by `burnin.reports.verdict.judge` from the event log, the scenario and the golden run, so it
+can always be rebuilt from `events.jsonl` alone. Plain dataclasses: no torch, cheap to import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["SCHEMA_VERSION", "RecoveryBreakdown", "Failure", "FaultResult", "Expectation", "RunResult"]
+
+#: Bumped whenever a field of summary.json changes meaning or disappears.
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class RecoveryBreakdown:
+    """Time from a fault to the first training step completed after resuming, in parts.
+
+    detection: fault injected -> failure detected by the supervisor
+    teardown: detected -> every rank of the old group gone
+    restart: teardown done -> every new rank up and its process group formed
+    checkpoint_load: process group formed -> checkpoint loaded (the slowest rank)
+    first_step: checkpoint loaded -> first step completed after resume
+    """
+
+    detection_s: float
+    teardown_s: float
+    restart_s: float
+    checkpoint_load_s: float
+    first_step_s: float
+    resumed_from_step: int
+
+    @property
+    def total_s(self) -> float:
+        return self.detection_s + self.teardown_s + self.restart_s + self.checkpoint_load_s + self.first_step_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_s": self.total_s}
+
+
+@dataclass
+class Failure:
+    """One failure of the rank group, as the supervisor classified it."""
+
+    attempt: int               # 0 for the first launch, 1 after the first restart, ...
+    time: float                # unix time of detection
+    cause: str                 # killed | hang | exception | illegal_memory_access | network | signal | timeout | exit
+    rank: int | None           # the rank the failure was pinned on (None: the group as a whole)
+    detector: str              # exit_signal | exit_code | heartbeat | step_timeout | connect_timeout | rank_error
+    detail: str                # the signal name, exit code, or first line of the error
+    signature: str             # normalized: same root cause -> same signature
+    last_step: int | None      # newest step every rank had completed before the failure
+    fault_index: int | None    # the scenario fault it is attributed to, None when unexplained
+
+
+@dataclass
+class FaultResult:
+    index: int                 # position in the scenario's `faults`
+    fault: str
+    rank: int
+    step: int
+    point: str
+    expected: list[str]
+    outcome: str               # recovered | masked | detected | sdc | failed
+    injected: bool             # False when the run never reached the fault's step
+    injected_at: float | None = None
+    detected_by: str | None = None
+    cause: str | None = None
+    detection_latency_s: float | None = None
+    recovery: RecoveryBreakdown | None = None
+    lost_steps: int | None = None
+    simulated: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in self.expected
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["recovery"] = self.recovery.to_dict() if self.recovery else None
+        d["ok"] = self.ok
+        return d
+
+
+@dataclass
+class Expectation:
+    """One check of the scenario; a JUnit testcase."""
+
+    name: str
+    ok: bool
+    message: str
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    run_id: str
+    run_dir: str
+    config_hash: str           # the golden key: hash of everything that changes the bits
+    ranks: int
+    steps: int
+    device: str
+    started_at: float
+    finished_at: float
+    finished: bool             # every rank reached the last step
+    final_step: int | None     # newest step completed by every rank
+    final_state_hash: str | None
+    golden_state_hash: str | None
+    exact: bool                # final_state_hash == golden_state_hash
+    diverged_at_step: int | None  # first step whose loss bits differ from the golden run's
+    restarts: int
+    steps_executed: int        # step executions by rank 0, recomputed steps included
+    final_loss: float | None
+    loss_floor: float | None   # entropy rate of the synthetic data, nats/token
+    failures: list[Failure] = field(default_factory=list)
+    faults: list[FaultResult] = field(default_factory=list)
+    expectations: list[Expectation] = field(default_factory=list)
+    simulated: bool = False    # some fault was a simulation of the real thing
+    error: str | None = None   # a harness error that ended the run
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def ok(self) -> bool:
+        return all(e.ok for e in self.expectations)
+
+    @property
+    def wall_s(self) -> float:
+        return self.finished_at - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["faults"] = [f.to_dict() for f in self.faults]
+        d["ok"] = self.ok
+        d["wall_s"] = self.wall_s
+        return d

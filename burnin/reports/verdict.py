@@ -1,0 +1,178 @@
+"""The verdict: from a run's event log and its golden record to one outcome per fault.
+
+Everything is derived from `events.jsonl` (plus the golden record), so a run's reports can be
+rebuilt at any time, also after its supervisor died. A fault counts as recovered only when the
+run finished and its final state hash equals the golden run's, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from burnin.reports.result import Expectation, Failure, FaultResult, RecoveryBreakdown, RunResult
+
+__all__ = ["judge"]
+
+
+def _outcome(injected: bool, detected: bool, finished: bool, exact: bool) -> str:
+    if not finished or not injected:
+        return "failed"
+    if detected:
+        return "recovered" if exact else "detected"
+    return "masked" if exact else "sdc"
+
+
+def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: str, run_dir: str,
+          config_hash: str, error: str | None = None) -> RunResult:
+    by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for ev in events:
+        by_kind[ev.get("event", "")].append(ev)
+    started = by_kind["run_started"][0]["t"] if by_kind["run_started"] else (events[0]["t"] if events else 0.0)
+    end = by_kind["run_finished"][-1] if by_kind["run_finished"] else None
+    finished = bool(end and end.get("finished"))
+    restarts = len(by_kind["restart"])
+
+    # The last execution of each step counts: a restart replays steps after the checkpoint.
+    losses: dict[int, dict[int, str]] = defaultdict(dict)
+    final_loss = None
+    for ev in by_kind["step_done"]:
+        losses[ev["rank"]][ev["step"]] = ev["loss_bits"]
+        if ev["rank"] == 0:
+            final_loss = ev["loss"]
+    steps_executed = sum(1 for ev in by_kind["step_done"] if ev["rank"] == 0)
+    done_by_all = [max(steps) for steps in losses.values()] if losses else []
+    final_step = min(done_by_all) if len(done_by_all) == scenario.workload.ranks else None
+
+    finals = {ev["rank"]: ev["state_hash"] for ev in by_kind["rank_finished"]
+              if ev.get("attempt") == _last_attempt(by_kind)}
+    final_hash = finals.get(0)
+    replicas_agree = len(set(finals.values())) <= 1
+    golden_hash = golden.state_hash if golden else None
+    exact = bool(finished and replicas_agree and final_hash is not None and final_hash == golden_hash)
+
+    diverged = None
+    if golden:
+        for rank, steps in sorted(losses.items()):
+            ref = golden.loss_bits.get(str(rank), {})
+            for step in sorted(steps):
+                if ref.get(str(step)) not in (None, steps[step]):
+                    diverged = step if diverged is None else min(diverged, step)
+                    break
+
+    floor = next((ev.get("loss_floor") for ev in by_kind["resumed"] if ev.get("rank") == 0), None)
+    failures = [Failure(attempt=ev["attempt"], time=ev["detected_at"], cause=ev["cause"], rank=ev.get("rank"),
+                        detector=ev["detector"], detail=ev["detail"], signature=ev["signature"],
+                        last_step=ev.get("last_step"), fault_index=ev.get("fault_index"))
+                for ev in by_kind["failure_detected"]]
+
+    faults = [_fault_result(i, spec, by_kind, failures, finished, exact) for i, spec in enumerate(scenario.faults)]
+    simulated = any(f.simulated for f in faults)
+
+    result = RunResult(
+        scenario=scenario.name, run_id=run_id, run_dir=run_dir, config_hash=config_hash,
+        ranks=scenario.workload.ranks, steps=scenario.workload.steps, device=scenario.workload.device,
+        started_at=started, finished_at=end["t"] if end else (events[-1]["t"] if events else started),
+        finished=finished, final_step=final_step, final_state_hash=final_hash, golden_state_hash=golden_hash,
+        exact=exact, diverged_at_step=diverged, restarts=restarts, steps_executed=steps_executed,
+        final_loss=final_loss, loss_floor=floor, failures=failures, faults=faults, simulated=simulated,
+        error=error,
+    )
+    result.expectations = _expectations(result, scenario, replicas_agree, finals)
+    return result
+
+
+def _last_attempt(by_kind: dict[str, list[dict[str, Any]]]) -> int:
+    starts = by_kind["attempt_started"]
+    return starts[-1]["attempt"] if starts else 0
+
+
+def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], failures: list[Failure],
+                  finished: bool, exact: bool) -> FaultResult:
+    injected_ev = next((ev for ev in by_kind["fault_injected"] if ev["fault_index"] == i), None)
+    applied = next((ev for ev in by_kind["fault_applied"] if ev["fault_index"] == i), None)
+    details = dict((applied or {}).get("details") or (injected_ev or {}).get("details") or {})
+    res = FaultResult(index=i, fault=spec.fault, rank=spec.rank, step=spec.step, point=spec.at,
+                      expected=spec.expected, outcome="failed", injected=injected_ev is not None,
+                      injected_at=injected_ev["t"] if injected_ev else None,
+                      simulated=bool(injected_ev and injected_ev.get("simulated")), details=details)
+    failure = next((f for f in failures if f.fault_index == i), None)
+    if failure is not None and res.injected_at is not None:
+        res.detected_by, res.cause = failure.detector, failure.cause
+        res.detection_latency_s = failure.time - res.injected_at
+        res.recovery, res.lost_steps = _recovery(failure, res.injected_at, by_kind)
+    # A damaged checkpoint is detected when a resume rejects it by checksum.
+    damaged = details.get("checkpoint_step")
+    if damaged is not None and res.injected_at is not None:
+        reject = next((ev for ev in by_kind["checkpoint_rejected"]
+                       if ev["checkpoint_step"] == damaged and ev["t"] >= res.injected_at), None)
+        if reject is not None:
+            res.detected_by, res.cause = "checkpoint_checksum", reject["reason"]
+            res.detection_latency_s = reject["t"] - res.injected_at
+            resumed = next((ev for ev in by_kind["resumed"]
+                            if ev.get("rank") == 0 and ev["t"] >= reject["t"]), None)
+            if resumed is not None:
+                res.lost_steps = damaged - (resumed.get("from_step") or 0)  # extra steps lost to the fallback
+    res.outcome = _outcome(res.injected, res.detected_by is not None, finished, exact)
+    return res
+
+
+def _recovery(failure: Failure, injected_at: float,
+              by_kind: dict[str, list[dict[str, Any]]]) -> tuple[RecoveryBreakdown | None, int | None]:
+    nxt = failure.attempt + 1
+    teardown = next((ev for ev in by_kind["teardown_done"] if ev["attempt"] == failure.attempt), None)
+    pg = [ev["t"] for ev in by_kind["pg_ready"] if ev.get("attempt") == nxt]
+    resumed = [ev for ev in by_kind["resumed"] if ev.get("attempt") == nxt]
+    first: dict[int, float] = {}
+    for ev in by_kind["step_done"]:
+        if ev.get("attempt") == nxt and ev["rank"] not in first:
+            first[ev["rank"]] = ev["t"]
+    failed_event = next(ev for ev in by_kind["failure_detected"] if ev["attempt"] == failure.attempt)
+    if teardown is None or not pg or not resumed or not first:
+        return None, None  # never restarted, or the restart itself failed before a step
+    from_step = resumed[0].get("from_step") or 0
+    max_step = failed_event.get("max_step")
+    lost = max(0, (max_step + 1 if max_step is not None else from_step) - from_step)
+    t_pg, t_loaded, t_first = max(pg), max(ev["t"] for ev in resumed), max(first.values())
+    return RecoveryBreakdown(
+        detection_s=failure.time - injected_at,
+        teardown_s=teardown["t"] - failure.time,
+        restart_s=t_pg - teardown["t"],
+        checkpoint_load_s=t_loaded - t_pg,
+        first_step_s=t_first - t_loaded,
+        resumed_from_step=from_step,
+    ), lost
+
+
+def _expectations(r: RunResult, scenario: Any, replicas_agree: bool, finals: dict[int, str]) -> list[Expectation]:
+    ex: list[Expectation] = []
+    for f in r.faults:
+        where = f"{f.fault}@rank{f.rank}:step{f.step}"
+        msg = f"outcome {f.outcome}, expected {' or '.join(f.expected)}"
+        if f.detected_by:
+            msg += f"; detected by {f.detected_by} ({f.cause})"
+        if not f.injected:
+            msg += "; the fault never fired"
+        ex.append(Expectation(f"fault[{f.index}] {where}", f.outcome in f.expected, msg))
+    e = scenario.expect
+    if e.finish:
+        ex.append(Expectation("run finishes", r.finished,
+                              f"completed step {r.final_step} of {r.steps - 1}" if not r.finished else "finished"))
+    if e.exact:
+        if r.exact:
+            msg = f"final state {r.final_state_hash[:16]} equals the golden run's"
+        elif not replicas_agree:
+            msg = f"replicas disagree at the end: { {k: v[:12] for k, v in finals.items()} }"
+        else:
+            msg = (f"final state {(r.final_state_hash or 'none')[:16]} != golden {(r.golden_state_hash or 'none')[:16]}"
+                   + (f"; loss bits first differ at step {r.diverged_at_step}" if r.diverged_at_step is not None else ""))
+        ex.append(Expectation("final state equals golden", r.exact, msg))
+    if e.max_restarts is not None:
+        ex.append(Expectation(f"at most {e.max_restarts} restarts", r.restarts <= e.max_restarts,
+                              f"{r.restarts} restarts"))
+    unexplained = [f for f in r.failures if f.fault_index is None]
+    ex.append(Expectation("no unexplained failures", not unexplained,
+                          "; ".join(f"attempt {f.attempt}: {f.signature}" for f in unexplained) or "none"))
+    if r.error:
+        ex.append(Expectation("harness", False, r.error))
+    return ex

@@ -1,0 +1,298 @@
+"""The files a run leaves in its run dir (summary.json, junit.xml, summary.md) and its terminal summary.
+
+Every file is written to a temporary name and renamed into place, so a reader (CI, a dashboard,
+`burnin compare`) never sees half a report, even when the supervisor dies while writing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from burnin.reports.result import SCHEMA_VERSION, FaultResult, RunResult
+
+__all__ = ["write_reports", "render_console", "render_plain", "passed"]
+
+_PHASES = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
+
+
+def passed(result: RunResult) -> bool:
+    """The run's verdict: every expectation held and no harness error ended it."""
+    return result.ok and result.error is None
+
+
+def write_reports(result: RunResult, run_dir: Path) -> dict[str, Path]:
+    """Write summary.json, junit.xml and summary.md into run_dir; returns {"json"|"junit"|"markdown": path}."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = {
+        "json": run_dir / "summary.json",
+        "junit": run_dir / "junit.xml",
+        "markdown": run_dir / "summary.md",
+    }
+    _write_atomic(out["json"], _summary_json(result))
+    _write_atomic(out["junit"], _junit_xml(result))
+    _write_atomic(out["markdown"], _summary_md(result))
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# -- summary.json ---------------------------------------------------------------------------------
+
+def _json_safe(obj: Any) -> Any:
+    # A NaN loss is a result worth keeping, but bare NaN/Infinity is not JSON that jq or
+    # browsers accept; write it as a string that float() reads back.
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _summary_json(result: RunResult) -> str:
+    d = result.to_dict()
+    d = {"schema_version": d.pop("schema_version", SCHEMA_VERSION), **d}
+    d["passed"] = passed(result)
+    # default=str: a stray object in a fault's details must not cost the whole report.
+    return json.dumps(_json_safe(d), indent=2, allow_nan=False, default=str) + "\n"
+
+
+# -- junit.xml ------------------------------------------------------------------------------------
+
+# XML 1.0 forbids most control characters; rank stderr (ANSI colours, NULs) is full of them.
+_XML_ILLEGAL = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _x(value: Any) -> str:
+    return _XML_ILLEGAL.sub("?", "" if value is None else str(value))
+
+
+def _junit_xml(result: RunResult) -> str:
+    suite_name = f"burnin.{result.scenario}"
+    cases: list[ET.Element] = []
+    failures = errors = 0
+    for e in result.expectations:
+        case = ET.Element("testcase", classname=_x(suite_name), name=_x(e.name), time="0")
+        if not e.ok:
+            failures += 1
+            failure = ET.SubElement(case, "failure", message=_x(e.message), type="expectation")
+            failure.text = _x(e.message)
+        cases.append(case)
+    if result.error is not None:
+        # A harness error is not a failed expectation; JUnit's <error> keeps the two apart in CI.
+        errors += 1
+        case = ET.Element("testcase", classname=_x(suite_name), name="harness", time="0")
+        err = ET.SubElement(case, "error", message=_x(result.error.splitlines()[0] if result.error else ""),
+                            type="harness")
+        err.text = _x(result.error)
+        cases.append(case)
+
+    time = f"{max(result.wall_s, 0.0):.3f}"
+    counts = {"tests": str(len(cases)), "failures": str(failures), "errors": str(errors), "skipped": "0",
+              "time": time}
+    root = ET.Element("testsuites", name="burnin", **counts)
+    # The JUnit schema's timestamp has no zone; it is UTC.
+    stamp = datetime.fromtimestamp(result.started_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    suite = ET.SubElement(root, "testsuite", name=_x(suite_name), timestamp=stamp, **counts)
+    props = ET.SubElement(suite, "properties")
+    for key in ("run_id", "config_hash", "final_state_hash", "golden_state_hash", "device"):
+        ET.SubElement(props, "property", name=key, value=_x(getattr(result, key)))
+    ET.SubElement(props, "property", name="simulated", value=str(_is_simulated(result)).lower())
+    suite.extend(cases)
+    ET.SubElement(suite, "system-out").text = _x(render_plain(result))
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+# -- summary.md -----------------------------------------------------------------------------------
+
+def _is_simulated(result: RunResult) -> bool:
+    return result.simulated or any(f.simulated for f in result.faults)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        value = f"{value:.3f}"
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def _short(h: str | None) -> str:
+    return "-" if h is None else f"`{h[:16]}`"
+
+
+def _fault_label(f: FaultResult) -> str:
+    return f"fault[{f.index}] {f.fault}@rank{f.rank}:step{f.step}"
+
+
+def _exactness(result: RunResult) -> str:
+    if result.golden_state_hash is None:
+        return "no golden run to compare with"
+    if result.final_state_hash is None:
+        return f"no final state (golden {_short(result.golden_state_hash)})"
+    if result.exact:
+        return f"exact: final {_short(result.final_state_hash)} == golden {_short(result.golden_state_hash)}"
+    where = f", loss diverged at step {result.diverged_at_step}" if result.diverged_at_step is not None else ""
+    return f"**differs**: final {_short(result.final_state_hash)} != golden {_short(result.golden_state_hash)}{where}"
+
+
+def _loss_line(result: RunResult) -> str:
+    if result.final_loss is None:
+        return "no final loss"
+    if result.loss_floor is None:
+        return f"final loss {result.final_loss:.4f}"
+    return (f"final loss {result.final_loss:.4f} vs floor {result.loss_floor:.4f} "
+            f"({result.final_loss - result.loss_floor:+.4f} nats/token)")
+
+
+def _summary_md(result: RunResult) -> str:
+    verdict = "PASS" if passed(result) else "FAIL"
+    lines = [f"# burnin {result.scenario}: {verdict}" + (" (simulated)" if _is_simulated(result) else ""), ""]
+    if _is_simulated(result):
+        sims = [_fault_label(f) for f in result.faults if f.simulated]
+        which = f": {', '.join(sims)}" if sims else ""
+        lines += [f"> **simulated**: some faults in this run were simulated, not real{which}.", ""]
+    if result.error:
+        lines += [f"> **harness error**: {_cell(result.error)}", ""]
+    lines += [
+        f"- run `{result.run_id}` in `{result.run_dir}`",
+        f"- {result.ranks} ranks on {result.device}, {result.steps} steps "
+        f"(reached {result.final_step if result.final_step is not None else '-'}), wall {result.wall_s:.1f} s",
+        f"- config hash `{result.config_hash}`",
+        f"- exactness: {_exactness(result)}",
+        f"- loss: {_loss_line(result)}",
+        f"- restarts: {result.restarts}; steps executed by rank 0: {result.steps_executed}",
+        "",
+    ]
+
+    lines += ["## Faults", ""]
+    if result.faults:
+        rows = []
+        for f in result.faults:
+            outcome = f.outcome + ("" if f.ok else " ✗") + ("" if f.injected else " (not injected)")
+            rows.append([f.index, f.fault + (" (simulated)" if f.simulated else ""), f.rank, f.step, f.point,
+                         outcome, ", ".join(f.expected), f.detected_by,
+                         f.recovery.total_s if f.recovery else None, f.lost_steps])
+        lines += _table(["#", "fault", "rank", "step", "point", "outcome", "expected", "detected by",
+                         "recovery s", "lost steps"], rows)
+    else:
+        lines.append("No faults in this scenario.")
+    lines.append("")
+
+    recovered = [f for f in result.faults if f.recovery is not None]
+    if recovered:
+        lines += ["## Recovery breakdown (seconds)", ""]
+        rows = [[f.index, f.fault, *(getattr(f.recovery, f"{p}_s") for p in _PHASES), f.recovery.total_s,
+                 f.recovery.resumed_from_step] for f in recovered]
+        lines += _table(["#", "fault", *_PHASES, "total", "resumed from step"], rows)
+        lines.append("")
+
+    lines += ["## Failures", ""]
+    if result.failures:
+        rows = [[x.attempt, x.cause, x.rank, x.detector, x.detail, f"`{x.signature}`"] for x in result.failures]
+        lines += _table(["attempt", "cause", "rank", "detector", "detail", "signature"], rows)
+    else:
+        lines.append("No failures.")
+    lines.append("")
+
+    if result.expectations:
+        lines += ["## Expectations", ""]
+        for e in result.expectations:
+            mark = "PASS" if e.ok else "FAIL"
+            lines.append(f"- {mark} {_cell(e.name)}" + (f": {_cell(e.message)}" if e.message else ""))
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- terminal -------------------------------------------------------------------------------------
+
+def render_plain(result: RunResult) -> str:
+    """A few plain lines for pipes and CI logs: one per fault, then PASS/FAIL and the run dir."""
+    lines = []
+    for f in result.faults:
+        extra = []
+        if f.recovery is not None:
+            extra.append(f"recovery {f.recovery.total_s:.2f}s")
+        if f.lost_steps is not None:
+            extra.append(f"lost {f.lost_steps} steps")
+        if f.simulated:
+            extra.append("simulated")
+        if not f.injected:
+            extra.append("not injected")
+        lines.append(f"{_fault_label(f)} {f.point} -> {f.outcome} (expected {'|'.join(f.expected)}) "
+                     f"{'ok' if f.ok else 'UNEXPECTED'}" + (f" [{', '.join(extra)}]" if extra else ""))
+    if result.error:
+        lines.append(f"harness error: {result.error.splitlines()[0] if result.error.strip() else result.error}")
+    tail = " (simulated)" if _is_simulated(result) else ""
+    lines.append(f"{'PASS' if passed(result) else 'FAIL'} {result.scenario} {result.run_dir}{tail}")
+    return "\n".join(lines)
+
+
+def render_console(result: RunResult):
+    """A rich Panel summarising the run for the terminal."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    ok = passed(result)
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for col, justify in (("#", "right"), ("fault", "left"), ("rank", "right"), ("step", "right"),
+                         ("point", "left"), ("outcome", "left"), ("expected", "left"), ("detected by", "left"),
+                         ("recovery s", "right"), ("lost", "right")):
+        table.add_column(col, justify=justify)
+    for f in result.faults:
+        # Text, not str: a cell from the scenario must not be read as rich markup.
+        name = Text(f.fault)
+        if f.simulated:
+            name.append(" (simulated)", style="yellow")
+        table.add_row(Text(str(f.index)), name, Text(str(f.rank)), Text(str(f.step)), Text(f.point),
+                      Text(f.outcome, style="green" if f.ok else "bold red"), Text(", ".join(f.expected)),
+                      Text(f.detected_by or "-"), Text(f"{f.recovery.total_s:.2f}" if f.recovery else "-"),
+                      Text("-" if f.lost_steps is None else str(f.lost_steps)))
+
+    parts: list[Any] = []
+    if _is_simulated(result):
+        parts.append(Text("simulated: some faults were simulated, not real", style="bold yellow"))
+    if result.error:
+        parts.append(Text(f"harness error: {result.error}", style="bold red"))
+    if result.faults:
+        parts.append(table)
+    exact = _exactness(result).replace("**", "").replace("`", "")
+    parts.append(Text(f"exactness: {exact}"))
+    parts.append(Text(f"loss: {_loss_line(result)}"))
+    parts.append(Text(f"restarts: {result.restarts}, failures: {len(result.failures)}, "
+                      f"wall {result.wall_s:.1f} s, run dir {result.run_dir}"))
+    title = Text.assemble(("PASS" if ok else "FAIL", "bold green" if ok else "bold red"), f"  {result.scenario}")
+    return Panel(Group(*parts), title=title, title_align="left", border_style="green" if ok else "red")
