@@ -60,7 +60,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     try:
         if on_event:
             on_event({"event": "golden_started", "key": key, "t": time.time()})
-        golden, cached = get_golden(scenario, refresh=refresh_golden)
+        golden, cached = get_golden(scenario, refresh=refresh_golden, on_event=on_event)
         (run_dir / "golden.json").write_text(golden.to_json())
         if on_event:
             on_event({"event": "golden_ready", "key": key, "cached": cached, "wall_s": golden.wall_s,

@@ -1,0 +1,7 @@
+"""`python -m burnin` is the `burnin` command."""
+
+import sys
+
+from burnin.cli import main
+
+sys.exit(main())

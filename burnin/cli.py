@@ -1,0 +1,181 @@
+"""The `burnin` command.
+
+Exit status: 0 when every expectation of the scenario holds, 1 when one does not, 2 on bad input
+(printed as one line naming the file, field and fix), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from burnin.errors import BurninError, HarnessError, ScenarioError, UserError
+
+__all__ = ["main"]
+
+DEFAULT_SCENARIO = "smoke"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: bad flags are bad input like any other."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"burnin: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="burnin", description="Fault-injection and reliability test harness for GPU training.")
+    p.add_argument("--version", action="version", version=f"burnin {__import__('burnin').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a scenario: golden run, faulted run, verdict, reports")
+    run.add_argument("scenario", nargs="?", default=DEFAULT_SCENARIO,
+                     help=f"a scenario file or a bundled scenario name (default: {DEFAULT_SCENARIO})")
+    run.add_argument("--ranks", type=int, help="override workload.ranks")
+    run.add_argument("--steps", type=int, help="override workload.steps")
+    run.add_argument("--seed", type=int, help="override workload.seed")
+    run.add_argument("--threads", type=int, help="override workload.threads")
+    run.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override workload.device")
+    run.add_argument("--out", default="runs", help="directory for run directories (default: ./runs)")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port during the run")
+    run.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default: 127.0.0.1)")
+    run.add_argument("--refresh-golden", action="store_true", help="recompute the golden run even if cached")
+    run.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
+
+    sub.add_parser("list", help="list the fault catalogue and the bundled scenarios")
+
+    val = sub.add_parser("validate", help="check scenario files without running them")
+    val.add_argument("files", nargs="+", metavar="FILE")
+
+    sub.add_parser("schema", help="print the scenario JSON Schema (for editors)")
+
+    clean = sub.add_parser("cleanup", help="remove what a killed supervisor left behind (rank processes)")
+    clean.add_argument("--force", action="store_true", help="also runs whose supervisor still lives")
+
+    rep = sub.add_parser("report", help="rebuild a run's reports from its event log")
+    rep.add_argument("run_dir")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = {"ranks": "workload.ranks", "steps": "workload.steps", "seed": "workload.seed",
+             "threads": "workload.threads", "device": "workload.device"}
+    return {path: getattr(args, flag) for flag, path in pairs.items() if getattr(args, flag) is not None}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from burnin.harness.runner import run_scenario
+    from burnin.reports.console import make_progress
+    from burnin.reports.writers import passed, render_console, render_plain
+    from burnin.scenarios import load_scenario
+
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise UserError(f"--metrics-port: {args.metrics_port} is not a port; use 0-65535 (0 picks a free one)")
+    scenario = load_scenario(args.scenario, overrides=_overrides(args))
+    with make_progress(scenario.workload.steps, scenario.name, quiet=args.quiet) as progress:
+        result = run_scenario(scenario, args.out, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+                              on_event=progress.on_event, refresh_golden=args.refresh_golden)
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        Console().print(render_console(result))
+    else:
+        print(render_plain(result))
+    return 0 if passed(result) else 1
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from burnin.faults import all_faults
+    from burnin.scenarios import bundled_names, load_scenario
+
+    print("faults:")
+    for cls in all_faults():
+        tag = " (simulated)" if cls.simulated else ""
+        print(f"  {cls.name:<28} {cls.where:<12} {cls.summary}{tag}")
+    print("scenarios:")
+    for name in bundled_names():
+        sc = load_scenario(name)
+        first = sc.description.strip().splitlines()[0] if sc.description.strip() else ""
+        print(f"  {name:<28} {first}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from burnin.scenarios import load_scenario
+
+    status = 0
+    for f in args.files:
+        try:
+            sc = load_scenario(Path(f) if Path(f).exists() else f)
+            print(f"{f}: ok ({sc.name}: {len(sc.faults)} faults, {sc.workload.ranks} ranks, {sc.workload.steps} steps)")
+        except UserError as exc:
+            print(str(exc), file=sys.stderr)
+            status = 2
+    return status
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from burnin.scenarios import scenario_json_schema
+
+    print(json.dumps(scenario_json_schema(), indent=2))
+    return 0
+
+
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from burnin.harness.cleanup import sweep
+
+    report = sweep(force=args.force)
+    for item in report:
+        if item["action"] == "cleaned":
+            print(f"{item['run_id']}: killed {len(item['killed'])} leftover process(es) {item['killed']}")
+        else:
+            print(f"{item['run_id']}: {item['action']} ({item['why']})")
+    if not report:
+        print("nothing to clean up")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from burnin.harness.runner import rebuild_reports
+    from burnin.reports.writers import passed, render_plain
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "events.jsonl").is_file() or not (run_dir / "scenario.json").is_file():
+        raise UserError(f"{run_dir}: not a burnin run directory (needs events.jsonl and scenario.json)")
+    result = rebuild_reports(run_dir)
+    print(render_plain(result))
+    return 0 if passed(result) else 1
+
+
+_COMMANDS = {"run": _cmd_run, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
+             "cleanup": _cmd_cleanup, "report": _cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except UserError as exc:
+        # A scenario error already reads `file:line: field: message`, which editors can jump to.
+        print(str(exc) if isinstance(exc, ScenarioError) else f"burnin: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        print(f"burnin: {exc or 'interrupted'}; partial reports are in the run directory", file=sys.stderr)
+        return 130
+    except HarnessError as exc:
+        print(f"burnin: harness error: {exc}", file=sys.stderr)
+        return 1
+    except BurninError as exc:
+        print(f"burnin: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Shared test set-up: an isolated golden cache and state directory, and helpers to run the CLI.
+
+Set BURNIN_CI=1 (as .ci/run does) to make tests that need something a CI machine has (root,
+network namespaces, Prometheus) fail instead of skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CI = os.environ.get("BURNIN_CI") == "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # One golden cache for the whole session: scenarios with the same workload share a golden run.
+    os.environ["BURNIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("burnin-cache"))
+    os.environ["BURNIN_STATE_DIR"] = str(tmp_path_factory.mktemp("burnin-state"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not any("gpu" in item.keywords for item in items):
+        return
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def burnin_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "burnin", *args]
+
+
+def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(burnin_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def run_dir_of(out: Path) -> Path:
+    dirs = [d for d in out.iterdir() if d.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def summary_of(out: Path) -> dict:
+    return json.loads((run_dir_of(out) / "summary.json").read_text())
+
+
+def processes_of_run(run_id: str) -> list[int]:
+    """Live (non-zombie) processes that carry this run id in their environment."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if f"BURNIN_RUN_ID={run_id}".encode() in env.split(b"\0") and state != "Z":
+            found.append(int(proc.name))
+    return found
