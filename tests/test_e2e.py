@@ -229,3 +229,10 @@ def test_report_rebuild_is_identical(tmp_path: Path) -> None:
     assert rep.returncode == 0, rep.stderr
     after = json.loads((run_dir / "summary.json").read_text())
     assert after["faults"] == before["faults"] and after["exact"] == before["exact"]
+
+
+def test_kill_rank_recovers_exactly_with_three_ranks(tmp_path: Path) -> None:
+    """Three ranks: the ring all-reduce's sum order depends on DDP's bucket layout, which a
+    resumed group must reproduce (see `_prime_buckets` in the worker)."""
+    proc = run_cli("run", "kill-rank", "--ranks", "3", "--steps", "16", "--out", str(tmp_path))
+    _check_recovered(tmp_path, proc, 1)

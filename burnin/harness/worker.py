@@ -104,6 +104,8 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
                 loss_floor=data.entropy_rate, params=model.num_params())
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if start_step > 0:
+        _prime_buckets(ddp, data, start_step, rank, w, device, optimizer)
     injector = Injector(sc["faults"], rank, world_size, events, set(spec["fired"]),
                         go_timeout_s=to["connect_s"])
 
@@ -138,6 +140,32 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
 
     events.emit("rank_finished", final_step=w["steps"] - 1, state_hash=state_hash(model, optimizer))
     dist.destroy_process_group()
+
+
+def _prime_buckets(ddp: Any, data: Any, step: int, rank: int, w: dict[str, Any], device: Any,
+                   optimizer: Any) -> None:
+    """Make a resumed group all-reduce with the bucket layout of an uninterrupted run.
+
+    DDP rebuilds its gradient buckets once, after the first backward of each DDP instance. An
+    uninterrupted run reduces step 0 with the initial layout and every later step with the
+    rebuilt one; a group resumed at step k would reduce step k with the initial layout. With
+    three or more ranks the ring all-reduce sums an element in an order that depends on its
+    position in the bucket, so that one step would differ in its last bits (measured: 3 ranks,
+    resume at 10, loss bits differ from step 11 on). One throwaway backward, with every RNG put
+    back and the gradients dropped, triggers the rebuild first; parameters are not touched.
+    """
+    import torch
+
+    from burnin.harness.state import capture_rank_state, restore_rank_state
+
+    saved = capture_rank_state(step)
+    x, y = data.batch(step, rank, w["batch_size"], w["seq_len"], device)
+    _, loss = ddp(x, y)
+    loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    restore_rank_state(saved)
+    del x, y, loss
+    torch.distributed.barrier()
 
 
 def main(argv: list[str] | None = None) -> int:
