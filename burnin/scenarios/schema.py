@@ -1,0 +1,211 @@
+"""The scenario: a declarative, validated description of one burnin run.
+
+A scenario names the workload (what trains), how checkpoints are kept, how failures are detected
+and recovered, which faults fire where, and what outcome each fault is expected to reach. It is
+loaded from YAML into these models before anything starts; nothing downstream sees a dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from burnin.faults.base import STEP_POINTS
+
+__all__ = [
+    "OUTCOMES",
+    "MODEL_PRESETS",
+    "Workload",
+    "Checkpointing",
+    "Recovery",
+    "Timeouts",
+    "FaultSpec",
+    "Expect",
+    "Debug",
+    "Scenario",
+    "scenario_json_schema",
+]
+
+#: Every injected fault ends in exactly one of these (see docs/architecture.md).
+OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed")
+Outcome = Literal["recovered", "masked", "detected", "sdc", "failed"]
+MODEL_PRESETS = ("tiny", "small", "gpt2-124m")
+
+MAX_RANKS = 64
+MAX_STEPS = 10_000_000
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Workload(_Model):
+    """What trains: everything here changes the bits, so all of it goes into the golden hash."""
+
+    model: Literal["tiny", "small", "gpt2-124m"] = Field("tiny", description="model preset")
+    ranks: int = Field(2, ge=1, le=MAX_RANKS, description="number of data-parallel ranks")
+    steps: int = Field(40, ge=1, le=MAX_STEPS, description="training steps")
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of the model init, data and dropout")
+    batch_size: int = Field(8, ge=1, le=4096, description="sequences per rank per step")
+    seq_len: int = Field(64, ge=2, le=8192, description="tokens per sequence")
+    lr: float = Field(3e-3, gt=0, le=10, description="AdamW learning rate")
+    weight_decay: float = Field(0.1, ge=0, le=10)
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout makes the torch RNG part of the state")
+    threads: int = Field(1, ge=1, le=256, description="torch threads per rank (changes the bits)")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where ranks compute")
+
+
+class Checkpointing(_Model):
+    every: int = Field(5, ge=1, description="save a checkpoint every N steps")
+    keep: int = Field(3, ge=1, le=1000, description="how many of the newest checkpoints to keep")
+
+
+class Recovery(_Model):
+    mode: Literal["restart", "none"] = Field("restart", description="restart the group from the newest valid checkpoint, or stop")
+    max_restarts: int = Field(3, ge=0, le=1000)
+
+
+class Timeouts(_Model):
+    """Bounds on every wait: nothing in a run may hang without one of these ending it."""
+
+    heartbeat_s: float = Field(5.0, gt=0, le=3600, description="a rank whose heartbeat is older is hung")
+    collective_s: float = Field(30.0, gt=0, le=3600, description="process-group timeout for collectives")
+    connect_s: float = Field(120.0, gt=0, le=3600, description="start-up and rendezvous must finish within this")
+    step_s: float = Field(60.0, gt=0, le=86400, description="a step that takes longer is a stall")
+    run_s: float = Field(3600.0, gt=0, le=7 * 86400, description="the whole run, restarts included")
+
+
+class FaultSpec(_Model):
+    """One fault: which, where (rank, step, point), its parameters, and the expected outcome."""
+
+    fault: str = Field(description="registered fault name, e.g. process.kill")
+    rank: int = Field(0, ge=0, description="target rank")
+    step: int = Field(ge=0, description="step at which it fires")
+    point: str | None = Field(None, description="step point; defaults to the fault's own")
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True,
+                                   description="fault-specific parameters")
+    expect: Outcome | list[Outcome] = Field(
+        default_factory=lambda: ["recovered", "masked"], description="acceptable outcome(s)")
+
+    @field_validator("fault")
+    @classmethod
+    def _known_fault(cls, name: str) -> str:
+        from burnin.faults import registry
+
+        try:
+            registry.get(name)
+        except registry.UnknownFault as exc:
+            # pydantic turns only ValueError into a validation error; anything else escapes validation
+            raise ValueError(str(exc)) from None
+        return name
+
+    # Fields validate in declaration order, so `fault` (when valid) is in info.data here and below.
+    @field_validator("point")
+    @classmethod
+    def _known_point(cls, point: str | None, info: ValidationInfo) -> str | None:
+        from burnin.faults import registry
+
+        if point is None:
+            return None
+        if point not in STEP_POINTS:
+            raise ValueError(f"unknown step point {point!r}; expected one of: {', '.join(STEP_POINTS)}")
+        if "fault" in info.data:
+            points = registry.get(info.data["fault"]).points
+            if point not in points:
+                raise ValueError(f"{info.data['fault']} acts at {', '.join(points)}, not at {point!r}")
+        return point
+
+    @field_validator("params")
+    @classmethod
+    def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from burnin.faults import registry
+
+        if "fault" in info.data:
+            # A ValidationError raised in a validator keeps its locations: faults.N.params.<field>
+            registry.get(info.data["fault"]).Params.model_validate(params)
+        return params
+
+    @property
+    def at(self) -> str:
+        from burnin.faults import registry
+
+        return self.point or registry.get(self.fault).points[0]
+
+    @property
+    def expected(self) -> list[str]:
+        return [self.expect] if isinstance(self.expect, str) else list(self.expect)
+
+    def build(self):
+        """The fault instance with validated parameters."""
+        from burnin.faults import registry
+
+        cls = registry.get(self.fault)
+        return cls(cls.Params.model_validate(self.params))
+
+
+class Expect(_Model):
+    """Run-level expectations, each a JUnit testcase."""
+
+    exact: bool = Field(True, description="the final state must equal the golden run's bit for bit")
+    max_restarts: int | None = Field(None, ge=0, description="at most this many restarts")
+    finish: bool = Field(True, description="the run must reach its last step")
+
+
+class Debug(_Model):
+    """Knobs that break burnin on purpose, so tests can show the verdict says no."""
+
+    skip_restore: list[Literal["torch_rng", "numpy_rng", "python_rng", "optimizer", "model"]] = Field(
+        default_factory=list, description="state NOT restored on resume (breaks exact recovery)")
+
+
+class Scenario(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    description: str = ""
+    workload: Workload = Field(default_factory=Workload)
+    checkpoint: Checkpointing = Field(default_factory=Checkpointing)
+    recovery: Recovery = Field(default_factory=Recovery)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    faults: list[FaultSpec] = Field(default_factory=list, max_length=10_000)
+    expect: Expect = Field(default_factory=Expect)
+    debug: Debug = Field(default_factory=Debug)
+
+    @model_validator(mode="after")
+    def _faults_fit_workload(self) -> "Scenario":
+        for i, f in enumerate(self.faults):
+            if f.rank >= self.workload.ranks:
+                raise ValueError(f"faults.{i}.rank: rank {f.rank} does not exist with "
+                                 f"workload.ranks={self.workload.ranks} (ranks are 0..{self.workload.ranks - 1})")
+            if f.step >= self.workload.steps:
+                raise ValueError(f"faults.{i}.step: step {f.step} is past the end of the run "
+                                 f"(workload.steps={self.workload.steps}, steps are 0..{self.workload.steps - 1})")
+        return self
+
+    def golden_key(self, extra: dict[str, Any] | None = None) -> str:
+        """Hash of everything that changes the bits of a fault-free run (not the faults)."""
+        payload = {"workload": self.workload.model_dump(mode="json"), **(extra or {})}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def scenario_json_schema() -> dict[str, Any]:
+    """JSON Schema for scenario files, with each registered fault's parameters spelled out."""
+    from burnin.faults import registry
+
+    schema = Scenario.model_json_schema()
+    variants = []
+    for cls in registry.all_faults():
+        variants.append({
+            "properties": {
+                "fault": {"const": cls.name, "description": cls.summary},
+                "point": {"enum": list(cls.points)},
+                "params": cls.Params.model_json_schema(),
+            },
+        })
+    fault_spec = schema["$defs"]["FaultSpec"]
+    fault_spec["properties"]["fault"]["enum"] = registry.names()
+    fault_spec["oneOf"] = variants
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "burnin scenario"
+    return schema
