@@ -98,9 +98,43 @@ class _Rank:
     error: dict[str, Any] | None = None
 
 
+class LocalFabric:
+    """How ranks reach each other: here, all on the host's loopback.
+
+    The network fabric (per-rank network namespaces) implements the same methods, so the
+    supervisor launches and addresses ranks the same way whatever carries their traffic.
+    """
+
+    master_addr = "127.0.0.1"
+
+    def setup(self, ranks: int) -> None:
+        pass
+
+    def rank_command(self, rank: int, argv: list[str]) -> list[str]:
+        return argv
+
+    def rank_env(self, rank: int) -> dict[str, str]:
+        return {}
+
+    def teardown(self) -> None:
+        pass
+
+
+@dataclass
+class _Action:
+    due: float
+    label: str
+    fn: Callable[[], Any]
+    fault_index: int
+
+
 @dataclass
 class _OutOfRankContext:
-    """What an out-of-rank fault may touch: the target's pid, and the run's files."""
+    """What an out-of-rank fault may touch: the target's pid, the run's files, the fabric.
+
+    A fault with a duration (a link down for 30 s) undoes itself through `schedule`: the action runs
+    on time whatever the group is doing, restarts included, and at the latest when the run ends.
+    """
 
     rank: int
     step: int
@@ -108,6 +142,12 @@ class _OutOfRankContext:
     pid: int
     run_dir: Path
     checkpoint_dir: Path
+    fabric: Any
+    fault_index: int
+    _supervisor: "Supervisor"
+
+    def schedule(self, delay_s: float, label: str, fn: Callable[[], Any]) -> None:
+        self._supervisor._actions.append(_Action(time.time() + delay_s, label, fn, self.fault_index))
 
 
 @dataclass
@@ -118,11 +158,13 @@ class Supervisor:
     metrics: Any = None                                   # burnin.reports.metrics.Metrics or None
     on_event: Callable[[dict[str, Any]], None] | None = None
     golden: bool = False                                  # a fault-free reference run
+    fabric: Any = None                                    # LocalFabric unless the run needs a network
     python: str = sys.executable
     _log: EventWriter = field(init=False)
     _fired: set[int] = field(init=False, default_factory=set)
     _explained: set[int] = field(init=False, default_factory=set)
     _tails: dict[int, Tail] = field(init=False, default_factory=dict)
+    _actions: list[_Action] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -131,6 +173,8 @@ class Supervisor:
         (self.run_dir / "ranks").mkdir(exist_ok=True)
         self._log = EventWriter(self.run_dir / "events.jsonl")
         self._faults = [f.build() for f in self.scenario.faults]
+        if self.fabric is None:
+            self.fabric = LocalFabric()
 
     # -- public ----------------------------------------------------------------------------
 
@@ -144,6 +188,7 @@ class Supervisor:
         attempt, restarts = 0, 0
         finished = False
         try:
+            self.fabric.setup(sc.workload.ranks)
             while True:
                 ok, evidence = self._attempt(attempt, deadline)
                 if ok:
@@ -158,7 +203,11 @@ class Supervisor:
                 attempt += 1
                 self._emit("restart", attempt=attempt)
         finally:
-            self._emit("run_finished", finished=finished, restarts=restarts)
+            try:
+                self._run_actions(force=True)
+            finally:
+                self.fabric.teardown()
+                self._emit("run_finished", finished=finished, restarts=restarts)
             self._log.close()
         return finished
 
@@ -174,6 +223,7 @@ class Supervisor:
         try:
             while True:
                 now = time.time()
+                self._run_actions()
                 progressed = self._drain(ranks)
                 if progressed:
                     last_progress = now
@@ -212,7 +262,7 @@ class Supervisor:
             env = {
                 **os.environ,
                 "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
-                "GROUP_RANK": "0", "ROLE_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "GROUP_RANK": "0", "ROLE_RANK": str(r), "MASTER_ADDR": self.fabric.master_addr, "MASTER_PORT": str(port),
                 "TORCHELASTIC_RESTART_COUNT": str(attempt),
                 "OMP_NUM_THREADS": str(sc.workload.threads), "MKL_NUM_THREADS": str(sc.workload.threads),
                 "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
@@ -220,12 +270,14 @@ class Supervisor:
                 "BURNIN_SUPERVISOR_PID": str(os.getpid()),
                 "PYTHONUNBUFFERED": "1",
             }
+            env.update(self.fabric.rank_env(r))
             hb = self.run_dir / "ranks" / f"rank{r}.heartbeat"
             hb.unlink(missing_ok=True)
             log = open(self.run_dir / "ranks" / f"rank{r}.log", "ab")
             log.write(f"--- attempt {attempt} ---\n".encode())
             log.flush()
-            proc = subprocess.Popen([self.python, "-m", "burnin.harness.worker"], env=env,
+            argv = self.fabric.rank_command(r, [self.python, "-m", "burnin.harness.worker"])
+            proc = subprocess.Popen(argv, env=env,
                                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             log.close()
@@ -264,7 +316,8 @@ class Supervisor:
     def _out_of_rank(self, r: _Rank, ev: dict[str, Any]) -> None:
         index = ev["fault_index"]
         fault = self._faults[index]
-        ctx = _OutOfRankContext(r.rank, ev["step"], ev["point"], r.proc.pid, self.run_dir, self.checkpoint_dir)
+        ctx = _OutOfRankContext(r.rank, ev["step"], ev["point"], r.proc.pid, self.run_dir, self.checkpoint_dir,
+                                self.fabric, index, self)
         self._emit("fault_injected", fault_index=index, fault=fault.name, rank=r.rank, step=ev["step"],
                    point=ev["point"], where="out_of_rank", simulated=fault.simulated, attempt=ev.get("attempt"))
         details = fault.inject(ctx) or {}
@@ -354,6 +407,20 @@ class Supervisor:
         exits = {r.rank: r.proc.returncode for r in ranks}
         cleanup.unregister(self.run_id)
         self._emit("teardown_done", attempt=attempt, exits=exits)
+
+    def _run_actions(self, force: bool = False) -> None:
+        """Run the scheduled actions that are due (all of them with `force`), each once."""
+        now = time.time()
+        due = [a for a in self._actions if force or a.due <= now]
+        self._actions = [a for a in self._actions if a not in due]
+        for a in sorted(due, key=lambda a: a.due):
+            try:
+                details = a.fn() or {}
+                self._emit("fault_action", fault_index=a.fault_index, action=a.label, late_s=now - a.due,
+                           details=details)
+            except Exception as exc:  # an undo that fails must be seen, and must not stop the others
+                self._emit("fault_action_failed", fault_index=a.fault_index, action=a.label,
+                           error=f"{type(exc).__name__}: {exc}")
 
     def _emit(self, event: str, **fields: Any) -> None:
         self._publish(self._log.emit(event, source="supervisor", **fields))

@@ -25,6 +25,7 @@ __all__ = [
     "FaultSpec",
     "Expect",
     "Debug",
+    "Network",
     "Scenario",
     "scenario_json_schema",
 ]
@@ -56,6 +57,8 @@ class Workload(_Model):
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout makes the torch RNG part of the state")
     threads: int = Field(1, ge=1, le=256, description="torch threads per rank (changes the bits)")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where ranks compute")
+    kernels: Literal["torch", "triton"] = Field(
+        "torch", description="the loss's row reduction: torch, or the Triton kernel (interpreter on CPU)")
 
 
 class Checkpointing(_Model):
@@ -76,6 +79,14 @@ class Timeouts(_Model):
     connect_s: float = Field(120.0, gt=0, le=3600, description="start-up and rendezvous must finish within this")
     step_s: float = Field(60.0, gt=0, le=86400, description="a step that takes longer is a stall")
     run_s: float = Field(3600.0, gt=0, le=7 * 86400, description="the whole run, restarts included")
+
+
+class Network(_Model):
+    """Per-rank network namespaces, for faults on real links."""
+
+    isolate: bool | None = Field(None, description="one network namespace per rank; default: when a network fault is asked for")
+    fallback: Literal["error", "simulate"] = Field(
+        "error", description="without the privilege for namespaces: stop with an error, or simulate at the collective level")
 
 
 class FaultSpec(_Model):
@@ -168,6 +179,7 @@ class Scenario(_Model):
     checkpoint: Checkpointing = Field(default_factory=Checkpointing)
     recovery: Recovery = Field(default_factory=Recovery)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    network: Network = Field(default_factory=Network)
     faults: list[FaultSpec] = Field(default_factory=list, max_length=10_000)
     expect: Expect = Field(default_factory=Expect)
     debug: Debug = Field(default_factory=Debug)
