@@ -41,6 +41,9 @@ class Fault:
     simulated: ClassVar[bool] = False
     #: True when the fault is meant to bring the group down; failures are attributed to such faults.
     disruptive: ClassVar[bool] = True
+    #: True when one injected fault may bring the group down again and again (a latent bug that
+    #: stays in the code): it can explain any number of failures, not just one.
+    recurring: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()
@@ -48,6 +51,10 @@ class Fault:
     @property
     def family(self) -> str:
         return self.name.split(".", 1)[0]
+
+    def default_point(self) -> str:
+        """The step point the fault acts at when the scenario names none (may depend on params)."""
+        return self.points[0]
 
     def span(self) -> int:
         """How many consecutive steps the fault acts on (most act once)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from importlib.metadata import entry_points
 
 from burnin.errors import UserError
@@ -11,6 +12,7 @@ from burnin.faults.base import STEP_POINTS, Fault
 __all__ = ["register", "get", "names", "all_faults", "UnknownFault"]
 
 _REGISTRY: dict[str, type[Fault]] = {}
+_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+")
 _plugins_loaded = False
 
 
@@ -21,8 +23,10 @@ class UnknownFault(UserError):
 def register(cls: type[Fault]) -> type[Fault]:
     """Class decorator: add a fault class to the registry under its `name`."""
     name = getattr(cls, "name", None)
-    if not name or "." not in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise TypeError(f"{cls.__qualname__}.name must be 'family.kind', got {name!r}")
+    if not cls.points:  # the first point is the default: there must be one
+        raise TypeError(f"{cls.__qualname__}.points: empty; name at least one of {', '.join(STEP_POINTS)}")
     for point in cls.points:
         if point not in STEP_POINTS:
             raise TypeError(f"{cls.__qualname__}.points: unknown step point {point!r}")
@@ -34,7 +38,8 @@ def register(cls: type[Fault]) -> type[Fault]:
 
 def _load() -> None:
     global _plugins_loaded
-    import burnin.faults.process  # noqa: F401  (registers the built-in catalogue)
+    import burnin.faults.corruption  # noqa: F401  (registers the built-in catalogue)
+    import burnin.faults.process  # noqa: F401
     import burnin.faults.storage  # noqa: F401
 
     if _plugins_loaded:
@@ -44,6 +49,7 @@ def _load() -> None:
         try:
             obj = ep.load()
         except Exception as exc:  # a broken plug-in must not take the CLI down
+            _plugins_loaded = False  # nor be forgotten: the next lookup reports it again
             raise UserError(f"fault plug-in {ep.name!r} ({ep.value}) failed to load: {exc}") from None
         if isinstance(obj, type) and issubclass(obj, Fault):
             register(obj)

@@ -66,11 +66,15 @@ def committed(root: str | Path) -> list[Checkpoint]:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, rename over it, fsync the directory."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -92,13 +96,20 @@ def verify(ckpt: Checkpoint, world_size: int | None = None) -> dict[str, Any]:
     """The manifest of a checkpoint whose every file matches it; CheckpointError saying why not."""
     try:
         manifest = json.loads((ckpt.path / MANIFEST).read_text())
-        files = manifest["files"]
+        # Damaged but still valid JSON must be rejected here too, not crash the fallback loop.
+        files = {str(name): {"sha256": str(want["sha256"]), "bytes": int(want["bytes"])}
+                 for name, want in manifest["files"].items()}
         if manifest["step"] != ckpt.step:
             raise CheckpointError(f"manifest says step {manifest['step']}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"unreadable manifest: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"unreadable manifest: {exc!r}") from None
     if world_size is not None and manifest.get("world_size") != world_size:
         raise CheckpointError(f"written by {manifest.get('world_size')} ranks, this run has {world_size}")
+    ranks = manifest.get("world_size")
+    unlisted = [n for n in [MODEL_FILE, *map(rank_file, range(ranks if isinstance(ranks, int) else 0))]
+                if n not in files]
+    if unlisted:  # a file the manifest does not cover would be loaded unchecked
+        raise CheckpointError(f"the manifest does not list {', '.join(unlisted)}")
     for name, want in files.items():
         path = ckpt.path / name
         if not path.is_file():

@@ -107,7 +107,7 @@ def sweep(force: bool = False) -> list[dict[str, Any]]:
             ppid = int((proc / "stat").read_text().split(") ", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == 1 or force:
+        if ppid == 1:  # orphaned: its supervisor is gone (never a rank of a live supervisor)
             kill_group(pid)
             report.append({"run_id": rid, "action": "cleaned", "killed": [pid], "orphan": True})
     return report

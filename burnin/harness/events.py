@@ -22,8 +22,18 @@ class EventWriter:
     def __init__(self, path: str | Path, *, fsync: bool = False, **fixed: Any):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A writer killed mid-line left a torn last line: end it, or the first event appended now
+        # would be glued to it and skipped with it.
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+        except OSError:  # no file yet, or an empty one
+            torn = False
         # Line-buffered text in append mode: each write is one line that reaches the OS at once.
         self._fh = open(self.path, "a", buffering=1, encoding="utf-8")
+        if torn:
+            self._fh.write("\n")
         self._fsync = fsync
         self._fixed = fixed
 

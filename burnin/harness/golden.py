@@ -111,7 +111,9 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
             return GoldenRecord.from_json(path.read_text()), True
         except (ValueError, TypeError):
             pass  # a damaged cache entry is recomputed, not trusted
-    clean = scenario.model_copy(update={"faults": [], "debug": Debug(), "expect": Expect()})
+    # A golden run that needs a restart is not a reference: it gets none.
+    clean = scenario.model_copy(update={"faults": [], "debug": Debug(), "expect": Expect(),
+                                        "recovery": scenario.recovery.model_copy(update={"max_restarts": 0})})
     run_dir = path.parent / f"run-{int(time.time())}-{os.getpid()}"
     sup = Supervisor(clean, run_dir, run_id=f"golden-{key}-{os.getpid()}", golden=True, on_event=on_event)
     if not sup.run():

@@ -41,15 +41,16 @@ class Injector:
         self.rank, self.world_size, self.events = rank, world_size, events
         self.go_timeout_s, self.supervised = go_timeout_s, supervised
         self.fired = set(fired)
-        self.fired_here: dict[int, int] = {}  # fault index -> times fired in this process
+        self.injected: list[tuple[int, int]] = []  # (fault index, step) fired in this process
         # (index, fault instance, spec) of this rank's faults
         self._mine: list[tuple[int, Any, dict[str, Any]]] = []
         for i, spec in enumerate(faults):
             if spec["rank"] != rank:
                 continue
             cls = registry.get(spec["fault"])
-            spec = {**spec, "point": spec.get("point") or cls.points[0]}
-            self._mine.append((i, cls(cls.Params.model_validate(spec.get("params") or {})), spec))
+            fault = cls(cls.Params.model_validate(spec.get("params") or {}))
+            spec = {**spec, "point": spec.get("point") or fault.default_point()}
+            self._mine.append((i, fault, spec))
         self._points = {spec["point"] for _, _, spec in self._mine}
 
     def fire(self, point: str, step: int, **ctx: Any) -> None:
@@ -59,8 +60,8 @@ class Injector:
             if spec["point"] != point or not self._due(index, fault, spec, step):
                 continue
             first = index not in self.fired
-            self.fired.add(index)
             if fault.where == "out_of_rank":
+                self.fired.add(index)
                 self._hand_to_supervisor(index, fault, step, point)
                 continue
             tensors = {k: v for k, v in ctx.items() if k not in ("model", "optimizer")}
@@ -69,9 +70,14 @@ class Injector:
             try:
                 details = fault.inject(context) or {}
             except BaseException:
+                self.fired.add(index)
                 self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=point,
                                  where="in_rank", simulated=fault.simulated, details={"raised": True})
                 raise
+            if details.get("not_here"):
+                continue  # e.g. the target gradient is in another bucket: try the next call
+            self.fired.add(index)
+            self.injected.append((index, step))
             if first:
                 self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=point,
                                  where="in_rank", simulated=fault.simulated, details=details)

@@ -36,15 +36,18 @@ HEARTBEAT_PERIOD_S = 0.25
 _PRIORITY = {"exit_signal": 0, "heartbeat": 1, "rank_error": 2, "exit_code": 3,
              "step_timeout": 4, "connect_timeout": 5, "run_timeout": 6}
 
-_NETWORK_TEXT = re.compile(r"timed out|connection (closed|reset|refused)|broken pipe|gloo|nccl|"
-                           r"socket|recv|send|network|unreachable", re.I)
+_NETWORK_TEXT = re.compile(r"\b(timed out|connection (closed|reset|refused)|broken pipe|gloo|nccl|"
+                           r"socket|recv|send|network|unreachable)\b", re.I)
 _IMA_TEXT = re.compile(r"illegal memory access|an illegal instruction|misaligned address", re.I)
 
 
 def classify_exit(returncode: int) -> tuple[str, str]:
     """(cause, detail) of a rank that exited with `returncode` (negative: killed by that signal)."""
     if returncode < 0:
-        sig = signal.Signals(-returncode)
+        try:
+            sig = signal.Signals(-returncode)
+        except ValueError:  # real-time signals have no name in the enum
+            return "signal", f"signal {-returncode}"
         if sig == signal.SIGKILL:
             return "killed", sig.name
         if sig in (signal.SIGSEGV, signal.SIGBUS):
@@ -59,6 +62,8 @@ def classify_error(error_type: str, message: str) -> str:
         return "illegal_memory_access"
     if error_type == "InjectedFault":
         return "exception"
+    if error_type == "CorruptionDetected":
+        return "corruption"
     if _NETWORK_TEXT.search(message) or error_type in ("DistBackendError", "DistNetworkError"):
         return "network"
     return "exception"
@@ -380,7 +385,9 @@ class Supervisor:
 
     def _attribute(self, root: _Evidence) -> int | None:
         """The injected, still unexplained, disruptive fault this failure is most likely due to."""
-        candidates = [i for i in self._fired if self._faults[i].disruptive and i not in self._explained]
+        # A recurring fault (a latent bug) stays a candidate after explaining a failure.
+        candidates = [i for i in self._fired if self._faults[i].disruptive
+                      and (i not in self._explained or self._faults[i].recurring)]
         if not candidates:
             return None
         same_rank = [i for i in candidates if self.scenario.faults[i].rank == root.rank]

@@ -39,6 +39,7 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from burnin.harness import checkpoint
+    from burnin.harness.guard import Guard
     from burnin.harness.injector import Injector
     from burnin.harness.state import capture_rank_state, loss_bits, restore_rank_state, state_hash
     from burnin.harness.workload import GPT, MarkovData, gpt_config, make_optimizer
@@ -66,12 +67,15 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
         backend = "nccl" if own_gpu else "gloo"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    # Triton kernels: compiled on CUDA, interpreted on CPU; the mode is fixed before any kernel loads.
+    from burnin.kernels import _runtime
+    _runtime.prepare(device.type)
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=to["collective_s"]))
     events.emit("pg_ready", backend=backend, device=str(device))
 
     # -- model, optimizer, data (identical init on every rank: seed before building)
-    cfg = gpt_config(w["model"], w["seq_len"], w["dropout"])
+    cfg = gpt_config(w["model"], w["seq_len"], w["dropout"], w["kernels"])
     torch.manual_seed(w["seed"])
     model = GPT(cfg).to(device)
     optimizer = make_optimizer(model, w["lr"], w["weight_decay"])
@@ -104,28 +108,44 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
                 loss_floor=data.entropy_rate, params=model.num_params())
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if start_step > 0:
-        _prime_buckets(ddp, data, start_step, rank, w, device, optimizer)
     injector = Injector(sc["faults"], rank, world_size, events, set(spec["fired"]),
                         go_timeout_s=to["connect_s"])
+    current = [start_step]  # the step the comm hook belongs to
+    ddp.register_comm_hook(None, _allreduce_hook(injector, current, world_size, model, optimizer))
+    if start_step > 0:
+        _prime_buckets(ddp, data, start_step, rank, w, device, optimizer)
+    guard = Guard(sc, rank, world_size, events, model, optimizer)
+    guard.start(start_step)
 
-    for step in range(start_step, w["steps"]):
-        t_step = time.perf_counter()
+    def one_step(step: int) -> tuple[float, str, float]:
+        current[0] = step
         # data
         x, y = data.batch(step, rank, w["batch_size"], w["seq_len"], device)
         injector.fire("before_forward", step, batch=x, model=model, optimizer=optimizer)
         # forward
         _, loss = ddp(x, y)
-        # backward: DDP all-reduces the gradient buckets as they fill
+        # backward: the comm hook fires after_backward on each local bucket, then all-reduces it
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         injector.fire("after_allreduce", step, model=model, optimizer=optimizer)
+        grad_norm = _grad_norm(model) if guard.needs_grad_norm else 0.0
         # optimizer
         optimizer.step()
         injector.fire("after_optimizer_step", step, model=model, optimizer=optimizer)
+        return float(loss.item()), loss_bits(loss), grad_norm
+
+    step = start_step
+    while step < w["steps"]:
+        t_step = time.perf_counter()
+        guard.before_step(step)
+        loss, bits, grad_norm = one_step(step)
+        # detect: detectors, agreement across ranks, and rollback or recomputation when they find something
+        next_step, loss, bits = guard.after_step(step, loss, bits, grad_norm, rerun=one_step)
+        if next_step <= step:
+            step = next_step
+            continue
         # log
-        events.emit("step_done", step=step, loss=float(loss.item()), loss_bits=loss_bits(loss),
-                    dt=time.perf_counter() - t_step)
+        events.emit("step_done", step=step, loss=loss, loss_bits=bits, dt=time.perf_counter() - t_step)
         # checkpoint
         done = step + 1
         if done % ck["every"] == 0 or done == w["steps"]:
@@ -137,9 +157,33 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
                 events.emit("checkpoint_saved", checkpoint_step=done, state_hash=state_hash(model, optimizer),
                             seconds=time.time() - t_ck)
         injector.fire("between_steps", step, model=model, optimizer=optimizer)
+        step = done
 
     events.emit("rank_finished", final_step=w["steps"] - 1, state_hash=state_hash(model, optimizer))
     dist.destroy_process_group()
+
+
+def _allreduce_hook(injector: Any, current: list[int], world_size: int, model: Any, optimizer: Any) -> Any:
+    """DDP comm hook: the `after_backward` point on each local bucket, then the usual averaging.
+
+    Always registered (golden runs too), so faulted and fault-free runs reduce the same way.
+    """
+    import torch.distributed as dist
+
+    def hook(state, bucket):  # noqa: ANN001 -- DDP inspects the annotation: none, or a real GradBucket
+        injector.fire("after_backward", current[0], bucket=bucket, model=model, optimizer=optimizer)
+        buf = bucket.buffer().div_(world_size)
+        return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+    return hook
+
+
+def _grad_norm(model: Any) -> float:
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                      for g in grads])))
 
 
 def _prime_buckets(ddp: Any, data: Any, step: int, rank: int, w: dict[str, Any], device: Any,

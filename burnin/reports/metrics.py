@@ -20,7 +20,7 @@ __all__ = ["Metrics", "MetricsServer", "CAUSES", "OUTCOMES", "PHASES"]
 
 #: Failure causes as the supervisor classifies them; anything else is counted as "other".
 CAUSES: tuple[str, ...] = (
-    "killed", "hang", "exception", "illegal_memory_access", "network", "signal", "timeout", "exit",
+    "killed", "hang", "exception", "illegal_memory_access", "network", "signal", "timeout", "exit", "corruption",
 )
 #: Fault outcomes (DESIGN "Outcomes"); anything else is counted as "other".
 OUTCOMES: tuple[str, ...] = ("recovered", "masked", "detected", "sdc", "failed")

@@ -119,6 +119,8 @@ class RunResult:
     failures: list[Failure] = field(default_factory=list)
     faults: list[FaultResult] = field(default_factory=list)
     expectations: list[Expectation] = field(default_factory=list)
+    rollbacks: int = 0         # in-process rollbacks to a verified snapshot
+    false_alarms: int = 0      # detections that no injected fault explains
     simulated: bool = False    # some fault was a simulation of the real thing
     error: str | None = None   # a harness error that ended the run
     schema_version: int = SCHEMA_VERSION

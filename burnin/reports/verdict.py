@@ -47,7 +47,7 @@ def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: s
     finals = {ev["rank"]: ev["state_hash"] for ev in by_kind["rank_finished"]
               if ev.get("attempt") == _last_attempt(by_kind)}
     final_hash = finals.get(0)
-    replicas_agree = len(set(finals.values())) <= 1
+    replicas_agree = len(set(finals.values())) <= 1 and len(finals) == scenario.workload.ranks
     golden_hash = golden.state_hash if golden else None
     exact = bool(finished and replicas_agree and final_hash is not None and final_hash == golden_hash)
 
@@ -66,7 +66,9 @@ def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: s
                         last_step=ev.get("last_step"), fault_index=ev.get("fault_index"))
                 for ev in by_kind["failure_detected"]]
 
-    faults = [_fault_result(i, spec, by_kind, failures, finished, exact) for i, spec in enumerate(scenario.faults)]
+    detections, false_alarms = _attribute_detections(by_kind, scenario)
+    faults = [_fault_result(i, spec, by_kind, failures, finished, exact, detections.get(i, []))
+              for i, spec in enumerate(scenario.faults)]
     simulated = any(f.simulated for f in faults)
 
     result = RunResult(
@@ -76,6 +78,7 @@ def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: s
         finished=finished, final_step=final_step, final_state_hash=final_hash, golden_state_hash=golden_hash,
         exact=exact, diverged_at_step=diverged, restarts=restarts, steps_executed=steps_executed,
         final_loss=final_loss, loss_floor=floor, failures=failures, faults=faults, simulated=simulated,
+        rollbacks=len(by_kind["rollback"]), false_alarms=len(false_alarms),
         error=error,
     )
     result.expectations = _expectations(result, scenario, replicas_agree, finals)
@@ -87,8 +90,29 @@ def _last_attempt(by_kind: dict[str, list[dict[str, Any]]]) -> int:
     return starts[-1]["attempt"] if starts else 0
 
 
+def _attribute_detections(by_kind: dict[str, list[dict[str, Any]]],
+                          scenario: Any) -> tuple[dict[int, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Pin each detector finding on the newest fault injected before it (preferring a fault aimed at a
+    rank the detector named); a finding with no fault before it is a false alarm."""
+    injected = sorted(((ev["t"], ev["fault_index"]) for ev in by_kind["fault_injected"]), key=lambda x: x[0])
+    first_injection: dict[int, float] = {}
+    for t, i in injected:
+        first_injection.setdefault(i, t)
+    per_fault: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    false_alarms = []
+    for det in by_kind["detection"]:
+        before = [i for i, t in sorted(first_injection.items(), key=lambda x: x[1]) if t <= det["t"]]
+        if not before:
+            false_alarms.append(det)
+            continue
+        odd = det.get("odd_ranks") or []
+        aimed = [i for i in before if scenario.faults[i].rank in odd]
+        per_fault[(aimed or before)[-1]].append(det)
+    return per_fault, false_alarms
+
+
 def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], failures: list[Failure],
-                  finished: bool, exact: bool) -> FaultResult:
+                  finished: bool, exact: bool, detections: list[dict[str, Any]]) -> FaultResult:
     injected_ev = next((ev for ev in by_kind["fault_injected"] if ev["fault_index"] == i), None)
     applied = next((ev for ev in by_kind["fault_applied"] if ev["fault_index"] == i), None)
     details = dict((applied or {}).get("details") or (injected_ev or {}).get("details") or {})
@@ -101,6 +125,21 @@ def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], f
         res.detected_by, res.cause = failure.detector, failure.cause
         res.detection_latency_s = failure.time - res.injected_at
         res.recovery, res.lost_steps = _recovery(failure, res.injected_at, by_kind)
+    # Detectors inside the ranks (fingerprint, non-finite, spikes, recomputation).
+    if detections and res.injected_at is not None:
+        first = min(detections, key=lambda d: d["t"])
+        if res.detected_by is None or first["t"] - res.injected_at < (res.detection_latency_s or float("inf")):
+            res.detected_by, res.cause = first["detector"], "corruption"
+            res.detection_latency_s = first["t"] - res.injected_at
+            res.details["detection_latency_steps"] = first["step"] - spec.step
+        res.details["detectors"] = sorted({d["detector"] for d in detections})
+    # A detector that saw the fault without the group failing (a fingerprint mismatch, a stall).
+    seen = next((ev for ev in by_kind["fault_detected"] if ev.get("fault_index") == i), None)
+    if seen is not None and res.detected_by is None and res.injected_at is not None:
+        res.detected_by, res.cause = seen["detector"], seen.get("cause") or seen["detector"]
+        res.detection_latency_s = seen["t"] - res.injected_at
+        if seen.get("latency_steps") is not None:
+            res.details["detection_latency_steps"] = seen["latency_steps"]
     # A damaged checkpoint is detected when a resume rejects it by checksum.
     damaged = details.get("checkpoint_step")
     if damaged is not None and res.injected_at is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "Expect",
     "Debug",
     "Network",
+    "Detectors",
     "Scenario",
     "scenario_json_schema",
 ]
@@ -67,8 +68,43 @@ class Checkpointing(_Model):
 
 
 class Recovery(_Model):
-    mode: Literal["restart", "none"] = Field("restart", description="restart the group from the newest valid checkpoint, or stop")
+    mode: Literal["restart", "rollback", "none"] = Field(
+        "restart", description="restart the group from the newest valid checkpoint; roll back in process to the "
+                               "last verified step (detected corruption); or stop")
     max_restarts: int = Field(3, ge=0, le=1000)
+    max_rollbacks: int = Field(10, ge=0, le=100_000, description="rollback mode: in-process rollbacks before giving up")
+
+
+class SpikeDetector(_Model):
+    window: int = Field(20, ge=4, le=100_000, description="running window of past values")
+    z: float = Field(8.0, gt=0, description="robust z-score (in MADs) above which a value is a spike")
+    warmup: int = Field(8, ge=2, le=100_000, description="values needed before judging")
+
+
+class FingerprintDetector(_Model):
+    every: int = Field(1, ge=1, le=1_000_000, description="compare replica fingerprints every K steps")
+
+
+class RecomputeDetector(_Model):
+    every: int = Field(0, ge=0, le=1_000_000, description="re-run every K-th step and compare bits (0: only to "
+                                                         "classify a suspicion as transient or persistent)")
+
+
+class Detectors(_Model):
+    """Which detectors run (a key present enables it; `{}` takes the defaults)."""
+
+    nonfinite: dict[str, Any] | None = Field(None, description="NaN/Inf in loss or gradient norm")
+    loss_spike: SpikeDetector | None = None
+    grad_norm_spike: SpikeDetector | None = None
+    fingerprint: FingerprintDetector | None = None
+    recompute: RecomputeDetector | None = None
+
+    @field_validator("nonfinite")
+    @classmethod
+    def _no_params(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v:
+            raise ValueError("nonfinite takes no parameters; write `nonfinite: {}`")
+        return v
 
 
 class Timeouts(_Model):
@@ -143,7 +179,7 @@ class FaultSpec(_Model):
     def at(self) -> str:
         from burnin.faults import registry
 
-        return self.point or registry.get(self.fault).points[0]
+        return self.point or self.build().default_point()
 
     @property
     def expected(self) -> list[str]:
@@ -180,6 +216,7 @@ class Scenario(_Model):
     recovery: Recovery = Field(default_factory=Recovery)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     network: Network = Field(default_factory=Network)
+    detectors: Detectors = Field(default_factory=Detectors)
     faults: list[FaultSpec] = Field(default_factory=list, max_length=10_000)
     expect: Expect = Field(default_factory=Expect)
     debug: Debug = Field(default_factory=Debug)
@@ -197,7 +234,9 @@ class Scenario(_Model):
 
     def golden_key(self, extra: dict[str, Any] | None = None) -> str:
         """Hash of everything that changes the bits of a fault-free run (not the faults)."""
-        payload = {"workload": self.workload.model_dump(mode="json"), **(extra or {})}
+        # Detectors do not change the bits, but a golden run also counts their false alarms.
+        payload = {"workload": self.workload.model_dump(mode="json"),
+                   "detectors": self.detectors.model_dump(mode="json", exclude_none=True), **(extra or {})}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,182 @@
+"""Corruption faults: a flipped bit, or a NaN, somewhere in the training state, silently.
+
+The target names the tensor and so the step point at which it is hit:
+
+    param              a parameter of one rank, after the optimizer step: replicas diverge
+    optimizer_state    an AdamW moment of one rank, after the optimizer step
+    grad               one rank's local gradient, before the all-reduce (DDP comm hook):
+                       averaged into every replica, so replicas stay equal
+    allreduce_payload  one element of one rank's outgoing gradient bucket, by position: data
+                       corrupted in flight, also averaged into every replica
+    grad_reduced       one rank's gradient after the all-reduce: only that replica is hit
+    activation         the forward output of a named module, on one rank
+    batch              one input token of one rank
+
+Tensor, element and bit are given or drawn from `seed`, so a campaign draws one per trial.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from burnin.faults.base import Fault
+from burnin.faults.registry import register
+
+__all__ = ["Bitflip", "NaN", "TARGET_POINTS", "NOT_HERE"]
+
+Target = Literal["param", "optimizer_state", "grad", "allreduce_payload", "grad_reduced", "activation", "batch"]
+
+TARGET_POINTS: dict[str, str] = {
+    "param": "after_optimizer_step",
+    "optimizer_state": "after_optimizer_step",
+    "grad": "after_backward",
+    "allreduce_payload": "after_backward",
+    "grad_reduced": "after_allreduce",
+    "activation": "before_forward",
+    "batch": "before_forward",
+}
+
+#: Returned by `inject` when the target is not at hand at this call (another gradient bucket):
+#: the injector then tries again at the next call instead of counting the fault as fired.
+NOT_HERE: dict[str, Any] = {"not_here": True}
+
+
+class _CorruptionParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: Target = Field("param", description="which state is hit (and so at which step point)")
+    tensor: str | None = Field(None, description="parameter or module name; drawn from seed when absent")
+    state: Literal["exp_avg", "exp_avg_sq"] = Field("exp_avg", description="optimizer_state: which AdamW moment")
+    index: int | None = Field(None, ge=0, description="flat element index; drawn from seed when absent")
+    seed: int = Field(0, ge=0, description="draws what is not given")
+
+
+class BitflipParams(_CorruptionParams):
+    bit: int | None = Field(None, ge=0, le=63, description="exact bit (0 = least significant)")
+    bit_class: Literal["sign", "exponent", "mantissa_high", "mantissa_low", "any"] = Field(
+        "any", description="the class a drawn bit comes from")
+
+
+class NaNParams(_CorruptionParams):
+    value: Literal["nan", "inf", "-inf"] = Field("nan", description="what is written into the element")
+
+
+class _TensorCorruption(Fault):
+    where = "in_rank"
+    points = ("after_optimizer_step", "after_backward", "after_allreduce", "before_forward")
+    Params: ClassVar[type[BaseModel]] = _CorruptionParams
+
+    def default_point(self) -> str:
+        return TARGET_POINTS[self.params.target]
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        p = self.params
+        rng = random.Random(p.seed)
+        if p.target == "activation":
+            return self._arm_activation(ctx, rng)
+        located = self._locate(ctx, rng)
+        if located is None:
+            return NOT_HERE
+        name, tensor = located
+        index = p.index if p.index is not None else rng.randrange(tensor.numel())
+        if index >= tensor.numel():
+            raise ValueError(f"{self.name}: element {index} is outside {name} ({tensor.numel()} elements)")
+        return {"target": p.target, "tensor": name, "index": index, "dtype": str(tensor.dtype).replace("torch.", ""),
+                **self.corrupt(tensor, index, rng)}
+
+    def corrupt(self, tensor: Any, index: int, rng: random.Random) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _locate(self, ctx: Any, rng: random.Random) -> tuple[str, Any] | None:
+        p = self.params
+        if p.target == "batch":
+            return "batch", ctx.tensors["batch"]
+        params = dict(ctx.model.named_parameters())
+        name = p.tensor if p.tensor is not None else rng.choice(sorted(params))
+        if name not in params:
+            raise ValueError(f"{self.name}: no parameter {name!r}; one of {', '.join(sorted(params))}")
+        param = params[name]
+        if p.target == "param":
+            return name, param.data
+        if p.target == "grad_reduced":
+            return f"{name}.grad", param.grad
+        if p.target == "optimizer_state":
+            return f"{name}.{p.state}", ctx.optimizer.state[param][p.state]
+        bucket = ctx.tensors["bucket"]
+        if p.target == "allreduce_payload":
+            if bucket.index() != 0:
+                return None
+            return f"bucket{bucket.index()}", bucket.buffer()
+        # grad: the gradient view of that parameter inside the bucket about to be all-reduced
+        for bp, grad in zip(bucket.parameters(), bucket.gradients()):
+            if bp is param:
+                return f"{name}.grad(local)", grad
+        return None
+
+    def _arm_activation(self, ctx: Any, rng: random.Random) -> dict[str, Any]:
+        p = self.params
+        modules = {n: m for n, m in ctx.model.named_modules() if n and not list(m.children())}
+        name = p.tensor if p.tensor is not None else rng.choice(sorted(modules))
+        if name not in modules:
+            raise ValueError(f"{self.name}: no module {name!r}; one of {', '.join(sorted(modules))}")
+        record: dict[str, Any] = {"target": "activation", "tensor": name}
+        seed = rng.random()
+
+        def hook(module: Any, inputs: Any, output: Any) -> Any:
+            handle.remove()  # one forward only
+            out = output.clone()
+            r = random.Random(seed)
+            index = p.index if p.index is not None else r.randrange(out.numel())
+            record.update(index=index, dtype=str(out.dtype).replace("torch.", ""), **self.corrupt(out, index, r))
+            return out
+
+        handle = modules[name].register_forward_hook(hook)
+        return record
+
+
+@register
+class Bitflip(_TensorCorruption):
+    """Flip one bit of one element: the silent data corruption of a bad DIMM, SRAM cell or link."""
+
+    name = "corruption.bitflip"
+    summary = "flip one bit in a parameter, gradient, all-reduce payload, activation, optimizer state or batch"
+    Params = BitflipParams
+    disruptive = False
+
+    def corrupt(self, tensor: Any, index: int, rng: random.Random) -> dict[str, Any]:
+        from burnin.faults.bits import draw_bit, flip_bit_
+
+        p = self.params
+        bit = p.bit if p.bit is not None else draw_bit(tensor.dtype, p.bit_class, rng)
+        before, after = flip_bit_(tensor, index, bit)
+        return {"bit": bit, "bit_class": p.bit_class if p.bit is None else _class_of(tensor.dtype, bit),
+                "before": f"{before:#x}", "after": f"{after:#x}"}
+
+
+@register
+class NaN(_TensorCorruption):
+    """Write NaN or Inf into one element: what an overflow or an uninitialised read leaves behind."""
+
+    name = "corruption.nan"
+    summary = "write NaN or Inf into one element of a parameter, gradient, activation or optimizer state"
+    Params = NaNParams
+    disruptive = False
+
+    def corrupt(self, tensor: Any, index: int, rng: random.Random) -> dict[str, Any]:
+        from burnin.faults.bits import set_value_
+
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{self.name}: {tensor.dtype} cannot hold {self.params.value}")
+        old = set_value_(tensor, index, float(self.params.value))
+        return {"value": self.params.value, "old": old}
+
+
+def _class_of(dtype: Any, bit: int) -> str:
+    from burnin.faults.bits import bits_of
+
+    for cls in ("sign", "exponent", "mantissa_high", "mantissa_low"):
+        if bit in bits_of(dtype, cls):
+            return cls
+    return "any"

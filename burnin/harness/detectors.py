@@ -1,0 +1,157 @@
+"""Detectors: checks run inside each rank at named step points, looking for silent corruption.
+
+Each has a name, the point it runs at, and a cost. Local detectors look at one rank's numbers
+(loss, gradient norm); the fingerprint detector is collective: every K steps the ranks all-gather a
+hash of their parameters, and on a mismatch a majority vote names the odd rank. Step
+recomputation lives in the worker, since it re-runs the step itself.
+
+A finding is only a suspicion: the worker shares it with the other ranks, and the recovery
+policy (roll back in process, or restart from a checkpoint) decides what happens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = ["Finding", "Detector", "NonFinite", "LossSpike", "GradNormSpike", "Fingerprint", "build_detectors",
+           "DETECTORS"]
+
+
+@dataclass
+class Finding:
+    detector: str
+    step: int
+    details: dict[str, Any] = field(default_factory=dict)
+    odd_ranks: list[int] | None = None   # the ranks a collective detector pinned it on
+
+
+class Detector:
+    name: ClassVar[str]
+    point: ClassVar[str]
+    cost: ClassVar[str]
+    collective: ClassVar[bool] = False
+
+    def __init__(self, **cfg: Any):
+        self.cfg = cfg
+
+    def check(self, step: int, **ctx: Any) -> Finding | None:
+        raise NotImplementedError
+
+    def snapshot(self) -> Any:
+        """Detector state to put back on a rollback (running statistics must not learn from bad steps)."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        pass
+
+
+class NonFinite(Detector):
+    """NaN or Inf in the loss or the gradient norm."""
+
+    name, point, cost = "nonfinite", "after_allreduce", "two scalar checks per step"
+
+    def check(self, step: int, loss: float = 0.0, grad_norm: float = 0.0, **ctx: Any) -> Finding | None:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return Finding(self.name, step, {"loss": repr(loss), "grad_norm": repr(grad_norm)})
+        return None
+
+
+class _RobustSpike(Detector):
+    """A value far from the running median, in units of the median absolute deviation."""
+
+    key: ClassVar[str]
+
+    def __init__(self, window: int = 20, z: float = 8.0, warmup: int = 8, **cfg: Any):
+        super().__init__(window=window, z=z, warmup=warmup, **cfg)
+        self.window, self.z, self.warmup = window, z, warmup
+        self.history: deque[float] = deque(maxlen=window)
+
+    def check(self, step: int, **ctx: Any) -> Finding | None:
+        value = float(ctx[self.key])
+        if not math.isfinite(value):
+            return None  # the nonfinite detector's case
+        finding = None
+        if len(self.history) >= self.warmup:
+            vals = sorted(self.history)
+            med = vals[len(vals) // 2]
+            mad = sorted(abs(v - med) for v in vals)[len(vals) // 2] * 1.4826
+            score = abs(value - med) / max(mad, 1e-12 * max(1.0, abs(med)))
+            if score > self.z:
+                finding = Finding(self.name, step, {self.key: value, "median": med, "mad": mad, "z": score})
+        if finding is None:
+            self.history.append(value)  # a spike does not become the new normal
+        return finding
+
+    def snapshot(self) -> Any:
+        return list(self.history)
+
+    def restore(self, state: Any) -> None:
+        self.history = deque(state, maxlen=self.window)
+
+
+class LossSpike(_RobustSpike):
+    name, point, cost, key = "loss_spike", "after_allreduce", "a running median of the loss", "loss"
+
+
+class GradNormSpike(_RobustSpike):
+    name, point, cost, key = "grad_norm_spike", "after_allreduce", "the gradient norm (one pass over grads)", "grad_norm"
+
+
+class Fingerprint(Detector):
+    """Cross-replica parameter fingerprint every K steps, all-gathered; a majority names the odd rank."""
+
+    name, point, cost = "fingerprint", "after_optimizer_step", "a hash of every parameter and an all-gather every K steps"
+    collective = True
+
+    def __init__(self, every: int = 1, **cfg: Any):
+        super().__init__(every=every, **cfg)
+        self.every = every
+
+    def due(self, step: int) -> bool:
+        return (step + 1) % self.every == 0
+
+    def check(self, step: int, model: Any = None, group: Any = None, **ctx: Any) -> Finding | None:
+        import torch
+        import torch.distributed as dist
+
+        digest = param_digest(model)
+        mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64)
+        if next(model.parameters()).is_cuda:
+            mine = mine.cuda()
+        world = dist.get_world_size()
+        gathered = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        values = [int(g.item()) for g in gathered]
+        if len(set(values)) == 1:
+            return None
+        majority, votes = Counter(values).most_common(1)[0]
+        odd = [r for r, v in enumerate(values) if v != majority] if votes > world / 2 else list(range(world))
+        return Finding(self.name, step, {"fingerprints": [f"{v & (2**64 - 1):016x}" for v in values],
+                                         "majority": votes > world / 2}, odd_ranks=odd)
+
+
+def param_digest(model: Any) -> bytes:
+    """SHA-256 of every parameter's bits, in name order."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        t = p.detach().contiguous().cpu().reshape(-1)
+        h.update(name.encode())
+        h.update(t.view(__import__("torch").uint8).numpy().tobytes())
+    return h.digest()
+
+
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NonFinite, LossSpike, GradNormSpike, Fingerprint)}
+
+
+def build_detectors(cfg: dict[str, Any]) -> list[Detector]:
+    """Detectors from the scenario's `detectors` section ({name: {params} or None})."""
+    out = []
+    for name, params in cfg.items():
+        if params is None or name == "recompute":
+            continue
+        out.append(DETECTORS[name](**params))
+    return out

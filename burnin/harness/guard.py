@@ -1,0 +1,162 @@
+"""The guard: runs the detectors after each step, makes the ranks agree, and applies the policy.
+
+Record, then decide: each rank's detectors record findings; one small all-reduce per step makes
+every rank see whether any rank found something; then all ranks take the same action together:
+roll back in process to the last verified snapshot and recompute (`recovery.mode: rollback`),
+raise so the supervisor restarts the group from a checkpoint (`restart`), or only report (`none`).
+
+A snapshot is verified when the fingerprint detector found the replicas equal at that step (or,
+without it, when no detector found anything). Step recomputation re-runs a step from the state
+before it and compares bits: a difference is a transient fault (the second execution is kept),
+agreement on a suspicious step means the anomaly is persistent (a property of the data or model).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from burnin.errors import BurninError
+from burnin.harness.detectors import Finding, Fingerprint, build_detectors, param_digest
+
+__all__ = ["Guard", "CorruptionDetected"]
+
+
+class CorruptionDetected(BurninError):
+    """Raised in every rank when a detector's finding must be recovered by a restart."""
+
+
+@dataclass
+class _Snapshot:
+    step: int                    # the next step to run after restoring
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
+    detectors: list[Any]
+
+
+class Guard:
+    def __init__(self, scenario: dict[str, Any], rank: int, world_size: int, events: Any,
+                 model: Any, optimizer: Any):
+        cfg = {k: v for k, v in scenario["detectors"].items() if v is not None}
+        self.detectors = build_detectors(cfg)
+        self.local = [d for d in self.detectors if not d.collective]
+        self.fingerprint = next((d for d in self.detectors if isinstance(d, Fingerprint)), None)
+        rc = cfg.get("recompute")
+        self.recompute_every = rc["every"] if rc else 0
+        self.mode = scenario["recovery"]["mode"]
+        self.max_rollbacks = scenario["recovery"]["max_rollbacks"]
+        self.snapshot_every = scenario["checkpoint"]["every"]
+        self.rank, self.world_size, self.events = rank, world_size, events
+        self.model, self.optimizer = model, optimizer
+        self.rollbacks = 0
+        self.snap: _Snapshot | None = None
+        self._pre: _Snapshot | None = None
+        self._first_bits: dict[int, str] = {}   # loss bits of a suspicious step's first execution
+        self.active = bool(self.detectors) or self.recompute_every > 0
+        self.needs_grad_norm = any(d.name in ("nonfinite", "grad_norm_spike") for d in self.local)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def _take(self, next_step: int) -> _Snapshot:
+        from burnin.harness.state import capture_rank_state
+
+        return _Snapshot(next_step, copy.deepcopy(self.model.state_dict()),
+                         copy.deepcopy(self.optimizer.state_dict()), capture_rank_state(next_step),
+                         [d.snapshot() for d in self.detectors])
+
+    def _restore(self, snap: _Snapshot) -> None:
+        from burnin.harness.state import restore_rank_state
+
+        self.model.load_state_dict(snap.model)
+        self.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+        restore_rank_state(snap.rng)
+        for d, s in zip(self.detectors, snap.detectors):
+            d.restore(s)
+
+    def start(self, step: int) -> None:
+        """The state at `step` (fresh or loaded from a checkpoint) is the first verified snapshot."""
+        if self.mode == "rollback" and self.active:
+            self.snap = self._take(step)
+
+    def before_step(self, step: int) -> None:
+        if self.recompute_every and (step + 1) % self.recompute_every == 0:
+            self._pre = self._take(step)
+
+    # -- after each step -------------------------------------------------------------------
+
+    def after_step(self, step: int, loss: float, bits: str, grad_norm: float,
+                   rerun: Callable[[int], tuple[float, str, float]]) -> tuple[int, float, str]:
+        """Check the step that just ran. Returns (next step to run, loss, loss bits): the next step is
+        `step + 1`, or an earlier one after a rollback; loss and bits are those of the kept execution."""
+        if not self.active:
+            return step + 1, loss, bits
+        findings: list[Finding] = []
+        for d in self.local:
+            f = d.check(step, loss=loss, grad_norm=grad_norm)
+            if f:
+                findings.append(f)
+        if self._pre is not None:  # sampled recomputation: run the step again from the state before it
+            first = (bits, param_digest(self.model))
+            self._restore(self._pre)
+            self._pre = None
+            loss, bits, grad_norm = rerun(step)
+            if (bits, param_digest(self.model)) != first:
+                findings.append(Finding("recompute", step, {"verdict": "transient", "loss_bits_differ": bits != first[0]},
+                                        odd_ranks=[self.rank] if bits != first[0] else None))
+        # Replaying a step that was suspicious the first time: did the anomaly come back?
+        if step in self._first_bits:
+            verdict = "persistent" if self._first_bits.pop(step) == bits and findings else "transient"
+            self.events.emit("recompute_verdict", step=step, verdict=verdict)
+        collective: Finding | None = None
+        if self.fingerprint and self.fingerprint.due(step):
+            collective = self.fingerprint.check(step, model=self.model)
+        # Every rank must take the same decision: share the worst local verdict.
+        # 2: a finding to recover from; 1: only recomputation findings (already recovered); 0: none.
+        local = 2 if any(f.detector != "recompute" for f in findings) else (1 if findings else 0)
+        worst = self._agree(local) if self.local or self.recompute_every else 0
+        for f in findings:
+            self._emit(f)
+        if collective is not None and self.rank == 0:
+            self._emit(collective)
+        if worst < 2 and collective is None:
+            self._maybe_snapshot(step)
+            return step + 1, loss, bits
+        reason = ", ".join(sorted({f.detector for f in findings} | ({collective.detector} if collective else set())))
+        return self._recover(step, bits, reason or "a finding on another rank"), loss, bits
+
+    def _recover(self, step: int, bits: str, reason: str) -> int:
+        if self.mode == "none":
+            return step + 1
+        if self.mode == "restart" or self.snap is None:
+            raise CorruptionDetected(f"{reason} at step {step}: restarting from a checkpoint")
+        self.rollbacks += 1
+        if self.rollbacks > self.max_rollbacks:
+            raise CorruptionDetected(f"{reason} at step {step}: more than {self.max_rollbacks} rollbacks")
+        self._first_bits[step] = bits
+        self._restore(self.snap)
+        if self.rank == 0:
+            self.events.emit("rollback", from_step=step, to_step=self.snap.step, reason=reason,
+                             rollbacks=self.rollbacks)
+        return self.snap.step
+
+    def _maybe_snapshot(self, step: int) -> None:
+        if self.mode != "rollback":
+            return
+        verified = self.fingerprint.due(step) if self.fingerprint else (step + 1) % self.snapshot_every == 0
+        if verified:
+            self.snap = self._take(step + 1)
+
+    def _agree(self, level: int) -> int:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([level], dtype=torch.int32)
+        if next(self.model.parameters()).is_cuda:
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _emit(self, f: Finding) -> None:
+        self.events.emit("detection", detector=f.detector, step=f.step, odd_ranks=f.odd_ranks, details=f.details)

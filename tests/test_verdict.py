@@ -1,0 +1,398 @@
+"""Tests of the verdict: from an event log and a golden record to one outcome per fault.
+
+The event logs are written out by hand, event by event, as the supervisor and the ranks would write
+them: the verdict is a pure function of them, and each case here pins one of its rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from burnin.harness.golden import GoldenRecord
+from burnin.reports.verdict import judge
+from burnin.scenarios.schema import Scenario
+
+STEPS = 10
+RANKS = 2
+GOLDEN_HASH = "a" * 64
+OTHER_HASH = "b" * 64
+
+
+def _bits(step: int, rank: int) -> str:
+    return f"{0x40000000 + 1000 * step + rank:08x}"
+
+
+GOLDEN = GoldenRecord(key="k", state_hash=GOLDEN_HASH,
+                      loss_bits={str(r): {str(s): _bits(s, r) for s in range(STEPS)} for r in range(RANKS)},
+                      checkpoint_hashes={}, final_loss=2.0, loss_floor=1.5, wall_s=3.0)
+
+
+def _scenario(*faults: dict[str, Any], **expect: Any) -> Scenario:
+    return Scenario.model_validate({"name": "verdict-test", "workload": {"ranks": RANKS, "steps": STEPS},
+                                    "checkpoint": {"every": 3}, "faults": list(faults), "expect": expect})
+
+
+class Log:
+    """An event log written in time order, 10 ms apart."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.events: list[dict[str, Any]] = []
+
+    def add(self, event: str, **fields: Any) -> dict[str, Any]:
+        self.t += 0.01
+        ev = {"t": round(self.t, 2), "event": event, **fields}
+        self.events.append(ev)
+        return ev
+
+    def start(self) -> None:
+        self.add("run_started", source="supervisor", ranks=RANKS, steps=STEPS)
+
+    def attempt(self, attempt: int, from_step: int | None) -> None:
+        if attempt:
+            self.add("restart", source="supervisor", attempt=attempt)
+        self.add("attempt_started", source="supervisor", attempt=attempt)
+        for r in range(RANKS):
+            self.add("pg_ready", rank=r, attempt=attempt)
+        for r in range(RANKS):
+            self.add("resumed", rank=r, attempt=attempt, from_step=from_step, loss_floor=1.5)
+
+    def steps(self, attempt: int, steps: range, bits=_bits) -> None:
+        for s in steps:
+            for r in range(RANKS):
+                self.add("step_done", rank=r, attempt=attempt, step=s, loss=2.0 - s / 100, loss_bits=bits(s, r))
+
+    def finish(self, attempt: int, hashes: tuple[str, ...] = (GOLDEN_HASH, GOLDEN_HASH)) -> None:
+        for r, h in enumerate(hashes):
+            self.add("rank_finished", rank=r, attempt=attempt, state_hash=h)
+        self.add("teardown_done", source="supervisor", attempt=attempt, exits={"0": 0, "1": 0})
+        self.add("run_finished", source="supervisor", finished=True, restarts=attempt)
+
+    def injected(self, index: int, fault: str, rank: int, step: int, simulated: bool = False,
+                 details: dict | None = None) -> dict[str, Any]:
+        ev = self.add("fault_injected", fault_index=index, fault=fault, rank=rank, step=step, simulated=simulated)
+        if details is not None:
+            self.add("fault_applied", fault_index=index, details=details)
+        return ev
+
+    def failure(self, attempt: int, fault_index: int | None, *, cause: str = "killed", rank: int | None = 1,
+                detector: str = "exit_signal", detail: str = "SIGKILL", max_step: int | None = None) -> dict:
+        ev = self.add("failure_detected", source="supervisor", attempt=attempt, detected_at=self.t + 0.005,
+                      cause=cause, rank=rank, detector=detector, detail=detail, signature=f"{cause}: {detail}",
+                      fault_index=fault_index, last_step=max_step, max_step=max_step)
+        self.add("teardown_done", source="supervisor", attempt=attempt, exits={"0": -9, "1": -9})
+        return ev
+
+    def give_up(self, attempt: int) -> None:
+        self.add("recovery_exhausted", source="supervisor", restarts=attempt, max_restarts=attempt)
+        self.add("run_finished", source="supervisor", finished=False, restarts=attempt)
+
+
+def _judge(log: Log, scenario: Scenario, golden: GoldenRecord | None = GOLDEN, error: str | None = None):
+    return judge(log.events, scenario, golden, run_id="r1", run_dir="/tmp/r1", config_hash="k", error=error)
+
+
+def _expectation(result, name: str):
+    return next(e for e in result.expectations if e.name == name)
+
+
+KILL = {"fault": "process.kill", "rank": 1, "step": 4, "expect": "recovered"}
+STRAGGLER = {"fault": "process.straggler", "rank": 0, "step": 4, "expect": ["masked"]}
+
+
+def _kill_and_restart(log: Log, *, final: tuple[str, str] = (GOLDEN_HASH, GOLDEN_HASH), bits=_bits) -> None:
+    """A kill of rank 1 at step 4, detected, restarted from the checkpoint at step 3, run to the end."""
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(0, 5))
+    log.injected(0, "process.kill", rank=1, step=4)
+    log.failure(0, fault_index=0, max_step=4)
+    log.attempt(1, 3)
+    log.steps(1, range(3, STEPS), bits)
+    log.finish(1, final)
+
+
+# -- the outcomes table ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("detected, exact, outcome", [
+    (True, True, "recovered"),
+    (False, True, "masked"),
+    (True, False, "detected"),
+    (False, False, "sdc"),
+])
+def test_outcome_of_a_finished_run(detected: bool, exact: bool, outcome: str) -> None:
+    final = (GOLDEN_HASH,) * 2 if exact else (OTHER_HASH,) * 2
+    log = Log()
+    if detected:
+        _kill_and_restart(log, final=final)
+        sc = _scenario(KILL)
+    else:
+        log.start()
+        log.attempt(0, None)
+        log.steps(0, range(0, 4))
+        log.injected(0, "process.straggler", rank=0, step=4)
+        log.steps(0, range(4, STEPS))
+        log.finish(0, final)
+        sc = _scenario(STRAGGLER)
+    r = _judge(log, sc)
+    assert r.finished and r.exact is exact
+    [f] = r.faults
+    assert f.injected and f.outcome == outcome
+    assert (f.detected_by is not None) is detected
+    assert _expectation(r, f"fault[0] {f.fault}@rank{f.rank}:step4").ok is (outcome in f.expected)
+    assert _expectation(r, "final state equals golden").ok is exact
+    assert r.ok is (outcome == f.expected[0])
+
+
+@pytest.mark.parametrize("detected", [True, False])
+def test_a_run_that_does_not_finish_fails_its_faults(detected: bool) -> None:
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(0, 5))
+    log.injected(0, "process.kill", rank=1, step=4)
+    if detected:
+        log.failure(0, fault_index=0, max_step=4)
+    log.give_up(0)
+    r = _judge(log, _scenario(KILL))
+    assert not r.finished and not r.exact
+    assert r.faults[0].outcome == "failed"
+    assert (r.faults[0].detected_by == "exit_signal") is detected
+    finish = _expectation(r, "run finishes")
+    assert not finish.ok and finish.message == f"completed step 4 of {STEPS - 1}"
+    assert not r.ok
+
+
+def test_a_fault_that_never_fired_fails() -> None:
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(STEPS))
+    log.finish(0)
+    r = _judge(log, _scenario(KILL))
+    assert r.finished and r.exact
+    [f] = r.faults
+    assert not f.injected and f.outcome == "failed"
+    assert "the fault never fired" in _expectation(r, "fault[0] process.kill@rank1:step4").message
+    assert not r.ok
+
+
+def test_recovered_kill_has_a_recovery_breakdown() -> None:
+    log = Log()
+    _kill_and_restart(log)
+    r = _judge(log, _scenario(KILL))
+    [f] = r.faults
+    assert f.outcome == "recovered" and f.ok
+    assert (f.detected_by, f.cause) == ("exit_signal", "killed")
+    injected = next(e for e in log.events if e["event"] == "fault_injected")
+    failure = next(e for e in log.events if e["event"] == "failure_detected")
+    assert f.injected_at == injected["t"]
+    assert f.detection_latency_s == pytest.approx(failure["detected_at"] - injected["t"])
+    rec = f.recovery
+    assert rec is not None and rec.resumed_from_step == 3
+    parts = [rec.detection_s, rec.teardown_s, rec.restart_s, rec.checkpoint_load_s, rec.first_step_s]
+    assert all(p > 0 for p in parts)
+    first_steps = [e["t"] for e in log.events if e["event"] == "step_done" and e["attempt"] == 1 and e["step"] == 3]
+    assert rec.total_s == pytest.approx(max(first_steps) - injected["t"])
+    assert f.lost_steps == 2  # steps 3 and 4 ran twice
+    assert r.restarts == 1
+    assert r.steps_executed == 5 + (STEPS - 3)
+    assert r.final_step == STEPS - 1
+    assert r.final_state_hash == r.golden_state_hash == GOLDEN_HASH
+    assert r.diverged_at_step is None
+    assert r.loss_floor == 1.5 and r.final_loss == pytest.approx(2.0 - (STEPS - 1) / 100)
+    assert [(x.attempt, x.signature, x.fault_index) for x in r.failures] == [(0, "killed: SIGKILL", 0)]
+    assert r.ok
+
+
+# -- failures that no fault explains -------------------------------------------------------------------
+
+
+def test_an_unexplained_failure_fails_its_expectation() -> None:
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(0, 6))
+    log.failure(0, fault_index=None, cause="network", rank=0, detector="rank_error",
+                detail="RuntimeError: Connection closed by peer", max_step=5)
+    log.attempt(1, 6)
+    log.steps(1, range(6, STEPS))
+    log.finish(1)
+    r = _judge(log, _scenario())
+    assert r.finished and r.exact and r.faults == []
+    unexplained = _expectation(r, "no unexplained failures")
+    assert not unexplained.ok
+    assert unexplained.message == "attempt 0: network: RuntimeError: Connection closed by peer"
+    assert not r.ok
+
+
+def test_a_failure_attributed_to_a_fault_is_explained() -> None:
+    log = Log()
+    _kill_and_restart(log)
+    r = _judge(log, _scenario(KILL))
+    explained = _expectation(r, "no unexplained failures")
+    assert explained.ok and explained.message == "none"
+
+
+# -- exactness and divergence -------------------------------------------------------------------------
+
+
+def test_replicas_that_disagree_are_not_exact() -> None:
+    log = Log()
+    _kill_and_restart(log, final=(GOLDEN_HASH, OTHER_HASH))  # rank 0 alone matches the golden run
+    r = _judge(log, _scenario(KILL))
+    assert r.final_state_hash == GOLDEN_HASH and not r.exact
+    assert r.faults[0].outcome == "detected"
+    ex = _expectation(r, "final state equals golden")
+    assert not ex.ok and "replicas disagree" in ex.message
+
+
+def test_a_stale_finish_from_an_earlier_attempt_does_not_count() -> None:
+    # Rank 0 finished attempt 0 with a wrong state; attempt 1 redid the end and got it right.
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(STEPS))
+    log.add("rank_finished", rank=0, attempt=0, state_hash=OTHER_HASH)
+    log.failure(0, fault_index=None, cause="exit", rank=1, detector="exit_code", detail="exit code 1",
+                max_step=STEPS - 1)
+    log.attempt(1, 9)
+    log.steps(1, range(9, STEPS))
+    log.finish(1)
+    r = _judge(log, _scenario())
+    assert r.exact and r.final_state_hash == GOLDEN_HASH
+
+
+def test_diverged_at_step_is_the_first_differing_step() -> None:
+    def bits(step: int, rank: int) -> str:
+        if (rank == 1 and step >= 6) or (rank == 0 and step >= 8):
+            return "7fc00000"
+        return _bits(step, rank)
+
+    log = Log()
+    _kill_and_restart(log, final=(OTHER_HASH, OTHER_HASH), bits=bits)
+    r = _judge(log, _scenario(KILL))
+    assert r.diverged_at_step == 6
+    assert not r.exact and r.faults[0].outcome == "detected"
+    ex = _expectation(r, "final state equals golden")
+    assert not ex.ok and ex.message.endswith("loss bits first differ at step 6")
+
+
+def test_the_last_execution_of_a_step_counts() -> None:
+    # Step 4 went wrong before the kill; the replay after the restart is right again.
+    def bad_before_kill(step: int, rank: int) -> str:
+        return "7fc00000" if step == 4 else _bits(step, rank)
+
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(0, 5), bad_before_kill)
+    log.injected(0, "process.kill", rank=1, step=4)
+    log.failure(0, fault_index=0, max_step=4)
+    log.attempt(1, 3)
+    log.steps(1, range(3, STEPS))
+    log.finish(1)
+    r = _judge(log, _scenario(KILL))
+    assert r.diverged_at_step is None and r.exact and r.faults[0].outcome == "recovered"
+
+
+def test_without_a_golden_record_nothing_is_exact() -> None:
+    log = Log()
+    _kill_and_restart(log)
+    r = _judge(log, _scenario(KILL), golden=None)
+    assert not r.exact and r.golden_state_hash is None and r.diverged_at_step is None
+    assert r.faults[0].outcome == "detected"
+
+
+# -- checkpoint damage, detected by a checksum on resume ---------------------------------------------
+
+
+def test_damaged_checkpoint_is_detected_when_a_resume_rejects_it() -> None:
+    sc = _scenario({"fault": "storage.checkpoint_corrupt", "step": 7, "params": {"mode": "truncate"},
+                    "expect": "recovered"},
+                   {"fault": "process.kill", "rank": 1, "step": 8, "expect": "recovered"})
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(0, 8))
+    inj = log.injected(0, "storage.checkpoint_corrupt", rank=0, step=7,
+                       details={"checkpoint_step": 6, "file": "model.pt", "mode": "truncate"})
+    log.steps(0, range(8, 9))
+    log.injected(1, "process.kill", rank=1, step=8)
+    log.failure(0, fault_index=1, max_step=8)
+    log.add("restart", source="supervisor", attempt=1)
+    log.add("attempt_started", source="supervisor", attempt=1)
+    for rank in range(RANKS):
+        log.add("pg_ready", rank=rank, attempt=1)
+    reject = log.add("checkpoint_rejected", rank=0, attempt=1, checkpoint_step=6,
+                     reason="model.pt is 100 bytes, the manifest says 200 (truncated)")
+    for rank in range(RANKS):
+        log.add("resumed", rank=rank, attempt=1, from_step=3, loss_floor=1.5)
+    log.steps(1, range(3, STEPS))
+    log.finish(1)
+    r = _judge(log, sc)
+    storage, kill = r.faults
+    assert storage.outcome == "recovered" and kill.outcome == "recovered"
+    assert storage.detected_by == "checkpoint_checksum" and "truncated" in storage.cause
+    assert storage.detection_latency_s == pytest.approx(reject["t"] - inj["t"])
+    assert storage.lost_steps == 3  # resumed from 3 instead of 6
+    assert storage.details["checkpoint_step"] == 6
+    assert kill.recovery is not None and kill.recovery.resumed_from_step == 3
+    assert r.ok
+
+
+def test_a_rejection_from_before_the_damage_does_not_count() -> None:
+    sc = _scenario({"fault": "storage.checkpoint_corrupt", "step": 7, "expect": "masked"})
+    log = Log()
+    log.start()
+    log.add("checkpoint_rejected", rank=0, attempt=0, checkpoint_step=6, reason="an older problem (corrupted)")
+    log.attempt(0, None)
+    log.steps(0, range(0, 8))
+    log.injected(0, "storage.checkpoint_corrupt", rank=0, step=7, details={"checkpoint_step": 6, "mode": "flip"})
+    log.steps(0, range(8, STEPS))
+    log.finish(0)
+    r = _judge(log, sc)
+    assert r.faults[0].detected_by is None and r.faults[0].outcome == "masked"
+
+
+# -- run-level details ---------------------------------------------------------------------------------
+
+
+def test_simulated_faults_mark_the_run_simulated() -> None:
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(0, 4))
+    log.injected(0, "process.straggler", rank=0, step=4, simulated=True)
+    log.steps(0, range(4, STEPS))
+    log.finish(0)
+    r = _judge(log, _scenario(STRAGGLER))
+    assert r.simulated and r.faults[0].simulated
+
+
+def test_max_restarts_and_harness_error_expectations() -> None:
+    log = Log()
+    _kill_and_restart(log)
+    r = _judge(log, _scenario(KILL, max_restarts=0), error="the supervisor ended without run_finished")
+    restarts = _expectation(r, "at most 0 restarts")
+    assert not restarts.ok and restarts.message == "1 restarts"
+    harness = _expectation(r, "harness")
+    assert not harness.ok and harness.message == "the supervisor ended without run_finished"
+    assert r.faults[0].outcome == "recovered"
+    assert not r.ok
+    r = _judge(log, _scenario(KILL, max_restarts=1))
+    assert _expectation(r, "at most 1 restarts").ok and r.ok
+
+
+def test_a_rank_without_steps_leaves_final_step_unknown() -> None:
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    for s in range(3):
+        log.add("step_done", rank=0, attempt=0, step=s, loss=2.0, loss_bits=_bits(s, 0))
+    log.give_up(0)
+    r = _judge(log, _scenario())
+    assert r.final_step is None and r.steps_executed == 3 and not r.finished
