@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--refresh-golden", action="store_true", help="recompute the golden run even if cached")
     run.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
 
+    camp = sub.add_parser("campaign", help="run many trials of drawn faults: outcome rates and a detector scorecard")
+    camp.add_argument("scenario", nargs="?", help="a scenario with a `campaign:` section (file or bundled name)")
+    camp.add_argument("--trials", type=int, help="override campaign.trials")
+    camp.add_argument("--seed", type=int, help="override campaign.seed")
+    camp.add_argument("--out", default="runs", help="directory for run directories (default: ./runs)")
+    camp.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted campaign")
+    camp.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
+
     sub.add_parser("list", help="list the fault catalogue and the bundled scenarios")
 
     val = sub.add_parser("validate", help="check scenario files without running them")
@@ -85,6 +93,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print(render_plain(result))
     return 0 if passed(result) else 1
+
+
+def _cmd_campaign(args: argparse.Namespace) -> int:
+    from burnin.harness.campaign import run_campaign
+    from burnin.reports.console import make_campaign_progress
+    from burnin.scenarios import load_scenario
+    from burnin.scenarios.schema import Scenario
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "campaign-meta.json").is_file():
+            raise UserError(f"--resume: {run_dir} is not a campaign run directory (no campaign-meta.json)")
+        scenario = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
+    else:
+        if not args.scenario:
+            raise UserError("campaign: name a scenario with a `campaign:` section, e.g. `burnin campaign sdc-campaign`")
+        for flag in ("trials", "seed"):
+            value = getattr(args, flag)
+            if value is not None and value < (1 if flag == "trials" else 0):
+                raise UserError(f"--{flag}: {value} is out of range (trials >= 1, seed >= 0)")
+        scenario = load_scenario(args.scenario)
+    trials = args.trials or (scenario.campaign.trials if scenario.campaign else 0)
+    with make_campaign_progress(trials, scenario.name, quiet=args.quiet) as progress:
+        summary = run_campaign(scenario, args.out, trials=args.trials, seed=args.seed, resume=args.resume,
+                               on_event=progress.on_event)
+    o = summary["outcomes"]
+    print(f"{summary['scenario']}: {summary['trials']} trials  " + "  ".join(
+        f"{k} {v['count']} ({v['rate']:.1%}, {v['ci95'][0]:.1%}-{v['ci95'][1]:.1%})" for k, v in o.items()))
+    fa = summary["false_alarms"]
+    print(f"false alarms: {sum(fa['reference'].values())} in the fault-free reference; "
+          f"wall {summary['timing']['wall_s']:.0f} s")
+    print(f"{'PASS' if summary['complete'] and not fa['reference'] else 'FAIL'} {summary['run_dir']}")
+    return 0 if summary["complete"] and not fa["reference"] else 1
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -150,7 +191,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0 if passed(result) else 1
 
 
-_COMMANDS = {"run": _cmd_run, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
+_COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
              "cleanup": _cmd_cleanup, "report": _cmd_report}
 
 

@@ -62,8 +62,23 @@ def _environment() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"torch": ver("torch"), "burnin": ver("burnin"), "python": sys.version.split()[0],
-            "machine": platform.machine(), "cpu": cpu}
+    return {"torch": ver("torch"), "triton": ver("triton"), "burnin": ver("burnin"),
+            "python": sys.version.split()[0], "machine": platform.machine(), "cpu": cpu, "code": _code_fingerprint()}
+
+
+def _code_fingerprint() -> str:
+    """Hash of the sources that decide a run's bits, so a cache written by other code is not trusted."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in ("harness/worker.py", "harness/workload.py", "harness/state.py", "harness/guard.py",
+                "harness/campaign_worker.py", *sorted(str(p.relative_to(root)) for p in (root / "kernels").glob("*.py"))):
+        path = root / rel
+        if path.is_file():
+            h.update(rel.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def golden_key(scenario: Scenario) -> str:

@@ -51,6 +51,8 @@ class Guard:
         self.rank, self.world_size, self.events = rank, world_size, events
         self.model, self.optimizer = model, optimizer
         self.rollbacks = 0
+        self.log: list[dict[str, Any]] = []   # every finding of this rank (a campaign reads it per trial)
+        self.quiet = False                    # campaigns summarise findings per trial instead of per event
         self.snap: _Snapshot | None = None
         self._pre: _Snapshot | None = None
         self._first_bits: dict[int, str] = {}   # loss bits of a suspicious step's first execution
@@ -136,7 +138,7 @@ class Guard:
             raise CorruptionDetected(f"{reason} at step {step}: more than {self.max_rollbacks} rollbacks")
         self._first_bits[step] = bits
         self._restore(self.snap)
-        if self.rank == 0:
+        if self.rank == 0 and not self.quiet:
             self.events.emit("rollback", from_step=step, to_step=self.snap.step, reason=reason,
                              rollbacks=self.rollbacks)
         return self.snap.step
@@ -159,4 +161,6 @@ class Guard:
         return int(t.item())
 
     def _emit(self, f: Finding) -> None:
-        self.events.emit("detection", detector=f.detector, step=f.step, odd_ranks=f.odd_ranks, details=f.details)
+        self.log.append({"detector": f.detector, "step": f.step, "rank": self.rank, "odd_ranks": f.odd_ranks})
+        if not self.quiet:
+            self.events.emit("detection", detector=f.detector, step=f.step, odd_ranks=f.odd_ranks, details=f.details)

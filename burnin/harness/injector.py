@@ -41,7 +41,8 @@ class Injector:
         self.rank, self.world_size, self.events = rank, world_size, events
         self.go_timeout_s, self.supervised = go_timeout_s, supervised
         self.fired = set(fired)
-        self.injected: list[tuple[int, int]] = []  # (fault index, step) fired in this process
+        self.quiet = False  # campaigns report injections per trial instead of per event
+        self.injected: list[tuple[int, int, dict[str, Any]]] = []  # (fault index, step, details) fired here
         # (index, fault instance, spec) of this rank's faults
         self._mine: list[tuple[int, Any, dict[str, Any]]] = []
         for i, spec in enumerate(faults):
@@ -77,8 +78,8 @@ class Injector:
             if details.get("not_here"):
                 continue  # e.g. the target gradient is in another bucket: try the next call
             self.fired.add(index)
-            self.injected.append((index, step))
-            if first:
+            self.injected.append((index, step, details))
+            if first and not self.quiet:
                 self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=point,
                                  where="in_rank", simulated=fault.simulated, details=details)
 

@@ -164,6 +164,7 @@ class Supervisor:
     on_event: Callable[[dict[str, Any]], None] | None = None
     golden: bool = False                                  # a fault-free reference run
     fabric: Any = None                                    # LocalFabric unless the run needs a network
+    extra_spec: Callable[[], dict[str, Any]] | None = None  # more for the ranks' spec, asked at each attempt
     python: str = sys.executable
     _log: EventWriter = field(init=False)
     _fired: set[int] = field(init=False, default_factory=set)
@@ -258,6 +259,8 @@ class Supervisor:
             "fired": sorted(self._fired),
             "heartbeat_period_s": HEARTBEAT_PERIOD_S,
         }
+        if self.extra_spec is not None:
+            spec.update(self.extra_spec())
         spec_path = self.run_dir / "ranks" / "spec.json"
         spec_path.write_text(json.dumps(spec))
         port = _free_port()

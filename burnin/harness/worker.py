@@ -16,6 +16,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 __all__ = ["main"]
@@ -48,6 +49,11 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
     w, ck, to = sc["workload"], sc["checkpoint"], sc["timeouts"]
     ckpt_dir = Path(spec["checkpoint_dir"])
 
+    # -- Triton kernels run compiled on CUDA, interpreted on CPU; the mode is fixed when triton is
+    # first imported, and use_deterministic_algorithms imports it: choose before.
+    from burnin.kernels import _runtime
+    _runtime.prepare(w["device"])
+
     # -- determinism: pinned threads, deterministic kernels (measured: the thread count changes the bits)
     torch.set_num_threads(w["threads"])
     torch.use_deterministic_algorithms(True)
@@ -67,9 +73,6 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
         backend = "nccl" if own_gpu else "gloo"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    # Triton kernels: compiled on CUDA, interpreted on CPU; the mode is fixed before any kernel loads.
-    from burnin.kernels import _runtime
-    _runtime.prepare(device.type)
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=to["collective_s"]))
     events.emit("pg_ready", backend=backend, device=str(device))
@@ -108,17 +111,17 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
                 loss_floor=data.entropy_rate, params=model.num_params())
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    injector = Injector(sc["faults"], rank, world_size, events, set(spec["fired"]),
-                        go_timeout_s=to["connect_s"])
-    current = [start_step]  # the step the comm hook belongs to
-    ddp.register_comm_hook(None, _allreduce_hook(injector, current, world_size, model, optimizer))
+    # The injector and guard in use (a campaign swaps the injector per trial); `step` is the step the
+    # comm hook belongs to.
+    run = SimpleNamespace(step=start_step, guard=Guard(sc, rank, world_size, events, model, optimizer),
+                          injector=Injector(sc["faults"], rank, world_size, events, set(spec["fired"]),
+                                            go_timeout_s=to["connect_s"]))
+    ddp.register_comm_hook(run, _allreduce_hook)
     if start_step > 0:
         _prime_buckets(ddp, data, start_step, rank, w, device, optimizer)
-    guard = Guard(sc, rank, world_size, events, model, optimizer)
-    guard.start(start_step)
 
     def one_step(step: int) -> tuple[float, str, float]:
-        current[0] = step
+        run.step, injector = step, run.injector
         # data
         x, y = data.batch(step, rank, w["batch_size"], w["seq_len"], device)
         injector.fire("before_forward", step, batch=x, model=model, optimizer=optimizer)
@@ -128,11 +131,22 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         injector.fire("after_allreduce", step, model=model, optimizer=optimizer)
-        grad_norm = _grad_norm(model) if guard.needs_grad_norm else 0.0
+        grad_norm = _grad_norm(model) if run.guard.needs_grad_norm else 0.0
         # optimizer
         optimizer.step()
         injector.fire("after_optimizer_step", step, model=model, optimizer=optimizer)
         return float(loss.item()), loss_bits(loss), grad_norm
+
+    if "campaign" in spec:
+        from burnin.harness.campaign_worker import run_trials
+
+        run_trials(spec["campaign"], run, one_step, sc, rank, world_size, events)
+        events.emit("rank_finished", final_step=None, state_hash=state_hash(model, optimizer))
+        dist.destroy_process_group()
+        return
+
+    guard, injector = run.guard, run.injector
+    guard.start(start_step)
 
     step = start_step
     while step < w["steps"]:
@@ -163,19 +177,17 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
     dist.destroy_process_group()
 
 
-def _allreduce_hook(injector: Any, current: list[int], world_size: int, model: Any, optimizer: Any) -> Any:
+def _allreduce_hook(run, bucket):  # noqa: ANN001 -- DDP inspects the annotation: none, or a real GradBucket
     """DDP comm hook: the `after_backward` point on each local bucket, then the usual averaging.
 
     Always registered (golden runs too), so faulted and fault-free runs reduce the same way.
     """
     import torch.distributed as dist
 
-    def hook(state, bucket):  # noqa: ANN001 -- DDP inspects the annotation: none, or a real GradBucket
-        injector.fire("after_backward", current[0], bucket=bucket, model=model, optimizer=optimizer)
-        buf = bucket.buffer().div_(world_size)
-        return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-    return hook
+    run.injector.fire("after_backward", run.step, bucket=bucket, model=run.guard.model,
+                      optimizer=run.guard.optimizer)
+    buf = bucket.buffer().div_(dist.get_world_size())
+    return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
 def _grad_norm(model: Any) -> float:

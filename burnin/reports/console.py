@@ -123,6 +123,51 @@ class RichProgress:
         self.progress.stop()
 
 
+class CampaignProgress:
+    """Trials done out of the total: a bar on a terminal, a line every tenth in a pipe."""
+
+    def __init__(self, total: int, title: str):
+        self.total, self.title = total, title
+        self._every = max(1, total // 10)
+        self._t0 = time.time()
+        self._bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), transient=False)
+            self._task = self._bar.add_task(title, total=total)
+
+    def on_event(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind not in ("trial_done", "failure_detected", "campaign_reference", "restart"):
+            return
+        done = ev.get("trials_done", 0)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done)
+            return
+        if kind == "trial_done" and done % self._every and done != self.total:
+            return
+        text = {"campaign_reference": "reference window ready",
+                "failure_detected": f"a rank failed ({ev.get('cause')}); restarting",
+                "restart": "restarted"}.get(kind, f"trials {done}/{self.total}")
+        sys.stderr.write(f"[{time.time() - self._t0:7.1f}s] {text}\n")
+        sys.stderr.flush()
+
+    def __enter__(self) -> "CampaignProgress":
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def make_campaign_progress(total: int, title: str, *, quiet: bool = False) -> Any:
+    return _Silent() if quiet else CampaignProgress(total, title)
+
+
 def make_progress(steps: int, title: str, *, quiet: bool = False) -> Any:
     if quiet:
         return _Silent()

@@ -27,6 +27,7 @@ __all__ = [
     "Debug",
     "Network",
     "Detectors",
+    "Campaign",
     "Scenario",
     "scenario_json_schema",
 ]
@@ -125,6 +126,17 @@ class Network(_Model):
         "error", description="without the privilege for namespaces: stop with an error, or simulate at the collective level")
 
 
+class VaryRange(_Model):
+    min: int
+    max: int
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "VaryRange":
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is greater than max {self.max}")
+        return self
+
+
 class FaultSpec(_Model):
     """One fault: which, where (rank, step, point), its parameters, and the expected outcome."""
 
@@ -136,6 +148,9 @@ class FaultSpec(_Model):
                                    description="fault-specific parameters")
     expect: Outcome | list[Outcome] = Field(
         default_factory=lambda: ["recovered", "masked"], description="acceptable outcome(s)")
+    vary: dict[str, list[Any] | VaryRange] = Field(
+        default_factory=dict, description="campaigns: per trial, draw `rank`, `step` or a parameter from a list "
+                                          "of choices or an inclusive {min, max} range")
 
     @field_validator("fault")
     @classmethod
@@ -193,6 +208,16 @@ class FaultSpec(_Model):
         return cls(cls.Params.model_validate(self.params))
 
 
+class Campaign(_Model):
+    """Many short trials in one group of ranks: each restores the state at `warmup`, runs `window`
+    steps with one fault drawn from the scenario's faults, and is judged against a fault-free window."""
+
+    trials: int = Field(100, ge=1, le=1_000_000)
+    seed: int = Field(0, ge=0, description="the trials' parameters are drawn from it: same seed, same campaign")
+    warmup: int = Field(8, ge=0, description="steps trained before the window (detectors learn what is normal)")
+    window: int = Field(8, ge=1, le=10_000, description="steps per trial")
+
+
 class Expect(_Model):
     """Run-level expectations, each a JUnit testcase."""
 
@@ -217,12 +242,18 @@ class Scenario(_Model):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     network: Network = Field(default_factory=Network)
     detectors: Detectors = Field(default_factory=Detectors)
+    campaign: Campaign | None = Field(None, description="run as a campaign of trials (`burnin campaign`)")
     faults: list[FaultSpec] = Field(default_factory=list, max_length=10_000)
     expect: Expect = Field(default_factory=Expect)
     debug: Debug = Field(default_factory=Debug)
 
     @model_validator(mode="after")
     def _faults_fit_workload(self) -> "Scenario":
+        if self.campaign is not None:
+            c = self.campaign
+            if c.warmup + c.window > self.workload.steps:
+                raise ValueError(f"campaign.window: warmup {c.warmup} + window {c.window} is more than "
+                                 f"workload.steps={self.workload.steps}; raise workload.steps")
         for i, f in enumerate(self.faults):
             if f.rank >= self.workload.ranks:
                 raise ValueError(f"faults.{i}.rank: rank {f.rank} does not exist with "

@@ -1,0 +1,259 @@
+"""Campaigns: many trials of drawn faults, outcome rates with confidence intervals, a detector scorecard.
+
+Each trial picks one of the scenario's faults and draws its varying parameters (`vary:`) from a
+per-trial seed, so the same seed gives the same trials and the same summary. The trials run in one
+group of rank processes (see `campaign_worker`); a trial that crashes a rank is recorded as
+detected by the crash, and the group restarts and goes on with the next trial. Every finished
+trial is appended to `trials.jsonl` at once, so an interrupted campaign resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+from burnin.errors import ScenarioError
+from burnin.harness.events import read_events
+from burnin.harness.supervisor import Supervisor
+from burnin.scenarios.schema import FaultSpec, Scenario
+
+__all__ = ["draw_trials", "run_campaign", "summarize", "wilson"]
+
+SCHEMA_VERSION = 1
+Z95 = 1.959963984540054
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n (sound at k=0 and k=n, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def draw_trials(scenario: Scenario, trials: int, seed: int) -> list[dict[str, Any]]:
+    """The campaign's trials: each picks one fault of the scenario and draws what `vary` names."""
+    c = scenario.campaign
+    if c is None:
+        raise ScenarioError("campaign: this scenario has no `campaign:` section; add one (trials, warmup, window)")
+    if not scenario.faults:
+        raise ScenarioError("faults: a campaign needs at least one fault to draw trials from")
+    for i, f in enumerate(scenario.faults):
+        if f.build().where != "in_rank":
+            raise ScenarioError(f"faults.{i}.fault: campaigns run in-rank faults only; {f.fault} acts from "
+                                f"outside the rank (use `burnin run` for it)")
+    out = []
+    for k in range(trials):
+        rng = random.Random(f"burnin-campaign:{seed}:{k}")
+        template = rng.randrange(len(scenario.faults))
+        spec = scenario.faults[template].model_dump(mode="json")
+        params = dict(spec["params"])
+        for key in sorted(spec["vary"]):
+            v = spec["vary"][key]
+            value = rng.choice(v) if isinstance(v, list) else rng.randint(v["min"], v["max"])
+            if key in ("rank", "step"):
+                spec[key] = value
+            else:
+                params[key] = value
+        if "seed" not in spec["vary"]:
+            params["seed"] = rng.randrange(2**31)  # what the fault draws itself (tensor, element, bit)
+        spec.update(params=params, vary={})
+        if not c.warmup <= spec["step"] < c.warmup + c.window:
+            raise ScenarioError(f"faults.{template}.step: step {spec['step']} (trial {k}) is outside the campaign "
+                                f"window {c.warmup}..{c.warmup + c.window - 1}; set step or vary.step inside it")
+        if spec["rank"] >= scenario.workload.ranks:
+            raise ScenarioError(f"faults.{template}.rank: rank {spec['rank']} (trial {k}) does not exist with "
+                                f"workload.ranks={scenario.workload.ranks}")
+        FaultSpec.model_validate(spec)  # the drawn parameters must be valid too
+        out.append({"trial": k, "template": template, "faults": [spec]})
+    return out
+
+
+def _judge_trial(rec: dict[str, Any]) -> dict[str, Any]:
+    """One trial's outcome from its `trial_done` record (or a crash record)."""
+    fault = rec["fault"]
+    if rec.get("crash"):
+        return {"trial": rec["trial"], "fault": fault["fault"], "target": fault["params"].get("target"),
+                "bit_class": fault["params"].get("bit_class") or fault["params"].get("value"), "outcome": "detected",
+                "detectors": ["crash"], "latency_steps": {}, "false_alarms": 0, "crash": rec["crash"]}
+    inj = rec["injected"][0] if rec["injected"] else None
+    details = inj["details"] if inj else {}
+    step = inj["step"] if inj else fault["step"]
+    before = [f for f in rec["findings"] if f["step"] < step]
+    after = [f for f in rec["findings"] if f["step"] >= step]
+    latency: dict[str, int] = {}
+    for f in after:
+        latency.setdefault(f["detector"], f["step"] - step)
+    detected = bool(after)
+    if not inj:
+        outcome = "failed"
+    elif detected:
+        outcome = "recovered" if rec["exact"] else "detected"
+    else:
+        outcome = "masked" if rec["exact"] else "sdc"
+    return {"trial": rec["trial"], "fault": fault["fault"], "target": details.get("target", fault["params"].get("target")),
+            "bit_class": details.get("bit_class") or details.get("value") or "n/a", "tensor": details.get("tensor"),
+            "bit": details.get("bit"), "outcome": outcome, "detectors": sorted(latency), "latency_steps": latency,
+            "false_alarms": len(before), "rollbacks": rec.get("rollbacks", 0), "exact": rec["exact"],
+            "diverged_at_step": rec.get("diverged_at_step")}
+
+
+def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[str, Any] | None) -> dict[str, Any]:
+    """Outcome rates with Wilson intervals and the detector scorecard. Deterministic for a seed."""
+    judged = sorted((_judge_trial(t) for t in trials), key=lambda t: t["trial"])
+    n = len(judged)
+    outcomes = {}
+    for o in ("recovered", "masked", "detected", "sdc", "failed"):
+        k = sum(t["outcome"] == o for t in judged)
+        lo, hi = wilson(k, n)
+        outcomes[o] = {"count": k, "rate": k / n if n else 0.0, "ci95": [lo, hi]}
+    detectors = sorted({d for t in judged for d in t["detectors"]} |
+                       {name for name, v in scenario.detectors.model_dump().items() if v is not None})
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for t in judged:
+        groups[(t["target"] or "?", t["bit_class"] or "?")].append(t)
+    scorecard = []
+    for (target, bit_class), ts in sorted(groups.items()):
+        row: dict[str, Any] = {"target": target, "bit_class": bit_class, "trials": len(ts), "detectors": {}}
+        for d in detectors:
+            hits = [t["latency_steps"][d] for t in ts if d in t["latency_steps"]]
+            lo, hi = wilson(len(hits), len(ts))
+            row["detectors"][d] = {"detected": len(hits), "rate": len(hits) / len(ts), "ci95": [lo, hi],
+                                   "median_latency_steps": sorted(hits)[len(hits) // 2] if hits else None}
+        sdc = sum(t["outcome"] == "sdc" for t in ts)
+        row["sdc"] = {"count": sdc, "rate": sdc / len(ts), "ci95": list(wilson(sdc, len(ts)))}
+        row["masked"] = sum(t["outcome"] == "masked" for t in ts)
+        scorecard.append(row)
+    ref_alarms = (reference or {}).get("false_alarms", [])
+    fault_free_steps = (reference or {}).get("steps", 0)
+    alarms_by_detector: dict[str, int] = defaultdict(int)
+    for a in ref_alarms:
+        alarms_by_detector[a["detector"]] += 1
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": scenario.name,
+        "seed": scenario.campaign.seed if scenario.campaign else None,
+        "trials": n,
+        "outcomes": outcomes,
+        "scorecard": scorecard,
+        "false_alarms": {"reference_window_steps": fault_free_steps, "reference": dict(alarms_by_detector),
+                         "in_trials_before_fault": sum(t["false_alarms"] for t in judged)},
+        "reference_state_hash": (reference or {}).get("state_hash"),
+    }
+
+
+def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: int | None = None,
+                 seed: int | None = None, resume: str | Path | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None, metrics: Any = None) -> dict[str, Any]:
+    """Run (or resume) a campaign; returns the summary (also written to campaign.json)."""
+    from burnin.harness.runner import new_run_id
+
+    if resume is not None:
+        run_dir = Path(resume)
+        meta = json.loads((run_dir / "campaign-meta.json").read_text())
+        trials, seed = meta["trials"], meta["seed"]
+    else:
+        c = scenario.campaign
+        trials = trials if trials is not None else (c.trials if c else 0)
+        seed = seed if seed is not None else (c.seed if c else 0)
+        run_dir = Path(out_dir).resolve() / new_run_id(scenario.name)
+        run_dir.mkdir(parents=True)
+        (run_dir / "scenario.json").write_text(scenario.model_dump_json(indent=1))
+        (run_dir / "campaign-meta.json").write_text(json.dumps({"trials": trials, "seed": seed}))
+    plan = draw_trials(scenario, trials, seed)
+    log_path = run_dir / "trials.jsonl"
+    done: dict[int, dict[str, Any]] = {}
+    if log_path.exists():
+        for rec in read_events(log_path):
+            done[rec["trial"]] = rec
+    log = open(log_path, "a", buffering=1, encoding="utf-8")
+    state: dict[str, Any] = {"current": None, "reference": None}
+    t0 = time.time()
+
+    def remaining() -> dict[str, Any]:
+        c = scenario.campaign
+        return {"campaign": {"warmup": c.warmup, "window": c.window,
+                             "trials": [t for t in plan if t["trial"] not in done]}}
+
+    def record(rec: dict[str, Any]) -> None:
+        done[rec["trial"]] = rec
+        log.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        if metrics is not None:
+            j = _judge_trial(rec)
+            metrics.fault_injected(j["fault"])
+            metrics.outcome(j["fault"], j["outcome"])
+
+    def watch(ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "trial_started":
+            state["current"] = ev["trial"]
+        elif kind == "trial_done":
+            state["current"] = None
+            record({k: v for k, v in ev.items() if k not in ("t", "event", "rank", "attempt")})
+        elif kind == "campaign_reference":
+            state["reference"] = {"state_hash": ev["state_hash"], "false_alarms": ev["false_alarms"],
+                                  "steps": ev["steps"], "window_s": ev["window_s"]}
+        elif kind == "failure_detected" and state["current"] is not None:
+            trial = state["current"]
+            state["current"] = None
+            record({"trial": trial, "template": plan[trial]["template"], "fault": plan[trial]["faults"][0],
+                    "crash": f"{ev['cause']}: {ev['signature']}"})
+        if on_event:
+            on_event({**ev, "trials_done": len(done), "trials_total": trials})
+
+    base = scenario.model_copy(update={"faults": []})
+    sup = Supervisor(base, run_dir, run_dir.name, metrics=metrics, on_event=watch, extra_spec=remaining)
+    try:
+        if len(done) < trials:
+            sup.run()
+    finally:
+        log.close()
+    if state["reference"] is not None:
+        (run_dir / "reference.json").write_text(json.dumps(state["reference"]))
+    elif (run_dir / "reference.json").exists():
+        state["reference"] = json.loads((run_dir / "reference.json").read_text())
+    summary = summarize(scenario, list(done.values()), state["reference"])
+    summary["complete"] = len(done) == trials
+    # Timing lives apart from the summary proper, which is a pure function of the seed.
+    summary["timing"] = {"wall_s": time.time() - t0,
+                         "reference_window_s": (state["reference"] or {}).get("window_s")}
+    _write_reports(run_dir, summary)
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
+    from burnin.harness.checkpoint import atomic_write
+
+    atomic_write(run_dir / "campaign.json", json.dumps(summary, indent=1).encode())
+    lines = [f"# Campaign {summary['scenario']}: {summary['trials']} trials (seed {summary['seed']})", ""]
+    if not summary.get("complete", True):
+        lines += ["**Incomplete**: resume with `burnin campaign --resume " + str(run_dir) + "`", ""]
+    lines += ["| outcome | trials | rate | 95 % CI (Wilson) |", "|---|---|---|---|"]
+    for o, v in summary["outcomes"].items():
+        lines.append(f"| {o} | {v['count']} | {v['rate']:.3f} | {v['ci95'][0]:.3f}–{v['ci95'][1]:.3f} |")
+    lines += ["", "## Detector scorecard", "",
+              "Detection rate per target and bit class (median latency in steps); `sdc` is the silent escape rate.", ""]
+    dets = sorted({d for row in summary["scorecard"] for d in row["detectors"]})
+    lines += ["| target | bit class | trials | " + " | ".join(dets) + " | sdc |",
+              "|---|---|---|" + "---|" * (len(dets) + 1)]
+    for row in summary["scorecard"]:
+        cells = []
+        for d in dets:
+            v = row["detectors"].get(d)
+            cells.append("–" if v is None else f"{v['rate']:.2f} ({v['median_latency_steps']})"
+                         if v["detected"] else "0.00")
+        lines.append(f"| {row['target']} | {row['bit_class']} | {row['trials']} | " + " | ".join(cells)
+                     + f" | {row['sdc']['rate']:.2f} |")
+    fa = summary["false_alarms"]
+    lines += ["", f"False alarms: {sum(fa['reference'].values())} in {fa['reference_window_steps']} fault-free "
+                  f"reference steps; {fa['in_trials_before_fault']} in trial steps before the fault.", ""]
+    atomic_write(run_dir / "campaign.md", "\n".join(lines).encode())
