@@ -11,7 +11,6 @@ policy (roll back in process, or restart from a checkpoint) decides what happens
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -102,9 +101,14 @@ class GradNormSpike(_RobustSpike):
 
 
 class Fingerprint(Detector):
-    """Cross-replica parameter fingerprint every K steps, all-gathered; a majority names the odd rank."""
+    """Cross-replica fingerprint every K steps, all-gathered; a majority names the odd rank.
 
-    name, point, cost = "fingerprint", "after_optimizer_step", "a hash of every parameter and an all-gather every K steps"
+    It covers everything the replicas must agree on, parameters and optimizer state: a flipped
+    AdamW moment leaves the parameters equal until the next update, and a snapshot taken then
+    would carry the corruption into every rollback (measured: endless rollbacks in a campaign).
+    """
+
+    name, point, cost = "fingerprint", "after_optimizer_step", "a hash of the parameters and optimizer state, and an all-gather, every K steps"
     collective = True
 
     def __init__(self, every: int = 1, **cfg: Any):
@@ -114,11 +118,11 @@ class Fingerprint(Detector):
     def due(self, step: int) -> bool:
         return (step + 1) % self.every == 0
 
-    def check(self, step: int, model: Any = None, group: Any = None, **ctx: Any) -> Finding | None:
+    def check(self, step: int, model: Any = None, optimizer: Any = None, **ctx: Any) -> Finding | None:
         import torch
         import torch.distributed as dist
 
-        digest = param_digest(model)
+        digest = state_digest(model, optimizer)
         mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64)
         if next(model.parameters()).is_cuda:
             mine = mine.cuda()
@@ -134,14 +138,11 @@ class Fingerprint(Detector):
                                          "majority": votes > world / 2}, odd_ranks=odd)
 
 
-def param_digest(model: Any) -> bytes:
-    """SHA-256 of every parameter's bits, in name order."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        t = p.detach().contiguous().cpu().reshape(-1)
-        h.update(name.encode())
-        h.update(t.view(__import__("torch").uint8).numpy().tobytes())
-    return h.digest()
+def state_digest(model: Any, optimizer: Any) -> bytes:
+    """SHA-256 of the parameters, buffers and optimizer state: what every replica must hold alike."""
+    from burnin.harness.state import state_hash
+
+    return bytes.fromhex(state_hash(model, optimizer))
 
 
 DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NonFinite, LossSpike, GradNormSpike, Fingerprint)}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from burnin.errors import BurninError
-from burnin.harness.detectors import Finding, Fingerprint, build_detectors, param_digest
+from burnin.harness.detectors import Finding, Fingerprint, build_detectors, state_digest
 
 __all__ = ["Guard", "CorruptionDetected"]
 
@@ -100,11 +100,11 @@ class Guard:
             if f:
                 findings.append(f)
         if self._pre is not None:  # sampled recomputation: run the step again from the state before it
-            first = (bits, param_digest(self.model))
+            first = (bits, state_digest(self.model, self.optimizer))
             self._restore(self._pre)
             self._pre = None
             loss, bits, grad_norm = rerun(step)
-            if (bits, param_digest(self.model)) != first:
+            if (bits, state_digest(self.model, self.optimizer)) != first:
                 findings.append(Finding("recompute", step, {"verdict": "transient", "loss_bits_differ": bits != first[0]},
                                         odd_ranks=[self.rank] if bits != first[0] else None))
         # Replaying a step that was suspicious the first time: did the anomaly come back?
@@ -113,7 +113,7 @@ class Guard:
             self.events.emit("recompute_verdict", step=step, verdict=verdict)
         collective: Finding | None = None
         if self.fingerprint and self.fingerprint.due(step):
-            collective = self.fingerprint.check(step, model=self.model)
+            collective = self.fingerprint.check(step, model=self.model, optimizer=self.optimizer)
         # Every rank must take the same decision: share the worst local verdict.
         # 2: a finding to recover from; 1: only recomputation findings (already recovered); 0: none.
         local = 2 if any(f.detector != "recompute" for f in findings) else (1 if findings else 0)

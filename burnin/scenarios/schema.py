@@ -60,7 +60,8 @@ class Workload(_Model):
     threads: int = Field(1, ge=1, le=256, description="torch threads per rank (changes the bits)")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where ranks compute")
     kernels: Literal["torch", "triton"] = Field(
-        "torch", description="the loss's row reduction: torch, or the Triton kernel (interpreter on CPU)")
+        "triton", description="the loss's row reduction: the Triton kernel (compiled on CUDA, interpreter on "
+                              "CPU), or torch")
 
 
 class Checkpointing(_Model):
@@ -255,6 +256,9 @@ class Scenario(_Model):
                 raise ValueError(f"campaign.window: warmup {c.warmup} + window {c.window} is more than "
                                  f"workload.steps={self.workload.steps}; raise workload.steps")
         for i, f in enumerate(self.faults):
+            if f.fault.startswith("memory.") and self.workload.kernels != "triton":
+                raise ValueError(f"faults.{i}.fault: {f.fault} acts on the Triton loss kernel; "
+                                 f"set workload.kernels: triton (it is {self.workload.kernels!r})")
             if f.rank >= self.workload.ranks:
                 raise ValueError(f"faults.{i}.rank: rank {f.rank} does not exist with "
                                  f"workload.ranks={self.workload.ranks} (ranks are 0..{self.workload.ranks - 1})")

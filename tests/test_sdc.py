@@ -1,0 +1,120 @@
+"""Silent data corruption end to end: bit flips in real runs, detectors, rollback, campaigns."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import burnin_cmd, run_cli, run_dir_of, summary_of
+
+from burnin.harness.events import read_events
+
+pytestmark = pytest.mark.slow
+
+
+def test_param_flip_caught_by_fingerprint_and_rolled_back_exactly(tmp_path: Path) -> None:
+    proc = run_cli("run", "bitflip-params", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(tmp_path)
+    (f,) = s["faults"]
+    assert f["outcome"] == "recovered" and s["exact"]
+    assert f["detected_by"] == "fingerprint"
+    assert f["details"]["detection_latency_steps"] <= 2  # fingerprint every 2 steps
+    assert s["rollbacks"] >= 1 and s["restarts"] == 0
+    assert s["false_alarms"] == 0
+
+
+def test_local_grad_flip_is_averaged_into_every_replica_and_escapes(tmp_path: Path) -> None:
+    proc = run_cli("run", "bitflip-grads", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(tmp_path)
+    (f,) = s["faults"]
+    assert f["outcome"] == "sdc" and f["detected_by"] is None
+    assert not s["exact"] and s["diverged_at_step"] == 12  # the first loss computed after the flip
+    events = read_events(run_dir_of(tmp_path) / "events.jsonl")
+    assert not [e for e in events if e["event"] == "detection"]
+
+
+def test_allreduce_payload_flip_recovered(tmp_path: Path) -> None:
+    proc = run_cli("run", "bitflip-allreduce", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(tmp_path)
+    assert s["faults"][0]["outcome"] == "recovered" and s["exact"]
+
+
+def test_detectors_raise_no_false_alarm_in_a_fault_free_run(tmp_path: Path) -> None:
+    scenario = tmp_path / "clean.yaml"
+    scenario.write_text(
+        "name: clean\n"
+        "workload: {steps: 30}\n"
+        "detectors: {nonfinite: {}, loss_spike: {}, grad_norm_spike: {}, fingerprint: {every: 1}, recompute: {every: 5}}\n"
+        "recovery: {mode: rollback}\n")
+    out = tmp_path / "runs"
+    proc = run_cli("run", str(scenario), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(out)
+    assert s["false_alarms"] == 0 and s["rollbacks"] == 0 and s["exact"]
+    events = read_events(run_dir_of(out) / "events.jsonl")
+    assert not [e for e in events if e["event"] == "detection"]
+
+
+def test_recomputation_catches_an_activation_flip(tmp_path: Path) -> None:
+    """An activation flip on one rank reaches every replica through the all-reduce, so the
+    fingerprint cannot see it; re-running the step from the state before it can."""
+    scenario = tmp_path / "act.yaml"
+    scenario.write_text(
+        "name: act\n"
+        "workload: {steps: 20}\n"
+        "detectors: {fingerprint: {every: 2}, recompute: {every: 1}}\n"
+        "recovery: {mode: rollback}\n"
+        "faults:\n"
+        "  - {fault: corruption.bitflip, rank: 1, step: 9, expect: recovered,\n"
+        "     params: {target: activation, tensor: blocks.0.mlp.c_fc, bit_class: exponent, seed: 2}}\n")
+    out = tmp_path / "runs"
+    proc = run_cli("run", str(scenario), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(out)
+    (f,) = s["faults"]
+    assert f["detected_by"] == "recompute" and f["outcome"] == "recovered" and s["exact"]
+
+
+def _campaign_summary(run_dir: Path) -> dict:
+    s = json.loads((run_dir / "campaign.json").read_text())
+    s.pop("timing")
+    return s
+
+
+def test_campaign_same_seed_same_summary_and_resume(tmp_path: Path) -> None:
+    """Two campaigns with one seed agree; one interrupted and resumed agrees with both."""
+    args = ("campaign", "sdc-campaign", "--trials", "16", "--seed", "3")
+    first = run_cli(*args, "--out", str(tmp_path / "a"), timeout=400)
+    assert first.returncode == 0, first.stdout + first.stderr
+    a = _campaign_summary(run_dir_of(tmp_path / "a"))
+    assert a["trials"] == 16 and a["complete"]
+    assert sum(v["count"] for v in a["outcomes"].values()) == 16
+
+    out_b = tmp_path / "b"
+    proc = subprocess.Popen(burnin_cmd(*args, "--out", str(out_b)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        logs = list(out_b.glob("*/trials.jsonl"))
+        if logs and len(logs[0].read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    run_b = run_dir_of(out_b)
+    partial = len((run_b / "trials.jsonl").read_text().splitlines())
+    assert 5 <= partial < 16
+    resumed = run_cli("campaign", "--resume", str(run_b), timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    b = _campaign_summary(run_b)
+    assert len((run_b / "trials.jsonl").read_text().splitlines()) == 16  # no trial twice
+    assert b == a
