@@ -42,7 +42,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs", help="directory for run directories (default: ./runs)")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port during the run")
     run.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default: 127.0.0.1)")
+    run.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+                     help="after the run, keep --metrics-port up until it is scraped once more (so the final "
+                          "outcomes reach Prometheus), at most this long (default: 0)")
+    run.add_argument("--metrics-textfile", metavar="PATH",
+                     help="also write the final metrics here, atomically (for node_exporter's textfile collector)")
+    run.add_argument("--pushgateway", metavar="URL",
+                     help="push the final metrics to this Prometheus Pushgateway (http or https URL), grouped by "
+                          "job=\"burnin\", scenario and instance")
+    run.add_argument("--push-instance", metavar="NAME", help="the `instance` of the push (default: the host name)")
     run.add_argument("--refresh-golden", action="store_true", help="recompute the golden run even if cached")
+    run.add_argument("--isolate-network", action="store_const", const=True, default=None,
+                     help="run each rank in its own network namespace (sets network.isolate; needs root)")
     run.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
 
     camp = sub.add_parser("campaign", help="run many trials of drawn faults: outcome rates and a detector scorecard")
@@ -60,17 +71,23 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the scenario JSON Schema (for editors)")
 
-    clean = sub.add_parser("cleanup", help="remove what a killed supervisor left behind (rank processes)")
+    clean = sub.add_parser("cleanup", help="remove what a killed supervisor left behind (rank processes, "
+                                           "network namespaces)")
     clean.add_argument("--force", action="store_true", help="also runs whose supervisor still lives")
 
     rep = sub.add_parser("report", help="rebuild a run's reports from its event log")
     rep.add_argument("run_dir")
+
+    sub.add_parser("doctor", help="what this machine offers burnin: root, namespaces, qdiscs, GPU, Triton, Prometheus")
+
+    rules = sub.add_parser("rules", help="the shipped Prometheus rules, their unit tests and the Grafana dashboard")
+    rules.add_argument("--dir", help="copy them into this directory (default: print where they are installed)")
     return p
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     pairs = {"ranks": "workload.ranks", "steps": "workload.steps", "seed": "workload.seed",
-             "threads": "workload.threads", "device": "workload.device"}
+             "threads": "workload.threads", "device": "workload.device", "isolate_network": "network.isolate"}
     return {path: getattr(args, flag) for flag, path in pairs.items() if getattr(args, flag) is not None}
 
 
@@ -82,10 +99,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         raise UserError(f"--metrics-port: {args.metrics_port} is not a port; use 0-65535 (0 picks a free one)")
+    _check_metrics_flags(args)
     scenario = load_scenario(args.scenario, overrides=_overrides(args))
     with make_progress(scenario.workload.steps, scenario.name, quiet=args.quiet) as progress:
         result = run_scenario(scenario, args.out, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
-                              on_event=progress.on_event, refresh_golden=args.refresh_golden)
+                              on_event=progress.on_event, refresh_golden=args.refresh_golden,
+                              metrics_linger_s=args.metrics_linger, metrics_textfile=args.metrics_textfile,
+                              pushgateway=args.pushgateway, push_instance=args.push_instance)
     if sys.stdout.isatty():
         from rich.console import Console
 
@@ -93,6 +113,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print(render_plain(result))
     return 0 if passed(result) else 1
+
+
+def _check_metrics_flags(args: argparse.Namespace) -> None:
+    from urllib.parse import urlsplit
+
+    if not 0 <= args.metrics_linger <= 3600:
+        raise UserError(f"--metrics-linger: {args.metrics_linger} is out of range; use 0-3600 seconds")
+    if args.pushgateway is not None:
+        url = urlsplit(args.pushgateway)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise UserError(f"--pushgateway: {args.pushgateway!r} is not an http(s) URL; "
+                            "use e.g. http://127.0.0.1:9091")
+    if args.push_instance is not None and not args.push_instance.strip():
+        raise UserError("--push-instance: empty; give a name, or leave the flag out for the host name")
+    if args.metrics_textfile is not None:
+        parent = Path(args.metrics_textfile).resolve().parent
+        if not parent.is_dir():
+            raise UserError(f"--metrics-textfile: {parent} is not a directory; create it first")
 
 
 def _cmd_campaign(args: argparse.Namespace) -> int:
@@ -171,11 +209,38 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     report = sweep(force=args.force)
     for item in report:
         if item["action"] == "cleaned":
-            print(f"{item['run_id']}: killed {len(item['killed'])} leftover process(es) {item['killed']}")
+            ns = f", removed network namespace(s) {item['namespaces']}" if item.get("namespaces") else ""
+            print(f"{item['run_id']}: killed {len(item['killed'])} leftover process(es) {item['killed']}{ns}")
         else:
             print(f"{item['run_id']}: {item['action']} ({item['why']})")
     if not report:
         print("nothing to clean up")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """One line per capability; never imports torch or triton (only looks them up)."""
+    import importlib.util
+    import os
+    import shutil
+
+    from burnin.harness.fabric import network_capabilities
+
+    def have(ok: bool, yes: str, no: str) -> str:
+        return yes if ok else f"no: {no}"
+
+    lines = {"root": have(os.geteuid() == 0, "yes", f"running as uid {os.geteuid()}")}
+    lines.update(network_capabilities())
+    smi, driver = shutil.which("nvidia-smi"), os.path.isdir("/proc/driver/nvidia")
+    lines["GPU"] = have(bool(smi or driver), f"NVIDIA driver present ({smi or '/proc/driver/nvidia'})",
+                        "no nvidia-smi, no /proc/driver/nvidia (CPU only)")
+    triton = importlib.util.find_spec("triton")  # found, not imported: importing it costs seconds
+    lines["Triton"] = have(triton is not None, f"installed ({triton.origin if triton else ''})", "not installed")
+    for tool in ("prometheus", "pushgateway", "promtool"):
+        path = shutil.which(tool) or (shutil.which("prometheus-pushgateway") if tool == "pushgateway" else None)
+        lines[tool] = have(path is not None, str(path), "not on PATH")
+    for name, value in lines.items():
+        print(f"{name + ':':<22} {value}")
     return 0
 
 
@@ -191,8 +256,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0 if passed(result) else 1
 
 
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    src = files("burnin.reports") / "prometheus"
+    names = ("rules.yml", "rules_test.yml", "dashboard.json")
+    if args.dir is None:
+        for name in names:
+            print(src / name)
+        return 0
+    dest = Path(args.dir)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (dest / name).write_bytes((src / name).read_bytes())
+            print(dest / name)
+    except OSError as exc:
+        raise UserError(f"--dir: cannot write into {dest}: {exc.strerror or exc}") from None
+    return 0
+
+
 _COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
-             "cleanup": _cmd_cleanup, "report": _cmd_report}
+             "cleanup": _cmd_cleanup, "report": _cmd_report, "rules": _cmd_rules, "doctor": _cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

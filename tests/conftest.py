@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 CI = os.environ.get("BURNIN_CI") == "1"
+# Kernel tests run Triton in the interpreter on CPU tensors; triton fixes the mode when first imported.
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)

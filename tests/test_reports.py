@@ -104,8 +104,8 @@ def test_live_counters(metrics):
     metrics.step_done(41)
     metrics.checkpoint_rejected()
 
-    assert _v(metrics, "burnin_faults_injected_total", fault="process.kill") == 2
-    assert _v(metrics, "burnin_faults_injected_total", fault="corruption.bitflip") == 1
+    assert _v(metrics, "burnin_faults_injected_total", fault="process.kill", simulated="false") == 2
+    assert _v(metrics, "burnin_faults_injected_total", fault="corruption.bitflip", simulated="false") == 1
     assert _v(metrics, "burnin_failures_total", cause="killed") == 1
     assert _v(metrics, "burnin_failures_total", cause="network") == 1
     assert _v(metrics, "burnin_failures_total", cause="other") == 1
@@ -125,7 +125,7 @@ def test_series_exist_at_zero_before_any_event(metrics):
     assert _v(metrics, "burnin_runs_total", scenario="s", result="passed") == 0
     assert _v(metrics, "burnin_runs_total", scenario="s", result="failed") == 0
     metrics.fault_injected("process.hang")
-    assert _v(metrics, "burnin_fault_outcomes_total", fault="process.hang", outcome="sdc") == 0
+    assert _v(metrics, "burnin_fault_outcomes_total", fault="process.hang", outcome="sdc", simulated="false") == 0
 
 
 def test_set_run_keeps_only_the_current_run(metrics):
@@ -176,8 +176,8 @@ def test_outcome_and_run_finished(metrics):
     metrics.run_finished("s", True)
     metrics.run_finished("s", False)
     metrics.run_finished("s", False)
-    assert _v(metrics, "burnin_fault_outcomes_total", fault="process.kill", outcome="recovered") == 1
-    assert _v(metrics, "burnin_fault_outcomes_total", fault="process.kill", outcome="other") == 1
+    assert _v(metrics, "burnin_fault_outcomes_total", fault="process.kill", outcome="recovered", simulated="false") == 1
+    assert _v(metrics, "burnin_fault_outcomes_total", fault="process.kill", outcome="other", simulated="false") == 1
     assert _v(metrics, "burnin_runs_total", scenario="s", result="passed") == 1
     assert _v(metrics, "burnin_runs_total", scenario="s", result="failed") == 2
 
@@ -188,9 +188,9 @@ def test_from_result_records_judged_parts_once(metrics):
     metrics.from_result(result)
     metrics.from_result(result)  # a rebuilt report must not count twice
 
-    assert _v(metrics, "burnin_fault_outcomes_total", fault="process.kill", outcome="recovered") == 1
-    assert _v(metrics, "burnin_fault_outcomes_total", fault="process.kill", outcome="failed") is None
-    assert _v(metrics, "burnin_fault_outcomes_total", fault="corruption.bitflip", outcome="sdc") == 1
+    assert _v(metrics, "burnin_fault_outcomes_total", fault="process.kill", outcome="recovered", simulated="false") == 1
+    assert _v(metrics, "burnin_fault_outcomes_total", fault="process.kill", outcome="failed", simulated="false") is None
+    assert _v(metrics, "burnin_fault_outcomes_total", fault="corruption.bitflip", outcome="sdc", simulated="false") == 1
     assert _v(metrics, "burnin_recovery_seconds_count", fault="process.kill") == 1
     assert _v(metrics, "burnin_recovery_seconds_sum", fault="process.kill") == pytest.approx(3.0)
     assert _v(metrics, "burnin_recovery_phase_seconds_count", phase="detection") == 1
@@ -225,7 +225,7 @@ def test_serve_on_loopback_then_stop_frees_port(metrics):
         assert server.addr == "127.0.0.1" and server.port > 0
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as resp:
             body = resp.read().decode()
-        assert 'burnin_faults_injected_total{fault="process.kill"} 1.0' in body
+        assert 'burnin_faults_injected_total{fault="process.kill",simulated="false"} 1.0' in body
         assert 'burnin_recovery_phase_seconds_bucket{le="600.0",phase="restart"} 0.0' in body
         assert "python_gc" not in body  # the global registry's collectors stay out
     finally:
@@ -280,7 +280,9 @@ def test_summary_json_round_trips(tmp_path):
     assert d["faults"][1]["ok"] is False
     assert d["failures"][0]["signature"] == "signal:SIGKILL"
     assert d["wall_s"] == pytest.approx(12.5)
-    assert {k: v for k, v in d.items() if k != "passed"} == json.loads(json.dumps(result.to_dict()))
+    # passed and failure_groups are derived by the writer, not fields of the result
+    assert {k: v for k, v in d.items() if k not in ("passed", "failure_groups")} == \
+        json.loads(json.dumps(result.to_dict()))
 
 
 def test_summary_json_non_finite_loss_is_strict_json(tmp_path):
@@ -387,3 +389,19 @@ def test_import_is_cheap():
             "bad = [m for m in ('torch', 'prometheus_client', 'rich') if m in sys.modules]; "
             "assert not bad, bad; r.Metrics; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_judged_fault_counts_detection_latency_and_corruption_outcomes():
+    from burnin.reports.metrics import Metrics
+
+    m = Metrics()
+    m.judged_fault("corruption.bitflip", "recovered", "fingerprint", 1, "param", "exponent")
+    m.judged_fault("corruption.bitflip", "sdc", None, None, "grad", "mantissa_low")
+    m.judged_fault("corruption.bitflip", "sdc", None, None, "made-up", "weird")
+    g = m.registry.get_sample_value
+    assert g("burnin_faults_detected_total", {"fault": "corruption.bitflip", "detector": "fingerprint"}) == 1
+    assert g("burnin_detection_latency_steps_count", {"detector": "fingerprint"}) == 1
+    assert g("burnin_detection_latency_steps_bucket", {"detector": "fingerprint", "le": "0.0"}) == 0
+    assert g("burnin_detection_latency_steps_bucket", {"detector": "fingerprint", "le": "1.0"}) == 1
+    assert g("burnin_corruption_outcomes_total", {"target": "grad", "bit_class": "mantissa_low", "outcome": "sdc"}) == 1
+    assert g("burnin_corruption_outcomes_total", {"target": "other", "bit_class": "other", "outcome": "sdc"}) == 1

@@ -60,7 +60,16 @@ def _load_or_error(data: bytes, overrides=None) -> Scenario | ScenarioError:
 # --- bundled scenarios -------------------------------------------------------------------------
 
 def test_bundled_names():
-    assert bundled_names() == BUNDLED
+    assert set(BUNDLED) <= set(bundled_names())
+    assert bundled_names() == sorted(bundled_names())
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "burnin" / "scenarios" / "bundled").glob("*.yaml")))
+def test_every_bundled_scenario_loads_and_says_what_it_shows(name):
+    s = load_scenario(name)
+    assert s.name == name == bundled_path(name).stem
+    assert s.description and s.faults
+    assert bundled_path(name).read_text().startswith("#"), "each bundled file opens with what it shows"
 
 
 @pytest.mark.parametrize("name", BUNDLED)

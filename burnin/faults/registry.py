@@ -39,6 +39,8 @@ def register(cls: type[Fault]) -> type[Fault]:
 def _load() -> None:
     global _plugins_loaded
     import burnin.faults.corruption  # noqa: F401  (registers the built-in catalogue)
+    import burnin.faults.memory  # noqa: F401
+    import burnin.faults.network  # noqa: F401
     import burnin.faults.process  # noqa: F401
     import burnin.faults.storage  # noqa: F401
 

@@ -184,12 +184,18 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
                              "trials": [t for t in plan if t["trial"] not in done]}}
 
     def record(rec: dict[str, Any]) -> None:
+        if rec["trial"] in done:
+            return  # judged once: a trial is never counted twice
         done[rec["trial"]] = rec
         log.write(json.dumps(rec, separators=(",", ":")) + "\n")
         if metrics is not None:
             j = _judge_trial(rec)
             metrics.fault_injected(j["fault"])
             metrics.outcome(j["fault"], j["outcome"])
+            first = min(j["latency_steps"].items(), key=lambda kv: kv[1]) if j["latency_steps"] else (None, None)
+            if j["detectors"] == ["crash"]:
+                first = ("crash", None)
+            metrics.judged_fault(j["fault"], j["outcome"], first[0], first[1], j["target"], j["bit_class"])
 
     def watch(ev: dict[str, Any]) -> None:
         kind = ev.get("event")
@@ -209,6 +215,11 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
         if on_event:
             on_event({**ev, "trials_done": len(done), "trials_total": trials})
 
+    if metrics is None:
+        from burnin.reports.metrics import Metrics
+
+        metrics = Metrics()
+    metrics.set_run(scenario.name, run_dir.name)
     base = scenario.model_copy(update={"faults": []})
     sup = Supervisor(base, run_dir, run_dir.name, metrics=metrics, on_event=watch, extra_spec=remaining)
     try:
@@ -226,6 +237,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
     summary["timing"] = {"wall_s": time.time() - t0,
                          "reference_window_s": (state["reference"] or {}).get("window_s")}
     _write_reports(run_dir, summary)
+    metrics.write_textfile(run_dir / "metrics.prom")
     summary["run_dir"] = str(run_dir)
     return summary
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["state_dir", "register", "unregister", "kill_group", "sweep", "set_parent_death_signal"]
+__all__ = ["state_dir", "register", "unregister", "register_network", "unregister_network", "kill_group",
+           "sweep", "set_parent_death_signal", "process_start_time"]
 
 
 def state_dir() -> Path:
@@ -35,6 +39,94 @@ def register(run_id: str, run_dir: Path, pids: list[int]) -> None:
 
 def unregister(run_id: str) -> None:
     (state_dir() / "runs" / f"{run_id}.json").unlink(missing_ok=True)
+
+
+# -- network namespaces (burnin.harness.fabric) ------------------------------------------------------
+# A run's namespaces are recorded before they are created and forgotten once they are gone. Each
+# namespace also carries "burnin run=<id> supervisor=<pid>:<start>" as the alias of its `lo`, so
+# leftovers are found even when the record is lost or lives in another state directory.
+
+_MARK = re.compile(r"burnin run=(\S+) supervisor=(\d+):(\S+)")
+_PROBE_NS = re.compile(r"bn-(?:check|doctor)-(\d+)")
+
+
+def process_start_time(pid: int) -> str:
+    """When `pid` started, in clock ticks since boot: with the pid, it names one process for good."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def register_network(run_id: str, namespaces: list[str]) -> None:
+    d = state_dir() / "net"
+    d.mkdir(exist_ok=True)
+    tmp = d / f"{run_id}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id, "supervisor_pid": os.getpid(),
+                               "supervisor_start": process_start_time(os.getpid()), "namespaces": namespaces}))
+    os.replace(tmp, d / f"{run_id}.json")
+
+
+def unregister_network(run_id: str) -> None:
+    (state_dir() / "net" / f"{run_id}.json").unlink(missing_ok=True)
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+
+
+def _supervisor_alive(pid: int, start: str | None) -> bool:
+    return _alive(pid) and (start in (None, "?") or process_start_time(pid) == start)
+
+
+def _remove_namespace(ns: str) -> list[int]:
+    """Kill what still runs inside one of our namespaces, then delete it (its links and qdiscs go with it)."""
+    pids = [int(p) for p in _ip("netns", "pids", ns).stdout.split() if p.isdigit()]
+    for pid in pids:
+        kill_group(pid)
+    _ip("netns", "del", ns)
+    return pids
+
+
+def _sweep_networks(force: bool) -> list[dict[str, Any]]:
+    if shutil.which("ip") is None:
+        return []
+    try:
+        listed = [line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()]
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    report: list[dict[str, Any]] = []
+    done: set[str] = set()
+    for path in sorted((state_dir() / "net").glob("*.json")) if (state_dir() / "net").is_dir() else []:
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+            continue
+        done.update(entry["namespaces"])
+        if _supervisor_alive(entry["supervisor_pid"], entry.get("supervisor_start")) and not force:
+            report.append({"run_id": entry["run_id"], "action": "skipped", "why": "its supervisor is still running"})
+            continue
+        gone = [ns for ns in entry["namespaces"] if ns in listed]
+        killed = [pid for ns in gone for pid in _remove_namespace(ns)]
+        path.unlink(missing_ok=True)
+        report.append({"run_id": entry["run_id"], "action": "cleaned", "killed": killed, "namespaces": gone})
+    # Marked namespaces nobody recorded here: removed once their supervisor is gone, never before.
+    orphans: dict[str, list[str]] = {}
+    for ns in listed:
+        if not ns.startswith("bn-") or ns in done:
+            continue
+        probe = _PROBE_NS.fullmatch(ns)  # a throwaway namespace of a privilege check or `burnin doctor`
+        if probe and not _alive(int(probe.group(1))):
+            _remove_namespace(ns)
+            continue
+        m = _MARK.search(_ip("-n", ns, "-o", "link", "show", "lo").stdout)
+        if m and not _supervisor_alive(int(m.group(2)), m.group(3)):
+            orphans.setdefault(m.group(1), []).append(ns)
+    for run_id, names in orphans.items():
+        killed = [pid for ns in names for pid in _remove_namespace(ns)]
+        report.append({"run_id": run_id, "action": "cleaned", "killed": killed, "namespaces": names, "orphan": True})
+    return report
 
 
 def kill_group(pid: int) -> None:
@@ -110,7 +202,7 @@ def sweep(force: bool = False) -> list[dict[str, Any]]:
         if ppid == 1:  # orphaned: its supervisor is gone (never a rank of a live supervisor)
             kill_group(pid)
             report.append({"run_id": rid, "action": "cleaned", "killed": [pid], "orphan": True})
-    return report
+    return report + _sweep_networks(force)
 
 
 def _is_worker(pid: int) -> bool:

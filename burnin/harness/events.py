@@ -62,9 +62,10 @@ class EventWriter:
 class Tail:
     """Reads the complete lines appended to a file since the last call (the file may not exist yet)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, from_end: bool = False):
+        """`from_end`: only what is appended from now on (what is there belongs to someone earlier)."""
         self.path = Path(path)
-        self._offset = 0
+        self._offset = self.path.stat().st_size if from_end and self.path.exists() else 0
         self._partial = b""
 
     def read(self) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from burnin.reports.result import RunResult
 from burnin.reports.verdict import judge
 from burnin.scenarios.schema import Scenario
 
-__all__ = ["run_scenario", "rebuild_reports", "new_run_id"]
+__all__ = ["run_scenario", "rebuild_reports", "new_run_id", "choose_fabric"]
 
 
 def new_run_id(name: str) -> str:
@@ -39,11 +39,14 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_port: int | None = None,
                  metrics_addr: str = "127.0.0.1", on_event: Callable[[dict[str, Any]], None] | None = None,
-                 refresh_golden: bool = False, run_id: str | None = None) -> RunResult:
+                 refresh_golden: bool = False, run_id: str | None = None, metrics_linger_s: float = 0.0,
+                 metrics_textfile: str | Path | None = None, pushgateway: str | None = None,
+                 push_instance: str | None = None) -> RunResult:
     from burnin.reports.metrics import Metrics
     from burnin.reports.writers import write_reports
 
     run_id = run_id or new_run_id(scenario.name)
+    scenario, fabric = choose_fabric(scenario, run_id)  # before anything starts: a missing privilege stops here
     run_dir = Path(out_dir).resolve() / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     (run_dir / "scenario.json").write_text(scenario.model_dump_json(indent=1))
@@ -65,10 +68,12 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
         if on_event:
             on_event({"event": "golden_ready", "key": key, "cached": cached, "wall_s": golden.wall_s,
                       "t": time.time()})
-        Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event).run()
+        Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric).run()
     except (KeyboardInterrupt, _Terminated) as exc:
         error = "interrupted by SIGINT" if isinstance(exc, KeyboardInterrupt) else "terminated by SIGTERM"
         _finish(scenario, run_dir, run_id, key, golden, error, metrics, write_reports)
+        _export_metrics(metrics, scenario.name, metrics_textfile, pushgateway, push_instance)
+        metrics.stop()
         raise KeyboardInterrupt(error) from None
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
@@ -76,8 +81,73 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     result = _finish(scenario, run_dir, run_id, key, golden, error, metrics, write_reports)
-    metrics.stop()
+    _export_metrics(metrics, scenario.name, metrics_textfile, pushgateway, push_instance)
+    try:
+        metrics.stop(linger_s=metrics_linger_s)
+    except KeyboardInterrupt:  # the run is over and reported: Ctrl-C only cuts the linger short
+        metrics.stop()
     return result
+
+
+def _export_metrics(metrics: Any, scenario: str, textfile: str | Path | None, pushgateway: str | None,
+                    push_instance: str | None) -> None:
+    """Send the judged run's metrics where the user asked, besides the run directory's metrics.prom.
+
+    Neither is part of the verdict: a failure is one warning line on stderr, and the run's exit
+    status stands (a CI job must not fail because its monitoring is down).
+    """
+    import socket
+    import sys
+
+    if textfile is not None:
+        try:
+            metrics.write_textfile(textfile)
+        except OSError as exc:
+            print(f"burnin: warning: metrics textfile {textfile} not written: {exc}", file=sys.stderr)
+    if pushgateway:
+        try:
+            metrics.push(pushgateway, scenario, push_instance or socket.gethostname())
+        except Exception as exc:  # urllib's errors, timeouts, a refused connection: all just a warning
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            print(f"burnin: warning: metrics not pushed to {pushgateway}: {reason}", file=sys.stderr)
+
+
+def choose_fabric(scenario: Scenario, run_id: str) -> tuple[Scenario, Any]:
+    """The fabric the ranks of this run talk over (None: the host's loopback), and the scenario as it runs.
+
+    Per-rank network namespaces when a network fault is asked for or `network.isolate` is true.
+    Golden runs always use loopback: which fabric carries the bytes does not change the bits. Without
+    the privilege for namespaces: a one-line PrivilegeError, or with `network.fallback: simulate`,
+    the network faults are swapped for their simulated variants and the reports say `simulated`.
+    """
+    from burnin.errors import PrivilegeError, UserError
+    from burnin.faults.network import SIMULATED, simulate
+    from burnin.harness.fabric import NetnsFabric, privilege_problem
+
+    real = [i for i, f in enumerate(scenario.faults) if f.fault in SIMULATED]
+    isolate, fallback = scenario.network.isolate, scenario.network.fallback
+    if not real and not isolate:
+        return scenario, None
+    for i in real:
+        spec = scenario.faults[i]
+        side = spec.params.get("ranks") or [spec.rank]
+        if spec.fault == "network.partition" and (max(side) >= scenario.workload.ranks
+                                                  or len(set(side)) >= scenario.workload.ranks):
+            raise UserError(f"scenario {scenario.name}: faults.{i}.params.ranks: {side} must name some, not all, "
+                            f"of ranks 0..{scenario.workload.ranks - 1}")
+    what = f"faults.{real[0]} ({scenario.faults[real[0]].fault})" if real else "network.isolate: true"
+    if isolate is False:
+        if fallback == "simulate":
+            return simulate(scenario), None
+        raise UserError(f"scenario {scenario.name}: {what} needs per-rank network namespaces, but network.isolate "
+                        "is false; drop it, or set network.fallback: simulate")
+    problem = privilege_problem()
+    if problem is None:
+        return scenario, NetnsFabric(run_id)
+    if fallback == "simulate":
+        return simulate(scenario), None
+    raise PrivilegeError(f"scenario {scenario.name}: {what} needs per-rank network namespaces, but {problem}; "
+                         "run as root, or set network.fallback: simulate")
 
 
 def _finish(scenario: Scenario, run_dir: Path, run_id: str, key: str, golden: GoldenRecord | None,

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from burnin.harness import cleanup
 from burnin.harness.events import EventWriter, Tail
+from burnin.harness.netwatch import NetworkWatch
 from burnin.scenarios.schema import Scenario
 
 __all__ = ["Supervisor", "classify_exit", "classify_error", "signature"]
@@ -181,6 +182,7 @@ class Supervisor:
         self._faults = [f.build() for f in self.scenario.faults]
         if self.fabric is None:
             self.fabric = LocalFabric()
+        self._watch = NetworkWatch(self.scenario.faults, self._faults, self.fabric, self._fired, self._emit)
 
     # -- public ----------------------------------------------------------------------------
 
@@ -194,7 +196,9 @@ class Supervisor:
         attempt, restarts = 0, 0
         finished = False
         try:
-            self.fabric.setup(sc.workload.ranks)
+            fabric = self.fabric.setup(sc.workload.ranks)
+            if fabric:
+                self._emit("fabric_ready", **fabric)
             while True:
                 ok, evidence = self._attempt(attempt, deadline)
                 if ok:
@@ -208,6 +212,7 @@ class Supervisor:
                 restarts += 1
                 attempt += 1
                 self._emit("restart", attempt=attempt)
+                self._settle(deadline)
         finally:
             try:
                 self._run_actions(force=True)
@@ -230,6 +235,7 @@ class Supervisor:
             while True:
                 now = time.time()
                 self._run_actions()
+                self._watch.poll()
                 progressed = self._drain(ranks)
                 if progressed:
                     last_progress = now
@@ -290,7 +296,8 @@ class Supervisor:
                                     start_new_session=True)
             log.close()
             # One tail per rank for the whole run: a new attempt appends to the same stream.
-            tail = self._tails.setdefault(r, Tail(self.run_dir / "ranks" / f"rank{r}.jsonl"))
+            # A resumed campaign reuses its run directory: what the streams hold is an earlier session's.
+            tail = self._tails.setdefault(r, Tail(self.run_dir / "ranks" / f"rank{r}.jsonl", from_end=True))
             ranks.append(_Rank(r, proc, tail, hb))
         cleanup.register(self.run_id, self.run_dir, [r.proc.pid for r in ranks])
         return ranks
@@ -310,6 +317,7 @@ class Supervisor:
         kind = ev.get("event")
         if kind == "step_done":
             r.last_step = ev["step"]
+            self._watch.step_done(ev)
         elif kind == "pg_ready":
             r.pg_ready = True
         elif kind == "rank_finished":
@@ -361,7 +369,10 @@ class Supervisor:
                     add("exit_code", r.rank, *classify_exit(rc))
             elif rc == 0 and not r.finished:
                 add("exit_code", r.rank, "exit", "exit code 0 before the last step")
-            elif rc is None:
+            elif rc is None and not r.finished:
+                # A finished rank is exiting: the heartbeat thread freezes while the interpreter shuts
+                # down (2-3 s with a process group and DDP, more on a busy machine); the step watchdog
+                # still bounds an exit that never ends.
                 try:
                     age = now - r.heartbeat.stat().st_mtime
                 except FileNotFoundError:
@@ -417,6 +428,21 @@ class Supervisor:
         exits = {r.rank: r.proc.returncode for r in ranks}
         cleanup.unregister(self.run_id)
         self._emit("teardown_done", attempt=attempt, exits=exits)
+
+    def _settle(self, deadline: float) -> None:
+        """Before a restart, wait for the undo actions due soon (a link coming back up): a group
+        restarted onto a link that is still down would only fail its rendezvous again. Waits for
+        those due within `timeouts.connect_s`, no longer; the wait counts in the restart phase."""
+        now = time.time()
+        waiting = [a for a in self._actions if a.due <= min(now + self.scenario.timeouts.connect_s, deadline)]
+        if not waiting:
+            return
+        until = max(a.due for a in waiting)
+        self._emit("restart_delayed", seconds=max(0.0, until - now), actions=[a.label for a in waiting])
+        while time.time() < until and any(a in self._actions for a in waiting):
+            self._run_actions()
+            time.sleep(POLL_S * 5)
+        self._run_actions()
 
     def _run_actions(self, force: bool = False) -> None:
         """Run the scheduled actions that are due (all of them with `force`), each once."""

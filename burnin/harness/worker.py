@@ -245,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(1)  # skip interpreter teardown: a broken process group can hang it
     events.close()
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is written and the group is destroyed: interpreter teardown (DDP, gloo and torch
+    # finalizers) took 1-3 s per rank here, during which the heartbeat thread is already gone.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ The model is nanoGPT's decoder-only transformer, so a fault lands in the same ki
 Markov chain whose entropy rate is known exactly: the loss has a floor to converge to, and each
 batch is a pure function of (seed, step, rank), so resuming from a checkpoint needs no loader state.
 
-This module is a leaf: it imports nothing from the rest of burnin.
+This module imports nothing from the rest of burnin but the Triton loss (`burnin.kernels.reduction`),
+and that only when a model is built with kernels="triton".
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class GPTConfig:
     n_head: int
     n_embd: int
     dropout: float
+    kernels: str = "torch"  # the loss's row reduction: "torch" or "triton"
 
 
 # Parameter counts (all parameters, tied lm_head counted once): tiny 437,760 (~0.44M) and
@@ -44,11 +46,13 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def gpt_config(preset: str, seq_len: int, dropout: float) -> GPTConfig:
+def gpt_config(preset: str, seq_len: int, dropout: float, kernels: str = "torch") -> GPTConfig:
     """Build the config of a named model size for sequences of `seq_len` tokens."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return GPTConfig(block_size=seq_len, dropout=dropout, **PRESETS[preset])
+    if kernels not in ("torch", "triton"):
+        raise ValueError(f"unknown kernels {kernels!r}; choose 'torch' or 'triton'")
+    return GPTConfig(block_size=seq_len, dropout=dropout, kernels=kernels, **PRESETS[preset])
 
 
 class _CausalSelfAttention(nn.Module):
@@ -103,6 +107,16 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.kernels == "triton":
+            # The caller has chosen how kernels run (burnin.kernels._runtime.prepare) before this import.
+            try:
+                from burnin.kernels.reduction import cross_entropy
+            except ImportError as exc:
+                raise RuntimeError(f"workload.kernels is 'triton' but triton cannot be imported ({exc}): "
+                                   "install triton (Linux only), or set workload.kernels: torch") from None
+            self._loss = cross_entropy
+        else:
+            self._loss = F.cross_entropy
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
@@ -136,7 +150,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+        loss = self._loss(logits.view(-1, logits.shape[-1]), targets.view(-1))
         return logits, loss
 
     def num_params(self) -> int:

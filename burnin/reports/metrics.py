@@ -1,22 +1,33 @@
 """Prometheus metrics of a run: faults injected, failures, restarts, recovery times, outcomes.
 
 One `Metrics` object per supervisor. Counters that follow the run as it happens (faults injected,
-failures, restarts, steps) are fed live by the supervisor; what only the verdict knows (outcomes,
-recovery breakdowns, lost steps, pass/fail) comes from `from_result` once the run is judged.
-Rates and ratios belong in PromQL, e.g.
-``sum(rate(burnin_fault_outcomes_total{outcome="sdc"}[1h])) / sum(rate(burnin_faults_injected_total[1h]))``.
+failures, restarts, steps, detections, rollbacks) are fed live, and only, through `observe(event)`
+with each event of the run's log; what only the verdict knows (outcomes, recovery breakdowns, lost
+steps, false alarms, pass/fail) comes from `from_result` once the run is judged. Rates and ratios
+belong in PromQL (see `burnin/reports/prometheus/rules.yml` and docs/metrics.md), e.g.
+``sum(burnin_fault_outcomes_total{outcome="sdc"}) / sum(burnin_fault_outcomes_total)``.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, write_to_textfile
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    push_to_gateway,
+    start_http_server,
+    write_to_textfile,
+)
 
 from burnin.reports.result import RecoveryBreakdown, RunResult
 
-__all__ = ["Metrics", "MetricsServer", "CAUSES", "OUTCOMES", "PHASES"]
+__all__ = ["Metrics", "MetricsServer", "CAUSES", "OUTCOMES", "PHASES", "DETECTORS", "PUSH_JOB"]
 
 #: Failure causes as the supervisor classifies them; anything else is counted as "other".
 CAUSES: tuple[str, ...] = (
@@ -26,6 +37,18 @@ CAUSES: tuple[str, ...] = (
 OUTCOMES: tuple[str, ...] = ("recovered", "masked", "detected", "sdc", "failed")
 #: Parts of a recovery, in order; the names match RecoveryBreakdown's fields without `_s`.
 PHASES: tuple[str, ...] = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
+#: In-rank detectors (burnin.harness.detectors, plus step recomputation); anything else is "other".
+DETECTORS: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_norm_spike", "fingerprint", "recompute")
+#: Everything that can detect a fault: in-rank detectors, the supervisor's, the checkpoint loader's.
+DETECTED_BY: tuple[str, ...] = DETECTORS + (
+    "exit_signal", "exit_code", "heartbeat", "rank_error", "step_timeout", "connect_timeout",
+    "checkpoint_checksum", "crash", "step_stall", "straggler")
+#: Corruption targets and bit classes (burnin.faults.corruption); anything else is "other".
+TARGETS: tuple[str, ...] = ("param", "optimizer_state", "grad", "allreduce_payload", "grad_reduced",
+                            "activation", "batch")
+BIT_CLASSES: tuple[str, ...] = ("sign", "exponent", "mantissa_high", "mantissa_low", "any", "nan", "inf", "-inf")
+#: The `job` label of pushed metrics (the Pushgateway's grouping key).
+PUSH_JOB = "burnin"
 
 # A recovery takes from under a second (in-process rollback) to minutes (a node restart).
 RECOVERY_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -40,6 +63,10 @@ def _bounded(value: str, allowed: tuple[str, ...]) -> str:
     return value if value in allowed else "other"
 
 
+def _flag(value: Any) -> str:
+    return "true" if value else "false"
+
+
 class MetricsServer:
     """A running /metrics endpoint; `stop()` shuts it down and frees the port."""
 
@@ -48,11 +75,32 @@ class MetricsServer:
         self.addr: str = httpd.server_address[0]
         self.port: int = httpd.server_address[1]
         self._stopped = False
+        # When the last scrape had its body built: `linger` waits for one after the final values.
+        self.last_scrape: float = 0.0
+        app = httpd.get_app()
+
+        def timed(environ: dict, start_response: Any) -> Any:
+            body = app(environ, start_response)
+            self.last_scrape = time.time()
+            return body
+
+        httpd.set_app(timed)
 
     @property
     def url(self) -> str:
         host = f"[{self.addr}]" if ":" in self.addr else self.addr
         return f"http://{host}:{self.port}/metrics"
+
+    def linger(self, since: float, timeout: float) -> bool:
+        """Wait (at most `timeout` seconds) until a scrape reads the values as they were at `since`,
+        so a scraper sees a run's final numbers before the endpoint goes away. True if one did."""
+        deadline = time.monotonic() + timeout
+        while self.last_scrape < since and time.monotonic() < deadline and not self._stopped:
+            time.sleep(0.05)
+        if self.last_scrape >= since:
+            time.sleep(0.1)  # the scraper is still reading the body
+            return True
+        return False
 
     def stop(self) -> None:
         if self._stopped:
@@ -70,20 +118,40 @@ class MetricsServer:
 
 
 class Metrics:
-    """The burnin metrics, registered on their own registry (never the process-global one)."""
+    """The burnin metrics, registered on their own registry (never the process-global one).
+
+    docs/metrics.md is the catalogue of what is registered here; a test keeps the two in step.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.faults_injected = Counter(
-            "burnin_faults_injected_total", "Faults injected, by fault name.", ["fault"], registry=r)
+            "burnin_faults_injected_total", "Faults injected, by fault name and whether the fault was simulated.",
+            ["fault", "simulated"], registry=r)
         self.fault_outcomes = Counter(
             "burnin_fault_outcomes_total", "Outcomes of injected faults (recovered, masked, detected, sdc, failed).",
-            ["fault", "outcome"], registry=r)
+            ["fault", "outcome", "simulated"], registry=r)
         self.failures = Counter(
             "burnin_failures_total", "Failures of the rank group, by classified cause.", ["cause"], registry=r)
         self.restarts = Counter(
             "burnin_restarts_total", "Restarts of the rank group.", registry=r)
+        self.rollbacks = Counter(
+            "burnin_rollbacks_total", "In-process rollbacks to the last verified snapshot.", registry=r)
+        self.detections = Counter(
+            "burnin_detections_total", "Findings of the in-rank detectors, by detector.", ["detector"], registry=r)
+        self.false_alarms = Counter(
+            "burnin_false_alarms_total", "Detector findings before any fault was injected, by detector.",
+            ["detector"], registry=r)
+        self.faults_detected = Counter(
+            "burnin_faults_detected_total", "Injected faults, by the detector that caught each first.",
+            ["fault", "detector"], registry=r)
+        self.detection_latency_steps = Histogram(
+            "burnin_detection_latency_steps", "Steps from a fault to its first detection, by detector.",
+            ["detector"], buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.corruption_outcomes = Counter(
+            "burnin_corruption_outcomes_total", "Outcomes of corruption faults by target and bit class.",
+            ["target", "bit_class", "outcome"], registry=r)
         self.recovery_seconds = Histogram(
             "burnin_recovery_seconds", "Time from a fault to the first step completed after resuming.",
             ["fault"], buckets=RECOVERY_BUCKETS, registry=r)
@@ -93,9 +161,16 @@ class Metrics:
         self.lost_steps_hist = Histogram(
             "burnin_lost_steps", "Training steps recomputed after a recovery.",
             buckets=LOST_STEPS_BUCKETS, registry=r)
+        self.network_stall_seconds = Histogram(
+            "burnin_network_stall_seconds", "Extra time of a training step stalled by a network fault "
+            "(its step time minus the median step time), one observation per stalled step.",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
         self.training_steps = Counter(
             "burnin_training_steps_total", "Training steps completed by rank 0, recomputed steps included.",
             registry=r)
+        self.useful_steps = Counter(
+            "burnin_useful_steps_total", "Distinct training steps completed by rank 0: the first execution of "
+            "each step; steps recomputed after a restart or rollback are not counted.", registry=r)
         self.checkpoints_rejected = Counter(
             "burnin_checkpoints_rejected_total", "Checkpoints that failed verification and were skipped.",
             registry=r)
@@ -111,9 +186,19 @@ class Metrics:
             self.failures.labels(cause=cause)
         for phase in PHASES:
             self.recovery_phase_seconds.labels(phase=phase)
+        for detector in DETECTORS:
+            self.detections.labels(detector=detector)
+            self.false_alarms.labels(detector=detector)
 
         self._servers: list[MetricsServer] = []
         self._results_seen: set[str] = set()
+        self._new_run()
+
+    def _new_run(self) -> None:
+        # What observe() needs to remember within one run.
+        self._top_step = -1                                   # newest step rank 0 completed
+        self._first_fault_t: float | None = None              # earliest fault_injected time
+        self._alarm_candidates: list[tuple[float, str]] = []  # detections before any fault so far
 
     # -- fed live by the supervisor -------------------------------------------------------------
 
@@ -123,17 +208,25 @@ class Metrics:
         self.run_info.labels(scenario=scenario, run_id=run_id).set(1)
         for result in ("passed", "failed"):
             self.runs.labels(scenario=scenario, result=result)
+        self._new_run()
 
-    def fault_injected(self, fault: str) -> None:
-        self.faults_injected.labels(fault=fault).inc()
+    def fault_injected(self, fault: str, simulated: bool = False) -> None:
+        sim = _flag(simulated)
+        self.faults_injected.labels(fault=fault, simulated=sim).inc()
         for outcome in OUTCOMES:
-            self.fault_outcomes.labels(fault=fault, outcome=outcome)
+            self.fault_outcomes.labels(fault=fault, outcome=outcome, simulated=sim)
 
     def failure(self, cause: str) -> None:
         self.failures.labels(cause=_bounded(cause, CAUSES)).inc()
 
     def restart(self) -> None:
         self.restarts.inc()
+
+    def rollback(self) -> None:
+        self.rollbacks.inc()
+
+    def detection(self, detector: str) -> None:
+        self.detections.labels(detector=_bounded(detector, DETECTORS)).inc()
 
     def step_done(self, n: int = 1) -> None:
         self.training_steps.inc(n)
@@ -151,8 +244,22 @@ class Metrics:
     def lost_steps(self, n: int) -> None:
         self.lost_steps_hist.observe(n)
 
-    def outcome(self, fault: str, outcome: str) -> None:
-        self.fault_outcomes.labels(fault=fault, outcome=_bounded(outcome, OUTCOMES)).inc()
+    def outcome(self, fault: str, outcome: str, simulated: bool = False) -> None:
+        self.fault_outcomes.labels(fault=fault, outcome=_bounded(outcome, OUTCOMES), simulated=_flag(simulated)).inc()
+
+    def judged_fault(self, fault: str, outcome: str, detected_by: str | None, latency_steps: int | None,
+                     target: str | None, bit_class: str | None) -> None:
+        """What a judged fault adds beyond its outcome: who detected it, how late, and for
+        corruption faults the outcome by target and bit class (campaign trials come here too)."""
+        if detected_by is not None:
+            det = _bounded(detected_by, DETECTED_BY)
+            self.faults_detected.labels(fault=fault, detector=det).inc()
+            if latency_steps is not None:
+                self.detection_latency_steps.labels(detector=det).observe(latency_steps)
+        if target is not None:
+            self.corruption_outcomes.labels(target=_bounded(target, TARGETS),
+                                            bit_class=_bounded(str(bit_class), BIT_CLASSES),
+                                            outcome=_bounded(outcome, OUTCOMES)).inc()
 
     def run_finished(self, scenario: str, ok: bool) -> None:
         for result in ("passed", "failed"):
@@ -160,24 +267,46 @@ class Metrics:
         self.runs.labels(scenario=scenario, result="passed" if ok else "failed").inc()
 
     def observe(self, event: dict) -> None:
-        """Feed one event of the run's log. The live counters follow the log exactly, so replaying
-        `events.jsonl` into a fresh Metrics gives the same totals as the run itself did."""
+        """Feed one event of the run's log: the single way events reach the counters. The live
+        counters follow the log exactly, so replaying `events.jsonl` into a fresh Metrics gives
+        the same totals as the run itself did, restarts or not."""
         kind = event.get("event")
         if kind == "step_done" and event.get("rank") == 0:
             self.step_done()
+            step = event.get("step")
+            if isinstance(step, int) and step > self._top_step:
+                self._top_step = step
+                self.useful_steps.inc()
         elif kind == "fault_injected":
-            self.fault_injected(event["fault"])
+            self.fault_injected(event["fault"], simulated=bool(event.get("simulated")))
+            t = event.get("t")
+            if t is not None and (self._first_fault_t is None or t < self._first_fault_t):
+                self._first_fault_t = t
+                self._alarm_candidates = [(ct, d) for ct, d in self._alarm_candidates if ct < t]
+        elif kind == "detection":
+            detector = _bounded(str(event.get("detector")), DETECTORS)
+            self.detection(detector)
+            t = event.get("t", 0.0)
+            if self._first_fault_t is None or t < self._first_fault_t:
+                self._alarm_candidates.append((t, detector))
         elif kind == "failure_detected":
             self.failure(event["cause"])
         elif kind == "restart":
             self.restart()
+        elif kind == "rollback":
+            self.rollback()
         elif kind == "checkpoint_rejected":
             self.checkpoint_rejected()
+        elif kind == "network_stall":
+            self.network_stall_seconds.observe(float(event["stall_s"]))
 
     def from_result(self, result: RunResult) -> None:
-        """Record the judged parts of a run: outcomes, recoveries, lost steps, pass/fail.
+        """Record the judged parts of a run: outcomes, recoveries, lost steps, false alarms, pass/fail.
 
         Only injected faults get an outcome, so outcomes sum to `burnin_faults_injected_total`.
+        A false alarm is what the verdict calls one: a detection with no fault injected before it
+        (by time). Their detectors are those `observe` saw; any the verdict counts beyond those
+        (events never observed here) are labelled "other", so the total always equals the verdict's.
         A second call with the same run id is ignored, so rebuilding reports does not double count.
         """
         if result.run_id in self._results_seen:
@@ -186,11 +315,19 @@ class Metrics:
         for f in result.faults:
             if not f.injected:
                 continue
-            self.outcome(f.fault, f.outcome)
+            self.outcome(f.fault, f.outcome, simulated=f.simulated)
+            self.judged_fault(f.fault, f.outcome, f.detected_by, f.details.get("detection_latency_steps"),
+                              f.details.get("target"), f.details.get("bit_class") or f.details.get("value"))
             if f.recovery is not None:
                 self.recovery(f.fault, f.recovery)
             if f.lost_steps is not None:
                 self.lost_steps(f.lost_steps)
+        alarms = self._alarm_candidates[:result.false_alarms]
+        for _, detector in alarms:
+            self.false_alarms.labels(detector=detector).inc()
+        if result.false_alarms > len(alarms):
+            self.false_alarms.labels(detector="other").inc(result.false_alarms - len(alarms))
+        self._alarm_candidates = []
         # A harness error fails the run even when every listed expectation held.
         self.run_finished(result.scenario, result.ok and result.error is None)
 
@@ -203,11 +340,23 @@ class Metrics:
         self._servers.append(server)
         return server
 
-    def stop(self) -> None:
-        """Stop every server `serve` started."""
+    def stop(self, linger_s: float = 0.0) -> None:
+        """Stop every server `serve` started. With `linger_s`, first wait up to that long for each
+        to be scraped once more, so the final values (outcomes, recoveries) reach the scraper."""
+        since = time.time()
+        deadline = time.monotonic() + linger_s
         while self._servers:
-            self._servers.pop().stop()
+            server = self._servers.pop()
+            if linger_s > 0:
+                server.linger(since, max(0.0, deadline - time.monotonic()))
+            server.stop()
 
     def write_textfile(self, path: str | Path) -> None:
         """Write the metrics for node_exporter's textfile collector (atomic: tmp file + rename)."""
         write_to_textfile(str(path), self.registry)
+
+    def push(self, gateway: str, scenario: str, instance: str, timeout: float = 10.0) -> None:
+        """Push every metric to a Pushgateway, replacing the group {job="burnin", scenario, instance}
+        (HTTP PUT): the group then holds this run's totals. Raises OSError when the push fails."""
+        push_to_gateway(gateway, job=PUSH_JOB, registry=self.registry,
+                        grouping_key={"scenario": scenario, "instance": instance}, timeout=timeout)

@@ -18,7 +18,7 @@ from typing import Any
 
 from burnin.reports.result import SCHEMA_VERSION, FaultResult, RunResult
 
-__all__ = ["write_reports", "render_console", "render_plain", "passed"]
+__all__ = ["write_reports", "render_console", "render_plain", "passed", "failure_groups"]
 
 _PHASES = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
 
@@ -77,8 +77,33 @@ def _summary_json(result: RunResult) -> str:
     d = result.to_dict()
     d = {"schema_version": d.pop("schema_version", SCHEMA_VERSION), **d}
     d["passed"] = passed(result)
+    d["failure_groups"] = failure_groups(result)
     # default=str: a stray object in a fault's details must not cost the whole report.
     return json.dumps(_json_safe(d), indent=2, allow_nan=False, default=str) + "\n"
+
+
+def failure_groups(result: RunResult) -> list[dict[str, Any]]:
+    """The run's failures grouped by signature (one root cause, one group), the biggest first.
+
+    Each group: signature, count, causes, ranks, steps (the step each failure interrupted: the
+    first one not completed by every rank, in the order the failures happened; a step that comes
+    back is a replay that failed again) and faults (the scenario faults it was attributed to).
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for x in result.failures:
+        g = groups.setdefault(x.signature, {"signature": x.signature, "count": 0, "causes": [], "ranks": [],
+                                            "steps": [], "faults": []})
+        g["count"] += 1
+        for key, value in (("causes", x.cause), ("ranks", x.rank), ("faults", x.fault_index)):
+            if value is not None and value not in g[key]:
+                g[key].append(value)
+        # None: no rank completed a step of that attempt, so the step is not known from the events.
+        g["steps"].append(x.last_step + 1 if x.last_step is not None else None)
+    for g in groups.values():
+        g["ranks"].sort()
+        g["faults"].sort()
+    # Stable: equal counts keep the order of their first failure.
+    return sorted(groups.values(), key=lambda g: -g["count"])
 
 
 # -- junit.xml ------------------------------------------------------------------------------------
@@ -225,6 +250,14 @@ def _summary_md(result: RunResult) -> str:
     else:
         lines.append("No failures.")
     lines.append("")
+    groups = failure_groups(result)
+    if groups:
+        lines += ["## Failure groups", ""]
+        rows = [[f"`{g['signature']}`", g["count"], ", ".join(g["causes"]), ", ".join(map(str, g["ranks"])) or "-",
+                 ", ".join("?" if st is None else str(st) for st in g["steps"]) or "-", ", ".join(map(str, g["faults"])) or "unexplained"]
+                for g in groups]
+        lines += _table(["signature", "count", "causes", "ranks", "steps", "faults"], rows)
+        lines.append("")
 
     if result.expectations:
         lines += ["## Expectations", ""]
