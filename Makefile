@@ -47,6 +47,7 @@ test: setup sysdeps
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/campaign.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
