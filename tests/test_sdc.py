@@ -118,3 +118,21 @@ def test_campaign_same_seed_same_summary_and_resume(tmp_path: Path) -> None:
     b = _campaign_summary(run_b)
     assert len((run_b / "trials.jsonl").read_text().splitlines()) == 16  # no trial twice
     assert b == a
+
+
+@pytest.mark.gpu
+def test_state_digest_on_cuda_uses_the_kernel_and_sees_one_bit() -> None:
+    import torch
+
+    from burnin.faults.bits import flip_bit_
+    from burnin.harness.detectors import state_digest
+    from burnin.harness.workload import GPT, gpt_config, make_optimizer
+
+    torch.manual_seed(0)
+    a = GPT(gpt_config("tiny", 64, 0.0, "torch")).cuda()
+    torch.manual_seed(0)
+    b = GPT(gpt_config("tiny", 64, 0.0, "torch")).cuda()
+    oa, ob = make_optimizer(a, 1e-3, 0.1), make_optimizer(b, 1e-3, 0.1)
+    assert state_digest(a, oa) == state_digest(b, ob)
+    flip_bit_(b.wte.weight.data, 12345, 3)
+    assert state_digest(a, oa) != state_digest(b, ob)

@@ -139,10 +139,33 @@ class Fingerprint(Detector):
 
 
 def state_digest(model: Any, optimizer: Any) -> bytes:
-    """SHA-256 of the parameters, buffers and optimizer state: what every replica must hold alike."""
+    """A digest of the parameters, buffers and optimizer state: what every replica must hold alike.
+
+    On a GPU each tensor is fingerprinted where it lives by the Triton kernel (burnin.kernels.
+    fingerprint: any single-bit flip changes it) and only the per-tensor numbers are hashed, so
+    nothing large crosses to the host. On the CPU, SHA-256 over the bytes is ~20x cheaper than the
+    kernel in the Triton interpreter (1.7 ms against 35 ms for the tiny model's parameters).
+    """
+    import hashlib
+
     from burnin.harness.state import state_hash
 
-    return bytes.fromhex(state_hash(model, optimizer))
+    if not next(model.parameters()).is_cuda:
+        return bytes.fromhex(state_hash(model, optimizer))
+    from burnin.kernels.fingerprint import digest
+
+    h = hashlib.sha256()
+    tensors = list(model.state_dict().items())
+    osd = optimizer.state_dict()["state"] if optimizer is not None else {}
+    tensors += [(f"optim.{pid}.{k}", v) for pid in sorted(osd) for k, v in sorted(osd[pid].items())]
+    for name, t in tensors:
+        h.update(name.encode())
+        if hasattr(t, "is_cuda") and t.is_cuda and t.numel():
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(digest(t.detach().contiguous()).to_bytes(8, "little"))
+        else:
+            h.update(repr(t.tolist() if hasattr(t, "tolist") else t).encode())
+    return h.digest()
 
 
 DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NonFinite, LossSpike, GradNormSpike, Fingerprint)}
