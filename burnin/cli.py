@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -280,9 +281,15 @@ _COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "list": _cmd_list, "val
              "cleanup": _cmd_cleanup, "report": _cmd_report, "rules": _cmd_rules, "doctor": _cmd_doctor}
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("terminated by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # SIGTERM ends every command as Ctrl-C does: teardown runs, nothing is left behind.
+    signal.signal(signal.SIGTERM, _terminated)
     if args.command is None:
         parser.print_help()
         return 2

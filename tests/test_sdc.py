@@ -136,3 +136,26 @@ def test_state_digest_on_cuda_uses_the_kernel_and_sees_one_bit() -> None:
     assert state_digest(a, oa) == state_digest(b, ob)
     flip_bit_(b.wte.weight.data, 12345, 3)
     assert state_digest(a, oa) != state_digest(b, ob)
+
+
+def test_sigterm_ends_a_campaign_cleanly(tmp_path: Path) -> None:
+    from conftest import processes_of_run
+
+    proc = subprocess.Popen(burnin_cmd("campaign", "sdc-campaign", "--trials", "40", "--out", str(tmp_path)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        logs = list(tmp_path.glob("*/trials.jsonl"))
+        if logs and logs[0].read_text().strip():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    run_dir = run_dir_of(tmp_path)
+    assert processes_of_run(run_dir.name) == []
+    import os
+
+    registry = Path(os.environ["BURNIN_STATE_DIR"]) / "runs" / f"{run_dir.name}.json"
+    assert not registry.exists(), "the run unregistered itself on the way out"
