@@ -34,7 +34,10 @@ def _heartbeat(path: Path, period_s: float) -> None:
     threading.Thread(target=beat, name="burnin-heartbeat", daemon=True).start()
 
 
-def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None:
+def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
+    """Train to the last step (or run a campaign's trials). Returns the DDP module, which must not be
+    freed before the process exits: freeing DDP's reducer joins a gloo thread that can wait forever
+    for the GIL (seen at exit in benchmark runs), so `main` holds it until `os._exit`."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -56,6 +59,7 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
 
     # -- determinism: pinned threads, deterministic kernels (measured: the thread count changes the bits)
     torch.set_num_threads(w["threads"])
+    # (~1.2 s of a rank's start is torch._dynamo, imported by this call and by AdamW alike in torch 2.13)
     torch.use_deterministic_algorithms(True)
 
     # -- device and process group
@@ -143,7 +147,7 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
         run_trials(spec["campaign"], run, one_step, sc, rank, world_size, events)
         events.emit("rank_finished", final_step=None, state_hash=state_hash(model, optimizer))
         dist.destroy_process_group()
-        return
+        return ddp
 
     guard, injector = run.guard, run.injector
     guard.start(start_step)
@@ -175,6 +179,7 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> None
 
     events.emit("rank_finished", final_step=w["steps"] - 1, state_hash=state_hash(model, optimizer))
     dist.destroy_process_group()
+    return ddp
 
 
 def _allreduce_hook(run, bucket):  # noqa: ANN001 -- DDP inspects the annotation: none, or a real GradBucket
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     _heartbeat(rank_dir / f"rank{rank}.heartbeat", spec["heartbeat_period_s"])
     events.emit("rank_started", pid=os.getpid())
     try:
-        train(spec, rank, world_size, events)
+        keep = train(spec, rank, world_size, events)  # noqa: F841 -- freed only by os._exit
     except BaseException as exc:  # report, then die: the supervisor decides what happens next
         tb = traceback.format_exception(exc)
         events.emit("rank_error", error_type=type(exc).__name__, message=str(exc)[:2000],

@@ -1,0 +1,439 @@
+"""Recovery time of a killed rank: burnin's supervisor against plain `torchrun --max-restarts 1`.
+
+Both run the same job, the bundled kill-rank scenario's: GPT tiny on 2 gloo ranks, 30 steps, a
+checkpoint every 5 steps, rank 1 SIGKILLed right after step 12, one restart that resumes from the
+checkpoint of step 10.
+
+  burnin    the bundled `kill-rank` scenario through `burnin.harness.runner.run_scenario`;
+            the breakdown is summary.json's faults[0].recovery
+  torchrun  `torchrun --standalone --nproc-per-node 2 --max-restarts 1 benchmarks/_torchrun_train.py`
+            (torch.save checkpoints, resume from the newest on start, rank 1 kills itself on the
+            first attempt); the phases come from the ranks' timestamps and the agent's log lines
+
+Phases, with burnin's names (all times from the kill to the end of the phase's last rank):
+  detection_s        kill -> failure noticed (burnin: supervisor; torchrun: the agent sends SIGTERM
+                     to the survivor, or logs the failure when the survivor was already gone)
+  teardown_s         -> every process of the old group gone (torchrun: the agent's "failed (exitcode"
+                     line, logged once the survivors have exited)
+  restart_s          -> every new rank's process group formed (spawn, Python and torch import,
+                     rendezvous; torchrun's re-rendezvous of its agents is in here too)
+  checkpoint_load_s  -> checkpoint loaded (burnin also verifies SHA-256 sums; the torchrun script doesn't)
+  first_step_s       -> first step after the resume done (DDP construction included in both)
+A second split needs no log parsing and is measured the same way for both: kill -> first new
+process started (`kill_to_spawn_s`), and process start -> process group formed (`spawn_to_pg_s`).
+
+torchrun is run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with its default shared store, the
+restarted gloo group often fails to connect in this torch version (`--default-store-trials` kills
+are run that way and counted, reported as `torchrun_default_store`). Repeats alternate burnin and
+torchrun; medians are printed as JSON. Last, start-up probes time what a new rank does before it
+can train: start Python, import torch, turn on deterministic algorithms, form the gloo group
+(two processes at once, as a restart starts them).
+
+    .venv/bin/python benchmarks/recovery.py [--repeats 3] [--keep] [--json-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PHASES = ("detection_s", "teardown_s", "restart_s", "checkpoint_load_s", "first_step_s", "total_s")
+COMMON = ("kill_to_spawn_s", "spawn_to_pg_s", "checkpoint_load_s", "first_step_s", "total_s")
+TORCHRUN_ARGS = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
+_GLOG = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)(\.\d+) ")
+
+
+# -- burnin ----------------------------------------------------------------------------------
+
+def run_burnin(work: Path) -> dict[str, Any]:
+    from burnin.harness.events import read_events
+    from burnin.harness.runner import run_scenario
+    from burnin.scenarios.loader import load_scenario
+
+    result = run_scenario(load_scenario("kill-rank"), out_dir=work / "burnin")
+    fault = result.faults[0]
+    if fault.recovery is None:
+        raise RuntimeError(f"burnin kill-rank did not recover: {fault.outcome}; see {result.run_dir}")
+    ev = read_events(Path(result.run_dir) / "events.jsonl")
+    kill = fault.injected_at
+    spawn = min(e["t"] for e in ev if e.get("event") == "rank_started" and e.get("attempt") == 1)
+    common = _common(kill, spawn, ev, attempt=1)
+    golden = json.loads((Path(result.run_dir) / "golden.json").read_text())
+    return {"phases": _rounded(fault.recovery.to_dict(), PHASES), "common": common,
+            "resumed_from_step": fault.recovery.resumed_from_step, "lost_steps": fault.lost_steps,
+            "outcome": fault.outcome, "exact": result.exact, "final_state_hash": result.final_state_hash,
+            "golden_state_hash": golden["state_hash"], "wall_s": round(result.wall_s, 2)}
+
+
+# -- torchrun --------------------------------------------------------------------------------
+
+def _job() -> dict[str, Any]:
+    """kill-rank's workload, checkpoint spacing and kill, for the torchrun script."""
+    from burnin.scenarios.loader import load_scenario
+
+    sc = load_scenario("kill-rank")
+    kill = sc.faults[0]
+    if kill.fault != "process.kill" or sc.workload.ranks != 2 or sc.workload.device != "cpu":
+        raise RuntimeError(f"the bundled kill-rank scenario changed ({kill.fault}, {sc.workload.ranks} ranks): "
+                           "update benchmarks/recovery.py")
+    return {"workload": sc.workload.model_dump(mode="json"), "every": sc.checkpoint.every,
+            "kill_rank": kill.rank, "kill_step": kill.step}
+
+
+def _torchrun(out: Path, kill_step: int, share_store: bool,
+              timeout_s: float = 300) -> tuple[int | None, list[tuple[float, str]], float]:
+    """Run the script under torchrun; (exit code or None when killed at timeout_s, stderr lines with
+    their arrival times, wall s)."""
+    out.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if not share_store:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    job = _job()
+    cmd = [str(torchrun), *TORCHRUN_ARGS, str(HERE / "_torchrun_train.py"), "--out", str(out),
+           "--workload", json.dumps(job["workload"]), "--every", str(job["every"]),
+           "--kill-rank", str(job["kill_rank"]), "--kill-step", str(kill_step)]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    lines = []
+    # On timeout, SIGKILL the agent we started and its workers; that ends the read loop.
+    timer = threading.Timer(timeout_s, _kill_tree, (proc.pid,))
+    timer.start()
+    try:
+        for raw in proc.stderr:  # torchrun's agent logs one line per event, flushed
+            lines.append((time.time(), raw.decode(errors="replace").rstrip("\n")))
+        proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+            proc.wait()
+    (out / "torchrun.log").write_text("\n".join(text for _, text in lines))
+    wall = time.time() - t0
+    return (None if wall >= timeout_s and proc.returncode == -signal.SIGKILL else proc.returncode), lines, wall
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (torchrun starts each worker in a session of its own)."""
+    def children(p: int) -> list[int]:
+        found = []
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                found += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        return found
+
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children(p)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _line_time(arrived: float, text: str) -> float:
+    """The time a glog-style line (`W1124 04:08:26.772000 ...`) states, else the time it arrived."""
+    m = _GLOG.match(text)
+    if not m:
+        return arrived
+    mon, day, hh, mm, ss, frac = m.groups()
+    year = time.localtime(arrived).tm_year
+    return time.mktime((year, int(mon), int(day), int(hh), int(mm), int(ss), 0, 0, -1)) + float(frac)
+
+
+def _rank_events(out: Path) -> list[dict[str, Any]]:
+    ev = []
+    for path in sorted(out.glob("rank*.jsonl")):
+        rank = int(path.stem[4:])
+        ev += [{**json.loads(line), "rank": rank} for line in path.read_text().splitlines() if line.strip()]
+    return ev
+
+
+def run_torchrun(work: Path, n: int) -> dict[str, Any]:
+    out = work / f"torchrun-{n}"
+    rc, lines, wall = _torchrun(out, kill_step=_job()["kill_step"], share_store=False)
+    ev = _rank_events(out)
+    finished = [e for e in ev if e["event"] == "finished"]
+    if rc != 0 or len(finished) != 2:
+        raise RuntimeError(f"torchrun run failed (exit {rc}); see {out}/torchrun.log")
+    kill = next(e["t"] for e in ev if e["event"] == "kill")
+    after = [(_line_time(t, s), s) for t, s in lines if _line_time(t, s) >= kill]
+    failed = next(t for t, s in after if "failed (exitcode" in s)
+    sigterm = next((t for t, s in after if "closing signal" in s and t <= failed), None)
+    detected = sigterm if sigterm is not None else failed
+    spawn = min(e["t_start"] for e in ev if e["event"] == "process_start" and e["attempt"] == 1)
+    common = _common(kill, spawn, ev, attempt=1)
+    pg = max(e["t"] for e in ev if e["event"] == "pg_ready" and e["attempt"] == 1)
+    phases = {"detection_s": detected - kill, "teardown_s": failed - detected, "restart_s": pg - failed,
+              "checkpoint_load_s": common["checkpoint_load_s"], "first_step_s": common["first_step_s"]}
+    phases["total_s"] = sum(phases.values())
+    resumed = next(e for e in ev if e["event"] == "resumed" and e["attempt"] == 1)
+    killed_at = next(e["step"] for e in ev if e["event"] == "kill")
+    return {"phases": _rounded(phases, PHASES), "common": common,
+            "resumed_from_step": resumed["from_step"], "lost_steps": killed_at + 1 - resumed["from_step"],
+            "survivor_got_sigterm": sigterm is not None,
+            "final_state_hash": finished[0]["state_hash"], "wall_s": round(wall, 2)}
+
+
+def torchrun_reference(work: Path) -> str:
+    """Final state hash of a fault-free torchrun run of the same script."""
+    out = work / "torchrun-fault-free"
+    rc, _, _ = _torchrun(out, kill_step=-1, share_store=False)
+    finished = [e for e in _rank_events(out) if e["event"] == "finished"]
+    if rc != 0 or len(finished) != 2:
+        raise RuntimeError(f"fault-free torchrun run failed (exit {rc}); see {out}/torchrun.log")
+    return finished[0]["state_hash"]
+
+
+def torchrun_default_store(work: Path, trials: int, timeout_s: float) -> dict[str, Any]:
+    """Does the kill recover under torchrun's defaults (rendezvous store shared with the workers)?"""
+    recovered, errors = 0, []
+    for n in range(trials):
+        out = work / f"torchrun-default-store-{n}"
+        rc, lines, _ = _torchrun(out, kill_step=_job()["kill_step"], share_store=True, timeout_s=timeout_s)
+        finished = [e for e in _rank_events(out) if e["event"] == "finished"]
+        if rc == 0 and len(finished) == 2:
+            recovered += 1
+            continue
+        error = next((s.strip() for _, s in lines if "connectFullMesh failed" in s), None)
+        error = error or next((s.strip() for _, s in reversed(lines) if "Error" in s), f"exit code {rc}")
+        if rc is None:
+            error = f"killed after {timeout_s:g} s without recovering; last error: {error}"
+        errors.append(re.sub(r"\[127\.0\.0\.1\]:\d+", "[127.0.0.1]:PORT", error)[:300])
+    return {"trials": trials, "recovered": recovered, "timeout_s": timeout_s, "errors": sorted(set(errors))}
+
+
+# -- where a restart's time goes -------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_PG = ("import os, torch, torch.distributed as dist; torch.use_deterministic_algorithms(True); "
+       "dist.init_process_group('gloo', rank=int(os.environ['RANK']), world_size=2)")
+_PROBE_END = "\nimport os, sys, time; sys.stdout.write(repr(time.time())); sys.stdout.flush(); os._exit(0)"
+PROBES = {
+    "python_start": "pass",
+    "import_torch": "import torch",
+    "plus_deterministic_algorithms": "import torch; torch.use_deterministic_algorithms(True)",
+    "plus_init_process_group": _PG,
+}
+
+
+def startup_probes(repeats: int) -> dict[str, dict[str, float]]:
+    """Time from spawn to the end of each first stage of a rank's start (wall, and CPU of the slower
+    process), two processes at once as a restart starts them. The process ends there with os._exit:
+    interpreter teardown (torch's, dynamo's) is no part of a restart. The probes take turns, so a
+    busy moment of the machine does not hit one alone."""
+    wall: dict[str, list[float]] = {name: [] for name in PROBES}
+    cpu: dict[str, list[float]] = {name: [] for name in PROBES}
+    for _ in range(repeats):
+        for name, code in PROBES.items():
+            port, t0 = _free_port(), time.time()
+            procs = [subprocess.Popen([sys.executable, "-c", code + _PROBE_END], stdout=subprocess.PIPE,
+                                      env={**os.environ, "RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+                                           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                                           "TRITON_INTERPRET": "1"})
+                     for r in range(2)]
+            ends, used = [], []
+            for p in procs:
+                ends.append(float(p.stdout.read() or "nan"))
+                p.stdout.close()
+                _, status, usage = os.wait4(p.pid, 0)
+                p.returncode = os.waitstatus_to_exitcode(status)
+                used.append(usage.ru_utime + usage.ru_stime)
+            if any(p.returncode for p in procs) or any(e != e for e in ends):
+                raise RuntimeError(f"start-up probe {name} failed")
+            wall[name].append(max(ends) - t0)
+            cpu[name].append(max(used))
+    return {name: {"wall_s": round(statistics.median(wall[name]), 3), "cpu_s": round(statistics.median(cpu[name]), 3)}
+            for name in PROBES}
+
+
+# -- common ----------------------------------------------------------------------------------
+
+def _common(kill: float, spawn: float, ev: list[dict[str, Any]], attempt: int) -> dict[str, float]:
+    """The worker-side split: same definitions for both, from each rank's own timestamps."""
+    mine = [e for e in ev if e.get("attempt") == attempt]
+    pg = max(e["t"] for e in mine if e["event"] == "pg_ready")
+    loaded = max(e["t"] for e in mine if e["event"] == "resumed")
+    first: dict[int, float] = {}
+    for e in sorted((e for e in mine if e["event"] == "step_done"), key=lambda e: e["t"]):
+        first.setdefault(e["rank"], e["t"])
+    first_step = max(first.values())
+    return _rounded({"kill_to_spawn_s": spawn - kill, "spawn_to_pg_s": pg - spawn,
+                     "checkpoint_load_s": loaded - pg, "first_step_s": first_step - loaded,
+                     "total_s": first_step - kill}, COMMON)
+
+
+def _rounded(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: round(float(d[k]), 4) for k in keys}
+
+
+def _median(runs: list[dict[str, Any]], part: str, keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: round(statistics.median(r[part][k] for r in runs), 4) for k in keys}
+
+
+def _pressure(stall_before: int | None, started: float) -> float | None:
+    after = _cpu_stall_us()
+    if stall_before is None or after is None:
+        return None
+    return round(100 * (after - stall_before) / 1e6 / (time.time() - started), 1)
+
+
+def _cpu_stall_us() -> int | None:
+    """Microseconds some runnable task waited for a CPU since boot (Linux PSI), None without PSI."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return int(line.rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import torch
+
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3, help="kills measured per system (default 3)")
+    ap.add_argument("--no-exact-check", action="store_true",
+                    help="skip the fault-free torchrun run that checks the resume is bit-exact")
+    ap.add_argument("--default-store-trials", type=int, default=2,
+                    help="kills run under torchrun's default (shared) rendezvous store, to count how many "
+                         "recover within 45 s each (default 2; 0 skips)")
+    ap.add_argument("--probe-repeats", type=int, default=3,
+                    help="times each start-up probe (python, import torch, ...) is run (default 3; 0 skips)")
+    ap.add_argument("--keep", action="store_true", help="keep the working directory (runs, logs) and say where")
+    ap.add_argument("--json-only", action="store_true", help="print only the JSON result")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+
+    def say(msg: str) -> None:
+        if not args.json_only:
+            print(msg, file=sys.stderr, flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="burnin-bench-recovery-"))
+    os.environ["BURNIN_CACHE_DIR"] = str(work / "cache")  # a fresh golden record, outside the user's cache
+    started, load_before, stall_before = time.time(), os.getloadavg(), _cpu_stall_us()
+    burnin_runs: list[dict[str, Any]] = []
+    torchrun_runs: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    try:
+        for i in range(args.repeats):
+            order = ("burnin", "torchrun") if i % 2 == 0 else ("torchrun", "burnin")
+            for system in order:
+                if system == "burnin":
+                    r = run_burnin(work)
+                    burnin_runs.append(r)
+                else:
+                    r = run_torchrun(work, i)
+                    torchrun_runs.append(r)
+                say(f"repeat {i + 1}/{args.repeats} {system:8s} total {r['phases']['total_s']:6.2f} s  "
+                    + "  ".join(f"{k} {v:.3f}" for k, v in r["phases"].items() if k != "total_s"))
+        if not args.no_exact_check:
+            extra["torchrun_fault_free_state_hash"] = torchrun_reference(work)
+            say("fault-free torchrun run done")
+        if args.default_store_trials > 0:
+            d = torchrun_default_store(work, args.default_store_trials, timeout_s=45)
+            extra["torchrun_default_store"] = d
+            say(f"torchrun with its default store: {d['recovered']}/{d['trials']} recovered")
+        if args.probe_repeats > 0:
+            extra["startup_probes"] = startup_probes(args.probe_repeats)
+            say(f"start-up probes: {extra['startup_probes']}")
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    golden = burnin_runs[0]["golden_state_hash"]
+    job = _job()
+    torchrun: dict[str, Any] = {
+        "command": "torchrun " + " ".join(TORCHRUN_ARGS) + " benchmarks/_torchrun_train.py --out DIR",
+        "env": {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"},
+        "phases_median": _median(torchrun_runs, "phases", PHASES),
+        "common_median": _median(torchrun_runs, "common", COMMON),
+    }
+    if "torchrun_fault_free_state_hash" in extra:
+        ref = extra["torchrun_fault_free_state_hash"]
+        torchrun["exact"] = [r["final_state_hash"] == ref for r in torchrun_runs]
+        # The script builds, seeds and steps the model as burnin's worker does: same bits expected.
+        torchrun["fault_free_equals_burnin_golden"] = ref == golden
+    burnin = {
+        "command": "run_scenario(load_scenario('kill-rank'))",
+        "phases_median": _median(burnin_runs, "phases", PHASES),
+        "common_median": _median(burnin_runs, "common", COMMON),
+        "exact": [r["exact"] for r in burnin_runs],
+        "outcomes": [r["outcome"] for r in burnin_runs],
+    }
+    result = {
+        "benchmark": "recovery",
+        "date": time.strftime("%Y-%m-%d", time.localtime(started)),
+        "job": {"checkpoint_every": job["every"], "kill_rank": job["kill_rank"], "kill_after_step": job["kill_step"],
+                "workload": job["workload"],
+                "backend": "gloo", "resumed_from_step": burnin_runs[0]["resumed_from_step"],
+                "lost_steps": burnin_runs[0]["lost_steps"]},
+        "repeats": args.repeats,
+        "machine": {**_machine(), "loadavg_before": [round(x, 2) for x in load_before],
+                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                    # Share of the run's wall time in which some task waited for a CPU (ours included).
+                    "cpu_pressure_pct": _pressure(stall_before, started)},
+        "burnin": burnin,
+        "torchrun": torchrun,
+        "ratio_burnin_over_torchrun": {
+            k: round(burnin["common_median"][k] / torchrun["common_median"][k], 3)
+            for k in COMMON if torchrun["common_median"][k] > 0},
+        "phase_mapping": {
+            "detection_s": "torchrun: kill -> agent sends SIGTERM to the survivor (or logs the failure if it had "
+                           "already died); the agent polls every --monitor-interval (0.1 s)",
+            "teardown_s": "torchrun: -> agent logs 'failed (exitcode ...)' after the survivors exited",
+            "restart_s": "torchrun: also holds the agent's re-rendezvous; burnin has none",
+            "checkpoint_load_s": "burnin verifies SHA-256 sums and broadcasts the choice; the torchrun script "
+                                 "trusts the newest complete checkpoint",
+            "kill": "burnin: the supervisor's fault_injected event, just before os.kill; torchrun: rank 1 logs, "
+                    "then kills itself",
+            "process start": "burnin: the worker's rank_started event (after its light imports); torchrun: the "
+                             "first line of the script (before argparse)",
+        },
+        "runs": {"burnin": burnin_runs, "torchrun": torchrun_runs},
+        **{k: extra[k] for k in ("torchrun_default_store", "startup_probes") if k in extra},
+        "wall_s": round(time.time() - started, 1),
+    }
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
