@@ -396,3 +396,41 @@ def test_a_rank_without_steps_leaves_final_step_unknown() -> None:
     log.give_up(0)
     r = _judge(log, _scenario())
     assert r.final_step is None and r.steps_executed == 3 and not r.finished
+
+
+def test_a_recurring_fault_gets_one_recovery_per_failure():
+    """Two crashes pinned on one fault: both recoveries are reported, lost steps add up."""
+    from burnin.reports.verdict import judge
+    from burnin.scenarios.schema import Scenario
+
+    sc = Scenario.model_validate({"name": "r", "workload": {"steps": 6, "ranks": 1},
+                                  "faults": [{"fault": "process.kill", "step": 1}]})
+    ev = []
+    t = [0.0]
+
+    def e(kind, **kw):
+        t[0] += 1.0
+        ev.append({"t": t[0], "event": kind, **kw})
+
+    e("run_started")
+    for attempt, (start, stop) in enumerate([(0, 3), (2, 4), (3, 6)]):
+        e("attempt_started", attempt=attempt)
+        e("pg_ready", rank=0, attempt=attempt)
+        e("resumed", rank=0, attempt=attempt, from_step=start or None)
+        if attempt == 0:
+            e("fault_injected", fault_index=0, fault="process.kill", rank=0, step=1, simulated=False)
+        for s in range(start, stop):
+            e("step_done", rank=0, attempt=attempt, step=s, loss=1.0, loss_bits="00")
+        if attempt < 2:
+            e("failure_detected", attempt=attempt, detected_at=t[0], cause="killed", rank=0, detector="exit_signal",
+              detail="SIGKILL", signature="killed: SIGKILL", fault_index=0, last_step=stop - 1, max_step=stop - 1)
+            e("teardown_done", attempt=attempt)
+            e("restart", attempt=attempt + 1)
+    e("rank_finished", rank=0, attempt=2, state_hash="h")
+    e("run_finished", finished=True)
+    golden = type("G", (), {"state_hash": "h", "loss_bits": {}})()
+    r = judge(ev, sc, golden, run_id="r", run_dir="/tmp/r", config_hash="k")
+    (f,) = r.faults
+    assert f.outcome == "recovered" and f.details["failures"] == 2
+    assert [x["resumed_from_step"] for x in f.details["recoveries"]] == [2, 3]
+    assert f.lost_steps == (3 - 2) + (4 - 3)

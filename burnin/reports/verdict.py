@@ -120,11 +120,21 @@ def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], f
                       expected=spec.expected, outcome="failed", injected=injected_ev is not None,
                       injected_at=injected_ev["t"] if injected_ev else None,
                       simulated=bool(injected_ev and injected_ev.get("simulated")), details=details)
-    failure = next((f for f in failures if f.fault_index == i), None)
+    mine = [f for f in failures if f.fault_index == i]
+    failure = mine[0] if mine else None
     if failure is not None and res.injected_at is not None:
         res.detected_by, res.cause = failure.detector, failure.cause
         res.detection_latency_s = failure.time - res.injected_at
         res.recovery, res.lost_steps = _recovery(failure, res.injected_at, by_kind)
+    if len(mine) > 1:
+        # A recurring fault (a latent bug) fails the group again and again: each crash has its own
+        # recovery, timed from its detection (when the bug was armed says nothing about a crash).
+        per = [_recovery(f, f.time, by_kind) for f in mine]
+        res.details["failures"] = len(mine)
+        res.details["recoveries"] = [{"attempt": f.attempt, "lost_steps": lost,
+                                      **(rec.to_dict() if rec else {"recovered": False})}
+                                     for f, (rec, lost) in zip(mine, per)]
+        res.lost_steps = sum(lost or 0 for _, lost in per)
     # Detectors inside the ranks (fingerprint, non-finite, spikes, recomputation).
     if detections and res.injected_at is not None:
         first = min(detections, key=lambda d: d["t"])
