@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import cpu_stall_us, machine, pressure  # benchmarks/ is on sys.path when run as a script
 
 from burnin.harness.campaign import run_campaign
 from burnin.harness.events import read_events
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
+    started, stall_before = time.time(), cpu_stall_us()
     work = Path(tempfile.mkdtemp(prefix="burnin-bench-"))
     os.environ.setdefault("BURNIN_CACHE_DIR", str(work / "cache"))
 
@@ -68,7 +70,8 @@ def main() -> None:
     summary = run_campaign(scenario, work / "campaign", trials=args.trials)
     wall = time.time() - t0
     print(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
+        "cpu_pressure_pct": pressure(stall_before, started),
         "date": time.strftime("%Y-%m-%d"),
         "detector_step_cost": detectors,
         "campaign": {"scenario": "sdc-campaign", "trials": args.trials, "wall_s": wall,

@@ -52,6 +52,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_stall_us, machine, pressure  # benchmarks/ is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("bare", "harness", "harness_ckpt")
 NO_CHECKPOINT = 10**9  # checkpoint.every: only the final (unmeasured) step saves one
@@ -266,31 +268,10 @@ def _stats(xs: list[float]) -> dict[str, float]:
             "mean_ms": round(1e3 * statistics.fmean(xs), 3), "n": len(xs)}
 
 
-def _pressure(stall_before: int | None, started: float) -> float | None:
-    after = _cpu_stall_us()
-    if stall_before is None or after is None:
-        return None
-    return round(100 * (after - stall_before) / 1e6 / (time.time() - started), 1)
 
 
-def _cpu_stall_us() -> int | None:
-    """Microseconds some runnable task waited for a CPU since boot (Linux PSI), None without PSI."""
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        return int(line.rsplit("total=", 1)[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import torch
-
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workload = Workload(model="tiny", ranks=2, steps=total, threads=1, device="cpu",
                         **({"kernels": args.kernels} if args.kernels else {})).model_dump(mode="json")
-    started, load_before, stall_before = time.time(), os.getloadavg(), _cpu_stall_us()
+    started, load_before, stall_before = time.time(), os.getloadavg(), cpu_stall_us()
     groups: dict[str, _Group] = {}
     recs: dict[str, dict[str, Any]] = {}
     try:
@@ -376,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                    "steps_per_block": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                    "skip_after_resume": SKIP_AFTER_RESUME, "steps_per_run": total,
                    "order": "blocks alternating " + " ".join(VARIANTS) + ", then reversed; others SIGSTOPped"},
-        "machine": {**_machine(), "loadavg_before": [round(x, 2) for x in load_before],
+        "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                     # Share of the run's wall time in which some task waited for a CPU (ours included).
-                    "cpu_pressure_pct": _pressure(stall_before, started)},
+                    "cpu_pressure_pct": pressure(stall_before, started)},
         "variants": {v: {"dt": _stats(dt[v]), "interval": _stats(interval[v])} for v in VARIANTS},
         "ratios": ratios,
         # Same seed and steps: every variant must end on the same loss bits, or it measured something else.

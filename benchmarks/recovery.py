@@ -51,6 +51,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_stall_us, machine, pressure  # benchmarks/ is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
 PHASES = ("detection_s", "teardown_s", "restart_s", "checkpoint_load_s", "first_step_s", "total_s")
 COMMON = ("kill_to_spawn_s", "spawn_to_pg_s", "checkpoint_load_s", "first_step_s", "total_s")
@@ -297,31 +299,10 @@ def _median(runs: list[dict[str, Any]], part: str, keys: tuple[str, ...]) -> dic
     return {k: round(statistics.median(r[part][k] for r in runs), 4) for k in keys}
 
 
-def _pressure(stall_before: int | None, started: float) -> float | None:
-    after = _cpu_stall_us()
-    if stall_before is None or after is None:
-        return None
-    return round(100 * (after - stall_before) / 1e6 / (time.time() - started), 1)
 
 
-def _cpu_stall_us() -> int | None:
-    """Microseconds some runnable task waited for a CPU since boot (Linux PSI), None without PSI."""
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        return int(line.rsplit("total=", 1)[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import torch
-
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="burnin-bench-recovery-"))
     os.environ["BURNIN_CACHE_DIR"] = str(work / "cache")  # a fresh golden record, outside the user's cache
-    started, load_before, stall_before = time.time(), os.getloadavg(), _cpu_stall_us()
+    started, load_before, stall_before = time.time(), os.getloadavg(), cpu_stall_us()
     burnin_runs: list[dict[str, Any]] = []
     torchrun_runs: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
@@ -406,10 +387,10 @@ def main(argv: list[str] | None = None) -> int:
                 "backend": "gloo", "resumed_from_step": burnin_runs[0]["resumed_from_step"],
                 "lost_steps": burnin_runs[0]["lost_steps"]},
         "repeats": args.repeats,
-        "machine": {**_machine(), "loadavg_before": [round(x, 2) for x in load_before],
+        "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                     # Share of the run's wall time in which some task waited for a CPU (ours included).
-                    "cpu_pressure_pct": _pressure(stall_before, started)},
+                    "cpu_pressure_pct": pressure(stall_before, started)},
         "burnin": burnin,
         "torchrun": torchrun,
         "ratio_burnin_over_torchrun": {
