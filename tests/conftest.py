@@ -42,6 +42,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def gloo(tmp_path_factory: pytest.TempPathFactory):
+    """A real gloo process group of one rank in this process (checkpoint saves gather over it)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path_factory.mktemp("gloo") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()
+
+
 def burnin_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "burnin", *args]
 

@@ -27,13 +27,6 @@ from burnin.harness.state import capture_rank_state, loss_bits, restore_rank_sta
 # -- fixtures and helpers -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gloo(tmp_path_factory: pytest.TempPathFactory):
-    """A real gloo process group of one rank (save() gathers every rank's file sums over it)."""
-    store = dist.FileStore(str(tmp_path_factory.mktemp("gloo") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=30))
-    yield
-    dist.destroy_process_group()
 
 
 def _model_and_optimizer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

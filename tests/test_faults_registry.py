@@ -7,12 +7,10 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import burnin.faults.registry as registry
 from burnin.errors import CheckpointError, UserError
@@ -210,12 +208,6 @@ def test_plugin_object_that_is_not_a_fault_is_ignored(clean_registry, tmp_path: 
 # -- the storage fault on a real checkpoint ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gloo(tmp_path_factory: pytest.TempPathFactory):
-    store = dist.FileStore(str(tmp_path_factory.mktemp("gloo") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=30))
-    yield
-    dist.destroy_process_group()
 
 
 def _checkpoints(root: Path, steps: tuple[int, ...] = (5, 10)) -> None:
