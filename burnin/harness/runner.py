@@ -1,6 +1,6 @@
 """One run of a scenario, end to end: golden record, faulted run, verdict, reports, metrics.
 
-This is what `burnin run` and the pytest plugin call. The run directory it leaves behind holds
+This is what `burnin run` calls, and what a Python caller uses. The run directory it leaves behind holds
 everything: the scenario, the event log, each rank's stream and log, the checkpoints, the golden
 record, and the reports, which `rebuild_reports` can produce again from the event log alone.
 """

@@ -1,6 +1,6 @@
 """The rank worker: one process of the data-parallel group, training step by step.
 
-Started by the supervisor (or by torchrun) with a torchrun-compatible environment: RANK,
+Started by the supervisor with a torchrun-compatible environment: RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, plus BURNIN_SPEC (the resolved run spec, JSON).
 It resumes from the newest valid checkpoint, trains, calls the injector at named step points, and
 writes every event to its own stream. The loop reads top to bottom, nanoGPT style.
