@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import burnin.faults.registry as registry
 from burnin.errors import CheckpointError, UserError
 from burnin.faults import STEP_POINTS, Fault, UnknownFault, get, names, register
 from burnin.harness import checkpoint
+from burnin.harness.supervisor import OutOfRankContext
 from burnin.scenarios.schema import FaultSpec, Scenario
 
 BUILT_IN = {
@@ -219,20 +219,8 @@ def _checkpoints(root: Path, steps: tuple[int, ...] = (5, 10)) -> None:
         checkpoint.save(root, step, 0, 1, capture_rank_state(step), {"model": model.state_dict()}, keep=5)
 
 
-@dataclass
-class _Ctx:
-    """The part of the supervisor's out-of-rank context a storage fault reads."""
-
-    rank: int
-    step: int
-    point: str
-    pid: int
-    run_dir: Path
-    checkpoint_dir: Path
-
-
-def _ctx(root: Path) -> _Ctx:
-    return _Ctx(rank=0, step=12, point="between_steps", pid=os.getpid(), run_dir=root.parent, checkpoint_dir=root)
+def _ctx(root: Path) -> OutOfRankContext:
+    return OutOfRankContext(rank=0, step=12, point="between_steps", pid=os.getpid(), run_dir=root.parent, checkpoint_dir=root)
 
 
 def _corrupt(params: dict) -> Fault:

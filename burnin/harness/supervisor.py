@@ -25,7 +25,7 @@ from burnin.harness.events import EventWriter, Tail
 from burnin.harness.netwatch import NetworkWatch
 from burnin.scenarios.schema import Scenario
 
-__all__ = ["Supervisor", "classify_exit", "classify_error", "signature"]
+__all__ = ["Supervisor", "OutOfRankContext", "LocalFabric", "classify_exit", "classify_error", "signature"]
 
 POLL_S = 0.01
 GRACE_S = 0.25          # after the first sign of failure, how long to gather evidence of its cause
@@ -92,7 +92,7 @@ class _Action:
 
 
 @dataclass
-class _OutOfRankContext:
+class OutOfRankContext:
     """What an out-of-rank fault may touch: the target's pid, the run's files, the fabric.
 
     A fault with a duration (a link down for 30 s) undoes itself through `schedule`: the action runs
@@ -105,12 +105,12 @@ class _OutOfRankContext:
     pid: int
     run_dir: Path
     checkpoint_dir: Path
-    fabric: Any
-    fault_index: int
-    _supervisor: "Supervisor"
+    fabric: Any = None
+    fault_index: int = -1
+    actions: list[_Action] = field(default_factory=list)  # the supervisor's scheduled actions
 
     def schedule(self, delay_s: float, label: str, fn: Callable[[], Any]) -> None:
-        self._supervisor._actions.append(_Action(time.time() + delay_s, label, fn, self.fault_index))
+        self.actions.append(_Action(time.time() + delay_s, label, fn, self.fault_index))
 
 
 @dataclass
@@ -289,8 +289,8 @@ class Supervisor:
     def _out_of_rank(self, r: _Rank, ev: dict[str, Any]) -> None:
         index = ev["fault_index"]
         fault = self._faults[index]
-        ctx = _OutOfRankContext(r.rank, ev["step"], ev["point"], r.proc.pid, self.run_dir, self.checkpoint_dir,
-                                self.fabric, index, self)
+        ctx = OutOfRankContext(r.rank, ev["step"], ev["point"], r.proc.pid, self.run_dir, self.checkpoint_dir,
+                               self.fabric, index, self._actions)
         self._emit("fault_injected", fault_index=index, fault=fault.name, rank=r.rank, step=ev["step"],
                    point=ev["point"], where="out_of_rank", simulated=fault.simulated, attempt=ev.get("attempt"))
         details = fault.inject(ctx) or {}
