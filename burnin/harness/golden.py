@@ -4,25 +4,49 @@ A golden run is a real run of the same workload with no faults. Its record (per-
 of every rank, the state hash at each checkpoint, the final state hash) is cached under a key that
 hashes everything that changes the bits: the workload config, the torch and burnin versions, the
 Python version and the CPU. Faults, checkpoint spacing and timeouts do not change the bits.
+
+The cache (`$BURNIN_CACHE_DIR/golden/`, default `~/.cache/burnin/golden/`) keeps only what is in use:
+
+    golden/<key>/golden.json           a record; its mtime says when it was last used (touched on use)
+    golden/<key>/run-<time>-<pid>/     a golden run's run directory, while it runs. Removed once its
+                                       record is written or it is interrupted; a failed run keeps its
+                                       events and rank logs (never its checkpoints) for the error
+                                       message, until its process is gone
+    golden/<key>/golden.tmp<pid>       a record being written (then os.replace'd into place)
+    golden/.trash-<pid>-<token>        something a prune is deleting
+    golden/.lock                       serialises "is this key in use?" with "start a golden run here"
+
+`prune_cache` (run after each golden run and on each cache hit, and by `burnin cleanup`) removes the
+run directories whose process is gone (the pid in the name, checked against the process's start time
+so a recycled pid does not keep a directory forever), stale temporary files, and the least recently
+used records beyond the newest `$BURNIN_GOLDEN_CACHE_MAX` (default 32; 0: no bound). A key with a
+golden run going on in a live process is never removed. A record removed under a reader is simply
+recomputed. `clear_cache` (`burnin cleanup --golden`) removes every record.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
+import re
+import secrets
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from burnin.errors import HarnessError
 from burnin.harness.events import read_events
 from burnin.scenarios.schema import Debug, Expect, Scenario
 
-__all__ = ["GoldenRecord", "cache_dir", "golden_key", "record_from_events", "get_golden"]
+__all__ = ["GoldenRecord", "cache_dir", "golden_key", "record_from_events", "get_golden", "cache_max",
+           "prune_cache", "clear_cache", "CACHE_MAX_DEFAULT"]
 
 
 @dataclass
@@ -123,18 +147,259 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
     path = cache_dir() / "golden" / key / "golden.json"
     if path.is_file() and not refresh:
         try:
-            return GoldenRecord.from_json(path.read_text()), True
+            record = GoldenRecord.from_json(path.read_text())
         except (ValueError, TypeError):
             pass  # a damaged cache entry is recomputed, not trusted
+        except OSError:
+            pass  # pruned by another process between the check and the read: recomputed
+        else:
+            _touch(path)  # least recently used goes first
+            _prune_quietly()
+            return record, True
     # A golden run that needs a restart is not a reference: it gets none.
     clean = scenario.model_copy(update={"faults": [], "debug": Debug(), "expect": Expect(),
                                         "recovery": scenario.recovery.model_copy(update={"max_restarts": 0})})
-    run_dir = path.parent / f"run-{int(time.time())}-{os.getpid()}"
-    sup = Supervisor(clean, run_dir, run_id=f"golden-{key}-{os.getpid()}", golden=True, on_event=on_event)
-    if not sup.run():
-        raise HarnessError(f"the golden (fault-free) run failed; see {run_dir}/events.jsonl and {run_dir}/ranks/")
-    record = record_from_events(read_events(run_dir / "events.jsonl"), key)
+    run_dir = _new_run_dir(path.parent)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(record.to_json())
-    os.replace(tmp, path)
+    failed = False
+    try:
+        sup = Supervisor(clean, run_dir, run_id=f"golden-{key}-{os.getpid()}", golden=True, on_event=on_event)
+        if not sup.run():
+            failed = True
+            raise HarnessError(f"the golden (fault-free) run failed; see {run_dir}/events.jsonl and {run_dir}/ranks/")
+        record = record_from_events(read_events(run_dir / "events.jsonl"), key)
+        tmp.write_text(record.to_json())
+        os.replace(tmp, path)
+    except Exception:
+        failed = True
+        raise
+    finally:
+        # The record is all that is needed. A failed run keeps its events and rank logs for the error
+        # message (pruned once this process is gone), never its checkpoints; an interrupted one
+        # (KeyboardInterrupt, SIGTERM) keeps nothing.
+        tmp.unlink(missing_ok=True)
+        _remove_tree(run_dir / "checkpoints" if failed else run_dir)
+    _prune_quietly()
     return record, False
+
+
+# -- the cache: in use, kept; the rest, pruned ------------------------------------------------------
+
+CACHE_MAX_DEFAULT = 32      # records kept (least recently used beyond go); $BURNIN_GOLDEN_CACHE_MAX
+STALE_TMP_S = 3600.0        # a record being written that is older than this is a leftover, whoever owns it
+_RUN_DIR = re.compile(r"run-(\d+)-(\d+)")
+_TMP = re.compile(r"golden\.tmp(\d+)")
+_TRASH = re.compile(r"\.trash-(\d+)-.*")
+
+
+def cache_max() -> int:
+    """How many records the cache keeps: $BURNIN_GOLDEN_CACHE_MAX (0: no bound), else CACHE_MAX_DEFAULT."""
+    raw = os.environ.get("BURNIN_GOLDEN_CACHE_MAX", "").strip()
+    try:
+        n = int(raw)
+    except ValueError:
+        return CACHE_MAX_DEFAULT
+    return n if n >= 0 else CACHE_MAX_DEFAULT
+
+
+def _golden_root() -> Path:
+    return cache_dir() / "golden"
+
+
+@contextmanager
+def _cache_lock(root: Path) -> Iterator[None]:
+    """Exclusive over the whole cache, held only for quick decisions and renames, never for a run."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _new_run_dir(key_dir: Path) -> Path:
+    """Create this process's run directory under the lock, so no prune can take its key dir from under it."""
+    root = key_dir.parent
+    with _cache_lock(root):
+        run_dir = key_dir / f"run-{int(time.time())}-{os.getpid()}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _start_epoch(pid: int) -> float | None:
+    """When `pid` started, in seconds since the epoch (None when unknown)."""
+    from burnin.harness.cleanup import process_start_time
+
+    ticks = process_start_time(pid)
+    try:
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return btime + int(ticks) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def _owner_alive(pid: int, since: float | None = None) -> bool:
+    """Whether process `pid` lives and (given `since`, when its file was made) is the one that made it."""
+    from burnin.harness.cleanup import _alive
+
+    if not _alive(pid):
+        return False
+    started = _start_epoch(pid) if since is not None else None
+    # A process that started after the directory was made is a recycled pid (a few seconds' slack
+    # for the whole-second timestamps).
+    return started is None or started <= since + 5  # type: ignore[operator]
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size
+    except OSError:
+        return 0
+    total = 0
+    for base, dirs, files in os.walk(path):
+        for name in files + dirs:
+            try:
+                total += os.lstat(os.path.join(base, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _remove_tree(path: Path) -> None:
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():  # a file appeared while it went (a rank not yet gone): once more
+                shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
+
+
+_Doomed = list[tuple[Path, str, Path]]  # (what to delete, its kind, where it was)
+
+
+def _scan(root: Path, *, bound: int, clear: bool, force: bool) -> tuple[_Doomed, list[dict[str, Any]], list[Path]]:
+    """Decide, under the lock, what goes; what stays because it is in use; which key dirs may be empty."""
+    doomed: _Doomed = []
+    skipped: list[dict[str, Any]] = []
+    records: list[tuple[float, Path]] = []
+    in_use: set[Path] = set()
+    keys: list[Path] = []
+    now = time.time()
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        path = Path(entry.path)
+        if entry.name.startswith("."):
+            m = _TRASH.fullmatch(entry.name)
+            if m and not _owner_alive(int(m.group(1))):  # a prune that died half way
+                doomed.append((path, "trash", path))
+            continue
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        keys.append(path)
+        try:
+            items = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            continue
+        for item in items:
+            ipath = Path(item.path)
+            run = _RUN_DIR.fullmatch(item.name)
+            tmp = _TMP.fullmatch(item.name)
+            if run and item.is_dir(follow_symlinks=False):
+                pid = int(run.group(2))
+                if _owner_alive(pid, float(run.group(1))) and not force:
+                    in_use.add(path)
+                    skipped.append({"path": str(ipath), "why": f"its golden run's process {pid} is still running"})
+                else:
+                    doomed.append((ipath, "run", ipath))
+            elif tmp:
+                try:
+                    age = now - item.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                if _owner_alive(int(tmp.group(1))) and age < STALE_TMP_S and not force:
+                    in_use.add(path)
+                else:
+                    doomed.append((ipath, "tmp", ipath))
+            elif item.name == "golden.json":
+                try:
+                    records.append((item.stat(follow_symlinks=False).st_mtime, path))
+                except OSError:
+                    pass
+    records.sort(key=lambda r: r[0], reverse=True)
+    # Least recently used beyond the bound go, unless in use (a prune keeps the record of a key being
+    # recomputed; a clear takes the record and leaves the live run alone).
+    gone = [key for i, (_, key) in enumerate(records) if clear or (bound and i >= bound and key not in in_use)]
+    for key in gone:
+        if key in in_use:
+            doomed.append((key / "golden.json", "record", key / "golden.json"))
+        else:
+            doomed = [d for d in doomed if d[0].parent != key]  # the whole key dir goes, with them
+            doomed.append((key, "record", key))
+    empty = [key for key in keys if key not in in_use and key not in gone]
+    return doomed, skipped, empty
+
+
+def _sweep_cache(*, bound: int, clear: bool = False, force: bool = False) -> dict[str, Any]:
+    root = _golden_root()
+    report: dict[str, Any] = {"cache": str(root), "removed": [], "skipped": [], "bytes": 0}
+    if not root.is_dir():
+        return report
+    trash: _Doomed = []
+    with _cache_lock(root):
+        doomed, report["skipped"], maybe_empty = _scan(root, bound=bound, clear=clear, force=force)
+        for path, kind, origin in doomed:
+            if kind == "trash":
+                trash.append((path, kind, origin))
+                continue
+            dest = root / f".trash-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                os.rename(path, dest)  # atomic: from here on nobody can find it, and only one prune has it
+            except OSError:
+                continue  # gone already (another prune)
+            trash.append((dest, kind, origin))
+        for key in maybe_empty:
+            try:
+                key.rmdir()  # only when empty: a key dir with anything left in it stays
+            except OSError:
+                pass
+    for path, kind, origin in trash:
+        size = _size(path)
+        _remove_tree(path)
+        report["removed"].append({"path": str(origin), "kind": kind, "bytes": size})
+        report["bytes"] += size
+    return report
+
+
+def prune_cache(max_keys: int | None = None) -> dict[str, Any]:
+    """Remove what the golden cache does not need: run directories whose process is gone, stale
+    temporary files, and the least recently used records beyond `max_keys` (default `cache_max()`).
+
+    Returns {"cache", "removed": [{"path", "kind", "bytes"}], "skipped": [{"path", "why"}], "bytes"}.
+    """
+    return _sweep_cache(bound=cache_max() if max_keys is None else max_keys)
+
+
+def clear_cache(force: bool = False) -> dict[str, Any]:
+    """Remove every golden record and its directory. The run directory of a golden run still going in
+    a live process stays (its record will be written when it ends) unless `force`. Same report as
+    `prune_cache`."""
+    return _sweep_cache(bound=0, clear=True, force=force)
+
+
+def _prune_quietly() -> None:
+    try:
+        prune_cache()
+    except OSError:
+        pass  # a cache we cannot prune is no reason to fail a run
