@@ -295,12 +295,42 @@ def test_fuzz_any_bytes(data):
 
 
 _VALID = yaml.safe_load(bundled_path("smoke").read_text())
+# Scenarios with `vary:` and fault params of every kind, for mutations where validation is richest.
+_VALID_DOCS = [
+    _VALID,
+    yaml.safe_load(bundled_path("sdc-campaign").read_text()),
+    {"name": "varied", "workload": {"ranks": 3, "steps": 20, "batch_size": 2, "seq_len": 8},
+     "checkpoint": {"every": 4},
+     "faults": [
+         {"fault": "corruption.bitflip", "rank": 1, "step": 5,
+          "params": {"target": "param", "tensor": "wte.weight", "index": 5, "bit": 3},
+          "vary": {"rank": [0, 2], "index": {"min": 0, "max": 127}, "target": ["param", "grad_reduced"],
+                   "tensor": ["wte.weight", "ln_f.bias"], "bit": [0, 31]}},
+         {"fault": "corruption.nan", "step": 6, "point": "before_forward",
+          "params": {"target": "activation", "tensor": "wpe", "index": 1023}, "vary": {"step": {"min": 3, "max": 19}}},
+         {"fault": "network.partition", "rank": 2, "step": 7, "params": {"ranks": [1], "duration_s": 2},
+          "vary": {"ranks": [[1], [0, 2]], "duration_s": {"min": 1, "max": 9}}},
+         {"fault": "storage.checkpoint_corrupt", "step": 8, "params": {"mode": "truncate", "keep_fraction": 0.25},
+          "vary": {"step": [3, 19], "nbytes": {"min": 1, "max": 64}}},
+         {"fault": "process.straggler", "step": 9, "params": {"delay_s": 0.1, "steps": 2}, "vary": {"steps": [1, 3]}},
+     ]},
+]
 
 _json_like = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
+
+
+# Values that sit on the edges the checks draw: tensor names, sizes, ranks, booleans, ranges.
+_edge_values = st.sampled_from([
+    True, False, 0, 1, 2, 3, -1, 127, 128, 1023, 1024, 262143, 262144, 2**31, 2**63, 0.5, 1e400, "nan",
+    "wte.weight", "wpe", "ln_f.bias", "lm_head.weight", "blocks.9.ln_1.weight", "batch", "activation",
+    "allreduce_payload", "optimizer_state", "grad", "exponent", "after_backward", "between_steps",
+    [], [[]], [0, 1, 2], [True], {"min": 0, "max": 3}, {"min": 3, "max": 0}, {"min": True, "max": 2},
+    {"min": 0, "max": 2**40}, {"min": 0}, None,
+])
 
 
 def _paths(node, prefix=()):
@@ -316,9 +346,15 @@ def _paths(node, prefix=()):
 @_FUZZ
 @given(st.data())
 def test_fuzz_mutated_scenario(data):
-    doc = copy.deepcopy(_VALID)
+    doc = copy.deepcopy(data.draw(st.sampled_from(_VALID_DOCS)))
+    values = st.one_of(_json_like, _edge_values).map(copy.deepcopy)  # never mutate a sampled value
+    keys = st.one_of(st.text(max_size=10), st.sampled_from(
+        ["rank", "step", "point", "tensor", "index", "bit", "target", "ranks", "seed", "min", "max", "vary"]))
     for _ in range(data.draw(st.integers(1, 4))):
-        path = data.draw(st.sampled_from(list(_paths(doc))))
+        paths = list(_paths(doc))
+        # half the mutations go into `vary:` and `params:`, where one value stands for many faults
+        deep = [p for p in paths if "vary" in p or "params" in p]
+        path = data.draw(st.sampled_from(deep if deep and data.draw(st.booleans()) else paths))
         if not path:
             continue
         parent = doc
@@ -326,11 +362,11 @@ def test_fuzz_mutated_scenario(data):
             parent = parent[seg]
         action = data.draw(st.sampled_from(["replace", "delete", "add"]))
         if action == "replace":
-            parent[path[-1]] = data.draw(_json_like)
+            parent[path[-1]] = data.draw(values)
         elif action == "delete":
             del parent[path[-1]]
         elif isinstance(parent, dict):
-            parent[data.draw(st.text(max_size=10))] = data.draw(_json_like)
+            parent[data.draw(keys)] = data.draw(values)
     overrides = data.draw(st.dictionaries(
         st.sampled_from(["workload.ranks", "workload.steps", "faults.0.rank", "faults.1.params.mode",
                          "timeouts", "name.x", "faults.x", "", "a..b"]), _json_like, max_size=2))

@@ -62,10 +62,21 @@ def get(name: str) -> type[Fault]:
     _load()
     try:
         return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1, cutoff=0.5)
+    except (KeyError, TypeError):  # TypeError: a name that is no string (unhashable)
+        text = name if isinstance(name, str) else _short(name)
+        # a long name is like no fault name; comparing it with each one would only cost time
+        close = difflib.get_close_matches(text, _REGISTRY, n=1, cutoff=0.5) if len(text) <= 200 else []
         hint = f"did you mean {close[0]!r}?" if close else "`burnin list` shows the catalogue"
-        raise UnknownFault(f"unknown fault {name!r}: {hint}") from None
+        raise UnknownFault(f"unknown fault {_short(name)}: {hint}") from None
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: an error message never echoes a huge value whole."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python converts
+        return "(a value too long to show)"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def names() -> list[str]:

@@ -92,7 +92,7 @@ def _unknown_bundled(name: str) -> str:
     names = bundled_names()
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"no such file, and no bundled scenario called {name!r}: {hint}(bundled: {', '.join(names)})"
+    return f"no such file, and no bundled scenario called {_short(name)}: {hint}(bundled: {', '.join(names)})"
 
 
 def write_json_schema(path: str | Path = SCHEMA_PATH) -> Path:
@@ -213,14 +213,14 @@ class _Builder:
         try:
             if isinstance(node, SequenceNode):
                 if node.tag != _SEQ_TAG:
-                    raise self.fail(node, path, f"unsupported tag {node.tag!r}; use a plain list")
+                    raise self.fail(node, path, f"unsupported tag {_short(node.tag)}; use a plain list")
                 items = []
                 for i, child in enumerate(node.value):
                     self.lines[path + (i,)] = _line(child)
                     items.append(self.build(child, path + (i,), depth + 1))
                 return items
             if node.tag != _MAP_TAG:
-                raise self.fail(node, path, f"unsupported tag {node.tag!r}; use a plain mapping")
+                raise self.fail(node, path, f"unsupported tag {_short(node.tag)}; use a plain mapping")
             out = {}
             for key, (key_node, value_node) in self.entries(node, path, depth).items():
                 self.lines[path + (key,)] = _line(key_node)
@@ -250,7 +250,7 @@ class _Builder:
             key = self.key(key_node, path)
             if key in own:
                 raise self.fail(key_node, path + (key,),
-                                f"duplicate key {key!r} (first at line {_line(own[key][0])})")
+                                f"duplicate key {_short(key)} (first at line {_line(own[key][0])})")
             own[key] = (key_node, value_node)
         return {**merged, **own}  # keys written here override merged ones
 
@@ -259,7 +259,7 @@ class _Builder:
             raise self.fail(node, path, f"a key must be a name, not {_node_kind(node)}")
         key = self.scalar(node, path)
         if not isinstance(key, str):
-            raise self.fail(node, path, f"key {node.value!r} is read as {_kind(key)}, not a name; quote it")
+            raise self.fail(node, path, f"key {_short(node.value)} is read as {_kind(key)}, not a name; quote it")
         return key
 
     def scalar(self, node: ScalarNode, path: Loc) -> Any:
@@ -288,7 +288,7 @@ def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> list[Lo
             if isinstance(cur, list):
                 if not (seg.isdigit() and int(seg) < len(cur)):
                     raise _error(f"cannot set it: {_dotted(tuple(loc))} is a list of {len(cur)}, "
-                                 f"with no item {seg!r}", file=COMMAND_LINE, field=dotted)
+                                 f"with no item {_short(seg)}", file=COMMAND_LINE, field=dotted)
                 key = int(seg)
             elif not isinstance(cur, dict):
                 where = _dotted(tuple(loc)) or "the top level"
@@ -456,10 +456,20 @@ def _is_model(tp: Any) -> bool:
 
 # --- small helpers ------------------------------------------------------------------------------
 
+#: The longest message an error carries: values are cut where they are quoted (`_short`), and this
+#: bounds what a validator of a plug-in or of pydantic may still echo.
+MAX_MESSAGE = 1000
+
+
 def _error(message: str, *, file: str, line: int | None = None, field: str | None = None,
            more: int = 0) -> ScenarioError:
-    """A ScenarioError whose text is one line, whatever characters the input held."""
-    return ScenarioError(_oneline(message), file=_oneline(file), line=line,
+    """A ScenarioError whose text is one line of bounded length, whatever characters the input held."""
+    message = _oneline(message)
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE - 3] + "..."
+    if field and len(field) > 200:  # each part is cut already (`_dotted`); a path can still be long
+        field = field[:197] + "..."
+    return ScenarioError(message, file=_oneline(file), line=line,
                          field=_oneline(field) if field else None, more=more)
 
 
@@ -468,7 +478,17 @@ def _oneline(text: str) -> str:
 
 
 def _dotted(loc: Loc) -> str:
-    return ".".join(str(s) if isinstance(s, int) or re.fullmatch(r"[\w-]+", s) else repr(s) for s in loc)
+    return ".".join(_segment(s) for s in loc)
+
+
+def _segment(seg: str | int) -> str:
+    """One part of a dotted field name; a key a user wrote is cut when it is long (an unknown key of a
+    megabyte makes a field name of a few dozen characters)."""
+    if isinstance(seg, int):
+        return str(seg)
+    if re.fullmatch(r"[\w-]+", seg):
+        return seg if len(seg) <= 60 else seg[:57] + "..."
+    return _short(seg)
 
 
 def _line(node: Node) -> int:
@@ -476,7 +496,10 @@ def _line(node: Node) -> int:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python converts
+        return "(a number too long to show)"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -493,3 +516,27 @@ def _node_kind(node: Node) -> str:
     if isinstance(node, SequenceNode):
         return "a list"
     return "null" if node.tag == "tag:yaml.org,2002:null" else f"a single value ({_short(node.value)})"
+
+
+# --- where a field is (for checks made after loading) ---------------------------------------------
+
+def field_line(source: str | Path, field: str) -> int | None:
+    """The line of dotted `field` (e.g. ``workload.device``) in a scenario file, or of its nearest parent
+    written there; None when the file cannot be read or parsed. For errors found after loading
+    (`burnin.harness.preflight`), which the validated `Scenario` no longer knows the lines of."""
+    try:
+        path = resolve(source)
+        with open(path, "rb") as fh:
+            text = _decode(fh.read(MAX_BYTES + 1), str(path))
+        root = _compose(text, str(path))
+        if not isinstance(root, MappingNode):
+            return None
+        lines: dict[Loc, int] = {(): _line(root)}
+        _Builder(str(path), lines).build(root, (), 0)
+    except (ScenarioError, OSError, RecursionError):
+        return None
+    loc = tuple(int(s) if s.isdigit() else s for s in field.split("."))
+    return next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+
+
+__all__.append("field_line")

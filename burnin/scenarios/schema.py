@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from burnin.faults.base import STEP_POINTS
+from burnin.scenarios.checks import (MAX_VARY_COMBINATIONS, NOT_A_BOOLEAN, boolean_for_number, check_fault,
+                                     invalid, params_model, rank_problem, short, step_problem)
 
 __all__ = [
     "OUTCOMES",
@@ -30,6 +32,9 @@ __all__ = [
     "Campaign",
     "Scenario",
     "scenario_json_schema",
+    "HEARTBEAT_PERIOD_S",
+    "MIN_HEARTBEAT_S",
+    "MAX_VARY_COMBINATIONS",
 ]
 
 #: Every injected fault ends in exactly one of these (see docs/architecture.md).
@@ -40,9 +45,27 @@ MODEL_PRESETS = ("tiny", "small", "gpt2-124m")
 MAX_RANKS = 64
 MAX_STEPS = 10_000_000
 
+#: Each rank touches its heartbeat file this often (the supervisor's watch reads it).
+HEARTBEAT_PERIOD_S = 0.25
+#: The shortest `timeouts.heartbeat_s`: four periods, so that a rank busy for a moment (the GIL held by
+#: a long kernel, a slow disk) is not called hung for one late beat.
+MIN_HEARTBEAT_S = 4 * HEARTBEAT_PERIOD_S
+
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `z: .inf` would pass `gt=0`, and scenario.json (strict JSON) would keep it as null
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, data: Any) -> Any:
+        # pydantic takes True for the integer 1 (and 1.0) in its lax mode: `keep: true` would keep one
+        # checkpoint. Each scenario model checks its own fields (the nested ones check theirs).
+        if isinstance(data, dict):
+            where = boolean_for_number(cls, data, skip=_Model)
+            if where is not None:
+                raise invalid(where[0], NOT_A_BOOLEAN, where[1], title=cls.__name__)
+        return data
 
 
 class Workload(_Model):
@@ -112,11 +135,22 @@ class Detectors(_Model):
 class Timeouts(_Model):
     """Bounds on every wait: nothing in a run may hang without one of these ending it."""
 
-    heartbeat_s: float = Field(5.0, gt=0, le=3600, description="a rank whose heartbeat is older is hung")
+    heartbeat_s: float = Field(5.0, le=3600, json_schema_extra={"minimum": MIN_HEARTBEAT_S},
+                               description=f"a rank whose heartbeat is older is hung (ranks beat every "
+                                           f"{HEARTBEAT_PERIOD_S} s; at least {MIN_HEARTBEAT_S} s)")
     collective_s: float = Field(30.0, gt=0, le=3600, description="process-group timeout for collectives")
     connect_s: float = Field(120.0, gt=0, le=3600, description="start-up and rendezvous must finish within this")
     step_s: float = Field(60.0, gt=0, le=86400, description="a step that takes longer is a stall")
     run_s: float = Field(3600.0, gt=0, le=7 * 86400, description="the whole run, restarts included")
+
+    @field_validator("heartbeat_s")
+    @classmethod
+    def _beats_fit(cls, v: float) -> float:
+        if not v >= MIN_HEARTBEAT_S:  # `not >=`: NaN too
+            raise ValueError(f"must be at least {MIN_HEARTBEAT_S:g} s (got {short(v)}): ranks beat every "
+                             f"{HEARTBEAT_PERIOD_S:g} s, and a timeout under 4 beats calls a rank hung for "
+                             f"one late beat")
+        return v
 
 
 class Network(_Model):
@@ -134,7 +168,7 @@ class VaryRange(_Model):
     @model_validator(mode="after")
     def _ordered(self) -> "VaryRange":
         if self.min > self.max:
-            raise ValueError(f"min {self.min} is greater than max {self.max}")
+            raise ValueError(f"min {short(self.min)} is greater than max {short(self.max)}")
         return self
 
 
@@ -174,11 +208,11 @@ class FaultSpec(_Model):
         if point is None:
             return None
         if point not in STEP_POINTS:
-            raise ValueError(f"unknown step point {point!r}; expected one of: {', '.join(STEP_POINTS)}")
+            raise ValueError(f"unknown step point {short(point)}; expected one of: {', '.join(STEP_POINTS)}")
         if "fault" in info.data:
             points = registry.get(info.data["fault"]).points
             if point not in points:
-                raise ValueError(f"{info.data['fault']} acts at {', '.join(points)}, not at {point!r}")
+                raise ValueError(f"{info.data['fault']} acts at {', '.join(points)}, not at {short(point)}")
         return point
 
     @field_validator("params")
@@ -188,13 +222,11 @@ class FaultSpec(_Model):
 
         if "fault" in info.data:
             # A ValidationError raised in a validator keeps its locations: faults.N.params.<field>
-            registry.get(info.data["fault"]).Params.model_validate(params)
+            params_model(registry.get(info.data["fault"]).Params, params)
         return params
 
     @property
     def at(self) -> str:
-        from burnin.faults import registry
-
         return self.point or self.build().default_point()
 
     @property
@@ -260,11 +292,13 @@ class Scenario(_Model):
                 raise ValueError(f"faults.{i}.fault: {f.fault} acts on the Triton loss kernel; "
                                  f"set workload.kernels: triton (it is {self.workload.kernels!r})")
             if f.rank >= self.workload.ranks:
-                raise ValueError(f"faults.{i}.rank: rank {f.rank} does not exist with "
-                                 f"workload.ranks={self.workload.ranks} (ranks are 0..{self.workload.ranks - 1})")
+                raise ValueError(f"faults.{i}.rank: {rank_problem(f.rank, self.workload.ranks)}")
             if f.step >= self.workload.steps:
-                raise ValueError(f"faults.{i}.step: step {f.step} is past the end of the run "
-                                 f"(workload.steps={self.workload.steps}, steps are 0..{self.workload.steps - 1})")
+                raise ValueError(f"faults.{i}.step: {step_problem(f.step, self.workload.steps)}")
+            check_fault(self, i, f)
+        if self.campaign is not None and not self.faults:
+            where = "faults" if "faults" in self.model_fields_set else "campaign"
+            raise ValueError(f"{where}: a campaign needs at least one fault to draw trials from")
         return self
 
     def golden_key(self, extra: dict[str, Any] | None = None) -> str:
