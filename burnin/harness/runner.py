@@ -8,7 +8,6 @@ record, and the reports, which `rebuild_reports` can produce again from the even
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import time
@@ -42,20 +41,23 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
                  refresh_golden: bool = False, run_id: str | None = None, metrics_linger_s: float = 0.0,
                  metrics_textfile: str | Path | None = None, pushgateway: str | None = None,
                  push_instance: str | None = None) -> RunResult:
+    from burnin.harness.preflight import check_device, check_out_dir
     from burnin.reports.metrics import Metrics
     from burnin.reports.writers import write_reports
 
+    # Bad input stops here, before anything starts and before the run directory exists: a missing
+    # privilege, no CUDA device, an --out that cannot hold a run directory, a metrics port in use.
     run_id = run_id or new_run_id(scenario.name)
-    scenario, fabric = choose_fabric(scenario, run_id)  # before anything starts: a missing privilege stops here
-    run_dir = Path(out_dir).resolve() / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / "scenario.json").write_text(scenario.model_dump_json(indent=1))
+    scenario, fabric = choose_fabric(scenario, run_id)
+    check_device(scenario)
+    out = check_out_dir(out_dir)
     metrics = Metrics()
     metrics.set_run(scenario.name, run_id)
-    if metrics_port is not None:
-        server = metrics.serve(metrics_port, metrics_addr)
-        if on_event:
-            on_event({"event": "metrics_serving", "url": server.url, "t": time.time()})
+    # The real server is bound before the run directory is made: no other process can take the port between.
+    server = metrics.serve(metrics_port, metrics_addr) if metrics_port is not None else None
+    run_dir = make_run_dir(out, run_id, scenario.model_dump_json(indent=1), metrics)
+    if server is not None and on_event:
+        on_event({"event": "metrics_serving", "url": server.url, "t": time.time()})
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     key = golden_key(scenario)
     golden: GoldenRecord | None = None
@@ -87,6 +89,29 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     except KeyboardInterrupt:  # the run is over and reported: Ctrl-C only cuts the linger short
         metrics.stop()
     return result
+
+
+def make_run_dir(out: Path, run_id: str, scenario_json: str, metrics: Any = None) -> Path:
+    """Create out/run_id (and out, if missing) with scenario.json in it; on failure remove what was
+    made, stop `metrics`' server, and raise a one-line UserError."""
+    import shutil
+
+    from burnin.errors import UserError
+
+    run_dir = out / run_id
+    # The outermost directory this call creates; None if run_dir is there already (never removed).
+    first_new = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "scenario.json").write_text(scenario_json)
+    except OSError as exc:
+        if first_new is not None and first_new.exists():
+            shutil.rmtree(first_new, ignore_errors=True)
+        if metrics is not None:
+            metrics.stop()
+        raise UserError(f"--out: cannot create the run directory {run_dir}: {exc.strerror or exc}; "
+                        "give a writable directory") from None
+    return run_dir
 
 
 def _export_metrics(metrics: Any, scenario: str, textfile: str | Path | None, pushgateway: str | None,
@@ -128,13 +153,6 @@ def choose_fabric(scenario: Scenario, run_id: str) -> tuple[Scenario, Any]:
     isolate, fallback = scenario.network.isolate, scenario.network.fallback
     if not real and not isolate:
         return scenario, None
-    for i in real:
-        spec = scenario.faults[i]
-        side = spec.params.get("ranks") or [spec.rank]
-        if spec.fault == "network.partition" and (max(side) >= scenario.workload.ranks
-                                                  or len(set(side)) >= scenario.workload.ranks):
-            raise UserError(f"scenario {scenario.name}: faults.{i}.params.ranks: {side} must name some, not all, "
-                            f"of ranks 0..{scenario.workload.ranks - 1}")
     what = f"faults.{real[0]} ({scenario.faults[real[0]].fault})" if real else "network.isolate: true"
     if isolate is False:
         if fallback == "simulate":

@@ -334,8 +334,16 @@ class Metrics:
     # -- exposition -----------------------------------------------------------------------------
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> MetricsServer:
-        """Serve /metrics on addr:port in a daemon thread; port 0 picks a free port (see `.port`)."""
-        httpd, thread = start_http_server(port, addr=addr, registry=self.registry)
+        """Serve /metrics on addr:port in a daemon thread; port 0 picks a free port (see `.port`).
+
+        An address that does not resolve or is not this machine's, or a port in use, raises a one-line
+        UserError naming --metrics-addr or --metrics-port (nothing is left listening)."""
+        from burnin.harness.preflight import endpoint_error
+
+        try:
+            httpd, thread = start_http_server(port, addr=addr, registry=self.registry)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise endpoint_error(exc, addr, port) from None
         server = MetricsServer(httpd, thread)
         self._servers.append(server)
         return server
