@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     clean = sub.add_parser("cleanup", help="remove what a killed supervisor left behind (rank processes, "
                                            "network namespaces)")
     clean.add_argument("--force", action="store_true", help="also runs whose supervisor still lives")
+    clean.add_argument("--golden", nargs="?", const="all", choices=["all", "prune"],
+                       help="the golden cache: `all` (the default) removes every cached golden record and its "
+                            "directories; `prune` only what is not needed (plain cleanup prunes too)")
 
     rep = sub.add_parser("report", help="rebuild a run's reports from its event log")
     rep.add_argument("run_dir")
@@ -92,16 +95,33 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {path: getattr(args, flag) for flag, path in pairs.items() if getattr(args, flag) is not None}
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from burnin.harness.runner import run_scenario
-    from burnin.reports.console import make_progress
-    from burnin.reports.writers import passed, render_console, render_plain
+def _prepare_run(args: argparse.Namespace) -> Any:
+    """Check everything `burnin run` needs (flags, scenario, device, fabric, --out, the metrics endpoint)
+    and return the scenario; starts nothing and creates nothing."""
+    from burnin.harness import preflight
     from burnin.scenarios import load_scenario
 
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         raise UserError(f"--metrics-port: {args.metrics_port} is not a port; use 0-65535 (0 picks a free one)")
     _check_metrics_flags(args)
-    scenario = load_scenario(args.scenario, overrides=_overrides(args))
+    overrides = _overrides(args)
+    scenario = load_scenario(args.scenario, overrides=overrides)
+    preflight.check_device(scenario, args.scenario, overrides)
+    preflight.check_network(scenario, args.scenario, overrides)
+    preflight.check_out_dir(args.out)
+    if args.metrics_port is not None:
+        preflight.check_metrics_endpoint(args.metrics_port, args.metrics_addr)
+    return scenario
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from burnin.harness.runner import run_scenario
+    from burnin.reports.console import make_progress
+    from burnin.reports.writers import passed, render_console, render_plain
+
+    scenario = _prepare_run(args)
+    if getattr(args, "prepare_only", False):
+        return 0
     with make_progress(scenario.workload.steps, scenario.name, quiet=args.quiet) as progress:
         result = run_scenario(scenario, args.out, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                               on_event=progress.on_event, refresh_golden=args.refresh_golden,
@@ -129,31 +149,64 @@ def _check_metrics_flags(args: argparse.Namespace) -> None:
     if args.push_instance is not None and not args.push_instance.strip():
         raise UserError("--push-instance: empty; give a name, or leave the flag out for the host name")
     if args.metrics_textfile is not None:
-        parent = Path(args.metrics_textfile).resolve().parent
-        if not parent.is_dir():
-            raise UserError(f"--metrics-textfile: {parent} is not a directory; create it first")
+        from burnin.harness.preflight import _show, check_out_dir
+
+        path = Path(args.metrics_textfile)
+        try:
+            kind_ok = not path.exists() or path.is_file()
+        except (OSError, ValueError):
+            kind_ok = False
+        if not args.metrics_textfile.strip() or not kind_ok:
+            raise UserError(f"--metrics-textfile: {_show(args.metrics_textfile)!r} is not a file path; give the path "
+                            "of a file to write (its directory must exist), e.g. /var/lib/node_exporter/burnin.prom")
+        check_out_dir(path.absolute().parent, "--metrics-textfile", must_exist=True)
+
+
+def _prepare_campaign(args: argparse.Namespace) -> tuple[Any, int]:
+    """Check everything `burnin campaign` needs (flags, scenario, device, the drawn trials, --out or
+    --resume) and return the scenario and its number of trials; starts nothing and creates nothing."""
+    from burnin.harness import preflight
+    from burnin.harness.campaign import read_campaign_meta
+    from burnin.scenarios import load_scenario
+    from burnin.scenarios.schema import Campaign, Scenario
+
+    # the bound campaign.trials has in the schema
+    max_trials = next(m.le for m in Campaign.model_fields["trials"].metadata if getattr(m, "le", None) is not None)
+
+    if args.resume:
+        run_dir = preflight.check_out_dir(args.resume, "--resume", must_exist=True,
+                                          fix="give the run directory of an interrupted campaign")
+        trials, seed = read_campaign_meta(run_dir)
+        try:
+            scenario = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
+        except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            reason = " ".join(str(getattr(exc, "strerror", None) or exc).split())[:200]
+            raise UserError(f"--resume: {preflight._show(run_dir)}/scenario.json is damaged ({reason}); "
+                            "start a new campaign instead") from None
+        source = None
+    else:
+        if not args.scenario:
+            raise UserError("campaign: name a scenario with a `campaign:` section, e.g. `burnin campaign sdc-campaign`")
+        if args.trials is not None and not 1 <= args.trials <= max_trials:
+            raise UserError(f"--trials: {args.trials} is out of range; use 1-{max_trials}")
+        if args.seed is not None and args.seed < 0:
+            raise UserError(f"--seed: {args.seed} is out of range; use 0 or more")
+        scenario = load_scenario(args.scenario)
+        source = args.scenario
+        trials, seed = args.trials, args.seed
+        preflight.check_out_dir(args.out)
+    preflight.check_device(scenario, source)
+    plan = preflight.check_campaign(scenario, source, trials=trials, seed=seed)
+    return scenario, len(plan)
 
 
 def _cmd_campaign(args: argparse.Namespace) -> int:
     from burnin.harness.campaign import run_campaign
     from burnin.reports.console import make_campaign_progress
-    from burnin.scenarios import load_scenario
-    from burnin.scenarios.schema import Scenario
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "campaign-meta.json").is_file():
-            raise UserError(f"--resume: {run_dir} is not a campaign run directory (no campaign-meta.json)")
-        scenario = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
-    else:
-        if not args.scenario:
-            raise UserError("campaign: name a scenario with a `campaign:` section, e.g. `burnin campaign sdc-campaign`")
-        for flag in ("trials", "seed"):
-            value = getattr(args, flag)
-            if value is not None and value < (1 if flag == "trials" else 0):
-                raise UserError(f"--{flag}: {value} is out of range (trials >= 1, seed >= 0)")
-        scenario = load_scenario(args.scenario)
-    trials = args.trials or (scenario.campaign.trials if scenario.campaign else 0)
+    scenario, trials = _prepare_campaign(args)
+    if getattr(args, "prepare_only", False):
+        return 0
     with make_campaign_progress(trials, scenario.name, quiet=args.quiet) as progress:
         summary = run_campaign(scenario, args.out, trials=args.trials, seed=args.seed, resume=args.resume,
                                on_event=progress.on_event)
@@ -163,6 +216,8 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     fa = summary["false_alarms"]
     print(f"false alarms: {sum(fa['reference'].values())} in the fault-free reference; "
           f"wall {summary['timing']['wall_s']:.0f} s")
+    if summary.get("error"):
+        print(f"burnin: harness error: {summary['error']}", file=sys.stderr)
     print(f"{'PASS' if summary['complete'] and not fa['reference'] else 'FAIL'} {summary['run_dir']}")
     return 0 if summary["complete"] and not fa["reference"] else 1
 
@@ -184,12 +239,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from burnin.harness.preflight import check_scenario
     from burnin.scenarios import load_scenario
 
     status = 0
     for f in args.files:
         try:
-            sc = load_scenario(Path(f) if Path(f).exists() else f)
+            try:
+                source: str | Path = Path(f) if Path(f).exists() else f
+            except (OSError, ValueError):  # a name too long, a NUL byte: the loader says why
+                source = f
+            sc = load_scenario(source)
+            # what `run` and `campaign` check before they start: the device, the network fabric, the trials
+            check_scenario(sc, source)
             print(f"{f}: ok ({sc.name}: {len(sc.faults)} faults, {sc.workload.ranks} ranks, {sc.workload.steps} steps)")
         except UserError as exc:
             print(str(exc), file=sys.stderr)
@@ -206,6 +268,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     from burnin.harness.cleanup import sweep
+    from burnin.harness.golden import clear_cache, prune_cache
 
     report = sweep(force=args.force)
     for item in report:
@@ -214,7 +277,15 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
             print(f"{item['run_id']}: killed {len(item['killed'])} leftover process(es) {item['killed']}{ns}")
         else:
             print(f"{item['run_id']}: {item['action']} ({item['why']})")
-    if not report:
+    # The golden cache: pruned always (what no run needs), cleared with --golden.
+    golden = clear_cache(force=args.force) if args.golden == "all" else prune_cache()
+    for item in golden["removed"]:
+        print(f"golden cache: removed {item['kind']} {item['path']} ({item['bytes']} bytes)")
+    for item in golden["skipped"] if args.golden else []:
+        print(f"golden cache: kept {item['path']} ({item['why']})")
+    if args.golden or golden["removed"]:
+        print(f"golden cache {golden['cache']}: removed {len(golden['removed'])} item(s), {golden['bytes']} bytes")
+    if not report and not golden["removed"] and not args.golden:
         print("nothing to clean up")
     return 0
 
@@ -285,11 +356,15 @@ def _terminated(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt("terminated by SIGTERM")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prepare_only: bool = False) -> int:
+    """Run the command line `argv`. With `prepare_only`, `run` and `campaign` check everything they
+    need and return 0 (or fail as they would) without starting anything: what tests fuzz."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.prepare_only = prepare_only
     # SIGTERM ends every command as Ctrl-C does: teardown runs, nothing is left behind.
-    signal.signal(signal.SIGTERM, _terminated)
+    if not prepare_only:
+        signal.signal(signal.SIGTERM, _terminated)
     if args.command is None:
         parser.print_help()
         return 2

@@ -94,7 +94,8 @@ def test_broken_resume_is_caught_by_the_verdict(tmp_path: Path) -> None:
     assert s["finished"] and not s["exact"]
     assert s["final_state_hash"] != s["golden_state_hash"]
     assert s["faults"][0]["outcome"] == "detected"  # detected, restarted, but not back to golden
-    assert s["diverged_at_step"] == 10  # the first step after resuming from checkpoint 10
+    # Other dropout masks change the very first step after the resume, on any CPU.
+    assert s["diverged_at_step"] == s["faults"][0]["recovery"]["resumed_from_step"]
     junit = (run_dir_of(out) / "junit.xml").read_text()
     assert "final state equals golden" in junit and "<failure" in junit
 

@@ -268,8 +268,12 @@ def test_checkpoint_corrupt_with_the_same_seed_flips_the_same_bytes(gloo, tmp_pa
     assert offsets[0] == offsets[1] and len(offsets[0]) == 8
 
 
-def test_checkpoint_corrupt_without_a_checkpoint_is_skipped(tmp_path: Path) -> None:
+def test_checkpoint_corrupt_without_a_checkpoint_cannot_be_applied(tmp_path: Path) -> None:
+    """Nothing to damage is a harness error (validation refuses such a step), never a quiet no-op."""
+    from burnin.errors import HarnessError
+
     root = tmp_path / "checkpoints"
     (root / "step_00000005").mkdir(parents=True)  # incomplete: no manifest
-    assert _corrupt({"mode": "flip"}).inject(_ctx(root)) == {"skipped": "no committed checkpoint yet"}
+    with pytest.raises(HarnessError, match="no committed checkpoint"):
+        _corrupt({"mode": "flip"}).inject(_ctx(root))
     assert list((root / "step_00000005").iterdir()) == []

@@ -34,7 +34,10 @@ def test_local_grad_flip_is_averaged_into_every_replica_and_escapes(tmp_path: Pa
     s = summary_of(tmp_path)
     (f,) = s["faults"]
     assert f["outcome"] == "sdc" and f["detected_by"] is None
-    assert not s["exact"] and s["diverged_at_step"] == 12  # the first loss computed after the flip
+    # The flip lands after step 11's loss was computed, so that loss is the golden one; which later
+    # step's loss first shows the perturbation depends on the CPU's floating-point path (12 on an
+    # AMD EPYC, 14 on an Intel Xeon), so only the order is asserted.
+    assert not s["exact"] and s["diverged_at_step"] is not None and s["diverged_at_step"] > f["step"]
     events = read_events(run_dir_of(tmp_path) / "events.jsonl")
     assert not [e for e in events if e["event"] == "detection"]
 

@@ -39,8 +39,19 @@ class Fault:
     Params: ClassVar[type[BaseModel]] = NoParams
     #: True when the fault is a stand-in for the real thing on this machine; reports say `simulated`.
     simulated: ClassVar[bool] = False
-    #: True when the fault is meant to bring the group down; failures are attributed to such faults.
+    #: True when the fault is meant to bring the group down (reports and campaigns read it); which
+    #: failures a fault explains is decided by `effects` and `effect_scope`, not by this flag.
     disruptive: ClassVar[bool] = True
+    #: The failure causes (`burnin.harness.classify`) by which the fault's effect shows when it brings
+    #: the group down: a kill shows as "killed", a SIGSTOP as "hang", a link down as "network".
+    effects: ClassVar[tuple[str, ...]] = ()
+    #: Where that evidence appears: on the target rank itself ("rank": a killed rank's own exit), on
+    #: any rank of the group ("group": a link down makes the peers time out), or through a detector
+    #: finding that pins the fault ("detector": a bit flip caught by the fingerprint).
+    effect_scope: ClassVar[Literal["rank", "group", "detector"]] = "rank"
+    #: True when raising from `inject` IS the fault (process.exception); any other exception from
+    #: `inject` means the fault could not be applied, a harness error and never an outcome.
+    raises: ClassVar[bool] = False
     #: True when one injected fault may bring the group down again and again (a latent bug that
     #: stays in the code): it can explain any number of failures, not just one.
     recurring: ClassVar[bool] = False
@@ -55,6 +66,11 @@ class Fault:
     def default_point(self) -> str:
         """The step point the fault acts at when the scenario names none (may depend on params)."""
         return self.points[0]
+
+    def effect_window_s(self, timeouts: Any) -> float | None:
+        """How long after injection the fault's effect can still first show (None: to the end of the
+        attempt). A link that came back up long ago explains no timeout."""
+        return None
 
     def span(self) -> int:
         """How many consecutive steps the fault acts on (most act once)."""

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from burnin.faults.base import Fault
 from burnin.faults.registry import register
 
-__all__ = ["Bitflip", "NaN", "TARGET_POINTS", "NOT_HERE"]
+__all__ = ["Bitflip", "NaN", "TARGET_POINTS", "TARGET_AT", "NOT_HERE", "workload_problem"]
 
 Target = Literal["param", "optimizer_state", "grad", "allreduce_payload", "grad_reduced", "activation", "batch"]
 
@@ -37,6 +37,17 @@ TARGET_POINTS: dict[str, str] = {
     "grad_reduced": "after_allreduce",
     "activation": "before_forward",
     "batch": "before_forward",
+}
+
+#: The step points at which a target is at hand (the others fail inside the rank): the batch exists
+#: only before the forward; a local gradient and the all-reduce payload only inside DDP's comm hook;
+#: the reduced gradient from the all-reduce until the next step's backward zeroes it (and not before
+#: the first backward, nor in a resumed step).
+TARGET_AT: dict[str, tuple[str, ...]] = {
+    "batch": ("before_forward",),
+    "grad": ("after_backward",),
+    "allreduce_payload": ("after_backward",),
+    "grad_reduced": ("after_allreduce", "after_optimizer_step"),
 }
 
 #: Returned by `inject` when the target is not at hand at this call (another gradient bucket):
@@ -65,6 +76,8 @@ class NaNParams(_CorruptionParams):
 
 class _TensorCorruption(Fault):
     where = "in_rank"
+    effects = ("corruption",)  # seen only when a detector finding pins it (restart mode)
+    effect_scope = "detector"
     points = ("after_optimizer_step", "after_backward", "after_allreduce", "before_forward")
     Params: ClassVar[type[BaseModel]] = _CorruptionParams
 
@@ -180,3 +193,82 @@ def _class_of(dtype: Any, bit: int) -> str:
         if bit in bits_of(dtype, cls):
             return cls
     return "any"
+
+
+def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: int, model: str,
+                     batch_size: int, seq_len: int) -> tuple[tuple[str, ...], str] | None:
+    """Why this corruption would fail inside the rank of this workload, or None when it would not.
+
+    Checked at load time from the model preset alone (`burnin.harness.model_shapes`, no torch): the
+    target is at hand at the step point, the named tensor exists, the element index is inside it,
+    the bit is inside the element. Returns the fields to blame, the one to change first first
+    ("point" and "step" are the FaultSpec's own, the others are params), and a message.
+    """
+    from difflib import get_close_matches
+
+    from burnin.harness.model_shapes import FLOAT_BITS, TOKEN_BITS, layout
+
+    p = params
+    target = p.target
+    at = point or TARGET_POINTS[target]
+    if target in TARGET_AT and at not in TARGET_AT[target]:
+        return ("point", "target"), (f"target {target} is at hand only at {' or '.join(TARGET_AT[target])}, "
+                                     f"not at {at}; leave `point` out (it follows the target)")
+    if target == "optimizer_state" and at != "after_optimizer_step" and step == 0:
+        return ("step", "point"), ("the AdamW moments (target optimizer_state) exist only after the first "
+                                   f"optimizer step, so not at step 0 {at}; use after_optimizer_step or a later step")
+    bits = TOKEN_BITS if target == "batch" else FLOAT_BITS
+    dtype = "int64" if target == "batch" else "float32"
+    if fault == NaN.name and target == "batch":
+        return ("target", "value"), (f"the batch holds int64 tokens, which cannot hold {p.value}; "
+                                     "use corruption.bitflip to damage the batch")
+    if fault == Bitflip.name:
+        if p.bit is not None and p.bit >= bits:
+            return ("bit", "target"), (f"bit {p.bit} is outside a {dtype} element of target {target} "
+                                       f"(bits 0..{bits - 1})")
+        if p.bit is None and target == "batch" and p.bit_class == "exponent":
+            return ("bit_class", "target"), ("the batch holds int64 tokens, which have no exponent bits; "
+                                             "use sign, mantissa_high, mantissa_low or any")
+    lay = layout(model, batch_size, seq_len)
+    if target == "batch":
+        sizes, what = {"the batch": lay.batch_tokens}, None
+    else:
+        sizes, what = (lay.activations, "leaf module") if target == "activation" else (lay.params, "parameter")
+        if p.tensor is not None:
+            if p.tensor not in sizes:
+                text = p.tensor
+                close = get_close_matches(text, list(sizes), n=1, cutoff=0.6) if len(text) <= 200 else []
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                shown = text if len(text) <= 60 else text[:57] + "..."
+                examples = ", ".join(list(sizes)[:4])
+                return ("tensor",), (f"the {model} model has no {what} {shown!r} for target {target}; {hint}"
+                                     f"({len(sizes)} {what}s: {examples}, ...)")
+            sizes = {p.tensor: sizes[p.tensor]}
+    if p.index is None:
+        return None
+    if target == "allreduce_payload":
+        limit = lay.first_bucket_elements
+        if p.index >= limit:
+            return ("index",), (f"index {_num(p.index)} may be past the end of gradient bucket 0, which DDP sizes "
+                                f"at run time: it holds at least {limit} elements (1 MiB, or all "
+                                f"{lay.grad_elements} gradient elements of the {model} model if fewer); "
+                                f"use an index below {limit}")
+        return None
+    name, n = min(sizes.items(), key=lambda kv: kv[1])
+    if p.index < n:
+        return None
+    if len(sizes) == 1:
+        where = "the batch" if target == "batch" else name
+        return ("index", "tensor"), (f"index {_num(p.index)} is past the end of {where} ({n} elements; "
+                                     f"indices 0..{n - 1})")
+    return ("index", "tensor"), (f"index {_num(p.index)} is past the end of some {what}s a drawn tensor may be "
+                                 f"(the smallest, {name}, has {n} elements); name a `tensor`, or use an "
+                                 f"index below {n}")
+
+
+def _num(value: int) -> str:
+    try:
+        text = str(value)
+    except ValueError:  # more digits than Python converts
+        return "(a number too long to show)"
+    return text if len(text) <= 24 else text[:10] + "..." + text[-4:]

@@ -68,6 +68,7 @@ class IllegalAccess(Fault):
     where = "in_rank"
     points = ("before_forward",)
     Params = IllegalAccessParams
+    effects = ("illegal_memory_access",)
 
     def inject(self, ctx: Any) -> dict[str, Any]:
         reduction = _reduction(ctx, self.name)
@@ -122,6 +123,7 @@ class LatentKernelBug(Fault):
     points = ("before_forward",)
     Params = LatentKernelBugParams
     recurring = True
+    effects = ("illegal_memory_access",)
 
     def span(self) -> int:
         return 1 << 62  # to the end of the run
@@ -173,6 +175,8 @@ class OobWrite(Fault):
     points = ("before_forward",)
     Params = OobWriteParams
     disruptive = False  # it corrupts, it does not crash
+    effects = ("corruption",)
+    effect_scope = "detector"
 
     def inject(self, ctx: Any) -> dict[str, Any]:
         reduction = _reduction(ctx, self.name)

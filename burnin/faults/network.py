@@ -41,6 +41,17 @@ class _Params(BaseModel):
     duration_s: float = Field(1.0, gt=0, le=3600, description="how long the fault lasts before it is undone")
 
 
+class _NetworkEffect:
+    """A network fault shows anywhere in the group (the peers time out, or lose the connection), and
+    only while it lasts, plus the time a collective or a step may take to notice."""
+
+    effects = ("network", "hang", "timeout")
+    effect_scope = "group"
+
+    def effect_window_s(self, timeouts: Any) -> float | None:
+        return self.params.duration_s + max(timeouts.collective_s, timeouts.step_s) + 1.0
+
+
 class BlackholeParams(_Params):
     duration_s: float = Field(25.0, gt=0, le=3600, description="how long every egress packet is dropped")
 
@@ -53,8 +64,11 @@ class ThrottleParams(_Params):
     @field_validator("rate")
     @classmethod
     def _rate(cls, rate: str) -> str:
+        shown = repr(rate) if len(rate) <= 40 else repr(rate[:37]) + "..."  # never echo a huge value whole
+        if not _RATE.fullmatch(rate):  # fullmatch: `$` would let a trailing newline through to tc
+            raise ValueError(f"rate {shown}: expected a number and a unit, e.g. 500kbit, 10mbit, 1gbit")
         if not 64e3 <= rate_bits(rate) <= 100e9:
-            raise ValueError(f"rate {rate!r}: use 64kbit to 100gbit")
+            raise ValueError(f"rate {shown}: use 64kbit to 100gbit")
         return rate
 
 
@@ -67,7 +81,10 @@ class PartitionParams(_Params):
     @classmethod
     def _ranks(cls, ranks: list[int] | None) -> list[int] | None:
         if ranks is not None and any(r < 0 for r in ranks):
-            raise ValueError(f"ranks {ranks}: ranks are 0 or more")
+            shown = str(ranks) if len(str(ranks)) <= 60 else str(ranks)[:57] + "..."
+            raise ValueError(f"ranks {shown}: ranks are 0 or more")
+        # Which ranks exist (workload.ranks) and that some, not all, are cut off is checked with the
+        # scenario (schema.Scenario), where the workload is known.
         return ranks
 
 
@@ -81,7 +98,7 @@ def _fabric(ctx: Any, name: str) -> Any:
 # -- real faults ---------------------------------------------------------------------------------------
 
 @register
-class LinkDown(Fault):
+class LinkDown(_NetworkEffect, Fault):
     """Take the rank's interface down, and up again after `duration_s`: a flap, or an outage if long."""
 
     name = "network.link_down"
@@ -97,7 +114,7 @@ class LinkDown(Fault):
 
 
 @register
-class Blackhole(Fault):
+class Blackhole(_NetworkEffect, Fault):
     """Drop every packet the rank sends (`pfifo limit 0` on its egress): the link looks up but nothing arrives."""
 
     name = "network.blackhole"
@@ -113,7 +130,7 @@ class Blackhole(Fault):
 
 
 @register
-class Throttle(Fault):
+class Throttle(_NetworkEffect, Fault):
     """Limit the rank's egress rate with a token bucket (`tbf`): a degraded link makes one slow rank."""
 
     name = "network.throttle"
@@ -133,7 +150,7 @@ class Throttle(Fault):
 
 
 @register
-class Partition(Fault):
+class Partition(_NetworkEffect, Fault):
     """Cut a set of ranks off from the others for `duration_s`; ranks on one side still reach each other."""
 
     name = "network.partition"
@@ -159,7 +176,7 @@ def _collective_timeout() -> float:
         return 30.0
 
 
-class _Silence(Fault):
+class _Silence(_NetworkEffect, Fault):
     """The target rank stops talking for `duration_s`: its peers wait in the next all-reduce.
 
     Shorter than the collective timeout: a stall the group survives, as a flap is. Longer: the rank
@@ -169,6 +186,7 @@ class _Silence(Fault):
 
     where = "in_rank"
     simulated = True
+    raises = True  # past the collective timeout the silent rank raises, as its peers would
 
     def inject(self, ctx: Any) -> dict[str, Any]:
         d, timeout = self.params.duration_s, _collective_timeout()
@@ -205,7 +223,7 @@ class SimulatedPartition(_Silence):
 
 
 @register
-class SimulatedThrottle(Fault):
+class SimulatedThrottle(_NetworkEffect, Fault):
     """Each step while the throttle lasts, the rank sleeps as long as its share of the all-reduce would
     take at `rate` (a ring all-reduce sends 2(n-1)/n of the gradient bytes per rank)."""
 

@@ -23,6 +23,7 @@ class Kill(Fault):
     name = "process.kill"
     summary = "SIGKILL a rank at a step (node loss)"
     where = "out_of_rank"
+    effects = ("killed",)
 
     def inject(self, ctx: Any) -> dict[str, Any]:
         os.kill(ctx.pid, signal.SIGKILL)
@@ -36,6 +37,7 @@ class Hang(Fault):
     name = "process.hang"
     summary = "SIGSTOP a rank at a step (a hung process; caught by the heartbeat timeout)"
     where = "out_of_rank"
+    effects = ("hang",)
 
     def inject(self, ctx: Any) -> dict[str, Any]:
         os.kill(ctx.pid, signal.SIGSTOP)
@@ -50,6 +52,8 @@ class Exception_(Fault):
     summary = "raise an exception inside a rank's step"
     where = "in_rank"
     points = ("before_forward", "after_optimizer_step", "between_steps")
+    effects = ("exception",)
+    raises = True
 
     def inject(self, ctx: Any) -> dict[str, Any]:
         raise InjectedFault(f"burnin injected process.exception at step {ctx.step} ({ctx.point}) on rank {ctx.rank}")
@@ -71,9 +75,16 @@ class Straggler(Fault):
     points = ("before_forward",) + tuple(p for p in STEP_POINTS if p != "before_forward")
     Params = StragglerParams
     disruptive = False
+    effects = ("hang",)        # only a delay past timeouts.step_s brings the group down: a stall
+    effect_scope = "group"
 
     def span(self) -> int:
         return self.params.steps
+
+    def effect_window_s(self, timeouts: Any) -> float | None:
+        if self.params.delay_s < timeouts.step_s:
+            return 0.0  # the step watchdog never sees a delay shorter than its timeout
+        return self.params.steps * self.params.delay_s + timeouts.step_s
 
     def inject(self, ctx: Any) -> dict[str, Any]:
         time.sleep(self.params.delay_s)

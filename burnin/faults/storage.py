@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from burnin.errors import HarnessError
 from burnin.faults.base import Fault
 from burnin.faults.registry import register
 
@@ -38,8 +39,8 @@ class CheckpointCorrupt(Fault):
         from burnin.harness import checkpoint
 
         newest = checkpoint.committed(ctx.checkpoint_dir)
-        if not newest:
-            return {"skipped": "no committed checkpoint yet"}
+        if not newest:  # validation refuses a step before the first checkpoint: this is a harness error
+            raise HarnessError(f"no committed checkpoint in {ctx.checkpoint_dir} to damage at step {ctx.step}")
         ckpt = newest[-1]
         p = self.params
         target: Path = ckpt.path / (checkpoint.MODEL_FILE if p.file == "model" else checkpoint.rank_file(ctx.rank))

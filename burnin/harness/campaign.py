@@ -154,21 +154,24 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
                  seed: int | None = None, resume: str | Path | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None, metrics: Any = None) -> dict[str, Any]:
     """Run (or resume) a campaign; returns the summary (also written to campaign.json)."""
-    from burnin.harness.runner import new_run_id
+    from burnin.harness.preflight import check_device, check_out_dir
+    from burnin.harness.runner import make_run_dir, new_run_id
 
+    # Bad input stops here, before the run directory exists and before any rank starts.
     if resume is not None:
-        run_dir = Path(resume)
-        meta = json.loads((run_dir / "campaign-meta.json").read_text())
-        trials, seed = meta["trials"], meta["seed"]
+        run_dir = check_out_dir(resume, "--resume", must_exist=True,
+                                fix="give the run directory of an interrupted campaign")
+        trials, seed = read_campaign_meta(run_dir)
     else:
         c = scenario.campaign
         trials = trials if trials is not None else (c.trials if c else 0)
         seed = seed if seed is not None else (c.seed if c else 0)
-        run_dir = Path(out_dir).resolve() / new_run_id(scenario.name)
-        run_dir.mkdir(parents=True)
-        (run_dir / "scenario.json").write_text(scenario.model_dump_json(indent=1))
-        (run_dir / "campaign-meta.json").write_text(json.dumps({"trials": trials, "seed": seed}))
+        out = check_out_dir(out_dir)
+    check_device(scenario)
     plan = draw_trials(scenario, trials, seed)
+    if resume is None:
+        run_dir = make_run_dir(out, new_run_id(scenario.name), scenario.model_dump_json(indent=1))
+        (run_dir / "campaign-meta.json").write_text(json.dumps({"trials": trials, "seed": seed}))
     log_path = run_dir / "trials.jsonl"
     done: dict[int, dict[str, Any]] = {}
     if log_path.exists():
@@ -207,7 +210,10 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
         elif kind == "campaign_reference":
             state["reference"] = {"state_hash": ev["state_hash"], "false_alarms": ev["false_alarms"],
                                   "steps": ev["steps"], "window_s": ev["window_s"]}
-        elif kind == "failure_detected" and state["current"] is not None:
+        elif kind == "fault_error":
+            # The trial's fault could not be applied: no outcome for it, and the campaign stops.
+            state["error"] = f"trial {state['current']}: {ev['fault']} could not be applied: {ev['error']}"
+        elif kind == "failure_detected" and state["current"] is not None and ev["cause"] != "harness":
             trial = state["current"]
             state["current"] = None
             record({"trial": trial, "template": plan[trial]["template"], "fault": plan[trial]["faults"][0],
@@ -233,6 +239,8 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
         state["reference"] = json.loads((run_dir / "reference.json").read_text())
     summary = summarize(scenario, list(done.values()), state["reference"])
     summary["complete"] = len(done) == trials
+    if state.get("error"):
+        summary["error"] = state["error"]
     # Timing lives apart from the summary proper, which is a pure function of the seed.
     summary["timing"] = {"wall_s": time.time() - t0,
                          "reference_window_s": (state["reference"] or {}).get("window_s")}
@@ -240,6 +248,26 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
     metrics.write_textfile(run_dir / "metrics.prom")
     summary["run_dir"] = str(run_dir)
     return summary
+
+
+def read_campaign_meta(run_dir: str | Path) -> tuple[int, int]:
+    """(trials, seed) of the campaign in run_dir, or a one-line UserError naming --resume."""
+    from burnin.errors import UserError
+    from burnin.harness.preflight import _show
+
+    shown = _show(run_dir)
+    try:
+        meta = json.loads((Path(run_dir) / "campaign-meta.json").read_text())
+        trials, seed = meta["trials"], meta["seed"]
+        if not (isinstance(trials, int) and isinstance(seed, int) and trials >= 1 and seed >= 0):
+            raise ValueError(f"trials {trials!r}, seed {seed!r}")
+    except FileNotFoundError:
+        raise UserError(f"--resume: {shown} is not a campaign run directory (no campaign-meta.json)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = " ".join(str(getattr(exc, "strerror", None) or exc).split())[:200]
+        raise UserError(f"--resume: {shown}/campaign-meta.json is damaged ({reason}); "
+                        "start a new campaign instead") from None
+    return trials, seed
 
 
 def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:

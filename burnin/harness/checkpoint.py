@@ -164,13 +164,15 @@ def save(root: str | Path, step: int, rank: int, world_size: int, rank_state: di
         mine[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, mine)
-    if rank != 0:
-        return None
-    files = {name: meta for part in gathered for name, meta in part.items()}
-    manifest = {"step": step, "world_size": world_size, "files": dict(sorted(files.items()))}
-    atomic_write(path / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _prune(Path(root), keep)
-    return Checkpoint(step, path)
+    if rank == 0:
+        files = {name: meta for part in gathered for name, meta in part.items()}
+        manifest = {"step": step, "world_size": world_size, "files": dict(sorted(files.items()))}
+        atomic_write(path / MANIFEST, json.dumps(manifest, indent=1).encode())
+        _prune(Path(root), keep)
+    # No rank goes on before the checkpoint is committed: whatever happens next on any rank (an
+    # out-of-rank fault damaging "the newest checkpoint", a kill) sees the same newest checkpoint.
+    dist.barrier()
+    return Checkpoint(step, path) if rank == 0 else None
 
 
 def _prune(root: Path, keep: int) -> None:

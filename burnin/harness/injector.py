@@ -70,8 +70,14 @@ class Injector:
                                   optimizer=ctx.get("optimizer"), tensors=tensors)
             try:
                 details = fault.inject(context) or {}
-            except BaseException:
+            except Exception as exc:
                 self.fired.add(index)
+                if not fault.raises:  # it could not be applied: a harness error, never an outcome
+                    error = f"{type(exc).__name__}: {exc}"[:2000]
+                    self.events.emit("fault_error", fault_index=index, fault=fault.name, step=step, point=point,
+                                     error=error)
+                    raise HarnessError(f"fault[{index}] {fault.name} could not be applied at step {step} "
+                                       f"({point}): {error}") from exc
                 self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=point,
                                  where="in_rank", simulated=fault.simulated, details={"raised": True})
                 raise

@@ -20,33 +20,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.harness import cleanup
+from burnin.harness.attribution import Candidate, Evidence, explained_by, pin_detection
 from burnin.harness.classify import classify_error, classify_exit, signature
 from burnin.harness.events import EventWriter, Tail
 from burnin.harness.netwatch import NetworkWatch
-from burnin.scenarios.schema import Scenario
+from burnin.scenarios.schema import HEARTBEAT_PERIOD_S, Scenario
 
 __all__ = ["Supervisor", "OutOfRankContext", "LocalFabric", "classify_exit", "classify_error", "signature"]
 
 POLL_S = 0.01
 GRACE_S = 0.25          # after the first sign of failure, how long to gather evidence of its cause
-HEARTBEAT_PERIOD_S = 0.25
 
 # Which evidence names the root cause when several ranks fail together: a rank killed by a signal
-# brings its peers down with connection errors, not the other way round.
-_PRIORITY = {"exit_signal": 0, "heartbeat": 1, "rank_error": 2, "exit_code": 3,
-             "step_timeout": 4, "connect_timeout": 5, "run_timeout": 6}
+# brings its peers down with connection errors, not the other way round. A fault that could not be
+# applied is a harness error, and outranks everything. `stopped` is never a first sign (it is looked
+# at once the failure is certain), only a witness of which ranks were frozen.
+_PRIORITY = {"fault_error": -1, "exit_signal": 0, "heartbeat": 1, "stopped": 2, "rank_error": 3,
+             "exit_code": 4, "step_timeout": 5, "connect_timeout": 6, "run_timeout": 7}
 
-@dataclass
-class _Evidence:
-    detector: str
-    rank: int | None
-    cause: str
-    detail: str
-    time: float
 
-    @property
-    def priority(self) -> int:
-        return _PRIORITY[self.detector]
+def _priority(e: Evidence) -> int:
+    return _PRIORITY[e.detector]
 
 
 @dataclass
@@ -127,6 +121,10 @@ class Supervisor:
     _log: EventWriter = field(init=False)
     _fired: set[int] = field(init=False, default_factory=set)
     _explained: set[int] = field(init=False, default_factory=set)
+    _first_injected: dict[int, float] = field(init=False, default_factory=dict)  # fault -> first injection
+    _fired_now: dict[int, float] = field(init=False, default_factory=dict)  # this attempt: fault -> time
+    _detections: list[dict[str, Any]] = field(init=False, default_factory=list)  # this attempt's findings
+    _fault_errors: list[dict[str, Any]] = field(init=False, default_factory=list)
     _tails: dict[int, Tail] = field(init=False, default_factory=dict)
     _actions: list[_Action] = field(init=False, default_factory=list)
 
@@ -163,6 +161,10 @@ class Supervisor:
                     break
                 if evidence is not None and evidence.detector == "run_timeout":
                     break
+                if self._fault_errors:  # a harness error: restarting would only hide it
+                    self._emit("recovery_abandoned", reason="a fault could not be applied",
+                               faults=[e["fault_index"] for e in self._fault_errors])
+                    break
                 if sc.recovery.mode == "none" or restarts >= sc.recovery.max_restarts:
                     self._emit("recovery_exhausted", restarts=restarts, max_restarts=sc.recovery.max_restarts)
                     break
@@ -181,13 +183,12 @@ class Supervisor:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    def _attempt(self, attempt: int, deadline: float) -> tuple[bool, _Evidence | None]:
-        sc = self.scenario
+    def _attempt(self, attempt: int, deadline: float) -> tuple[bool, Evidence | None]:
         ranks = self._spawn(attempt)
         started = time.time()
         last_progress = started
         first_sign: float | None = None
-        evidence: list[_Evidence] = []
+        evidence: list[Evidence] = []
         try:
             while True:
                 now = time.time()
@@ -202,12 +203,13 @@ class Supervisor:
                 if evidence and first_sign is None:
                     first_sign = now
                 if first_sign is not None and (now - first_sign >= GRACE_S or
-                                               evidence[-1].detector in ("run_timeout",)):
+                                               any(e.detector in ("run_timeout", "fault_error") for e in evidence)):
                     break
                 time.sleep(POLL_S)
-            root = min(evidence, key=lambda e: (e.priority, e.time))
-            self._failure(attempt, root, ranks)
-            return False, root
+            evidence += self._stopped(ranks, time.time())
+            evidence.sort(key=lambda e: (_priority(e), e.time))
+            self._failure(attempt, evidence, ranks)
+            return False, evidence[0]
         finally:
             self._teardown(ranks, attempt)
 
@@ -226,6 +228,7 @@ class Supervisor:
             spec.update(self.extra_spec())
         spec_path = self.run_dir / "ranks" / "spec.json"
         spec_path.write_text(json.dumps(spec))
+        self._fired_now, self._detections = {}, []
         port = _free_port()
         self._emit("attempt_started", attempt=attempt, master_port=port)
         ranks = []
@@ -282,20 +285,35 @@ class Supervisor:
         elif kind == "rank_error":
             r.error = ev
         elif kind == "fault_injected":
-            self._fired.add(ev["fault_index"])
+            self._injected(ev)
+        elif kind == "fault_error":
+            self._fault_errors.append(ev)
+        elif kind == "detection":
+            self._detections.append(ev)
         elif kind == "fault_point":
             self._out_of_rank(r, ev)
+
+    def _injected(self, ev: dict[str, Any]) -> None:
+        index = ev["fault_index"]
+        self._fired.add(index)
+        self._fired_now[index] = ev["t"]
+        self._first_injected.setdefault(index, ev["t"])
 
     def _out_of_rank(self, r: _Rank, ev: dict[str, Any]) -> None:
         index = ev["fault_index"]
         fault = self._faults[index]
         ctx = OutOfRankContext(r.rank, ev["step"], ev["point"], r.proc.pid, self.run_dir, self.checkpoint_dir,
                                self.fabric, index, self._actions)
-        self._emit("fault_injected", fault_index=index, fault=fault.name, rank=r.rank, step=ev["step"],
-                   point=ev["point"], where="out_of_rank", simulated=fault.simulated, attempt=ev.get("attempt"))
-        details = fault.inject(ctx) or {}
+        self._injected(self._emit("fault_injected", fault_index=index, fault=fault.name, rank=r.rank,
+                                  step=ev["step"], point=ev["point"], where="out_of_rank",
+                                  simulated=fault.simulated, attempt=ev.get("attempt")))
+        try:
+            details = fault.inject(ctx) or {}
+        except Exception as exc:  # the fault could not be applied: a harness error, never an outcome
+            self._fault_errors.append(self._emit("fault_error", fault_index=index, fault=fault.name, rank=r.rank,
+                                                 step=ev["step"], error=f"{type(exc).__name__}: {exc}"[:2000]))
+            return  # the rank waits for a go that never comes; the attempt ends on the error
         self._emit("fault_applied", fault_index=index, details=details)
-        self._fired.add(index)
         try:
             r.proc.stdin.write(b"go\n")
             r.proc.stdin.flush()
@@ -303,16 +321,20 @@ class Supervisor:
             pass  # the fault killed it: nobody is listening
 
     def _check(self, ranks: list[_Rank], now: float, started: float, last_progress: float,
-               deadline: float, seen: list[_Evidence]) -> list[_Evidence]:
+               deadline: float, seen: list[Evidence]) -> list[Evidence]:
         """New evidence of failure, at most one item per rank and detector."""
         t = self.scenario.timeouts
         have = {(e.detector, e.rank) for e in seen}
-        new: list[_Evidence] = []
+        new: list[Evidence] = []
 
         def add(detector: str, rank: int | None, cause: str, detail: str) -> None:
             if (detector, rank) not in have:
-                new.append(_Evidence(detector, rank, cause, detail, now))
+                new.append(Evidence(detector, rank, cause, detail, now))
                 have.add((detector, rank))
+
+        for err in self._fault_errors:
+            add("fault_error", err.get("rank"), "harness",
+                f"fault[{err['fault_index']}] {err['fault']} could not be applied: {err['error']}")
 
         for r in ranks:
             rc = r.proc.poll()
@@ -345,26 +367,42 @@ class Supervisor:
             add("run_timeout", None, "timeout", f"the run exceeded timeouts.run_s={t.run_s:g}")
         return new
 
-    def _failure(self, attempt: int, root: _Evidence, ranks: list[_Rank]) -> None:
+    def _stopped(self, ranks: list[_Rank], now: float) -> list[Evidence]:
+        """Ranks frozen by a signal (state T) when the failure is certain: a SIGSTOP that landed with
+        another fault is seen here, long before its heartbeat goes stale."""
+        found = []
+        for r in ranks:
+            if r.proc.poll() is None and _proc_state(r.proc.pid) in ("T", "t"):
+                found.append(Evidence("stopped", r.rank, "hang", "process stopped (state T)", now))
+        return found
+
+    def _failure(self, attempt: int, evidence: list[Evidence], ranks: list[_Rank]) -> None:
+        root = evidence[0]
         last = [r.last_step for r in ranks]
-        fault_index = self._attribute(root)
+        primary, explained = self._attribute(evidence)
         self._emit("failure_detected", attempt=attempt, detected_at=root.time, cause=root.cause, rank=root.rank,
                    detector=root.detector, detail=root.detail[:500], signature=signature(root.cause, root.detail),
-                   fault_index=fault_index,
+                   fault_index=primary, fault_indices=explained,
+                   evidence=[{"detector": e.detector, "rank": e.rank, "cause": e.cause, "detail": e.detail[:200]}
+                             for e in evidence[:16]],
                    last_step=min((s for s in last if s is not None), default=None),
                    max_step=max((s for s in last if s is not None), default=None))
 
-    def _attribute(self, root: _Evidence) -> int | None:
-        """The injected, still unexplained, disruptive fault this failure is most likely due to."""
-        # A recurring fault (a latent bug) stays a candidate after explaining a failure.
-        candidates = [i for i in self._fired if self._faults[i].disruptive
-                      and (i not in self._explained or self._faults[i].recurring)]
-        if not candidates:
-            return None
-        same_rank = [i for i in candidates if self.scenario.faults[i].rank == root.rank]
-        pick = max(same_rank or candidates, key=lambda i: (self.scenario.faults[i].step, i))
-        self._explained.add(pick)
-        return pick
+    def _attribute(self, evidence: list[Evidence]) -> tuple[int | None, list[int]]:
+        """Every injected fault whose effect this failure's evidence shows (attribution.py says the rule)."""
+        if evidence[0].detector == "fault_error":
+            return None, []  # a harness error: no fault brought the group down
+        specs, t = self.scenario.faults, self.scenario.timeouts
+        fired = {**{i: self._first_injected[i] for i in self._fired
+                    if self._faults[i].recurring and i in self._first_injected}, **self._fired_now}
+        candidates = [Candidate(i, specs[i].step, specs[i].rank, self._faults[i].effects,
+                                self._faults[i].effect_scope, at, self._faults[i].effect_window_s(t))
+                      for i, at in fired.items() if i not in self._explained or self._faults[i].recurring]
+        ranks = [f.rank for f in specs]
+        pinned = {pin_detection(d, self._first_injected, ranks) for d in self._detections}
+        primary, explained = explained_by(evidence, candidates, pinned - {None})
+        self._explained.update(explained)
+        return primary, explained
 
     def _teardown(self, ranks: list[_Rank], attempt: int) -> None:
         """SIGKILL every process group of the attempt that is still there; wait for all to go."""
@@ -415,14 +453,25 @@ class Supervisor:
                 self._emit("fault_action_failed", fault_index=a.fault_index, action=a.label,
                            error=f"{type(exc).__name__}: {exc}")
 
-    def _emit(self, event: str, **fields: Any) -> None:
-        self._publish(self._log.emit(event, source="supervisor", **fields))
+    def _emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = self._log.emit(event, source="supervisor", **fields)
+        self._publish(record)
+        return record
 
     def _publish(self, ev: dict[str, Any]) -> None:
         if self.metrics:
             self.metrics.observe(ev)
         if self.on_event:
             self.on_event(ev)
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state of a process (R, S, D, T, Z, ...), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b") ", 1)[1][:1].decode()
+    except (OSError, IndexError):
+        return None
 
 
 def _free_port() -> int:

@@ -19,7 +19,11 @@ _LINES = {
     "attempt_started": lambda e: f"attempt {e['attempt']}: launching ranks",
     "fault_injected": lambda e: f"fault[{e['fault_index']}] {e['fault']} injected on rank {e['rank']} at step {e['step']} ({e['point']})",
     "failure_detected": lambda e: (f"failure: {e['cause']} on rank {e['rank']} by {e['detector']}: "
-                                   f"{e['detail'].splitlines()[0][:120] if e['detail'] else ''}"),
+                                   f"{e['detail'].splitlines()[0][:120] if e['detail'] else ''}"
+                                   + (f" (explains faults {e['fault_indices']})" if len(e.get("fault_indices") or []) > 1
+                                      else "")),
+    "fault_error": lambda e: f"fault[{e['fault_index']}] {e['fault']} could not be applied: {e['error'][:160]}",
+    "recovery_abandoned": lambda e: f"not restarting: {e['reason']}",
     "checkpoint_rejected": lambda e: f"checkpoint {e['checkpoint_step']} rejected: {e['reason']}",
     "restart": lambda e: f"restart {e['attempt']}",
     "recovery_exhausted": lambda e: f"giving up after {e['restarts']} restarts",

@@ -53,7 +53,13 @@ class Failure:
     detail: str                # the signal name, exit code, or first line of the error
     signature: str             # normalized: same root cause -> same signature
     last_step: int | None      # newest step every rank had completed before the failure
-    fault_index: int | None    # the scenario fault it is attributed to, None when unexplained
+    fault_index: int | None    # the fault its recovery is reported under, None when unexplained
+    #: every fault the failure explains (one restart can recover several; docs/architecture.md)
+    fault_indices: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.fault_index is not None and self.fault_index not in self.fault_indices:
+            self.fault_indices = sorted([*self.fault_indices, self.fault_index])
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from burnin.harness.attribution import pin_detection
 from burnin.reports.result import Expectation, Failure, FaultResult, RecoveryBreakdown, RunResult
 
 __all__ = ["judge"]
@@ -61,14 +62,24 @@ def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: s
                     break
 
     floor = next((ev.get("loss_floor") for ev in by_kind["resumed"] if ev.get("rank") == 0), None)
+    # An event log written before a failure could explain several faults names only `fault_index`.
     failures = [Failure(attempt=ev["attempt"], time=ev["detected_at"], cause=ev["cause"], rank=ev.get("rank"),
                         detector=ev["detector"], detail=ev["detail"], signature=ev["signature"],
-                        last_step=ev.get("last_step"), fault_index=ev.get("fault_index"))
+                        last_step=ev.get("last_step"), fault_index=ev.get("fault_index"),
+                        fault_indices=list(ev.get("fault_indices") or []))
                 for ev in by_kind["failure_detected"]]
+    # A fault that could not be applied is a harness error: it has no outcome but `failed`.
+    fault_errors = [f"fault[{ev['fault_index']}] {ev['fault']} could not be applied: {ev['error']}"
+                    for ev in by_kind["fault_error"]]
+    if fault_errors:
+        error = "; ".join(([error] if error else []) + fault_errors)
 
     detections, false_alarms = _attribute_detections(by_kind, scenario)
     faults = [_fault_result(i, spec, by_kind, failures, finished, exact, detections.get(i, []))
               for i, spec in enumerate(scenario.faults)]
+    for ev in by_kind["fault_error"]:
+        f = faults[ev["fault_index"]]
+        f.outcome, f.details["error"] = "failed", ev["error"]
     simulated = any(f.simulated for f in faults)
 
     result = RunResult(
@@ -98,16 +109,15 @@ def _attribute_detections(by_kind: dict[str, list[dict[str, Any]]],
     first_injection: dict[int, float] = {}
     for t, i in injected:
         first_injection.setdefault(i, t)
+    ranks = [f.rank for f in scenario.faults]
     per_fault: dict[int, list[dict[str, Any]]] = defaultdict(list)
     false_alarms = []
     for det in by_kind["detection"]:
-        before = [i for i, t in sorted(first_injection.items(), key=lambda x: x[1]) if t <= det["t"]]
-        if not before:
+        pinned = pin_detection(det, first_injection, ranks)
+        if pinned is None:
             false_alarms.append(det)
-            continue
-        odd = det.get("odd_ranks") or []
-        aimed = [i for i in before if scenario.faults[i].rank in odd]
-        per_fault[(aimed or before)[-1]].append(det)
+        else:
+            per_fault[pinned].append(det)
     return per_fault, false_alarms
 
 
@@ -120,7 +130,7 @@ def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], f
                       expected=spec.expected, outcome="failed", injected=injected_ev is not None,
                       injected_at=injected_ev["t"] if injected_ev else None,
                       simulated=bool(injected_ev and injected_ev.get("simulated")), details=details)
-    mine = [f for f in failures if f.fault_index == i]
+    mine = [f for f in failures if i in f.fault_indices]
     failure = mine[0] if mine else None
     if failure is not None and res.injected_at is not None:
         res.detected_by, res.cause = failure.detector, failure.cause
@@ -219,7 +229,8 @@ def _expectations(r: RunResult, scenario: Any, replicas_agree: bool, finals: dic
     if e.max_restarts is not None:
         ex.append(Expectation(f"at most {e.max_restarts} restarts", r.restarts <= e.max_restarts,
                               f"{r.restarts} restarts"))
-    unexplained = [f for f in r.failures if f.fault_index is None]
+    # A harness error (a fault that could not be applied) is reported under "harness", not here.
+    unexplained = [f for f in r.failures if not f.fault_indices and f.cause != "harness"]
     ex.append(Expectation("no unexplained failures", not unexplained,
                           "; ".join(f"attempt {f.attempt}: {f.signature}" for f in unexplained) or "none"))
     if r.error:

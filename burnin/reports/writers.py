@@ -94,9 +94,10 @@ def failure_groups(result: RunResult) -> list[dict[str, Any]]:
         g = groups.setdefault(x.signature, {"signature": x.signature, "count": 0, "causes": [], "ranks": [],
                                             "steps": [], "faults": []})
         g["count"] += 1
-        for key, value in (("causes", x.cause), ("ranks", x.rank), ("faults", x.fault_index)):
-            if value is not None and value not in g[key]:
-                g[key].append(value)
+        for key, values in (("causes", [x.cause]), ("ranks", [x.rank]), ("faults", x.fault_indices)):
+            for value in values:
+                if value is not None and value not in g[key]:
+                    g[key].append(value)
         # None: no rank completed a step of that attempt, so the step is not known from the events.
         g["steps"].append(x.last_step + 1 if x.last_step is not None else None)
     for g in groups.values():
