@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from burnin.errors import BurninError, HarnessError, ScenarioError, UserError
+from burnin.errors import BurninError, HarnessError, ScenarioError, UserError, oneline
 
 __all__ = ["main"]
 
@@ -149,7 +149,7 @@ def _check_metrics_flags(args: argparse.Namespace) -> None:
     if args.push_instance is not None and not args.push_instance.strip():
         raise UserError("--push-instance: empty; give a name, or leave the flag out for the host name")
     if args.metrics_textfile is not None:
-        from burnin.harness.preflight import _show, check_out_dir
+        from burnin.harness.preflight import check_out_dir
 
         path = Path(args.metrics_textfile)
         try:
@@ -157,7 +157,7 @@ def _check_metrics_flags(args: argparse.Namespace) -> None:
         except (OSError, ValueError):
             kind_ok = False
         if not args.metrics_textfile.strip() or not kind_ok:
-            raise UserError(f"--metrics-textfile: {_show(args.metrics_textfile)!r} is not a file path; give the path "
+            raise UserError(f"--metrics-textfile: {oneline(args.metrics_textfile)!r} is not a file path; give the path "
                             "of a file to write (its directory must exist), e.g. /var/lib/node_exporter/burnin.prom")
         check_out_dir(path.absolute().parent, "--metrics-textfile", must_exist=True)
 
@@ -181,7 +181,7 @@ def _prepare_campaign(args: argparse.Namespace) -> tuple[Any, int]:
             scenario = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
         except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
             reason = " ".join(str(getattr(exc, "strerror", None) or exc).split())[:200]
-            raise UserError(f"--resume: {preflight._show(run_dir)}/scenario.json is damaged ({reason}); "
+            raise UserError(f"--resume: {oneline(run_dir)}/scenario.json is damaged ({reason}); "
                             "start a new campaign instead") from None
         source = None
     else:

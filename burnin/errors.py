@@ -8,6 +8,8 @@ wrong, and the run is reported as `failed` with the reason.
 from __future__ import annotations
 
 __all__ = [
+    "short",
+    "oneline",
     "BurninError",
     "UserError",
     "ScenarioError",
@@ -16,6 +18,20 @@ __all__ = [
     "CheckpointError",
     "InjectedFault",
 ]
+
+
+def short(value: object, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: an error message never echoes a huge value whole."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python converts
+        return "(a number too long to show)"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def oneline(value: object) -> str:
+    """`value` as one printable line, whatever characters it holds."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
 
 
 class BurninError(Exception):

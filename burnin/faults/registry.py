@@ -7,6 +7,7 @@ import re
 from importlib.metadata import entry_points
 
 from burnin.errors import UserError
+from burnin.errors import short as _short
 from burnin.faults.base import STEP_POINTS, Fault
 
 __all__ = ["register", "get", "names", "all_faults", "UnknownFault"]
@@ -68,15 +69,6 @@ def get(name: str) -> type[Fault]:
         close = difflib.get_close_matches(text, _REGISTRY, n=1, cutoff=0.5) if len(text) <= 200 else []
         hint = f"did you mean {close[0]!r}?" if close else "`burnin list` shows the catalogue"
         raise UnknownFault(f"unknown fault {_short(name)}: {hint}") from None
-
-
-def _short(value: object, limit: int = 60) -> str:
-    """repr(value), cut to `limit` characters: an error message never echoes a huge value whole."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int with more digits than Python converts
-        return "(a value too long to show)"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def names() -> list[str]:

@@ -253,7 +253,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
 def read_campaign_meta(run_dir: str | Path) -> tuple[int, int]:
     """(trials, seed) of the campaign in run_dir, or a one-line UserError naming --resume."""
     from burnin.errors import UserError
-    from burnin.harness.preflight import _show
+    from burnin.errors import oneline as _show
 
     shown = _show(run_dir)
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from burnin.errors import ScenarioError, UserError
+from burnin.errors import oneline as _show
 
 __all__ = [
     "check_out_dir",
@@ -40,12 +41,6 @@ __all__ = [
 ]
 
 COMMAND_LINE = "<command line>"
-
-
-def _show(value: Any) -> str:
-    """`value` as one printable line, whatever characters it holds."""
-    text = str(value)
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _kind(mode: int) -> str:

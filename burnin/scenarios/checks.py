@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from burnin.errors import short
+
 if TYPE_CHECKING:
     from burnin.scenarios.schema import FaultSpec, Scenario
 
@@ -40,15 +42,6 @@ NOT_A_BOOLEAN = "must be a number, not a boolean"
 
 
 # --- numbers are not booleans ---------------------------------------------------------
-
-def short(value: Any, limit: int = 60) -> str:
-    """repr(value), cut to `limit` characters: a message never echoes a huge value whole."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int with more digits than Python converts
-        return "(a number too long to show)"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
 
 def invalid(loc: Loc, message: str, value: Any = None, *, title: str = "Scenario") -> ValidationError:
     """A validation error at `loc` (relative to the model being validated), with `message` as its text.

@@ -24,6 +24,8 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from burnin.errors import ScenarioError
+from burnin.errors import oneline as _oneline
+from burnin.errors import short as _short
 from burnin.scenarios.schema import FaultSpec, Scenario, scenario_json_schema
 
 __all__ = [
@@ -473,10 +475,6 @@ def _error(message: str, *, file: str, line: int | None = None, field: str | Non
                          field=_oneline(field) if field else None, more=more)
 
 
-def _oneline(text: str) -> str:
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def _dotted(loc: Loc) -> str:
     return ".".join(_segment(s) for s in loc)
 
@@ -493,14 +491,6 @@ def _segment(seg: str | int) -> str:
 
 def _line(node: Node) -> int:
     return node.start_mark.line + 1
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    try:
-        text = repr(value)
-    except ValueError:  # an int with more digits than Python converts
-        return "(a number too long to show)"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _kind(value: Any) -> str:
