@@ -8,8 +8,11 @@ as --kernels says, the scenario default otherwise):
   harness       the real `burnin.harness.worker` under the real Supervisor, a fault-free scenario:
                 event stream, heartbeat thread, injector calls at every step point (one inside a
                 DDP comm hook), the detector guard, the supervisor polling every 10 ms; no
-                checkpoint until the last step
-  harness_ckpt  the same with the default checkpointing (every 5 steps, SHA-256 manifest, fsync)
+                checkpoint until the last step, no in-memory snapshot (`memory_every: 0`)
+  harness_snap  the same with an in-memory snapshot after every step (`memory_every: 1`)
+  harness_ckpt  the defaults: a snapshot after every step, and a disk checkpoint every 5 steps
+                (SHA-256 manifest, fsync)
+The harness variants run with their warm spare ranks (the default): idle, blocked on a pipe.
 
 All three groups are started once and stay alive. They take turns in blocks of `--steps` steps
 (A B C, then C B A, ... for `--rounds` rounds); the groups not on turn are frozen with SIGSTOP
@@ -55,7 +58,9 @@ from typing import Any
 from _common import cpu_stall_us, machine, pressure  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("bare", "harness", "harness_ckpt")
+VARIANTS = ("bare", "harness", "harness_snap", "harness_ckpt")
+#: (checkpoint.every, checkpoint.memory_every) of each harness variant
+CHECKPOINTING = {"harness": (None, 0), "harness_snap": (None, 1), "harness_ckpt": (5, 1)}
 NO_CHECKPOINT = 10**9  # checkpoint.every: only the final (unmeasured) step saves one
 SKIP_AFTER_RESUME = 2
 POLL_S = 0.005
@@ -165,7 +170,7 @@ class _Bare(_Group):
             p.wait()
 
 
-def _supervise(run_dir: str, workload: dict[str, Any], every: int) -> None:
+def _supervise(run_dir: str, workload: dict[str, Any], every: int, memory_every: int) -> None:
     """The harness variant's process: one fault-free scenario under the real Supervisor."""
     from burnin.harness.supervisor import Supervisor
     from burnin.reports.metrics import Metrics
@@ -174,7 +179,7 @@ def _supervise(run_dir: str, workload: dict[str, Any], every: int) -> None:
     scenario = Scenario(
         name="bench-overhead",
         workload=Workload.model_validate(workload),
-        checkpoint=Checkpointing(every=every, keep=3),
+        checkpoint=Checkpointing(every=every, keep=3, memory_every=memory_every),
         # Frozen between blocks: the watchdogs must not call a pause a hang. Nothing in the step changes.
         timeouts=Timeouts(heartbeat_s=600, step_s=600),
     )
@@ -185,14 +190,14 @@ def _supervise(run_dir: str, workload: dict[str, Any], every: int) -> None:
 class _Harness(_Group):
     clock = staticmethod(time.time)
 
-    def __init__(self, name: str, workload: dict[str, Any], every: int, work: Path):
+    def __init__(self, name: str, workload: dict[str, Any], every: int, memory_every: int, work: Path):
         super().__init__()
         from burnin.harness.events import Tail
 
         self.name = name
         self.run_dir = work / name
         self.proc = multiprocessing.get_context("fork").Process(
-            target=_supervise, args=(str(self.run_dir), workload, every), name=name)
+            target=_supervise, args=(str(self.run_dir), workload, every, memory_every), name=name)
         self.proc.start()
         self._tails = [Tail(self.run_dir / "ranks" / f"rank{r}.jsonl") for r in range(2)]
         self._rank_pids: dict[int, int] = {}
@@ -308,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             if v == "bare":
                 groups[v] = _Bare(v, workload, work)
             else:
-                groups[v] = _Harness(v, workload, 5 if v == "harness_ckpt" else NO_CHECKPOINT, work)
+                every, memory_every = CHECKPOINTING[v]
+                groups[v] = _Harness(v, workload, every or NO_CHECKPOINT, memory_every, work)
             groups[v].run_until(args.warmup - 1)
             groups[v].pause()
             say(f"{v}: started and warmed up in {time.time() - t0:.1f} s")

@@ -1,11 +1,12 @@
 """Recovery time of a killed rank: burnin's supervisor against plain `torchrun --max-restarts 1`.
 
-Both run the same job, the bundled kill-rank scenario's: GPT tiny on 2 gloo ranks, 30 steps, a
-checkpoint every 5 steps, rank 1 SIGKILLed right after step 12, one restart that resumes from the
-checkpoint of step 10.
+All run the same job, the bundled kill-rank scenario's: GPT tiny on 2 (and, with --ranks 2,4, 4)
+gloo ranks, 30 steps, a checkpoint every 5 steps, rank 1 SIGKILLed right after step 12, one restart.
 
-  burnin    the bundled `kill-rank` scenario through `burnin.harness.runner.run_scenario`;
-            the breakdown is summary.json's faults[0].recovery
+  burnin    the bundled `kill-rank` scenario through `burnin.harness.runner.run_scenario`, with its
+            defaults: warm spare ranks take over, and the ranks resume from the in-memory snapshot
+            of the last completed step; the breakdown is summary.json's faults[0].recovery
+  burnin-cold  the same with `recovery.spares: false` (new processes, as before spares existed)
   torchrun  `torchrun --standalone --nproc-per-node 2 --max-restarts 1 benchmarks/_torchrun_train.py`
             (torch.save checkpoints, resume from the newest on start, rank 1 kills itself on the
             first attempt); the phases come from the ranks' timestamps and the agent's log lines
@@ -22,6 +23,9 @@ Phases, with burnin's names (all times from the kill to the end of the phase's l
 A second split needs no log parsing and is measured the same way for both: kill -> first new
 process started (`kill_to_spawn_s`), and process start -> process group formed (`spawn_to_pg_s`).
 
+Each phase is reported as the median and p90 over --repeats kills; the spares' memory (resident and
+proportional set size of one warm spare) is measured once.
+
 torchrun is run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with its default shared store, the
 restarted gloo group often fails to connect in this torch version (`--default-store-trials` kills
 are run that way and counted, reported as `torchrun_default_store`). Repeats alternate burnin and
@@ -29,7 +33,7 @@ torchrun; medians are printed as JSON. Last, start-up probes time what a new ran
 can train: start Python, import torch, turn on deterministic algorithms, form the gloo group
 (two processes at once, as a restart starts them).
 
-    .venv/bin/python benchmarks/recovery.py [--repeats 3] [--keep] [--json-only]
+    .venv/bin/python benchmarks/recovery.py [--repeats 10] [--ranks 2,4] [--keep] [--json-only]
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -56,18 +59,23 @@ from _common import cpu_stall_us, machine, pressure  # benchmarks/ is on sys.pat
 HERE = Path(__file__).resolve().parent
 PHASES = ("detection_s", "teardown_s", "restart_s", "checkpoint_load_s", "first_step_s", "total_s")
 COMMON = ("kill_to_spawn_s", "spawn_to_pg_s", "checkpoint_load_s", "first_step_s", "total_s")
-TORCHRUN_ARGS = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
+SYSTEMS = ("burnin", "burnin-cold", "torchrun")
+
+
+def torchrun_args(ranks: int) -> list[str]:
+    return ["--standalone", "--nproc-per-node", str(ranks), "--max-restarts", "1"]
 _GLOG = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)(\.\d+) ")
 
 
 # -- burnin ----------------------------------------------------------------------------------
 
-def run_burnin(work: Path) -> dict[str, Any]:
+def run_burnin(work: Path, spares: bool, ranks: int) -> dict[str, Any]:
     from burnin.harness.events import read_events
     from burnin.harness.runner import run_scenario
     from burnin.scenarios.loader import load_scenario
 
-    result = run_scenario(load_scenario("kill-rank"), out_dir=work / "burnin")
+    sc = load_scenario("kill-rank", overrides={"recovery.spares": spares, "workload.ranks": ranks})
+    result = run_scenario(sc, out_dir=work / "burnin")
     fault = result.faults[0]
     if fault.recovery is None:
         raise RuntimeError(f"burnin kill-rank did not recover: {fault.outcome}; see {result.run_dir}")
@@ -78,27 +86,28 @@ def run_burnin(work: Path) -> dict[str, Any]:
     golden = json.loads((Path(result.run_dir) / "golden.json").read_text())
     return {"phases": _rounded(fault.recovery.to_dict(), PHASES), "common": common,
             "resumed_from_step": fault.recovery.resumed_from_step, "lost_steps": fault.lost_steps,
+            "new_ranks": fault.recovery.new_ranks,
             "outcome": fault.outcome, "exact": result.exact, "final_state_hash": result.final_state_hash,
             "golden_state_hash": golden["state_hash"], "wall_s": round(result.wall_s, 2)}
 
 
 # -- torchrun --------------------------------------------------------------------------------
 
-def _job() -> dict[str, Any]:
+def _job(ranks: int = 2) -> dict[str, Any]:
     """kill-rank's workload, checkpoint spacing and kill, for the torchrun script."""
     from burnin.scenarios.loader import load_scenario
 
-    sc = load_scenario("kill-rank")
+    sc = load_scenario("kill-rank", overrides={"workload.ranks": ranks})
     kill = sc.faults[0]
-    if kill.fault != "process.kill" or sc.workload.ranks != 2 or sc.workload.device != "cpu":
+    if kill.fault != "process.kill" or sc.workload.device != "cpu":
         raise RuntimeError(f"the bundled kill-rank scenario changed ({kill.fault}, {sc.workload.ranks} ranks): "
                            "update benchmarks/recovery.py")
     return {"workload": sc.workload.model_dump(mode="json"), "every": sc.checkpoint.every,
             "kill_rank": kill.rank, "kill_step": kill.step}
 
 
-def _torchrun(out: Path, kill_step: int, share_store: bool,
-              timeout_s: float = 300) -> tuple[int | None, list[tuple[float, str]], float]:
+def _torchrun(out: Path, kill_step: int, share_store: bool, timeout_s: float = 300,
+              ranks: int = 2) -> tuple[int | None, list[tuple[float, str]], float]:
     """Run the script under torchrun; (exit code or None when killed at timeout_s, stderr lines with
     their arrival times, wall s)."""
     out.mkdir(parents=True)
@@ -106,8 +115,8 @@ def _torchrun(out: Path, kill_step: int, share_store: bool,
     if not share_store:
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     torchrun = Path(sys.executable).parent / "torchrun"
-    job = _job()
-    cmd = [str(torchrun), *TORCHRUN_ARGS, str(HERE / "_torchrun_train.py"), "--out", str(out),
+    job = _job(ranks)
+    cmd = [str(torchrun), *torchrun_args(ranks), str(HERE / "_torchrun_train.py"), "--out", str(out),
            "--workload", json.dumps(job["workload"]), "--every", str(job["every"]),
            "--kill-rank", str(job["kill_rank"]), "--kill-step", str(kill_step)]
     t0 = time.time()
@@ -172,12 +181,12 @@ def _rank_events(out: Path) -> list[dict[str, Any]]:
     return ev
 
 
-def run_torchrun(work: Path, n: int) -> dict[str, Any]:
-    out = work / f"torchrun-{n}"
-    rc, lines, wall = _torchrun(out, kill_step=_job()["kill_step"], share_store=False)
+def run_torchrun(work: Path, n: int, ranks: int = 2) -> dict[str, Any]:
+    out = work / f"torchrun-{ranks}-{n}"
+    rc, lines, wall = _torchrun(out, kill_step=_job(ranks)["kill_step"], share_store=False, ranks=ranks)
     ev = _rank_events(out)
     finished = [e for e in ev if e["event"] == "finished"]
-    if rc != 0 or len(finished) != 2:
+    if rc != 0 or len(finished) != ranks:
         raise RuntimeError(f"torchrun run failed (exit {rc}); see {out}/torchrun.log")
     kill = next(e["t"] for e in ev if e["event"] == "kill")
     after = [(_line_time(t, s), s) for t, s in lines if _line_time(t, s) >= kill]
@@ -198,12 +207,12 @@ def run_torchrun(work: Path, n: int) -> dict[str, Any]:
             "final_state_hash": finished[0]["state_hash"], "wall_s": round(wall, 2)}
 
 
-def torchrun_reference(work: Path) -> str:
+def torchrun_reference(work: Path, ranks: int = 2) -> str:
     """Final state hash of a fault-free torchrun run of the same script."""
-    out = work / "torchrun-fault-free"
-    rc, _, _ = _torchrun(out, kill_step=-1, share_store=False)
+    out = work / f"torchrun-fault-free-{ranks}"
+    rc, _, _ = _torchrun(out, kill_step=-1, share_store=False, ranks=ranks)
     finished = [e for e in _rank_events(out) if e["event"] == "finished"]
-    if rc != 0 or len(finished) != 2:
+    if rc != 0 or len(finished) != ranks:
         raise RuntimeError(f"fault-free torchrun run failed (exit {rc}); see {out}/torchrun.log")
     return finished[0]["state_hash"]
 
@@ -299,6 +308,39 @@ def _median(runs: list[dict[str, Any]], part: str, keys: tuple[str, ...]) -> dic
     return {k: round(statistics.median(r[part][k] for r in runs), 4) for k in keys}
 
 
+def _p90(runs: list[dict[str, Any]], part: str, keys: tuple[str, ...]) -> dict[str, float]:
+    """The 90th percentile (linear between order statistics; the maximum with fewer than 10 runs)."""
+    def q(values: list[float]) -> float:
+        return statistics.quantiles(values, n=10, method="inclusive")[-1] if len(values) > 1 else values[0]
+    return {k: round(q([r[part][k] for r in runs]), 4) for k in keys}
+
+
+def spare_memory() -> dict[str, float]:
+    """What one warm spare costs: its resident and proportional set size (MiB) once warmed up. PSS
+    shares the pages of libraries between the processes that map them: the fairer cost per spare."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready"
+        proc = subprocess.Popen([sys.executable, "-m", "burnin.harness.worker", "--spare", "cpu", "1", "triton"],
+                                stdin=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                            "BURNIN_SPARE_READY": str(ready)})
+        try:
+            deadline = time.time() + 120
+            while not ready.exists() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            if not ready.exists():
+                raise RuntimeError("the spare did not warm up")
+            fields = {}
+            for path in (f"/proc/{proc.pid}/status", f"/proc/{proc.pid}/smaps_rollup"):
+                for line in Path(path).read_text().splitlines():
+                    key, _, rest = line.partition(":")
+                    if key in ("VmRSS", "Pss"):
+                        fields[key] = int(rest.split()[0]) / 1024
+            return {"rss_mib": round(fields["VmRSS"], 1), "pss_mib": round(fields["Pss"], 1),
+                    "warm_up_s": float(ready.read_text())}
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+
 
 
 
@@ -307,19 +349,26 @@ def _median(runs: list[dict[str, Any]], part: str, keys: tuple[str, ...]) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3, help="kills measured per system (default 3)")
+    ap.add_argument("--repeats", type=int, default=10, help="kills measured per system and rank count (default 10)")
+    ap.add_argument("--ranks", default="2", help="rank counts to measure, comma-separated (default 2; e.g. 2,4)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"which to run (default {','.join(SYSTEMS)})")
     ap.add_argument("--no-exact-check", action="store_true",
                     help="skip the fault-free torchrun run that checks the resume is bit-exact")
-    ap.add_argument("--default-store-trials", type=int, default=2,
+    ap.add_argument("--default-store-trials", type=int, default=0,
                     help="kills run under torchrun's default (shared) rendezvous store, to count how many "
-                         "recover within 45 s each (default 2; 0 skips)")
-    ap.add_argument("--probe-repeats", type=int, default=3,
-                    help="times each start-up probe (python, import torch, ...) is run (default 3; 0 skips)")
+                         "recover within 45 s each (default 0: skipped)")
+    ap.add_argument("--probe-repeats", type=int, default=0,
+                    help="times each start-up probe (python, import torch, ...) is run (default 0: skipped)")
     ap.add_argument("--keep", action="store_true", help="keep the working directory (runs, logs) and say where")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON result")
     args = ap.parse_args(argv)
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
+    try:
+        rank_counts = [int(x) for x in args.ranks.split(",")]
+    except ValueError:
+        ap.error(f"--ranks {args.ranks!r}: give numbers such as 2,4")
+    systems = [x for x in args.systems.split(",") if x]
+    if args.repeats < 1 or any(n < 2 for n in rank_counts) or not set(systems) <= set(SYSTEMS) or not systems:
+        ap.error(f"--repeats >= 1, --ranks >= 2 each, --systems from {', '.join(SYSTEMS)}")
 
     def say(msg: str) -> None:
         if not args.json_only:
@@ -328,24 +377,26 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="burnin-bench-recovery-"))
     os.environ["BURNIN_CACHE_DIR"] = str(work / "cache")  # a fresh golden record, outside the user's cache
     started, load_before, stall_before = time.time(), os.getloadavg(), cpu_stall_us()
-    burnin_runs: list[dict[str, Any]] = []
-    torchrun_runs: list[dict[str, Any]] = []
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {str(n): {s: [] for s in systems} for n in rank_counts}
     extra: dict[str, Any] = {}
     try:
-        for i in range(args.repeats):
-            order = ("burnin", "torchrun") if i % 2 == 0 else ("torchrun", "burnin")
-            for system in order:
-                if system == "burnin":
-                    r = run_burnin(work)
-                    burnin_runs.append(r)
-                else:
-                    r = run_torchrun(work, i)
-                    torchrun_runs.append(r)
-                say(f"repeat {i + 1}/{args.repeats} {system:8s} total {r['phases']['total_s']:6.2f} s  "
-                    + "  ".join(f"{k} {v:.3f}" for k, v in r["phases"].items() if k != "total_s"))
-        if not args.no_exact_check:
-            extra["torchrun_fault_free_state_hash"] = torchrun_reference(work)
-            say("fault-free torchrun run done")
+        extra["spare_memory"] = spare_memory()
+        say(f"one warm spare: {extra['spare_memory']}")
+        for n in rank_counts:
+            for i in range(args.repeats):
+                # Rotate the order, so a busy moment of the machine does not always hit the same system.
+                order = systems[i % len(systems):] + systems[:i % len(systems)]
+                for system in order:
+                    if system == "torchrun":
+                        r = run_torchrun(work, i, n)
+                    else:
+                        r = run_burnin(work, spares=system == "burnin", ranks=n)
+                    runs[str(n)][system].append(r)
+                    say(f"{n} ranks, repeat {i + 1}/{args.repeats} {system:11s} total {r['phases']['total_s']:6.2f} s"
+                        f"  lost {r['lost_steps']}  " + "  ".join(f"{k} {v:.3f}" for k, v in r["phases"].items()
+                                                                   if k != "total_s"))
+            if "torchrun" in systems and not args.no_exact_check:
+                extra.setdefault("torchrun_fault_free_state_hash", {})[str(n)] = torchrun_reference(work, n)
         if args.default_store_trials > 0:
             d = torchrun_default_store(work, args.default_store_trials, timeout_s=45)
             extra["torchrun_default_store"] = d
@@ -359,57 +410,65 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    golden = burnin_runs[0]["golden_state_hash"]
+    by_ranks: dict[str, Any] = {}
+    for n, per_system in runs.items():
+        out: dict[str, Any] = {}
+        for system, rs in per_system.items():
+            entry: dict[str, Any] = {
+                "phases_median": _median(rs, "phases", PHASES), "phases_p90": _p90(rs, "phases", PHASES),
+                "common_median": _median(rs, "common", COMMON),
+                "lost_steps": sorted({r["lost_steps"] for r in rs}),
+                "resumed_from_step": sorted({r["resumed_from_step"] for r in rs}),
+            }
+            if system == "torchrun":
+                ref = extra.get("torchrun_fault_free_state_hash", {}).get(n)
+                if ref is not None:
+                    entry["exact"] = [r["final_state_hash"] == ref for r in rs]
+            else:
+                entry["exact"] = [r["exact"] for r in rs]
+                entry["outcomes"] = sorted({r["outcome"] for r in rs})
+                entry["new_ranks"] = sorted({r["new_ranks"] or "-" for r in rs})
+            out[system] = entry
+        if "torchrun" in out:
+            # The same definitions for all: kill -> first step after the resume, from the ranks' own timestamps.
+            out["ratio_over_torchrun"] = {
+                system: {k: round(out[system]["common_median"][k] / out["torchrun"]["common_median"][k], 3)
+                         for k in COMMON if out["torchrun"]["common_median"][k] > 0}
+                for system in out if system != "torchrun"}
+        by_ranks[n] = out
+
     job = _job()
-    torchrun: dict[str, Any] = {
-        "command": "torchrun " + " ".join(TORCHRUN_ARGS) + " benchmarks/_torchrun_train.py --out DIR",
-        "env": {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"},
-        "phases_median": _median(torchrun_runs, "phases", PHASES),
-        "common_median": _median(torchrun_runs, "common", COMMON),
-    }
-    if "torchrun_fault_free_state_hash" in extra:
-        ref = extra["torchrun_fault_free_state_hash"]
-        torchrun["exact"] = [r["final_state_hash"] == ref for r in torchrun_runs]
-        # The script builds, seeds and steps the model as burnin's worker does: same bits expected.
-        torchrun["fault_free_equals_burnin_golden"] = ref == golden
-    burnin = {
-        "command": "run_scenario(load_scenario('kill-rank'))",
-        "phases_median": _median(burnin_runs, "phases", PHASES),
-        "common_median": _median(burnin_runs, "common", COMMON),
-        "exact": [r["exact"] for r in burnin_runs],
-        "outcomes": [r["outcome"] for r in burnin_runs],
-    }
     result = {
         "benchmark": "recovery",
         "date": time.strftime("%Y-%m-%d", time.localtime(started)),
+        "command": "python benchmarks/recovery.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "job": {"checkpoint_every": job["every"], "kill_rank": job["kill_rank"], "kill_after_step": job["kill_step"],
-                "workload": job["workload"],
-                "backend": "gloo", "resumed_from_step": burnin_runs[0]["resumed_from_step"],
-                "lost_steps": burnin_runs[0]["lost_steps"]},
+                "workload": {k: v for k, v in job["workload"].items() if k != "ranks"}, "backend": "gloo"},
         "repeats": args.repeats,
         "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                     # Share of the run's wall time in which some task waited for a CPU (ours included).
                     "cpu_pressure_pct": pressure(stall_before, started)},
-        "burnin": burnin,
-        "torchrun": torchrun,
-        "ratio_burnin_over_torchrun": {
-            k: round(burnin["common_median"][k] / torchrun["common_median"][k], 3)
-            for k in COMMON if torchrun["common_median"][k] > 0},
+        "torchrun": {"command": "torchrun --standalone --nproc-per-node N --max-restarts 1 "
+                                "benchmarks/_torchrun_train.py --out DIR",
+                     "env": {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}},
+        "by_ranks": by_ranks,
         "phase_mapping": {
             "detection_s": "torchrun: kill -> agent sends SIGTERM to the survivor (or logs the failure if it had "
                            "already died); the agent polls every --monitor-interval (0.1 s)",
-            "teardown_s": "torchrun: -> agent logs 'failed (exitcode ...)' after the survivors exited",
-            "restart_s": "torchrun: also holds the agent's re-rendezvous; burnin has none",
-            "checkpoint_load_s": "burnin verifies SHA-256 sums and broadcasts the choice; the torchrun script "
-                                 "trusts the newest complete checkpoint",
+            "teardown_s": "torchrun: -> agent logs 'failed (exitcode ...)' after the survivors exited; burnin: "
+                          "includes the 0.25 s in which the supervisor gathers evidence of the cause",
+            "restart_s": "torchrun: also holds the agent's re-rendezvous; burnin has none. burnin: with spares, "
+                         "handing the ranks to warm processes, then the process group",
+            "checkpoint_load_s": "burnin verifies checksums (memory snapshot or SHA-256 of the disk checkpoint) and "
+                                 "broadcasts the choice; the torchrun script trusts the newest complete checkpoint",
             "kill": "burnin: the supervisor's fault_injected event, just before os.kill; torchrun: rank 1 logs, "
                     "then kills itself",
-            "process start": "burnin: the worker's rank_started event (after its light imports); torchrun: the "
-                             "first line of the script (before argparse)",
+            "process start": "burnin: the worker's rank_started event (after its light imports; for a spare, when "
+                             "it takes the assignment); torchrun: the first line of the script (before argparse)",
         },
-        "runs": {"burnin": burnin_runs, "torchrun": torchrun_runs},
-        **{k: extra[k] for k in ("torchrun_default_store", "startup_probes") if k in extra},
+        "runs": runs,
+        **{k: extra[k] for k in ("spare_memory", "torchrun_default_store", "startup_probes") if k in extra},
         "wall_s": round(time.time() - started, 1),
     }
     print(json.dumps(result, indent=1))

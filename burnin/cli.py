@@ -274,6 +274,7 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     for item in report:
         if item["action"] == "cleaned":
             ns = f", removed network namespace(s) {item['namespaces']}" if item.get("namespaces") else ""
+            ns += f", removed memory snapshots {item['snapshots']}" if item.get("snapshots") else ""
             print(f"{item['run_id']}: killed {len(item['killed'])} leftover process(es) {item['killed']}{ns}")
         else:
             print(f"{item['run_id']}: {item['action']} ({item['why']})")

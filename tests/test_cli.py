@@ -49,7 +49,8 @@ def test_list_shows_faults_and_scenarios() -> None:
     proc = run_cli("list", timeout=60)
     assert proc.returncode == 0, proc.stderr
     for name in ("process.kill", "process.hang", "process.exception", "storage.checkpoint_corrupt",
-                 "smoke", "kill-rank", "hang-rank", "corrupt-checkpoint"):
+                 "storage.snapshot_corrupt", "smoke", "kill-rank", "hang-rank", "corrupt-checkpoint",
+                 "corrupt-snapshot"):
         assert name in proc.stdout
 
 

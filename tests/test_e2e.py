@@ -39,8 +39,12 @@ def test_kill_rank_recovers_exactly(tmp_path: Path) -> None:
     assert f["detected_by"] == "exit_signal" and f["cause"] == "killed"
     assert s["restarts"] == 1
     rec = f["recovery"]
-    assert rec["resumed_from_step"] == 10  # checkpoint every 5, killed after step 12
-    assert f["lost_steps"] == 3
+    # killed after step 12 and its memory snapshot (of 13): resumed from that snapshot, not from the
+    # checkpoint of 10 (tests/test_snapshots.py has the disk tier)
+    resumed = next(e for e in read_events(run_dir_of(tmp_path) / "events.jsonl")
+                   if e["event"] == "resumed" and e["attempt"] == 1 and e["rank"] == 0)
+    assert resumed["tier"] == "memory" and rec["resumed_from_step"] == resumed["from_step"] >= 12
+    assert f["lost_steps"] <= 1
     assert all(rec[k] >= 0 for k in ("detection_s", "teardown_s", "restart_s", "checkpoint_load_s", "first_step_s"))
     assert "PASS" in proc.stdout
 
@@ -75,8 +79,13 @@ def test_exception_in_step_recovers(tmp_path: Path) -> None:
 
 def test_default_scenario_is_smoke_and_passes(tmp_path: Path) -> None:
     proc = run_cli("run", "--out", str(tmp_path))
-    s = _check_recovered(tmp_path, proc, 4)
+    s = _check_recovered(tmp_path, proc, 5)
     assert s["scenario"] == "smoke"
+    kill, exception, checkpoint, snapshots, kill2 = s["faults"]
+    # the first two resume from memory; the last falls back through both damaged tiers
+    assert kill["lost_steps"] <= 1 and exception["lost_steps"] <= 1
+    assert snapshots["detected_by"] == "snapshot_checksum" and checkpoint["detected_by"] == "checkpoint_checksum"
+    assert kill2["recovery"]["resumed_from_step"] == 15
 
 
 def test_broken_resume_is_caught_by_the_verdict(tmp_path: Path) -> None:
@@ -133,7 +142,10 @@ def test_metrics_equal_the_event_log_through_restarts(tmp_path: Path) -> None:
     assert samples["burnin_restarts_total"] == count("restart") == 1
     assert samples["burnin_failures_total"] == count("failure_detected") == 1
     rank0_steps = sum(1 for e in events if e["event"] == "step_done" and e["rank"] == 0)
-    assert samples["burnin_training_steps_total"] == rank0_steps == 30 + 3  # 3 steps replayed
+    # the steps replayed after the restart: from the resume point to the last step done before the kill
+    failed = next(e for e in events if e["event"] == "failure_detected")
+    resumed = next(e for e in events if e["event"] == "resumed" and e["attempt"] == 1 and e["rank"] == 0)
+    assert samples["burnin_training_steps_total"] == rank0_steps == 30 + failed["max_step"] + 1 - resumed["from_step"]
     assert samples["burnin_fault_outcomes_total"] == 1
 
 

@@ -24,6 +24,7 @@ BUILT_IN = {
     "process.exception": "in_rank",
     "process.straggler": "in_rank",
     "storage.checkpoint_corrupt": "out_of_rank",
+    "storage.snapshot_corrupt": "out_of_rank",
 }
 
 
@@ -56,7 +57,7 @@ def test_built_in_catalogue() -> None:
 
 
 def test_out_of_rank_faults_act_between_steps() -> None:
-    for name in ("process.kill", "process.hang", "storage.checkpoint_corrupt"):
+    for name in ("process.kill", "process.hang", "storage.checkpoint_corrupt", "storage.snapshot_corrupt"):
         assert get(name).points == ("between_steps",)
 
 

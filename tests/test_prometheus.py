@@ -41,14 +41,16 @@ LIVE_JOB = "burnin-live"
 QUERY_BOUND_S = 60  # the first scraped sample is queryable ~5 s after start; rules need a cycle more
 
 # 2 ranks, 20 steps: an undetected flip of a local gradient before the all-reduce is averaged into
-# both replicas and ends `sdc` (no detectors); the kill then restarts the group from checkpoint 10.
+# both replicas and ends `sdc` (no detectors); the kill then restarts the group from checkpoint 10
+# (`memory_every: 0`: no memory snapshot, so the restart replays steps 10-12, which the counters
+# must count once each).
 # The flip is a high mantissa bit of a gradient that is never zero, so the final state differs on
 # any CPU (a low bit of a drawn element can be absorbed by rounding, which depends on the CPU).
 # With the state off the golden one, the kill can only end `detected`.
 SCENARIO_YAML = f"""\
 name: {SCENARIO}
 workload: {{model: tiny, ranks: 2, steps: 20, threads: 1}}
-checkpoint: {{every: 5, keep: 2}}
+checkpoint: {{every: 5, keep: 2, memory_every: 0}}
 recovery: {{mode: restart, max_restarts: 2}}
 faults:
   - {{fault: corruption.bitflip, rank: 0, step: 5, expect: sdc,

@@ -25,7 +25,7 @@ from burnin.scenarios import (
 from burnin.scenarios.loader import COMMAND_LINE, SCHEMA_PATH
 
 BAD = Path(__file__).with_name("bad_scenarios")
-BUNDLED = ["corrupt-checkpoint", "exception", "hang-rank", "kill-rank", "smoke"]
+BUNDLED = ["corrupt-checkpoint", "corrupt-snapshot", "exception", "hang-rank", "kill-rank", "smoke"]
 
 
 def _error(source, overrides=None) -> ScenarioError:
@@ -90,9 +90,12 @@ def test_smoke_is_small_and_covers_the_basics():
         ("process.kill", 1, 8, "between_steps"),
         ("process.exception", 0, 17, "before_forward"),
         ("storage.checkpoint_corrupt", 0, 22, "between_steps"),
+        ("storage.snapshot_corrupt", 0, 23, "between_steps"),
         ("process.kill", 0, 23, "between_steps"),
     ]
     assert s.faults[2].params == {"mode": "flip", "file": "model"}
+    assert s.faults[3].params == {"slots": "both"}  # both tiers damaged: the fallback reaches the disk
+    assert s.checkpoint.memory_every == 1
 
 
 def test_bundled_specifics():
@@ -101,6 +104,10 @@ def test_bundled_specifics():
     corrupt = load_scenario("corrupt-checkpoint")
     assert [f.fault for f in corrupt.faults] == ["storage.checkpoint_corrupt", "process.kill"]
     assert corrupt.faults[0].params["mode"] == "truncate"
+    assert corrupt.checkpoint.memory_every == 0  # the disk tier alone
+    snap = load_scenario("corrupt-snapshot")
+    assert [(f.fault, f.rank, f.step) for f in snap.faults] == [("storage.snapshot_corrupt", 1, 12),
+                                                                ("process.kill", 1, 12)]
 
 
 def test_json_schema_file_is_current():

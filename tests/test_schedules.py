@@ -6,8 +6,8 @@ expectations come from what each fault is, never from a CPU-dependent number:
 
 - every fault gets exactly one outcome;
 - a fault whose effect the group cannot miss (a kill, a stop, an exception, a parameter flip
-  under an every-step fingerprint) is never `masked`; a damaged checkpoint is `masked` exactly when
-  no resume rejected it;
+  under an every-step fingerprint) is never `masked`; a damaged checkpoint or memory snapshot is
+  `masked` exactly when no resume rejected it;
 - `exact` holds iff the last attempt's final state hash equals the golden run's;
 - every failure had an injected cause, so none is unexplained;
 - with restarts to spare, every fault is recovered, the run is exact and the CLI exits 0; its exit
@@ -43,8 +43,10 @@ _FAMILIES = {
     "process.hang": ["between_steps"],
     "process.exception": ["before_forward", "after_optimizer_step", "between_steps"],
     "storage.checkpoint_corrupt": ["between_steps"],
+    "storage.snapshot_corrupt": ["between_steps"],
     "corruption.bitflip": ["after_optimizer_step"],
 }
+_STORAGE = {"storage.checkpoint_corrupt", "storage.snapshot_corrupt"}  # harmless unless a resume reads it
 _ALWAYS_SEEN = {"process.kill", "process.hang", "process.exception", "corruption.bitflip"}
 
 
@@ -64,12 +66,15 @@ def schedules(draw: st.DrawFn) -> dict:
                               "seed": draw(st.integers(0, 50))}
         if name == "storage.checkpoint_corrupt":
             spec["params"] = {"mode": draw(st.sampled_from(["flip", "truncate"]))}
+        if name == "storage.snapshot_corrupt":
+            spec["params"] = {"mode": draw(st.sampled_from(["flip", "truncate"])),
+                              "slots": draw(st.sampled_from(["newest", "both"]))}
         faults.append(spec)
     return {"ranks": ranks, "faults": faults}
 
 
 def _scenario(schedule: dict) -> dict:
-    faults = [{**f, "expect": ["recovered", "masked"] if f["fault"] == "storage.checkpoint_corrupt" else "recovered"}
+    faults = [{**f, "expect": ["recovered", "masked"] if f["fault"] in _STORAGE else "recovered"}
               for f in schedule["faults"]]
     return {"name": "schedule", "workload": {"ranks": schedule["ranks"], "steps": STEPS},
             "checkpoint": {"every": EVERY, "keep": 4},
@@ -115,9 +120,14 @@ def test_every_schedule_gets_a_true_verdict(schedule: dict, tmp_path_factory: py
             continue
         if f["fault"] in _ALWAYS_SEEN:
             assert f["outcome"] != "masked", context
-        else:
+        elif f["fault"] == "storage.checkpoint_corrupt":
             damaged = f["details"].get("checkpoint_step")
             assert (f["outcome"] == "masked") == (damaged not in rejected), context
+        else:  # a damaged snapshot: masked exactly when its rank never rejected one of its slots after it
+            seen = any(e["event"] == "snapshot_rejected" and e["rank"] == f["rank"]
+                       and e["file"] in f["details"]["files"] and e["t"] >= f["injected_at"]
+                       and e["snapshot_step"] in (*f["details"]["snapshot_steps"], None) for e in events)
+            assert (f["outcome"] == "masked") == (not seen), context
 
     # exact iff the last attempt's final state equals the golden state
     last = max(e["attempt"] for e in events if e["event"] == "attempt_started")

@@ -258,6 +258,25 @@ def test_checkpoint_corrupt_after_a_commit_loads():
     parse_scenario(fault("fault: storage.checkpoint_corrupt\nstep: 9", head="workload: {steps: 10}\ncheckpoint: {every: 50}\n"))
 
 
+def test_snapshot_corrupt_needs_a_snapshot():
+    check(fault("fault: storage.snapshot_corrupt\nstep: 5", head="workload: {steps: 20}\ncheckpoint: {memory_every: 0}\n"),
+          6, "faults.0.step", "there is no memory snapshot to damage (checkpoint.memory_every=0")
+    check(fault("fault: storage.snapshot_corrupt\nstep: 1", head="workload: {steps: 20}\ncheckpoint: {memory_every: 3}\n"),
+          6, "faults.0.step", "no memory snapshot is taken by step 1: the first is taken after step 2")
+    check(fault("fault: storage.snapshot_corrupt\nstep: 6\nvary: {step: [6, 0]}",
+                head="workload: {steps: 20}\ncheckpoint: {memory_every: 2}\n"),
+          7, "faults.0.vary.step.1", "no memory snapshot is taken by step 0")
+
+
+def test_snapshot_corrupt_after_a_snapshot_loads():
+    parse_scenario(fault("fault: storage.snapshot_corrupt\nstep: 0", head="workload: {steps: 20}\n"))
+    parse_scenario(fault("fault: storage.snapshot_corrupt\nstep: 2", head="workload: {steps: 20}\ncheckpoint: {memory_every: 3}\n"))
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(fault("fault: storage.snapshot_corrupt\nstep: 4", head="workload: {steps: 20}\n"),
+                       file=FILE, overrides={"checkpoint.memory_every": 0})
+    assert info.value.message.endswith("checkpoint.memory_every is set on the command line"), str(info.value)
+
+
 def test_checkpoint_rule_names_an_override():
     with pytest.raises(ScenarioError) as info:
         parse_scenario(fault("fault: storage.checkpoint_corrupt\nstep: 4", head="workload: {steps: 20}\n"),

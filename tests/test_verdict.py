@@ -344,6 +344,62 @@ def test_damaged_checkpoint_is_detected_when_a_resume_rejects_it() -> None:
     assert r.ok
 
 
+def test_damaged_snapshots_are_detected_when_a_resume_rejects_them() -> None:
+    """Rank 1's snapshots of 7 and 8 damaged, then it is killed: the resume rejects them (rank 1 reports
+    its own slots; a header too damaged to name its step still names its file) and loads the checkpoint
+    of 6: the fallback cost 8 - 6 steps."""
+    sc = _scenario({"fault": "storage.snapshot_corrupt", "rank": 1, "step": 7, "params": {"slots": "both"},
+                    "expect": "recovered"},
+                   {"fault": "process.kill", "rank": 1, "step": 7, "expect": "recovered"})
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(0, 8))
+    inj = log.injected(0, "storage.snapshot_corrupt", rank=1, step=7,
+                       details={"snapshot_step": 8, "snapshot_steps": [8, 7], "files": ["rank1.slot1", "rank1.slot0"],
+                                "rank": 1, "mode": "flip"})
+    log.injected(1, "process.kill", rank=1, step=7)
+    log.failure(0, fault_index=1, max_step=7)
+    log.add("restart", source="supervisor", attempt=1)
+    log.add("attempt_started", source="supervisor", attempt=1)
+    for rank in range(RANKS):
+        log.add("pg_ready", rank=rank, attempt=1)
+    # an unrelated rank's rejection, and one of another file, do not count
+    log.add("snapshot_rejected", rank=0, attempt=1, snapshot_step=8, file="rank0.slot1", reason="elsewhere")
+    reject = log.add("snapshot_rejected", rank=1, attempt=1, snapshot_step=None, file="rank1.slot0",
+                     reason="the header fails its CRC-32 check (corrupted, or a write torn in the header)")
+    log.add("snapshot_rejected", rank=1, attempt=1, snapshot_step=8, file="rank1.slot1",
+            reason="step 8 fails its CRC-32 check (corrupted)")
+    for rank in range(RANKS):
+        log.add("resumed", rank=rank, attempt=1, from_step=6, tier="disk", loss_floor=1.5)
+    log.steps(1, range(6, STEPS))
+    log.finish(1)
+    r = _judge(log, sc)
+    storage, kill = r.faults
+    assert storage.outcome == "recovered" and kill.outcome == "recovered"
+    assert storage.detected_by == "snapshot_checksum" and "header" in storage.cause
+    assert storage.detection_latency_s == pytest.approx(reject["t"] - inj["t"])
+    assert storage.lost_steps == 2  # resumed from 6 instead of 8
+    assert kill.recovery is not None and kill.recovery.resumed_from_step == 6
+    assert r.ok
+
+
+def test_a_snapshot_never_read_again_is_masked() -> None:
+    """Damaged, then overwritten by later snapshots before any restart: nothing saw it, the bits are right."""
+    sc = _scenario({"fault": "storage.snapshot_corrupt", "rank": 0, "step": 4, "expect": "masked"})
+    log = Log()
+    log.start()
+    log.add("snapshot_rejected", rank=0, attempt=0, snapshot_step=5, file="rank0.slot1", reason="before (torn)")
+    log.attempt(0, None)
+    log.steps(0, range(0, 5))
+    log.injected(0, "storage.snapshot_corrupt", rank=0, step=4,
+                 details={"snapshot_step": 5, "snapshot_steps": [5], "files": ["rank0.slot1"], "rank": 0})
+    log.steps(0, range(5, STEPS))
+    log.finish(0)
+    r = _judge(log, sc)
+    assert r.faults[0].detected_by is None and r.faults[0].outcome == "masked"
+
+
 def test_a_rejection_from_before_the_damage_does_not_count() -> None:
     sc = _scenario({"fault": "storage.checkpoint_corrupt", "step": 7, "expect": "masked"})
     log = Log()

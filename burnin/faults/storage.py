@@ -1,7 +1,8 @@
-"""Storage faults: damage to checkpoints on disk, which the loader must catch by checksum."""
+"""Storage faults: damage to checkpoints on disk and to memory snapshots, which the loader must catch by checksum."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -13,7 +14,7 @@ from burnin.errors import HarnessError
 from burnin.faults.base import Fault
 from burnin.faults.registry import register
 
-__all__ = ["CheckpointCorrupt"]
+__all__ = ["CheckpointCorrupt", "SnapshotCorrupt"]
 
 
 class CheckpointCorruptParams(BaseModel):
@@ -60,3 +61,68 @@ class CheckpointCorrupt(Fault):
             fh.flush()
             os.fsync(fh.fileno())
         return {"checkpoint_step": ckpt.step, "file": target.name, "mode": "flip", "offsets": offsets[:16]}
+
+
+class SnapshotCorruptParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["flip", "truncate"] = Field("flip", description="flip bytes, or cut the slot short")
+    slots: Literal["newest", "both"] = Field(
+        "newest", description="the target rank's newest snapshot slot (the resume falls back to its other "
+                              "slot, one step older), or both (the resume falls back to the disk checkpoints)")
+    nbytes: int = Field(8, ge=1, le=1 << 20, description="how many bytes to flip per slot (mode: flip)")
+    keep_fraction: float = Field(0.5, ge=0, lt=1, description="fraction of the slot kept (mode: truncate)")
+    seed: int = Field(0, ge=0, description="chooses which bytes are flipped")
+
+
+def _snapshot_dir(ctx: Any) -> Path | None:
+    """The run's memory snapshot directory: the context's, else the one the ranks were given."""
+    where = getattr(ctx, "snapshot_dir", None)
+    if where:
+        return Path(where)
+    try:
+        spec = json.loads((Path(ctx.run_dir) / "ranks" / "spec.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return Path(spec["snapshot_dir"]) if spec.get("snapshot_dir") else None
+
+
+@register
+class SnapshotCorrupt(Fault):
+    """Flip bytes in, or truncate, the target rank's newest memory snapshot (or both of its slots)."""
+
+    name = "storage.snapshot_corrupt"
+    summary = "flip bytes in, or truncate, a rank's newest memory snapshot (the resume must fall back)"
+    where = "out_of_rank"
+    Params = SnapshotCorruptParams
+    disruptive = False  # harmless until a restart reads the damaged snapshot
+    effects = ()
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        from burnin.harness import snapshot
+
+        root = _snapshot_dir(ctx)
+        slots = snapshot.newest_slot(root, ctx.rank) if root is not None else []
+        if not slots:  # validation refuses a step before the first snapshot: this is a harness error
+            where = f"in {root}" if root is not None else "(the run keeps no memory snapshots)"
+            raise HarnessError(f"no memory snapshot of rank {ctx.rank} {where} to damage at step {ctx.step}")
+        p = self.params
+        damaged = slots if p.slots == "both" else slots[:1]
+        out: dict[str, Any] = {"snapshot_step": damaged[0][0], "snapshot_steps": [s for s, _, _ in damaged],
+                               "files": [path.name for _, path, _ in damaged], "rank": ctx.rank, "mode": p.mode}
+        for _, path, used in damaged:
+            if p.mode == "truncate":
+                keep = int(used * p.keep_fraction)
+                os.truncate(path, keep)
+                out.setdefault("kept", []).append(keep)
+                continue
+            # within the bytes the slot's checksums cover (the file has spare room after them)
+            rng = random.Random(p.seed)
+            offsets = sorted(rng.sample(range(used), min(p.nbytes, used)))
+            with open(path, "r+b") as fh:
+                for off in offsets:
+                    fh.seek(off)
+                    b = fh.read(1)[0]
+                    fh.seek(off)
+                    fh.write(bytes([b ^ 0xFF]))
+            out.setdefault("offsets", []).append(offsets[:16])
+        return out

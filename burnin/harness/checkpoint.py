@@ -123,9 +123,13 @@ def verify(ckpt: Checkpoint, world_size: int | None = None) -> dict[str, Any]:
 
 
 def newest_valid(root: str | Path, world_size: int,
-                 on_reject: Callable[[Checkpoint, str], None] | None = None) -> Checkpoint | None:
-    """The newest checkpoint that verifies; each one skipped on the way is reported to `on_reject`."""
+                 on_reject: Callable[[Checkpoint, str], None] | None = None,
+                 above: int | None = None) -> Checkpoint | None:
+    """The newest checkpoint that verifies; each one skipped on the way is reported to `on_reject`.
+    With `above`, only checkpoints of a later step are looked at (a newer state is at hand)."""
     for ckpt in reversed(committed(root)):
+        if above is not None and ckpt.step <= above:
+            break
         try:
             verify(ckpt, world_size)
             return ckpt

@@ -202,6 +202,13 @@ def sweep(force: bool = False) -> list[dict[str, Any]]:
         if ppid == 1:  # orphaned: its supervisor is gone (never a rank of a live supervisor)
             kill_group(pid)
             report.append({"run_id": rid, "action": "cleaned", "killed": [pid], "orphan": True})
+    # Memory snapshots (/dev/shm/burnin-<run id>) of runs whose supervisor is gone.
+    from burnin.harness import snapshot
+
+    for item in snapshot.sweep(force=force):
+        if item["action"] == "cleaned":
+            report.append({"run_id": item["run_id"], "action": "cleaned", "killed": [],
+                           "snapshots": item["path"]})
     return report + _sweep_networks(force)
 
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.harness import cleanup
+from burnin.harness import cleanup, snapshot
 from burnin.harness.attribution import Candidate, Evidence, explained_by, pin_detection
 from burnin.harness.classify import classify_error, classify_exit, signature
 from burnin.harness.events import EventWriter, Tail
 from burnin.harness.netwatch import NetworkWatch
+from burnin.harness.spares import SparePool, spare_memory_ok
 from burnin.scenarios.schema import HEARTBEAT_PERIOD_S, Scenario
 
 __all__ = ["Supervisor", "OutOfRankContext", "LocalFabric", "classify_exit", "classify_error", "signature"]
@@ -127,6 +128,8 @@ class Supervisor:
     _fault_errors: list[dict[str, Any]] = field(init=False, default_factory=list)
     _tails: dict[int, Tail] = field(init=False, default_factory=dict)
     _actions: list[_Action] = field(init=False, default_factory=list)
+    _pool: SparePool | None = field(init=False, default=None)
+    _refill_due: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -150,10 +153,15 @@ class Supervisor:
         deadline = time.time() + sc.timeouts.run_s
         attempt, restarts = 0, 0
         finished = False
+        # memory snapshots (burnin/harness/snapshot.py): one directory in shared memory per run, kept
+        # across attempts so a restarted group resumes from it; golden runs and campaigns keep none
+        self.snapshot_dir = (snapshot.create_dir(self.run_id)
+                             if sc.checkpoint.memory_every > 0 and not self.golden and sc.campaign is None else None)
         try:
             fabric = self.fabric.setup(sc.workload.ranks)
             if fabric:
                 self._emit("fabric_ready", **fabric)
+            self._pool = self._spare_pool()
             while True:
                 ok, evidence = self._attempt(attempt, deadline)
                 if ok:
@@ -173,9 +181,13 @@ class Supervisor:
                 self._emit("restart", attempt=attempt)
                 self._settle(deadline)
         finally:
+            snapshot.remove_dir(self.snapshot_dir)  # memory snapshots: the run's directory goes with it
             try:
                 self._run_actions(force=True)
             finally:
+                if self._pool is not None:  # spares first: one may live in the fabric's namespaces
+                    self._pool.close()
+                    self._register([])
                 self.fabric.teardown()
                 self._emit("run_finished", finished=finished, restarts=restarts)
             self._log.close()
@@ -197,6 +209,7 @@ class Supervisor:
                 progressed = self._drain(ranks)
                 if progressed:
                     last_progress = now
+                    self._refill(ranks)
                 evidence += self._check(ranks, now, started, last_progress, deadline, evidence)
                 if all(r.finished and r.proc.poll() == 0 for r in ranks):
                     return True, None
@@ -223,6 +236,8 @@ class Supervisor:
             "attempt": attempt,
             "fired": sorted(self._fired),
             "heartbeat_period_s": HEARTBEAT_PERIOD_S,
+            # memory snapshots (burnin/harness/snapshot.py): the run's directory in shared memory, or None
+            "snapshot_dir": str(self.snapshot_dir) if getattr(self, "snapshot_dir", None) else None,
         }
         if self.extra_spec is not None:
             spec.update(self.extra_spec())
@@ -233,34 +248,87 @@ class Supervisor:
         self._emit("attempt_started", attempt=attempt, master_port=port)
         ranks = []
         for r in range(n):
-            env = {
-                **os.environ,
+            mine = {
                 "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
                 "GROUP_RANK": "0", "ROLE_RANK": str(r), "MASTER_ADDR": self.fabric.master_addr, "MASTER_PORT": str(port),
-                "TORCHELASTIC_RESTART_COUNT": str(attempt),
-                "OMP_NUM_THREADS": str(sc.workload.threads), "MKL_NUM_THREADS": str(sc.workload.threads),
-                "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
-                "BURNIN_SPEC": str(spec_path), "BURNIN_RUN_ID": self.run_id,
-                "BURNIN_SUPERVISOR_PID": str(os.getpid()),
-                "PYTHONUNBUFFERED": "1",
+                "TORCHELASTIC_RESTART_COUNT": str(attempt), "BURNIN_SPEC": str(spec_path),
             }
-            env.update(self.fabric.rank_env(r))
             hb = self.run_dir / "ranks" / f"rank{r}.heartbeat"
             hb.unlink(missing_ok=True)
-            log = open(self.run_dir / "ranks" / f"rank{r}.log", "ab")
-            log.write(f"--- attempt {attempt} ---\n".encode())
-            log.flush()
-            argv = self.fabric.rank_command(r, [self.python, "-m", "burnin.harness.worker"])
-            proc = subprocess.Popen(argv, env=env,
-                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            log.close()
+            log_path = self.run_dir / "ranks" / f"rank{r}.log"
+            with open(log_path, "ab") as log:
+                log.write(f"--- attempt {attempt} ---\n".encode())
+            proc = self._from_pool(r, attempt, mine, log_path) if attempt > 0 else None
+            if proc is None:
+                argv = self.fabric.rank_command(r, [self.python, "-m", "burnin.harness.worker"])
+                with open(log_path, "ab") as log:
+                    proc = subprocess.Popen(argv, env={**self._base_env(), **self.fabric.rank_env(r), **mine},
+                                            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
             # One tail per rank for the whole run: a new attempt appends to the same stream.
             # A resumed campaign reuses its run directory: what the streams hold is an earlier session's.
             tail = self._tails.setdefault(r, Tail(self.run_dir / "ranks" / f"rank{r}.jsonl", from_end=True))
             ranks.append(_Rank(r, proc, tail, hb))
-        cleanup.register(self.run_id, self.run_dir, [r.proc.pid for r in ranks])
+        self._register([r.proc.pid for r in ranks])
+        self._refill_due = self._pool is not None and attempt > 0
         return ranks
+
+    # -- warm spares -----------------------------------------------------------------------
+
+    def _base_env(self) -> dict[str, str]:
+        """The environment every rank process starts with; a rank's own variables come on top."""
+        threads = str(self.scenario.workload.threads)
+        return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "BURNIN_RUN_ID": self.run_id,
+                "BURNIN_SUPERVISOR_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+
+    def _spare_pool(self) -> SparePool | None:
+        """One warm spare per rank, when the run can restart (`recovery.spares`, default: where memory allows)."""
+        sc = self.scenario
+        can_restart = sc.recovery.mode != "none" and sc.recovery.max_restarts > 0 and not self.golden
+        want = sc.recovery.spares
+        if not can_restart or want is False:
+            return None
+        if want is None and not spare_memory_ok(sc.workload.ranks):
+            self._emit("spares_off", reason="not enough available memory for one spare per rank")
+            return None
+        w = sc.workload
+        pool = SparePool(self.run_dir, self.run_id, self.fabric, self.python, self._base_env(),
+                         ["--spare", w.device, str(w.threads), w.kernels], self._emit)
+        # The first spares warm up beside the first attempt's ranks: a fault can come in its first seconds.
+        pool.fill(range(w.ranks))
+        return pool
+
+    def _from_pool(self, rank: int, attempt: int, env: dict[str, str], log: Path) -> subprocess.Popen | None:
+        """A warm spare made rank `rank` of `attempt`, or None (then the rank starts cold), said in an event."""
+        if self._pool is None:
+            return None
+        proc, info = self._pool.take(rank)
+        if proc is None:
+            if self._refill_due:
+                info["why"] = "the pool is refilled after the first step of each attempt, and this one had none"
+            self._emit("spare_missing", rank=rank, attempt=attempt, **info)
+            return None
+        self._pool.assign(proc, rank, attempt, env, log)
+        self._emit("spare_used", rank=rank, attempt=attempt, **info)
+        return proc
+
+    def _refill(self, ranks: list[_Rank]) -> None:
+        """Refill the pool once every rank of a restarted attempt has completed a step: spares warming up
+        compete for the CPU, so they start off the recovery's critical path."""
+        if not self._refill_due or self._pool is None or any(r.last_step is None for r in ranks):
+            return
+        self._refill_due = False
+        self._pool.fill(range(self.scenario.workload.ranks))
+        self._register([r.proc.pid for r in ranks])
+
+    def _register(self, rank_pids: list[int]) -> None:
+        """What `burnin cleanup` must find if this supervisor dies: the attempt's ranks and the spares."""
+        pids = rank_pids + (self._pool.pids() if self._pool is not None and not self._pool.closed else [])
+        if pids:
+            cleanup.register(self.run_id, self.run_dir, pids)
+        else:
+            cleanup.unregister(self.run_id)
 
     def _drain(self, ranks: list[_Rank]) -> bool:
         """Copy new rank events into the log and act on them. True when any arrived."""
@@ -421,7 +489,7 @@ class Supervisor:
                     pass
         self._drain(ranks)  # the last words of the dying
         exits = {r.rank: r.proc.returncode for r in ranks}
-        cleanup.unregister(self.run_id)
+        self._register([])
         self._emit("teardown_done", attempt=attempt, exits=exits)
 
     def _settle(self, deadline: float) -> None:

@@ -43,7 +43,8 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from burnin.harness import checkpoint
-    from burnin.harness.guard import Guard
+    from burnin.harness.guard import CorruptionDetected, Guard
+    from burnin.harness.snapshot import SnapshotError
     from burnin.harness.injector import Injector
     from burnin.harness.state import capture_rank_state, loss_bits, restore_rank_state, state_hash
     from burnin.harness.workload import GPT, MarkovData, gpt_config, make_optimizer
@@ -88,31 +89,30 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
     optimizer = make_optimizer(model, w["lr"], w["weight_decay"])
     data = MarkovData(w["seed"], cfg.vocab_size)
 
-    # -- resume: rank 0 picks the newest checkpoint that verifies and tells the others
+    # -- resume: rank 0 picks the newest state that every rank has and that verifies, from the memory
+    # snapshots (shared memory, the supervisor's) or the disk checkpoints, and tells the others
     t0 = time.time()
-    choice: list[Any] = [None]
-    if rank == 0:
-        ckpt = checkpoint.newest_valid(
-            ckpt_dir, world_size,
-            on_reject=lambda c, why: events.emit("checkpoint_rejected", checkpoint_step=c.step, reason=why))
-        choice = [ckpt.step if ckpt else None]
-    dist.broadcast_object_list(choice, src=0)
-    start_step = 0
-    if choice[0] is not None:
-        ckpt = checkpoint.Checkpoint(choice[0], checkpoint._dir(ckpt_dir, choice[0]))
-        model_state, rank_state = checkpoint.load(ckpt, rank, device)
+    snaps = _open_snapshots(spec, rank, world_size, events)
+    tier, start_step = _choose_resume(ckpt_dir, snaps, rank, world_size, events)
+    if tier is not None:
+        if tier == "memory":
+            model_state, rank_state = snaps.load(start_step, device)
+        else:
+            ckpt = checkpoint.Checkpoint(start_step, checkpoint._dir(ckpt_dir, start_step))
+            model_state, rank_state = checkpoint.load(ckpt, rank, device)
         skip = spec["scenario"]["debug"]["skip_restore"]
         if "model" not in skip:
             model.load_state_dict(model_state["model"])
         if "optimizer" not in skip:
             optimizer.load_state_dict(model_state["optimizer"])
         restore_rank_state(rank_state, skip)
-        start_step = ckpt.step
     else:
         # Each rank draws its own dropout masks, as real data-parallel training does.
         torch.manual_seed(w["seed"] * 1_000_003 + 1 + rank)
-    events.emit("resumed", from_step=start_step if choice[0] is not None else None, load_s=time.time() - t0,
-                loss_floor=data.entropy_rate, params=model.num_params())
+    if snaps is not None:  # snapshots after the resume point are of another history now
+        snaps.discard(newer_than=start_step)
+    events.emit("resumed", from_step=start_step if tier is not None else None, tier=tier,
+                load_s=time.time() - t0, loss_floor=data.entropy_rate, params=model.num_params())
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     # The injector and guard in use (a campaign swaps the injector per trial); `step` is the step the
@@ -151,6 +151,7 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
 
     guard, injector = run.guard, run.injector
     guard.start(start_step)
+    memory_every = ck.get("memory_every", 0) if snaps is not None else 0
 
     step = start_step
     while step < w["steps"]:
@@ -158,8 +159,17 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
         guard.before_step(step)
         loss, bits, grad_norm = one_step(step)
         # detect: detectors, agreement across ranks, and rollback or recomputation when they find something
-        next_step, loss, bits = guard.after_step(step, loss, bits, grad_norm, rerun=one_step)
+        try:
+            next_step, loss, bits = guard.after_step(step, loss, bits, grad_norm, rerun=one_step)
+        except CorruptionDetected:
+            # The corruption may predate the finding, so a memory snapshot may hold it: restart from
+            # the disk checkpoints, as without snapshots.
+            if snaps is not None:
+                snaps.discard()
+            raise
         if next_step <= step:
+            if snaps is not None:  # rolled back in process: later snapshots hold the undone steps
+                snaps.discard(newer_than=next_step)
             step = next_step
             continue
         # log
@@ -174,12 +184,59 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
             if saved is not None:
                 events.emit("checkpoint_saved", checkpoint_step=done, state_hash=state_hash(model, optimizer),
                             seconds=time.time() - t_ck)
+        # memory snapshot: committed before the out-of-rank point, so a kill there loses nothing
+        if memory_every and done % memory_every == 0:
+            try:
+                snaps.save(done, model, optimizer, capture_rank_state(done))
+            except SnapshotError as exc:  # shared memory full: go on without; the disk tier remains
+                events.emit("snapshot_failed", step=done, reason=str(exc))
+                memory_every = 0
         injector.fire("between_steps", step, model=model, optimizer=optimizer)
         step = done
 
     events.emit("rank_finished", final_step=w["steps"] - 1, state_hash=state_hash(model, optimizer))
     dist.destroy_process_group()
     return ddp
+
+
+def _open_snapshots(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
+    """This rank's memory snapshot store, its slots verified (each bad one reported); None when the
+    run keeps none (no directory from the supervisor: golden runs; `memory_every: 0`; campaigns)."""
+    if not spec.get("snapshot_dir") or not spec["scenario"]["checkpoint"].get("memory_every") or "campaign" in spec:
+        return None
+    from burnin.harness.snapshot import RankSnapshots
+
+    return RankSnapshots(spec["snapshot_dir"], rank, world_size,
+                         on_reject=lambda path, step, why: events.emit("snapshot_rejected", snapshot_step=step,
+                                                                       file=path.name, reason=why))
+
+
+def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, events: Any) -> tuple[str | None, int]:
+    """(tier, step) to resume from, the same on every rank: ("memory", s), ("disk", s) or (None, 0).
+
+    Collective. Each rank offers the steps of its verified snapshots; rank 0 takes the newest one
+    every rank has, verifies only the disk checkpoints newer than it (the newer tier wins; memory
+    wins a tie: the same state, cheaper to load), and broadcasts the choice."""
+    import torch.distributed as dist
+
+    from burnin.harness import checkpoint
+    from burnin.harness.snapshot import common_step
+
+    offered: list[Any] = [None] * world_size
+    if snaps is not None:
+        dist.all_gather_object(offered, snaps.steps())
+    choice: list[Any] = [(None, 0)]
+    if rank == 0:
+        memory = common_step(offered) if snaps is not None else None
+        ckpt = checkpoint.newest_valid(
+            ckpt_dir, world_size, above=memory,
+            on_reject=lambda c, why: events.emit("checkpoint_rejected", checkpoint_step=c.step, reason=why))
+        if ckpt is not None:
+            choice = [("disk", ckpt.step)]
+        elif memory is not None:
+            choice = [("memory", memory)]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def _allreduce_hook(run, bucket):  # noqa: ANN001 -- DDP inspects the annotation: none, or a real GradBucket
@@ -229,17 +286,90 @@ def _prime_buckets(ddp: Any, data: Any, step: int, rank: int, w: dict[str, Any],
     torch.distributed.barrier()
 
 
+def warm_up(device: str, threads: int, kernels: str) -> None:
+    """Pay, ahead of need, every import and first-call cost a rank pays before its first step: torch,
+    determinism (which imports torch._dynamo), the first AdamW step (the rest of dynamo), torch.distributed
+    and DDP, the workload, the fault registry, and the Triton kernel in the loss (interpreter or compiler).
+    Touches no RNG and no state that a run's bits depend on: a spare must train exactly as a new process."""
+    from burnin.kernels import _runtime
+    _runtime.prepare(device)
+    import torch
+    import torch.distributed  # noqa: F401
+    from torch.nn.parallel import DistributedDataParallel  # noqa: F401
+
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    from burnin.faults import registry
+    from burnin.harness import checkpoint, guard, injector, state  # noqa: F401
+    from burnin.harness.workload import make_optimizer
+
+    registry.all_faults()
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda" if cuda else "cpu")
+    layer = torch.nn.Linear(2, 2, bias=True).to(dev)
+    opt = make_optimizer(layer, 1e-3, 0.1)
+    for p in layer.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    if kernels == "triton":
+        from burnin.kernels import reduction
+
+        reduction.cross_entropy(torch.zeros(4, 8, device=dev), torch.zeros(4, dtype=torch.long, device=dev))
+
+
+def _await_assignment() -> dict[str, Any] | None:
+    """Block until the supervisor hands this spare a rank: one line on stdin, the path of the assignment
+    (JSON: the rank's environment). Read byte by byte: later lines on stdin ("go") are the injector's.
+    None at end of input (the pool was closed)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            return None
+        line += byte
+    return json.loads(Path(line.decode().strip()).read_text())
+
+
+def _spare(argv: list[str]) -> float | None:
+    """A warm spare: warm up, wait for an assignment, become the assigned rank. Returns the seconds the
+    warm-up took, None when the pool closed before an assignment came."""
+    device, threads, kernels = argv[argv.index("--spare") + 1:argv.index("--spare") + 4]
+    t0 = time.time()
+    warm_up(device, int(threads), kernels)
+    warm_s = time.time() - t0
+    ready = os.environ.get("BURNIN_SPARE_READY")
+    if ready:  # the supervisor counts ready spares by these files
+        Path(ready).write_text(f"{warm_s:.3f}\n")
+    assignment = _await_assignment()
+    if assignment is None:
+        return None
+    os.environ.update(assignment["env"])
+    # From here on, this process is the rank: its output goes where a new rank's would.
+    log = os.open(assignment["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    for fd in (1, 2):
+        os.dup2(log, fd)
+    os.close(log)
+    return warm_s
+
+
 def main(argv: list[str] | None = None) -> int:
     from burnin.harness.cleanup import set_parent_death_signal
     from burnin.harness.events import EventWriter
 
     set_parent_death_signal()
+    argv = sys.argv[1:] if argv is None else argv
+    warm_s = None
+    if "--spare" in argv:
+        warm_s = _spare(argv)
+        if warm_s is None:
+            os._exit(0)
     spec = json.loads(Path(os.environ["BURNIN_SPEC"]).read_text())
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     rank_dir = Path(spec["run_dir"]) / "ranks"
     events = EventWriter(rank_dir / f"rank{rank}.jsonl", rank=rank, attempt=spec["attempt"])
     _heartbeat(rank_dir / f"rank{rank}.heartbeat", spec["heartbeat_period_s"])
-    events.emit("rank_started", pid=os.getpid())
+    events.emit("rank_started", pid=os.getpid(), spare=warm_s is not None,
+                **({"warm_s": warm_s} if warm_s is not None else {}))
     try:
         keep = train(spec, rank, world_size, events)  # noqa: F841 -- freed only by os._exit
     except BaseException as exc:  # report, then die: the supervisor decides what happens next

@@ -35,7 +35,8 @@ def _line(ev: dict[str, Any]) -> str | None:
     kind = ev.get("event")
     if kind == "resumed" and ev.get("rank") == 0:
         src = ev.get("from_step")
-        return f"resumed from checkpoint {src}" if src is not None else None
+        what = "the in-memory snapshot of step" if ev.get("tier") == "memory" else "checkpoint"
+        return f"resumed from {what} {src}" if src is not None else None
     fmt = _LINES.get(kind)
     if fmt is None or (kind == "attempt_started" and ev.get("golden")):
         return None

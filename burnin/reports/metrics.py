@@ -174,6 +174,15 @@ class Metrics:
         self.checkpoints_rejected = Counter(
             "burnin_checkpoints_rejected_total", "Checkpoints that failed verification and were skipped.",
             registry=r)
+        self.spares_started = Counter(
+            "burnin_spares_started_total", "Warm spare rank processes started (the pool and its refills).",
+            registry=r)
+        self.spares_used = Counter(
+            "burnin_spares_used_total", "Ranks of a restarted attempt taken over by a spare, by whether the spare "
+            "had finished warming up (ready) or not.", ["ready"], registry=r)
+        self.spares_missing = Counter(
+            "burnin_spares_missing_total", "Ranks of a restarted attempt that started cold: no spare for the slot.",
+            registry=r)
         self.run_info = Gauge(
             "burnin_run_info", "The run being reported; always 1.", ["scenario", "run_id"], registry=r)
         self.runs = Counter(
@@ -186,6 +195,8 @@ class Metrics:
             self.failures.labels(cause=cause)
         for phase in PHASES:
             self.recovery_phase_seconds.labels(phase=phase)
+        for ready in ("true", "false"):
+            self.spares_used.labels(ready=ready)
         for detector in DETECTORS:
             self.detections.labels(detector=detector)
             self.false_alarms.labels(detector=detector)
@@ -299,6 +310,12 @@ class Metrics:
             self.checkpoint_rejected()
         elif kind == "network_stall":
             self.network_stall_seconds.observe(float(event["stall_s"]))
+        elif kind == "spare_started":
+            self.spares_started.inc()
+        elif kind == "spare_used":
+            self.spares_used.labels(ready="true" if event.get("ready") else "false").inc()
+        elif kind == "spare_missing":
+            self.spares_missing.inc()
 
     def from_result(self, result: RunResult) -> None:
         """Record the judged parts of a run: outcomes, recoveries, lost steps, false alarms, pass/fail.

@@ -32,6 +32,8 @@ class RecoveryBreakdown:
     checkpoint_load_s: float
     first_step_s: float
     resumed_from_step: int
+    #: where the new attempt's ranks came from: "warm spares", "cold start", or which spares were not ready
+    new_ranks: str | None = None
 
     @property
     def total_s(self) -> float:

@@ -172,6 +172,22 @@ def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], f
                             if ev.get("rank") == 0 and ev["t"] >= reject["t"]), None)
             if resumed is not None:
                 res.lost_steps = damaged - (resumed.get("from_step") or 0)  # extra steps lost to the fallback
+    # A damaged memory snapshot likewise, when the owning rank rejects one of the damaged slots (by its
+    # file: a header too damaged to name its step still names the slot).
+    snap = details.get("snapshot_step")
+    if snap is not None and res.injected_at is not None:
+        files = set(details.get("files") or [])
+        reject = next((ev for ev in by_kind["snapshot_rejected"]
+                       if ev.get("rank") == spec.rank and ev.get("file") in files
+                       and ev.get("snapshot_step") in (*(details.get("snapshot_steps") or [snap]), None)
+                       and ev["t"] >= res.injected_at), None)
+        if reject is not None:
+            res.detected_by, res.cause = "snapshot_checksum", reject["reason"]
+            res.detection_latency_s = reject["t"] - res.injected_at
+            resumed = next((ev for ev in by_kind["resumed"]
+                            if ev.get("rank") == 0 and ev["t"] >= reject["t"]), None)
+            if resumed is not None:
+                res.lost_steps = max(0, snap - (resumed.get("from_step") or 0))  # extra steps lost to the fallback
     res.outcome = _outcome(res.injected, res.detected_by is not None, finished, exact)
     return res
 
@@ -193,7 +209,7 @@ def _recovery(failure: Failure, injected_at: float,
     max_step = failed_event.get("max_step")
     lost = max(0, (max_step + 1 if max_step is not None else from_step) - from_step)
     t_pg, t_loaded, t_first = max(pg), max(ev["t"] for ev in resumed), max(first.values())
-    return RecoveryBreakdown(
+    return RecoveryBreakdown(new_ranks=_new_ranks(by_kind, nxt),
         detection_s=failure.time - injected_at,
         teardown_s=teardown["t"] - failure.time,
         restart_s=t_pg - teardown["t"],
@@ -201,6 +217,21 @@ def _recovery(failure: Failure, injected_at: float,
         first_step_s=t_first - t_loaded,
         resumed_from_step=from_step,
     ), lost
+
+
+def _new_ranks(by_kind: dict[str, list[dict[str, Any]]], attempt: int) -> str:
+    """Where the ranks of `attempt` came from, in words: warm spares, or why (some of) them started cold
+    or waited for a spare still warming up."""
+    used = [ev for ev in by_kind["spare_used"] if ev.get("attempt") == attempt]
+    missing = [ev for ev in by_kind["spare_missing"] if ev.get("attempt") == attempt]
+    if not used and not missing:
+        return "cold start (no spare pool)"
+    late = [ev for ev in used if not ev.get("ready")]
+    if not late and not missing:
+        return "warm spares"
+    parts = [f"rank {ev['rank']}: {ev.get('why', 'spare not ready')}" for ev in late]
+    parts += [f"rank {ev['rank']}: started cold, {ev.get('why', 'no spare')}" for ev in missing]
+    return "; ".join(parts)
 
 
 def _expectations(r: RunResult, scenario: Any, replicas_agree: bool, finals: dict[int, str]) -> list[Expectation]:

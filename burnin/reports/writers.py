@@ -240,8 +240,8 @@ def _summary_md(result: RunResult) -> str:
     if recovered:
         lines += ["## Recovery breakdown (seconds)", ""]
         rows = [[f.index, f.fault, *(getattr(f.recovery, f"{p}_s") for p in _PHASES), f.recovery.total_s,
-                 f.recovery.resumed_from_step] for f in recovered]
-        lines += _table(["#", "fault", *_PHASES, "total", "resumed from step"], rows)
+                 f.recovery.resumed_from_step, f.recovery.new_ranks or "-"] for f in recovered]
+        lines += _table(["#", "fault", *_PHASES, "total", "resumed from step", "new ranks"], rows)
         lines.append("")
 
     lines += ["## Failures", ""]
@@ -277,7 +277,8 @@ def render_plain(result: RunResult) -> str:
     for f in result.faults:
         extra = []
         if f.recovery is not None:
-            extra.append(f"recovery {f.recovery.total_s:.2f}s")
+            extra.append(f"recovery {f.recovery.total_s:.2f}s"
+                         + (f" ({f.recovery.new_ranks})" if f.recovery.new_ranks else ""))
         if f.lost_steps is not None:
             extra.append(f"lost {f.lost_steps} steps")
         if f.simulated:

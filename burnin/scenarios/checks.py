@@ -278,6 +278,17 @@ def _workload_problem(sc: "Scenario", cls: Any, f: FaultSpec, rank: Any, step: A
             return ("step",), (f"no checkpoint is committed by step {step}: the first is saved after step "
                                f"{every - 1} (checkpoint.every={every}), and this fault acts after its step's "
                                f"checkpoint commit; use step {every - 1} or later")
+    if cls.name == "storage.snapshot_corrupt":
+        # Memory snapshots are taken after every `memory_every` steps, before the out-of-rank point.
+        every = sc.checkpoint.memory_every
+        if every == 0:
+            return ("step",), ("there is no memory snapshot to damage (checkpoint.memory_every=0: none are "
+                               "taken); set memory_every to 1 or more, or damage a checkpoint on disk "
+                               "(storage.checkpoint_corrupt)")
+        if step + 1 < every:
+            return ("step",), (f"no memory snapshot is taken by step {step}: the first is taken after step "
+                               f"{every - 1} (checkpoint.memory_every={every}), and this fault acts after its "
+                               f"step's snapshot; use step {every - 1} or later")
     if cls.name in ("network.partition", "network.partition.simulated"):
         side = list(params.ranks) if params.ranks else [rank]
         missing = [r for r in side if r >= w.ranks]

@@ -90,6 +90,11 @@ class Workload(_Model):
 class Checkpointing(_Model):
     every: int = Field(5, ge=1, description="save a checkpoint every N steps")
     keep: int = Field(3, ge=1, le=1000, description="how many of the newest checkpoints to keep")
+    memory_every: int = Field(
+        1, ge=0, le=1_000_000,
+        description="snapshot the state in shared memory every N steps (0: off), so a restart after a killed, hung "
+                    "or raising rank resumes from there instead of the newest checkpoint; checkpoints on disk "
+                    "stay for a lost machine")
 
 
 class Recovery(_Model):
@@ -98,6 +103,9 @@ class Recovery(_Model):
                                "last verified step (detected corruption); or stop")
     max_restarts: int = Field(3, ge=0, le=1000)
     max_rollbacks: int = Field(10, ge=0, le=100_000, description="rollback mode: in-process rollbacks before giving up")
+    spares: bool | None = Field(
+        None, description="warm spare ranks: one pre-started, pre-warmed process per rank takes over at a restart "
+                          "(default: on when the run can restart and the machine has the memory)")
 
 
 class SpikeDetector(_Model):
