@@ -78,6 +78,8 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
         backend = "nccl" if own_gpu else "gloo"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    if rank != 0:
+        _wait_for_store(to["connect_s"])
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=to["collective_s"]))
     events.emit("pg_ready", backend=backend, device=str(device))
@@ -237,6 +239,23 @@ def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, event
             choice = [("memory", memory)]
     dist.broadcast_object_list(choice, src=0)
     return choice[0]
+
+
+def _wait_for_store(limit_s: float) -> None:
+    """Wait until rank 0's rendezvous store accepts connections. A client that finds the port closed
+    backs off for about half a second before it tries again; warm spares reach this point within a
+    few ms of each other, and a rank that came a moment before rank 0 lost that half second (seen in
+    benchmarks/recovery.py as a bimodal restart time). Bounded: init_process_group has its own say after."""
+    import socket
+
+    addr = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(addr, timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.005)
 
 
 def _allreduce_hook(run, bucket):  # noqa: ANN001 -- DDP inspects the annotation: none, or a real GradBucket
