@@ -209,6 +209,13 @@ def test_ranks_die_with_their_supervisor(tmp_path: Path) -> None:
     while processes_of_run(run_id) and time.time() < deadline:
         time.sleep(0.1)
     assert processes_of_run(run_id) == []
+    # Shared memory is no process: its snapshots stay until `burnin cleanup` (or the next run) sweeps them.
+    from burnin.harness import snapshot
+
+    assert [p for p, owner in snapshot.leftovers() if owner.get("run_id") == run_id]
+    clean = run_cli("cleanup")
+    assert clean.returncode == 0 and "removed memory snapshots" in clean.stdout, clean.stdout
+    assert not [p for p, owner in snapshot.leftovers() if owner.get("run_id") == run_id]
 
 
 def _wait_for_steps(out: Path, proc: subprocess.Popen, timeout: float = 120) -> str:

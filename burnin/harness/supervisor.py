@@ -157,6 +157,8 @@ class Supervisor:
         # across attempts so a restarted group resumes from it; golden runs and campaigns keep none
         self.snapshot_dir = (snapshot.create_dir(self.run_id)
                              if sc.checkpoint.memory_every > 0 and not self.golden and sc.campaign is None else None)
+        if self.snapshot_dir is not None:
+            snapshot.sweep()  # what SIGKILLed supervisors left in shared memory (never a live run's)
         try:
             fabric = self.fabric.setup(sc.workload.ranks)
             if fabric:
