@@ -315,36 +315,58 @@ def _p90(runs: list[dict[str, Any]], part: str, keys: tuple[str, ...]) -> dict[s
     return {k: round(q([r[part][k] for r in runs]), 4) for k in keys}
 
 
-def spare_memory() -> dict[str, float]:
-    """What one warm spare costs: its resident and proportional set size (MiB) once warmed up. PSS
-    shares the pages of libraries between the processes that map them: the fairer cost per spare."""
+def _mem(pid: int) -> dict[str, float]:
+    fields = {}
+    for path in (f"/proc/{pid}/status", f"/proc/{pid}/smaps_rollup"):
+        for line in Path(path).read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "Pss"):
+                fields[key] = int(rest.split()[0]) / 1024
+    return {"rss_mib": round(fields["VmRSS"], 1), "pss_mib": round(fields["Pss"], 1)}
+
+
+def spare_memory() -> dict[str, Any]:
+    """What the pool costs per rank slot: the warm zygote's resident and proportional set size (MiB), and
+    one spare forked from it (its pages shared with the zygote until written: PSS is the fair cost), with
+    the zygote's warm-up and the time from the fork command to a ready spare."""
+    from burnin.harness.spares import ForkedProc, become_subreaper
+
+    if not become_subreaper():
+        raise RuntimeError("PR_SET_CHILD_SUBREAPER refused: no spares on this kernel")
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready"
-        proc = subprocess.Popen([sys.executable, "-m", "burnin.harness.worker", "--spare", "cpu", "1", "triton"],
+        proc = subprocess.Popen([sys.executable, "-m", "burnin.harness.worker", "--zygote", "cpu", "1", "triton"],
                                 stdin=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                            "BURNIN_SPARE_READY": str(ready)})
+                                                            "BURNIN_SPARE_READY": str(ready),
+                                                            "BURNIN_SUPERVISOR_PID": str(os.getpid())})
+        spare = None
         try:
             deadline = time.time() + 120
             while not ready.exists() and time.time() < deadline and proc.poll() is None:
                 time.sleep(0.05)
             if not ready.exists():
-                raise RuntimeError("the spare did not warm up")
-            fields = {}
-            for path in (f"/proc/{proc.pid}/status", f"/proc/{proc.pid}/smaps_rollup"):
-                for line in Path(path).read_text().splitlines():
-                    key, _, rest = line.partition(":")
-                    if key in ("VmRSS", "Pss"):
-                        fields[key] = int(rest.split()[0]) / 1024
-            return {"rss_mib": round(fields["VmRSS"], 1), "pss_mib": round(fields["Pss"], 1),
-                    "warm_up_s": float(ready.read_text())}
+                raise RuntimeError("the zygote did not warm up")
+            zygote = _mem(proc.pid)
+            fifo, pid_file, spare_ready = (Path(tmp) / n for n in ("fifo", "pid", "spare-ready"))
+            os.mkfifo(fifo)
+            stdin = os.fdopen(os.open(fifo, os.O_RDWR), "wb", buffering=0)
+            t0 = time.time()
+            proc.stdin.write((json.dumps({"fifo": str(fifo), "pid_file": str(pid_file), "ready": str(spare_ready),
+                                          "log": str(Path(tmp) / "spare.log")}) + "\n").encode())
+            proc.stdin.flush()
+            while not spare_ready.exists() and time.time() < deadline:
+                time.sleep(0.001)
+            fork_s = time.time() - t0
+            spare = ForkedProc(int(pid_file.read_text()), stdin)
+            time.sleep(0.5)  # let the fork settle (copy-on-write faults of its first steps)
+            return {"zygote": zygote, "spare": _mem(spare.pid), "warm_up_s": float(ready.read_text()),
+                    "fork_to_ready_s": round(fork_s, 4)}
         finally:
+            if spare is not None:
+                spare.stdin.close()
+                spare.wait(timeout=30)
             proc.stdin.close()
             proc.wait(timeout=30)
-
-
-
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,6 +213,8 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
     o = summary["outcomes"]
     print(f"{summary['scenario']}: {summary['trials']} trials  " + "  ".join(
         f"{k} {v['count']} ({v['rate']:.1%}, {v['ci95'][0]:.1%}-{v['ci95'][1]:.1%})" for k, v in o.items()))
+    if summary.get("kind") == "recovery":
+        return _report_recovery_campaign(summary)
     fa = summary["false_alarms"]
     print(f"false alarms: {sum(fa['reference'].values())} in the fault-free reference; "
           f"wall {summary['timing']['wall_s']:.0f} s")
@@ -220,6 +222,25 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
         print(f"burnin: harness error: {summary['error']}", file=sys.stderr)
     print(f"{'PASS' if summary['complete'] and not fa['reference'] else 'FAIL'} {summary['run_dir']}")
     return 0 if summary["complete"] and not fa["reference"] else 1
+
+
+def _report_recovery_campaign(summary: dict[str, Any]) -> int:
+    """The console lines of a process-fault campaign; exit 0 when every trial was bit-exact and ended as
+    its fault expects, with nothing unexplained."""
+    for name, b in summary["by_fault"].items():
+        t = b["recovery_s"]["total_s"]
+        times = f"recovery p50 {t['p50']:.2f} s, p90 {t['p90']:.2f} s, p99 {t['p99']:.2f} s" if t["p50"] is not None \
+            else "no recovery"
+        print(f"  {name}: {b['trials']} trials, exact {b['exact']['count']}, {times}, "
+              f"lost steps max {b['lost_steps']['max']}")
+    ex = summary["exact"]
+    print(f"exact {ex['count']}/{summary['trials']}; unexplained failures {summary['unexplained_failures']}; "
+          f"wall {summary['timing']['wall_s']:.0f} s")
+    for e in summary["errors"][:5]:
+        print(f"burnin: trial {e['trial']}: {e['error']}", file=sys.stderr)
+    ok = summary["complete"] and summary["failed_expectations"] == 0
+    print(f"{'PASS' if ok else 'FAIL'} {summary['run_dir']}")
+    return 0 if ok else 1
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -26,18 +26,25 @@ def test_kill_is_recovered_by_warm_spares_exactly(tmp_path: Path) -> None:
     (f,) = s["faults"]
     assert f["outcome"] == "recovered" and s["exact"]
     events = _events(tmp_path)
-    used = [e for e in events if e["event"] == "spare_used"]
-    assert sorted(e["rank"] for e in used) == [0, 1] and all(e["attempt"] == 1 for e in used)
+    used = [e for e in events if e["event"] == "spare_used" and e["attempt"] == 1]
+    assert sorted(e["rank"] for e in used) == [0, 1] and all(e["ready"] for e in used)
+    # every rank of the run is a fork of its slot's warm zygote, the first attempt's too
+    zygotes = {e["slot"]: e["pid"] for e in events if e["event"] == "zygote_started"}
+    assert sorted(zygotes) == [0, 1]
+    started = [e for e in events if e["event"] == "rank_started"]
+    assert len(started) == 4 and all(e["spare"] and e["warm_s"] > 0 for e in started)
     # the spares became the ranks: the new attempt's ranks are the spares' processes
-    started = {e["rank"]: e for e in events if e["event"] == "rank_started" and e["attempt"] == 1}
-    assert {r: e["pid"] for r, e in started.items()} == {e["rank"]: e["pid"] for e in used}
-    assert all(e["spare"] and e["warm_s"] > 0 for e in started.values())
+    mine = {e["rank"]: e["pid"] for e in started if e["attempt"] == 1}
+    assert mine == {e["rank"]: e["pid"] for e in used}
+    assert not set(mine.values()) & set(zygotes.values())
     # where the new ranks came from is in the report, in words
-    new_ranks = f["recovery"]["new_ranks"]
-    assert new_ranks == "warm spares" or "warming" in new_ranks, new_ranks
-    # the pool was refilled after the restarted attempt's first step, and closed at the end
-    assert len([e for e in events if e["event"] == "spare_started"]) == 4
+    assert f["recovery"]["new_ranks"] == "warm spares", f["recovery"]
+    # the pool was refilled at each attempt's start (2 + 2 + 2 forks), and closed at the end
+    assert len([e for e in events if e["event"] == "spare_started"]) == 6
     assert processes_of_run(s["run_id"]) == []
+    left = sorted(p.name for p in (run_dir_of(tmp_path) / "ranks").iterdir()
+                  if p.suffix in (".fifo", ".pid", ".ready"))
+    assert left == [], left
 
 
 def test_spares_off_starts_the_new_ranks_cold(tmp_path: Path) -> None:
@@ -52,9 +59,9 @@ def test_spares_off_starts_the_new_ranks_cold(tmp_path: Path) -> None:
     assert not [e for e in _events(out) if e["event"].startswith("spare_")]
 
 
-def test_back_to_back_kills_wait_for_a_spare_still_warming_and_say_so(tmp_path: Path) -> None:
-    """The second kill comes one step after the restarted attempt's first step, when the pool's refill
-    has just started: the new ranks are spares still importing torch (seconds), not warm ones."""
+def test_back_to_back_kills_are_both_recovered_by_warm_spares(tmp_path: Path) -> None:
+    """The second kill comes two steps into the restarted attempt: the pool, refilled by forks of the
+    warm zygotes when that attempt started, has a warm spare for every slot again."""
     scenario = tmp_path / "twice.yaml"
     scenario.write_text("name: twice\nworkload: {steps: 20}\ncheckpoint: {every: 4}\n"
                         "faults:\n  - {fault: process.kill, rank: 1, step: 9, expect: recovered}\n"
@@ -64,11 +71,46 @@ def test_back_to_back_kills_wait_for_a_spare_still_warming_and_say_so(tmp_path: 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary_of(out)
     assert s["exact"] and s["restarts"] == 2
-    first, second = (f["recovery"] for f in s["faults"])
-    assert second["new_ranks"] != "warm spares", second
-    assert "warming" in second["new_ranks"] or "cold" in second["new_ranks"], second
-    late = [e for e in _events(out) if e["event"] == "spare_used" and e["attempt"] == 2]
+    assert [f["recovery"]["new_ranks"] for f in s["faults"]] == ["warm spares", "warm spares"]
+    assert all(f["lost_steps"] <= 1 for f in s["faults"])
+
+
+def test_an_empty_pool_still_recovers_and_says_why(tmp_path: Path) -> None:
+    """The zygotes die (SIGKILL from outside, as the OOM killer would) while rank 0 straggles: the first
+    kill still finds the spares they had forked, but the refill must start new zygotes, which take
+    seconds to warm up; the second kill, one step later, waits for them, and the report says so."""
+    scenario = tmp_path / "empty.yaml"
+    scenario.write_text("name: empty\nworkload: {steps: 20}\ncheckpoint: {every: 4}\n"
+                        "faults:\n  - {fault: process.straggler, rank: 0, step: 1, params: {delay_s: 0.5, steps: 6},"
+                        " expect: [masked, recovered, detected]}\n"
+                        "  - {fault: process.kill, rank: 1, step: 9, expect: recovered}\n"
+                        "  - {fault: process.kill, rank: 0, step: 10, expect: recovered}\n")
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(burnin_cmd("run", str(scenario), "--out", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    killed: list[int] = []
+    while time.time() < deadline and not killed and proc.poll() is None:
+        runs = list(out.iterdir()) if out.is_dir() else []
+        events = read_events(runs[0] / "events.jsonl") if runs and (runs[0] / "events.jsonl").exists() else []
+        if any(e["event"] == "step_done" for e in events):  # the zygotes are warm, the straggler is on
+            killed = [e["pid"] for e in events if e["event"] == "zygote_started"]
+            for pid in killed:
+                os.kill(pid, 9)
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert len(killed) == 2, stdout + stderr
+    assert proc.returncode == 0, stdout + stderr
+    s = summary_of(out)
+    assert s["exact"] and s["restarts"] == 2
+    events = _events(out)
+    assert sorted(e["slot"] for e in events if e["event"] == "zygote_lost") == [0, 1]
+    first, second = (f["recovery"] for f in s["faults"][1:])
+    assert first["new_ranks"] == "warm spares", first
+    assert "warming" in second["new_ranks"], second
+    late = [e for e in events if e["event"] == "spare_used" and e["attempt"] == 2]
     assert late and not all(e["ready"] for e in late)
+    assert processes_of_run(s["run_id"]) == []
 
 
 def test_cleanup_removes_the_spares_of_a_sigkilled_supervisor(tmp_path: Path) -> None:
@@ -82,7 +124,7 @@ def test_cleanup_removes_the_spares_of_a_sigkilled_supervisor(tmp_path: Path) ->
         assert proc.poll() is None, proc.communicate()
         runs = [d for d in out.iterdir()] if out.is_dir() else []
         if runs and (runs[0] / "events.jsonl").exists():
-            spares = [e["pid"] for e in read_events(runs[0] / "events.jsonl") if e["event"] == "spare_started"]
+            spares = [e["pid"] for e in read_events(runs[0] / "events.jsonl") if e["event"] == "zygote_started"]
         time.sleep(0.1)
     assert spares, "the pool started"
     run_id = run_dir_of(out).name

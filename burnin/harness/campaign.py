@@ -46,10 +46,15 @@ def draw_trials(scenario: Scenario, trials: int, seed: int) -> list[dict[str, An
         raise ScenarioError("campaign: this scenario has no `campaign:` section; add one (trials, warmup, window)")
     if not scenario.faults:
         raise ScenarioError("faults: a campaign needs at least one fault to draw trials from")
+    from burnin.harness import recovery_campaign
+
+    recovery = recovery_campaign.is_recovery_campaign(scenario)
+    if recovery:
+        recovery_campaign.check_templates(scenario)
     for i, f in enumerate(scenario.faults):
-        if f.build().where != "in_rank":
-            raise ScenarioError(f"faults.{i}.fault: campaigns run in-rank faults only; {f.fault} acts from "
-                                f"outside the rank (use `burnin run` for it)")
+        if not recovery and f.build().where != "in_rank":
+            raise ScenarioError(f"faults.{i}.fault: a data-fault campaign runs in-rank faults only; {f.fault} acts "
+                                f"from outside the rank (use `burnin run` for it)")
     out = []
     for k in range(trials):
         rng = random.Random(f"burnin-campaign:{seed}:{k}")
@@ -63,7 +68,7 @@ def draw_trials(scenario: Scenario, trials: int, seed: int) -> list[dict[str, An
                 spec[key] = value
             else:
                 params[key] = value
-        if "seed" not in spec["vary"]:
+        if "seed" not in spec["vary"] and "seed" in scenario.faults[template].build().Params.model_fields:
             params["seed"] = rng.randrange(2**31)  # what the fault draws itself (tensor, element, bit)
         spec.update(params=params, vary={})
         if not c.warmup <= spec["step"] < c.warmup + c.window:
@@ -73,7 +78,8 @@ def draw_trials(scenario: Scenario, trials: int, seed: int) -> list[dict[str, An
             raise ScenarioError(f"faults.{template}.rank: rank {spec['rank']} (trial {k}) does not exist with "
                                 f"workload.ranks={scenario.workload.ranks}")
         FaultSpec.model_validate(spec)  # the drawn parameters must be valid too
-        out.append({"trial": k, "template": template, "faults": [spec]})
+        extra = recovery_campaign.companion_faults(spec) if recovery else []
+        out.append({"trial": k, "template": template, "faults": [spec, *extra]})
     return out
 
 
@@ -191,7 +197,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
             return  # judged once: a trial is never counted twice
         done[rec["trial"]] = rec
         log.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        if metrics is not None:
+        if metrics is not None and rec.get("kind") != "recovery":  # a recovery trial's run records its own
             j = _judge_trial(rec)
             metrics.fault_injected(j["fault"])
             metrics.outcome(j["fault"], j["outcome"])
@@ -226,13 +232,32 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
 
         metrics = Metrics()
     metrics.set_run(scenario.name, run_dir.name)
-    base = scenario.model_copy(update={"faults": []})
-    sup = Supervisor(base, run_dir, run_dir.name, metrics=metrics, on_event=watch, extra_spec=remaining)
+    from burnin.harness import recovery_campaign
+
+    recovery = recovery_campaign.is_recovery_campaign(scenario)
     try:
-        if len(done) < trials:
-            sup.run()
+        if len(done) < trials and recovery:
+            def on_trial(ev: dict[str, Any]) -> None:
+                if on_event:
+                    on_event({**ev, "trials_done": len(done), "trials_total": trials})
+
+            recovery_campaign.run_trials(scenario, run_dir, run_dir.name, plan, done, record, on_trial, metrics)
+        elif len(done) < trials:
+            base = scenario.model_copy(update={"faults": []})
+            Supervisor(base, run_dir, run_dir.name, metrics=metrics, on_event=watch, extra_spec=remaining).run()
     finally:
         log.close()
+    if recovery:
+        summary = recovery_campaign.summarize(scenario, list(done.values()))
+        summary["complete"] = len(done) == trials
+        summary["timing"] = {"wall_s": time.time() - t0}
+        from burnin.harness.checkpoint import atomic_write
+
+        atomic_write(run_dir / "campaign.json", json.dumps(summary, indent=1).encode())
+        atomic_write(run_dir / "campaign.md", recovery_campaign.markdown(summary, run_dir).encode())
+        metrics.write_textfile(run_dir / "metrics.prom")
+        summary["run_dir"] = str(run_dir)
+        return summary
     if state["reference"] is not None:
         (run_dir / "reference.json").write_text(json.dumps(state["reference"]))
     elif (run_dir / "reference.json").exists():

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["SnapshotError", "Slot", "create_dir", "remove_dir", "leftovers", "sweep", "shm_root",
+__all__ = ["SnapshotError", "Slot", "create_dir", "remove_dir", "leftovers", "sweep", "shm_root", "status",
            "slot_path", "peek", "read_slot", "rank_steps", "newest_slot", "common_step", "RankSnapshots", "OWNER"]
 
 MAGIC = b"BURNSNAP"
@@ -328,6 +328,26 @@ def newest_slot(root: str | Path, rank: int) -> list[tuple[int, Path, int]]:
         if head is not None and head[0] == COMMITTED:
             out.append((head[1], path, head[2]))
     return sorted(out, key=lambda x: -x[0])
+
+
+def status(root: str | Path, world_size: int) -> dict[str, Any] | None:
+    """The memory tier as the supervisor's metrics see it, from the slot headers alone: the newest step
+    every rank has committed, its bytes over all ranks, and its age (seconds since its newest slot
+    was written). None while some rank has no committed slot."""
+    import time
+
+    newest = [newest_slot(root, r) for r in range(world_size)]
+    if not all(newest):
+        return None
+    step = min(slots[0][0] for slots in newest)
+    chosen = [next((x for x in slots if x[0] == step), None) for slots in newest]
+    if any(c is None for c in chosen):
+        return None
+    try:
+        written = max(os.stat(c[1]).st_mtime for c in chosen)
+    except OSError:
+        return None
+    return {"step": step, "bytes": sum(c[2] for c in chosen), "age_s": max(0.0, time.time() - written)}
 
 
 def common_step(per_rank: list[dict[int, str] | None]) -> int | None:

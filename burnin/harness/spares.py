@@ -2,20 +2,29 @@
 
 A restart used to start a new interpreter per rank on the critical path: Python, `import torch`,
 `torch.use_deterministic_algorithms` and the first AdamW step (each importing torch._dynamo), the
-Triton kernel, the fault registry: ~2.5 s of the ~3 s a killed rank cost. A spare does all of it
-ahead of need (`burnin.harness.worker.warm_up`), then blocks on its stdin for an assignment: one
-line, the path of a JSON file with the rank's environment (RANK, MASTER_PORT, BURNIN_SPEC, ...) and
-its log. From then on it is that rank, indistinguishable from one started cold.
+Triton kernel, the fault registry: ~2.5 s of the ~3 s a killed rank cost. Here that start-up is paid
+once per rank slot and run, by a *zygote* (`burnin.harness.worker --zygote`, after
+`burnin.harness.worker.warm_up`), and every rank process of the run is forked from it: a fork of the
+warm interpreter costs ~30 ms where a cold start costs seconds, so the pool can keep one spare per
+slot at all times, refill it at once after a restart, and hand the first attempt its ranks too (a
+run pays one warm-up per slot, not one per rank plus one per spare).
 
-The pool keeps one spare per rank slot, because a slot may need what only its own process can
-have (with the namespace fabric, a rank lives in its own network namespace: the spare is started
-inside it, by the fabric's command). A restart tears the whole group down and hands every rank of
-the new attempt to a spare; the pool starts replacements at once, in the background, and they warm
-up while the new attempt trains. A slot whose spare is still warming (two failures back to back) is
-handed that spare anyway (it becomes the rank as soon as it is warm, sooner than a cold start), and
-the `spare_used` event says it was not ready. Spares obey the ranks' rules: they die with the
-supervisor (PR_SET_PDEATHSIG), carry the run id for `burnin cleanup`, and are registered with the
-attempt's pids. No torch here.
+A spare blocks on its own FIFO for an assignment: one line, the path of a JSON file with the rank's
+environment (RANK, MASTER_PORT, BURNIN_SPEC, ...) and its log; from then on it is that rank,
+indistinguishable from one started cold, and the FIFO is its stdin (the injector's "go" lines).
+
+Processes and their parents: the zygote forks twice and the middle process exits, so the spare is
+re-parented to the supervisor, which is a child subreaper (PR_SET_CHILD_SUBREAPER): the supervisor
+waits for it and reads its exit status like any child's (`ForkedProc`). The spare leads its own
+process group (teardown kills groups), sets its parent-death signal once it is the supervisor's, and
+carries the run id in its environment for `burnin cleanup`, like a rank started cold.
+
+The pool keeps one zygote and one spare per rank slot, because a slot may need what only its own
+process can have (with the namespace fabric, a rank lives in its own network namespace: the zygote
+is started inside it by the fabric's command, and its forks inherit it). A slot whose spare is not
+forked yet (the zygote still warming up, at run start or after a zygote died) waits for it: sooner
+than a cold start, which pays the same warm-up; the `spare_used` event says it was not ready. No
+torch here.
 """
 
 from __future__ import annotations
@@ -24,20 +33,80 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["Spare", "SparePool", "spare_memory_ok"]
+__all__ = ["ForkedProc", "Spare", "SparePool", "become_subreaper", "spare_memory_ok"]
 
-#: What one spare costs in memory (resident set after the warm-up, measured on the tiny model on CPU:
-#: ~270 MiB; benchmarks/recovery.py reports it), with a margin: the pool is on by default only where
-#: this much per rank is available.
+#: What one slot of the pool costs in memory (the zygote's resident set after the warm-up, measured on
+#: the tiny model on CPU: ~380 MiB; its forks share most of it), with a margin: the pool is on by
+#: default only where this much per rank is available.
 SPARE_BUDGET_BYTES = 512 << 20
+
+#: How long a slot waits for its zygote to fork a spare before the rank starts cold instead: a zygote's
+#: warm-up takes 3-5 s on a warm page cache, up to ~30 s on a cold one (measured right after install).
+FORK_WAIT_S = 120.0
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux >= 3.4), so that spares forked
+    by a zygote are its children. False where the kernel refuses: then the pool stays off."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_CHILD_SUBREAPER = 36
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class ForkedProc:
+    """A spare as the supervisor sees it: what `subprocess.Popen` offers (pid, stdin, poll, wait,
+    returncode), for a process that a zygote forked and the supervisor, its subreaper, reaps."""
+
+    def __init__(self, pid: int, stdin: Any):
+        self.pid, self.stdin = pid, stdin
+        self.returncode: int | None = None
+        self.args = [f"spare pid {pid}"]
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Not (yet) this process's child: the middle process of the zygote's double fork has not
+            # exited yet, or the process is gone and was reaped elsewhere.
+            if _alive(self.pid):
+                return None
+            self.returncode = -9
+            return self.returncode
+        if pid == 0:
+            return None
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.005)
+        return self.returncode  # type: ignore[return-value]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
 
 
 @dataclass
-class Spare:
+class Zygote:
     slot: int
     proc: subprocess.Popen
     started: float
@@ -52,6 +121,41 @@ class Spare:
             return float(self.ready_file.read_text())
         except (OSError, ValueError):
             return None
+
+
+@dataclass
+class Spare:
+    slot: int
+    zygote: Zygote
+    requested: float
+    fifo: Path
+    pid_file: Path
+    ready_file: Path
+    stdin: Any = None
+    proc: ForkedProc | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_file.exists()
+
+    def resolve(self) -> ForkedProc | None:
+        """The forked process, once the zygote has said its pid."""
+        if self.proc is None:
+            try:
+                text = self.pid_file.read_text()
+            except OSError:
+                return None
+            if not text.endswith("\n"):
+                return None
+            self.proc = ForkedProc(int(text), self.stdin)
+        return self.proc
+
+    def dead(self) -> bool:
+        proc = self.resolve()
+        if proc is not None:
+            return proc.poll() is not None
+        return self.zygote.proc.poll() is not None  # not forked, and never will be
 
 
 def spare_memory_ok(ranks: int) -> bool:
@@ -70,40 +174,56 @@ class SparePool:
                  argv_tail: list[str], emit: Callable[..., Any]):
         self.dir = run_dir / "ranks"
         self.run_id, self.fabric, self.python, self.env = run_id, fabric, python, env
-        self.argv_tail = argv_tail      # --spare DEVICE THREADS KERNELS
+        self.argv_tail = argv_tail      # --zygote DEVICE THREADS KERNELS
         self.emit = emit
+        self.zygotes: dict[int, Zygote] = {}
         self.spares: dict[int, Spare] = {}
         self._count = 0
+        self._files: list[Path] = []
         self.closed = False
 
     def fill(self, slots: range) -> None:
-        """Start a spare for each slot that has none (or whose spare died)."""
+        """Give each slot a spare (and a zygote to fork it) where it has none, or where they died."""
         for slot in slots:
             spare = self.spares.get(slot)
-            if spare is not None and spare.proc.poll() is None:
+            if spare is not None and not spare.dead():
                 continue
-            if spare is not None:  # a spare that died while waiting: say so, start another
-                self.emit("spare_lost", slot=slot, pid=spare.proc.pid, returncode=spare.proc.returncode)
-                self._reap(spare)
-            self.spares[slot] = self._start(slot)
+            if spare is not None:  # a spare that died while waiting: say so, fork another
+                self.emit("spare_lost", slot=slot, pid=spare.proc.pid if spare.proc else None,
+                          returncode=spare.proc.returncode if spare.proc else None)
+                self._drop(spare)
+            self.spares[slot] = self._fork(self._zygote(slot))
 
-    def take(self, slot: int) -> tuple[subprocess.Popen | None, dict[str, Any]]:
-        """The spare for `slot` (None: there is none), and what to report about it."""
+    def take(self, slot: int, wait_s: float = FORK_WAIT_S) -> tuple[ForkedProc | None, dict[str, Any]]:
+        """The spare for `slot` (None: there is none), and what to report about it. A spare that is not
+        forked yet (its zygote is warming up) is waited for, at most `wait_s`."""
         spare = self.spares.pop(slot, None)
-        if spare is None or spare.proc.poll() is not None:
-            if spare is not None:
-                self._reap(spare)
-            return None, {"slot": slot, "why": "no spare for this slot (it died, or the pool is off)"}
-        ready = spare.ready
-        info = {"slot": slot, "pid": spare.proc.pid, "ready": ready, "age_s": round(time.time() - spare.started, 3)}
+        if spare is None:
+            return None, {"slot": slot, "why": "no spare for this slot (the pool is off)"}
+        t0 = time.time()
+        ready, zygote_ready = spare.ready, spare.zygote.ready
+        deadline = time.monotonic() + wait_s
+        while spare.resolve() is None and spare.zygote.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc = spare.resolve()
+        if proc is None or proc.poll() is not None:
+            why = ("its zygote died before forking it" if spare.zygote.proc.poll() is not None else
+                   "its spare died" if proc is not None else f"its zygote forked nothing in {wait_s:.0f} s")
+            self._drop(spare)
+            return None, {"slot": slot, "why": why}
+        info: dict[str, Any] = {"slot": slot, "pid": proc.pid, "ready": ready,
+                                "age_s": round(t0 - spare.requested, 3)}
         if ready:
-            info["warm_s"] = spare.warm_s()
+            info["warm_s"] = spare.zygote.warm_s()
         else:
-            info["why"] = "its spare was still warming up (started %.2f s before)" % (time.time() - spare.started)
-        return spare.proc, info
+            info["waited_s"] = round(time.time() - t0, 3)
+            info["why"] = ("its zygote was still warming up (started %.2f s before)" % (t0 - spare.zygote.started)
+                           if not zygote_ready else "its spare was still being forked")
+        spare.ready_file.unlink(missing_ok=True)  # it is a rank now
+        return proc, info
 
-    def assign(self, proc: subprocess.Popen, rank: int, attempt: int, env: dict[str, str], log: Path) -> None:
-        """Make the spare `proc` rank `rank` of `attempt`."""
+    def assign(self, proc: ForkedProc, rank: int, attempt: int, env: dict[str, str], log: Path) -> None:
+        """Make the spare `proc` rank `rank` of `attempt` (buffered in its FIFO if it is not reading yet)."""
         path = self.dir / f"assign-a{attempt}-r{rank}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"env": env, "log": str(log)}))
@@ -112,51 +232,93 @@ class SparePool:
         proc.stdin.flush()
 
     def pids(self) -> list[int]:
-        return [s.proc.pid for s in self.spares.values() if s.proc.poll() is None]
+        """Every process of the pool that is alive: zygotes and forked spares."""
+        out = [z.proc.pid for z in self.zygotes.values() if z.proc.poll() is None]
+        return out + [s.proc.pid for s in self.spares.values() if s.proc is not None and s.proc.poll() is None]
 
     def ready_count(self) -> int:
-        return sum(1 for s in self.spares.values() if s.proc.poll() is None and s.ready)
+        return sum(1 for s in self.spares.values() if not s.dead() and s.ready)
 
     def close(self) -> None:
-        """Stop every spare: closing stdin ends a warm one; a kill ends the rest."""
+        """Stop the pool: closing its stdin ends a zygote, closing its FIFO a spare; a kill the rest."""
         from burnin.harness import cleanup
 
         self.closed = True
+        procs: list[Any] = []
         for spare in self.spares.values():
-            try:
-                spare.proc.stdin.close()
-            except OSError:
-                pass
+            _close(spare.stdin)
+            if spare.resolve() is not None:
+                procs.append(spare.proc)
+        for z in self.zygotes.values():
+            _close(z.proc.stdin)
+            procs.append(z.proc)
         deadline = time.time() + 1.0
-        for spare in self.spares.values():
+        for proc in procs:
             try:
-                spare.proc.wait(timeout=max(0.0, deadline - time.time()))
+                proc.wait(timeout=max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                cleanup.kill_group(spare.proc.pid)
-                spare.proc.wait(timeout=30)
-            self._reap(spare)
+                cleanup.kill_group(proc.pid)
+                proc.wait(timeout=30)
+        for spare in self.spares.values():
+            self._drop(spare)
+        for z in self.zygotes.values():
+            z.ready_file.unlink(missing_ok=True)
+        for path in self._files:  # the FIFOs and files of the spares that became ranks
+            path.unlink(missing_ok=True)
         self.spares.clear()
+        self.zygotes.clear()
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _start(self, slot: int) -> Spare:
+    def _zygote(self, slot: int) -> Zygote:
+        z = self.zygotes.get(slot)
+        if z is not None and z.proc.poll() is None:
+            return z
+        if z is not None:
+            self.emit("zygote_lost", slot=slot, pid=z.proc.pid, returncode=z.proc.returncode)
+            _close(z.proc.stdin)
+            z.ready_file.unlink(missing_ok=True)
         self._count += 1
-        ready = self.dir / f"spare{slot}-{self._count}.ready"
+        ready = self.dir / f"zygote{slot}-{self._count}.ready"
         ready.unlink(missing_ok=True)
         env = {**self.env, **self.fabric.rank_env(slot), "BURNIN_SPARE_READY": str(ready)}
         argv = self.fabric.rank_command(slot, [self.python, "-m", "burnin.harness.worker", *self.argv_tail])
         with open(self.dir / f"spare{slot}.log", "ab") as log:
             proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        spare = Spare(slot, proc, time.time(), ready)
-        self.emit("spare_started", slot=slot, pid=proc.pid)
+        z = self.zygotes[slot] = Zygote(slot, proc, time.time(), ready)
+        self.emit("zygote_started", slot=slot, pid=proc.pid)
+        return z
+
+    def _fork(self, z: Zygote) -> Spare:
+        self._count += 1
+        base = self.dir / f"spare{z.slot}-{self._count}"
+        fifo, pid_file, ready = (base.with_suffix(s) for s in (".fifo", ".pid", ".ready"))
+        for p in (fifo, pid_file, ready):
+            p.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
+        # Read-write: opening never blocks, and the spare sees end of input once this end is closed.
+        stdin = os.fdopen(os.open(fifo, os.O_RDWR | os.O_CLOEXEC), "wb", buffering=0)
+        spare = Spare(z.slot, z, time.time(), fifo, pid_file, ready, stdin)
+        self._files += [fifo, pid_file, ready]
+        cmd = {"fifo": str(fifo), "pid_file": str(pid_file), "ready": str(ready),
+               "log": str(self.dir / f"spare{z.slot}.log")}
+        try:
+            z.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+            z.proc.stdin.flush()
+        except OSError:
+            pass  # the zygote died: the spare is found dead, and the slot gets a new zygote at the next fill
+        self.emit("spare_started", slot=z.slot, zygote=z.proc.pid)
         return spare
 
-    @staticmethod
-    def _reap(spare: Spare) -> None:
+    def _drop(self, spare: Spare) -> None:
+        _close(spare.stdin)
         spare.ready_file.unlink(missing_ok=True)
-        if spare.proc.stdin:
-            try:
-                spare.proc.stdin.close()
-            except OSError:
-                pass
+
+
+def _close(f: Any) -> None:
+    if f is not None:
+        try:
+            f.close()
+        except OSError:
+            pass

@@ -24,13 +24,14 @@ from burnin.harness.attribution import Candidate, Evidence, explained_by, pin_de
 from burnin.harness.classify import classify_error, classify_exit, signature
 from burnin.harness.events import EventWriter, Tail
 from burnin.harness.netwatch import NetworkWatch
-from burnin.harness.spares import SparePool, spare_memory_ok
+from burnin.harness.spares import SparePool, become_subreaper, spare_memory_ok
 from burnin.scenarios.schema import HEARTBEAT_PERIOD_S, Scenario
 
 __all__ = ["Supervisor", "OutOfRankContext", "LocalFabric", "classify_exit", "classify_error", "signature"]
 
 POLL_S = 0.01
-GRACE_S = 0.25          # after the first sign of failure, how long to gather evidence of its cause
+GRACE_S = 0.25          # after the first sign of failure, how long to gather evidence of its cause (at most:
+                        # it ends once every rank has exited)
 
 # Which evidence names the root cause when several ranks fail together: a rank killed by a signal
 # brings its peers down with connection errors, not the other way round. A fault that could not be
@@ -47,7 +48,7 @@ def _priority(e: Evidence) -> int:
 @dataclass
 class _Rank:
     rank: int
-    proc: subprocess.Popen
+    proc: Any                                           # subprocess.Popen, or spares.ForkedProc
     tail: Tail
     heartbeat: Path
     last_step: int | None = None
@@ -119,6 +120,7 @@ class Supervisor:
     fabric: Any = None                                    # LocalFabric unless the run needs a network
     extra_spec: Callable[[], dict[str, Any]] | None = None  # more for the ranks' spec, asked at each attempt
     python: str = sys.executable
+    pool: SparePool | None = None                         # a pool that outlives this run (a campaign's)
     _log: EventWriter = field(init=False)
     _fired: set[int] = field(init=False, default_factory=set)
     _explained: set[int] = field(init=False, default_factory=set)
@@ -129,7 +131,7 @@ class Supervisor:
     _tails: dict[int, Tail] = field(init=False, default_factory=dict)
     _actions: list[_Action] = field(init=False, default_factory=list)
     _pool: SparePool | None = field(init=False, default=None)
-    _refill_due: bool = field(init=False, default=False)
+    _refilled: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -163,7 +165,9 @@ class Supervisor:
             fabric = self.fabric.setup(sc.workload.ranks)
             if fabric:
                 self._emit("fabric_ready", **fabric)
-            self._pool = self._spare_pool()
+            self._pool = self.pool if self.pool is not None else self._spare_pool()
+            if self.pool is not None:
+                self.pool.emit = self._emit
             while True:
                 ok, evidence = self._attempt(attempt, deadline)
                 if ok:
@@ -187,9 +191,9 @@ class Supervisor:
             try:
                 self._run_actions(force=True)
             finally:
-                if self._pool is not None:  # spares first: one may live in the fabric's namespaces
-                    self._pool.close()
-                    self._register([])
+                if self._pool is not None and self.pool is None:  # spares first: one may live in the
+                    self._pool.close()                              # fabric's namespaces
+                self._register([])
                 self.fabric.teardown()
                 self._emit("run_finished", finished=finished, restarts=restarts)
             self._log.close()
@@ -206,6 +210,8 @@ class Supervisor:
         try:
             while True:
                 now = time.time()
+                # every rank gone before this round's drain: its last words and exits are all read below
+                all_gone = all(r.proc.poll() is not None for r in ranks)
                 self._run_actions()
                 self._watch.poll()
                 progressed = self._drain(ranks)
@@ -217,7 +223,8 @@ class Supervisor:
                     return True, None
                 if evidence and first_sign is None:
                     first_sign = now
-                if first_sign is not None and (now - first_sign >= GRACE_S or
+                # The grace ends early once no rank is left to say more: every process has exited.
+                if first_sign is not None and (now - first_sign >= GRACE_S or all_gone or
                                                any(e.detector in ("run_timeout", "fault_error") for e in evidence)):
                     break
                 time.sleep(POLL_S)
@@ -260,7 +267,7 @@ class Supervisor:
             log_path = self.run_dir / "ranks" / f"rank{r}.log"
             with open(log_path, "ab") as log:
                 log.write(f"--- attempt {attempt} ---\n".encode())
-            proc = self._from_pool(r, attempt, mine, log_path) if attempt > 0 else None
+            proc = self._from_pool(r, attempt, mine, log_path)
             if proc is None:
                 argv = self.fabric.rank_command(r, [self.python, "-m", "burnin.harness.worker"])
                 with open(log_path, "ab") as log:
@@ -271,18 +278,15 @@ class Supervisor:
             # A resumed campaign reuses its run directory: what the streams hold is an earlier session's.
             tail = self._tails.setdefault(r, Tail(self.run_dir / "ranks" / f"rank{r}.jsonl", from_end=True))
             ranks.append(_Rank(r, proc, tail, hb))
+        if self._pool is not None:  # forks of the warm zygotes: cheap, so at once
+            self._pool.fill(range(n))
         self._register([r.proc.pid for r in ranks])
-        self._refill_due = self._pool is not None and attempt > 0
         return ranks
 
     # -- warm spares -----------------------------------------------------------------------
 
     def _base_env(self) -> dict[str, str]:
-        """The environment every rank process starts with; a rank's own variables come on top."""
-        threads = str(self.scenario.workload.threads)
-        return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "BURNIN_RUN_ID": self.run_id,
-                "BURNIN_SUPERVISOR_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        return rank_base_env(self.scenario, self.run_id)
 
     def _spare_pool(self) -> SparePool | None:
         """One warm spare per rank, when the run can restart (`recovery.spares`, default: where memory allows)."""
@@ -294,21 +298,22 @@ class Supervisor:
         if want is None and not spare_memory_ok(sc.workload.ranks):
             self._emit("spares_off", reason="not enough available memory for one spare per rank")
             return None
+        if not become_subreaper():
+            self._emit("spares_off", reason="this kernel refuses PR_SET_CHILD_SUBREAPER, which the pool needs")
+            return None
         w = sc.workload
         pool = SparePool(self.run_dir, self.run_id, self.fabric, self.python, self._base_env(),
-                         ["--spare", w.device, str(w.threads), w.kernels], self._emit)
-        # The first spares warm up beside the first attempt's ranks: a fault can come in its first seconds.
+                         ["--zygote", w.device, str(w.threads), w.kernels], self._emit)
+        # The zygotes warm up once; the first attempt's ranks are their first forks.
         pool.fill(range(w.ranks))
         return pool
 
-    def _from_pool(self, rank: int, attempt: int, env: dict[str, str], log: Path) -> subprocess.Popen | None:
+    def _from_pool(self, rank: int, attempt: int, env: dict[str, str], log: Path) -> Any:
         """A warm spare made rank `rank` of `attempt`, or None (then the rank starts cold), said in an event."""
         if self._pool is None:
             return None
         proc, info = self._pool.take(rank)
         if proc is None:
-            if self._refill_due:
-                info["why"] = "the pool is refilled after the first step of each attempt, and this one had none"
             self._emit("spare_missing", rank=rank, attempt=attempt, **info)
             return None
         self._pool.assign(proc, rank, attempt, env, log)
@@ -316,13 +321,23 @@ class Supervisor:
         return proc
 
     def _refill(self, ranks: list[_Rank]) -> None:
-        """Refill the pool once every rank of a restarted attempt has completed a step: spares warming up
-        compete for the CPU, so they start off the recovery's critical path."""
-        if not self._refill_due or self._pool is None or any(r.last_step is None for r in ranks):
+        """Once a second while the attempt trains: keep the pool full (a spare or a zygote that died is
+        replaced: a fork is cheap, a zygote's warm-up is not, and it happens off the critical path), and
+        update the gauges of the memory tier and the pool."""
+        now = time.time()
+        if now - self._refilled < 1.0:
             return
-        self._refill_due = False
+        self._refilled = now
+        if self.metrics is not None and self.snapshot_dir is not None:
+            self.metrics.memory_tier(snapshot.status(self.snapshot_dir, self.scenario.workload.ranks))
+        if self._pool is None:
+            return
+        if self.metrics is not None:
+            self.metrics.spares_ready.set(self._pool.ready_count())
+        before = self._pool.pids()
         self._pool.fill(range(self.scenario.workload.ranks))
-        self._register([r.proc.pid for r in ranks])
+        if self._pool.pids() != before:
+            self._register([r.proc.pid for r in ranks])
 
     def _register(self, rank_pids: list[int]) -> None:
         """What `burnin cleanup` must find if this supervisor dies: the attempt's ranks and the spares."""
@@ -533,6 +548,14 @@ class Supervisor:
             self.metrics.observe(ev)
         if self.on_event:
             self.on_event(ev)
+
+
+def rank_base_env(scenario: Scenario, run_id: str) -> dict[str, str]:
+    """The environment every rank process starts with; a rank's own variables come on top."""
+    threads = str(scenario.workload.threads)
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+            "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "BURNIN_RUN_ID": run_id,
+            "BURNIN_SUPERVISOR_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
 
 
 def _proc_state(pid: int) -> str | None:

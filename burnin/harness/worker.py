@@ -349,16 +349,70 @@ def _await_assignment() -> dict[str, Any] | None:
     return json.loads(Path(line.decode().strip()).read_text())
 
 
-def _spare(argv: list[str]) -> float | None:
-    """A warm spare: warm up, wait for an assignment, become the assigned rank. Returns the seconds the
-    warm-up took, None when the pool closed before an assignment came."""
-    device, threads, kernels = argv[argv.index("--spare") + 1:argv.index("--spare") + 4]
+def _zygote(argv: list[str]) -> float | None:
+    """The warm parent of a slot's spares (see burnin.harness.spares): warm up once, then fork a spare
+    for each line on stdin (JSON: its FIFO, pid file, ready file and log). Returns in a forked spare,
+    with the seconds the zygote's warm-up took, once the spare is the supervisor's child; the zygote
+    itself exits at the end of its input (the pool was closed)."""
+    device, threads, kernels = argv[argv.index("--zygote") + 1:argv.index("--zygote") + 4]
     t0 = time.time()
     warm_up(device, int(threads), kernels)
     warm_s = time.time() - t0
     ready = os.environ.get("BURNIN_SPARE_READY")
-    if ready:  # the supervisor counts ready spares by these files
+    if ready:  # the pool counts ready zygotes by these files
         Path(ready).write_text(f"{warm_s:.3f}\n")
+    supervisor = int(os.environ["BURNIN_SUPERVISOR_PID"])
+    for line in sys.stdin.buffer:
+        cmd = json.loads(line)
+        middle = os.fork()
+        if middle == 0:
+            try:
+                spare = os.fork() == 0
+            except OSError:
+                os._exit(1)
+            if not spare:
+                os._exit(0)  # the middle process: its exit hands the spare to the supervisor
+            try:
+                _become_spare(cmd, supervisor)
+            except BaseException:  # noqa: BLE001 -- a spare that cannot start says why in the slot's log
+                traceback.print_exc()
+                os._exit(3)
+            return warm_s
+        os.waitpid(middle, 0)
+    return None
+
+
+def _become_spare(cmd: dict[str, str], supervisor: int) -> None:
+    """In the zygote's grandchild: lead a process group, say the pid, wait to be the supervisor's child
+    (it is a subreaper), take its parent-death signal, read the FIFO as stdin, write to the slot's log."""
+    from burnin.harness.cleanup import set_parent_death_signal
+
+    os.setsid()
+    tmp = cmd["pid_file"] + ".tmp"
+    Path(tmp).write_text(f"{os.getpid()}\n")
+    os.replace(tmp, cmd["pid_file"])
+    deadline = time.monotonic() + 10.0
+    while os.getppid() != supervisor and time.monotonic() < deadline:
+        time.sleep(0.001)
+    if os.getppid() != supervisor:
+        os._exit(3)  # the supervisor is gone, or is not a subreaper: no one would ever reap this rank
+    set_parent_death_signal()
+    fd = os.open(cmd["fifo"], os.O_RDONLY)  # the supervisor holds the FIFO open: never blocks
+    os.dup2(fd, 0)
+    os.close(fd)
+    log = os.open(cmd["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    for out in (1, 2):
+        os.dup2(log, out)
+    os.close(log)
+    Path(cmd["ready"]).write_text("ready\n")
+
+
+def _spare(argv: list[str]) -> float | None:
+    """A warm spare: forked from the slot's warm zygote, it waits for an assignment and becomes the
+    assigned rank. Returns the seconds the zygote's warm-up took, None when the pool closed first."""
+    warm_s = _zygote(argv)
+    if warm_s is None:
+        return None
     assignment = _await_assignment()
     if assignment is None:
         return None
@@ -378,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     set_parent_death_signal()
     argv = sys.argv[1:] if argv is None else argv
     warm_s = None
-    if "--spare" in argv:
+    if "--zygote" in argv:
         warm_s = _spare(argv)
         if warm_s is None:
             os._exit(0)

@@ -183,6 +183,17 @@ class Metrics:
         self.spares_missing = Counter(
             "burnin_spares_missing_total", "Ranks of a restarted attempt that started cold: no spare for the slot.",
             registry=r)
+        self.snapshot_step = Gauge(
+            "burnin_snapshot_step", "Newest step whose in-memory snapshot every rank has committed (-1: none yet).",
+            registry=r)
+        self.snapshot_age = Gauge(
+            "burnin_snapshot_age_seconds", "Seconds since that snapshot was written (what a failure now would "
+            "cost in time, at most, with the memory tier).", registry=r)
+        self.snapshot_bytes = Gauge(
+            "burnin_snapshot_bytes", "Bytes of that snapshot in shared memory, all ranks' shards together.",
+            registry=r)
+        self.spares_ready = Gauge(
+            "burnin_spares_ready", "Warm spares forked and waiting for an assignment.", registry=r)
         self.run_info = Gauge(
             "burnin_run_info", "The run being reported; always 1.", ["scenario", "run_id"], registry=r)
         self.runs = Counter(
@@ -276,6 +287,15 @@ class Metrics:
         for result in ("passed", "failed"):
             self.runs.labels(scenario=scenario, result=result)
         self.runs.labels(scenario=scenario, result="passed" if ok else "failed").inc()
+
+    def memory_tier(self, status: dict | None) -> None:
+        """The newest in-memory snapshot (burnin.harness.snapshot.status), or None while there is none."""
+        if status is None:
+            self.snapshot_step.set(-1)
+            return
+        self.snapshot_step.set(status["step"])
+        self.snapshot_age.set(status["age_s"])
+        self.snapshot_bytes.set(status["bytes"])
 
     def observe(self, event: dict) -> None:
         """Feed one event of the run's log: the single way events reach the counters. The live

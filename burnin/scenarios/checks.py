@@ -180,10 +180,17 @@ def check_fault(sc: "Scenario", i: int, f: FaultSpec) -> None:
     except Exception:  # e.g. binary data that is not UTF-8, in a value no model field types
         raise invalid(at, "holds a value that cannot be written as JSON (binary data that is not UTF-8 "
                            "text?); the run directory keeps the scenario as JSON") from None
-    if c is not None:
+    from burnin.harness.recovery_campaign import RECOVERY_FAULTS
+
+    recovery = c is not None and any(g.fault in RECOVERY_FAULTS for g in sc.faults)
+    if recovery and f.fault not in RECOVERY_FAULTS:
+        raise invalid(at + ("fault",), f"a campaign draws either process faults ({', '.join(RECOVERY_FAULTS)}) or "
+                                        f"in-rank data faults, not both; {f.fault} is the other kind (split the "
+                                        f"campaign)", f.fault)
+    if c is not None and not recovery:
         if cls.where != "in_rank":
-            raise invalid(at + ("fault",), f"campaigns run in-rank faults only; {f.fault} acts from outside "
-                                            f"the rank (use `burnin run` for it)", f.fault)
+            raise invalid(at + ("fault",), f"a data-fault campaign runs in-rank faults only; {f.fault} acts from "
+                                            f"outside the rank (use `burnin run` for it)", f.fault)
         if "seed" not in cls.Params.model_fields:
             able = [n for n in registry.names()
                     if registry.get(n).where == "in_rank" and "seed" in registry.get(n).Params.model_fields]
@@ -226,7 +233,7 @@ def check_fault(sc: "Scenario", i: int, f: FaultSpec) -> None:
             if ident not in seen:
                 seen.add(ident)
                 cands[key].append((loc + ("list[any]", j), x))
-    if c is not None and "seed" not in f.vary:
+    if c is not None and "seed" not in f.vary and "seed" in cls.Params.model_fields:
         cands["seed"] = [(None, 0), (None, 2**31 - 1)]  # a campaign draws it from 0..2**31-1
     if not cands:
         return

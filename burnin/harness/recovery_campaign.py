@@ -1,0 +1,237 @@
+"""Process-fault campaigns: many kills, hangs, exceptions and damaged checkpoints, each recovered for real.
+
+A data-fault campaign (`burnin.harness.campaign_worker`) replays one window in one process group,
+because a bit flip leaves the processes standing. A process fault does not: each trial here is a
+whole supervised run of the scenario's workload with one drawn fault, the real fault (SIGKILL,
+SIGSTOP, an exception in the step, a damaged checkpoint followed by a kill so a restart has to read
+it), the real detection and restart, judged by the same verdict as `burnin run` against one golden
+run. What makes hundreds of them cheap is the spare pool (`burnin.harness.spares`), which lives as
+long as the campaign: every rank of every trial is a fork of a warm zygote, so no trial pays
+Python's and torch's start-up, neither for its first attempt nor for its restart.
+
+Each finished trial is one line of `trials.jsonl` (an interrupted campaign resumes after the last
+one), and keeps its own directory under `trials/` with its event log and reports (its checkpoints
+are removed once it is judged). The summary gives outcome rates with Wilson intervals, the exact
+rate, recovery time per fault and phase as p50/p90/p99, and lost steps.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+from burnin.errors import ScenarioError
+from burnin.scenarios.schema import Scenario
+
+__all__ = ["RECOVERY_FAULTS", "is_recovery_campaign", "check_templates", "companion_faults", "run_trials",
+           "summarize", "PHASES"]
+
+#: The faults a recovery campaign draws from, and what each trial adds to make the fault matter: a
+#: damaged checkpoint (or snapshot) only costs something when a restart has to read it, so its trial
+#: kills the same rank right after, at the same step point.
+RECOVERY_FAULTS = ("process.kill", "process.hang", "process.exception", "storage.checkpoint_corrupt",
+                   "storage.snapshot_corrupt")
+_NEEDS_KILL = ("storage.checkpoint_corrupt", "storage.snapshot_corrupt")
+
+PHASES = ("detection_s", "teardown_s", "restart_s", "checkpoint_load_s", "first_step_s", "total_s")
+OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed")
+
+
+def is_recovery_campaign(scenario: Scenario) -> bool:
+    return any(f.fault in RECOVERY_FAULTS for f in scenario.faults)
+
+
+def check_templates(scenario: Scenario) -> None:
+    """What a recovery campaign needs of its scenario, as one-line ScenarioErrors naming the field."""
+    for i, f in enumerate(scenario.faults):
+        if f.fault not in RECOVERY_FAULTS:
+            raise ScenarioError(f"faults.{i}.fault: a campaign draws either process faults ({', '.join(RECOVERY_FAULTS)}) "
+                                f"or in-rank data faults, not both; {f.fault} is the other kind (split the campaign)")
+    if scenario.recovery.mode == "none" or scenario.recovery.max_restarts < 1:
+        raise ScenarioError("recovery.max_restarts: a process-fault campaign studies recoveries; allow at least one "
+                            "restart (recovery.mode: restart, max_restarts >= 1)")
+
+
+def companion_faults(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """What a trial of `spec` adds: the kill that makes a damaged checkpoint or snapshot be read."""
+    if spec["fault"] not in _NEEDS_KILL:
+        return []
+    return [{"fault": "process.kill", "rank": spec["rank"], "step": spec["step"], "point": "between_steps",
+             "params": {}, "vary": {}, "expect": "recovered"}]
+
+
+def trial_scenario(scenario: Scenario, trial: dict[str, Any]) -> Scenario:
+    """The run a trial is: the scenario's workload, the trial's faults, no campaign. A damaged disk
+    checkpoint is only read when no memory snapshot is newer, so its trials keep none."""
+    data = scenario.model_dump(mode="json")
+    data.update(campaign=None, faults=trial["faults"])
+    if trial["faults"][0]["fault"] == "storage.checkpoint_corrupt":
+        data["checkpoint"] = {**data["checkpoint"], "memory_every": 0}
+    return Scenario.model_validate(data)
+
+
+def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[str, Any]], done: dict[int, Any],
+               record: Callable[[dict[str, Any]], None], on_event: Callable[[dict[str, Any]], None] | None,
+               metrics: Any) -> None:
+    """Run the trials of `plan` not in `done`, one supervised run each, over one spare pool."""
+    from burnin.harness.events import read_events
+    from burnin.harness.golden import get_golden, golden_key
+    from burnin.harness.spares import SparePool, become_subreaper, spare_memory_ok
+    from burnin.harness.supervisor import LocalFabric, Supervisor, rank_base_env
+    from burnin.reports.verdict import judge
+    from burnin.reports.writers import write_reports
+
+    w = scenario.workload
+    (run_dir / "ranks").mkdir(exist_ok=True)
+    pool = None
+    if scenario.recovery.spares is not False and (scenario.recovery.spares or spare_memory_ok(w.ranks)) \
+            and become_subreaper():
+        pool = SparePool(run_dir, run_id, LocalFabric(), sys.executable, rank_base_env(scenario, run_id),
+                         ["--zygote", w.device, str(w.threads), w.kernels], lambda *a, **k: None)
+        pool.fill(range(w.ranks))
+    goldens: dict[str, Any] = {}
+    try:
+        for trial in plan:
+            k = trial["trial"]
+            if k in done:
+                continue
+            sc = trial_scenario(scenario, trial)
+            key = golden_key(sc)
+            if key not in goldens:
+                goldens[key], _ = get_golden(sc, on_event=on_event)
+            golden = goldens[key]
+            tdir = run_dir / "trials" / f"{k:04d}"
+            if tdir.exists():  # a trial cut short by an interruption runs again from the start
+                shutil.rmtree(tdir)
+            tdir.mkdir(parents=True)
+            (tdir / "scenario.json").write_text(sc.model_dump_json(indent=1))
+            if on_event:
+                on_event({"event": "trial_started", "trial": k, "t": time.time()})
+            t0 = time.time()
+            Supervisor(sc, tdir, run_id, metrics=metrics, pool=pool).run()
+            wall = time.time() - t0
+            events = read_events(tdir / "events.jsonl")
+            result = judge(events, sc, golden, run_id=f"{run_id}/trials/{k:04d}", run_dir=str(tdir), config_hash=key)
+            if metrics is not None:
+                metrics.from_result(result)
+            write_reports(result, tdir)
+            shutil.rmtree(tdir / "checkpoints", ignore_errors=True)
+            rec = _trial_record(trial, result, events, wall)
+            record(rec)
+            if on_event:
+                on_event({"event": "trial_done", "trial": k, "outcome": rec["outcome"], "exact": rec["exact"],
+                          "t": time.time()})
+    finally:
+        if pool is not None:
+            pool.close()
+        from burnin.harness import cleanup
+
+        cleanup.unregister(run_id)
+
+
+def _trial_record(trial: dict[str, Any], result: Any, events: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    main = result.faults[0]
+    recovery = next((f.recovery for f in result.faults if f.recovery is not None), None)
+    resumed = [e for e in events if e.get("event") == "resumed" and e.get("attempt", 0) > 0 and e.get("rank") == 0]
+    unexplained = [f.signature for f in result.failures if f.fault_index is None]
+    return {"trial": trial["trial"], "template": trial["template"], "fault": trial["faults"][0],
+            "faults": trial["faults"], "kind": "recovery",
+            "outcome": main.outcome if main.injected else "failed", "injected": main.injected,
+            "outcomes": [f.outcome for f in result.faults], "exact": result.exact, "ok": result.ok,
+            "failed_expectations": [e.name for e in result.expectations if not e.ok],
+            "finished": result.finished, "restarts": result.restarts, "error": result.error,
+            "detected_by": main.detected_by, "cause": main.cause,
+            "recovery": recovery.to_dict() if recovery is not None else None,
+            "lost_steps": max((f.lost_steps for f in result.faults if f.lost_steps is not None), default=None),
+            "tier": resumed[0].get("tier") if resumed else None,
+            "unexplained": unexplained, "diverged_at_step": result.diverged_at_step, "wall_s": wall_s}
+
+
+def _percentiles(xs: list[float]) -> dict[str, float | None]:
+    import numpy as np
+
+    if not xs:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
+    p50, p90, p99 = np.percentile(np.asarray(xs, dtype=float), [50, 90, 99])
+    return {"n": len(xs), "p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(max(xs))}
+
+
+def summarize(scenario: Scenario, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """Outcome and exact rates with Wilson intervals, recovery percentiles per fault and phase, lost steps."""
+    from burnin.harness.campaign import SCHEMA_VERSION, wilson
+
+    trials = sorted(trials, key=lambda t: t["trial"])
+
+    def rates(ts: list[dict[str, Any]]) -> dict[str, Any]:
+        n = len(ts)
+        out = {}
+        for o in OUTCOMES:
+            k = sum(t["outcome"] == o for t in ts)
+            out[o] = {"count": k, "rate": k / n if n else 0.0, "ci95": list(wilson(k, n))}
+        return out
+
+    def block(ts: list[dict[str, Any]]) -> dict[str, Any]:
+        n = len(ts)
+        exact = sum(bool(t["exact"]) for t in ts)
+        lost = [t["lost_steps"] for t in ts if t["lost_steps"] is not None]
+        recs = [t["recovery"] for t in ts if t["recovery"]]
+        return {
+            "trials": n,
+            "outcomes": rates(ts),
+            "exact": {"count": exact, "rate": exact / n if n else 0.0, "ci95": list(wilson(exact, n))},
+            "recovery_s": {p: _percentiles([r[p] for r in recs if r.get(p) is not None]) for p in PHASES},
+            "lost_steps": {"n": len(lost), "max": max(lost, default=None),
+                           "mean": sum(lost) / len(lost) if lost else None,
+                           "histogram": {str(k): v for k, v in sorted(Counter(lost).items())}},
+            "new_ranks": dict(Counter(r.get("new_ranks") or "?" for r in recs)),
+            "tiers": dict(Counter(t["tier"] or "none" for t in ts)),
+            "unexplained_failures": sum(len(t["unexplained"]) for t in ts),
+            "wall_s": _percentiles([t["wall_s"] for t in ts]),
+        }
+
+    by_fault: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for t in trials:
+        by_fault[t["fault"]["fault"]].append(t)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "recovery",
+        "scenario": scenario.name,
+        "seed": scenario.campaign.seed if scenario.campaign else None,
+        **block(trials),
+        "by_fault": {f: block(ts) for f, ts in sorted(by_fault.items())},
+        "failed_expectations": sum(not t["ok"] for t in trials),
+        "errors": [{"trial": t["trial"], "error": t["error"]} for t in trials if t.get("error")],
+    }
+
+
+def markdown(summary: dict[str, Any], run_dir: Path) -> str:
+    lines = [f"# Recovery campaign {summary['scenario']}: {summary['trials']} trials (seed {summary['seed']})", ""]
+    if not summary.get("complete", True):
+        lines += [f"**Incomplete**: resume with `burnin campaign --resume {run_dir}`", ""]
+    ex = summary["exact"]
+    lines += [f"Bit-exact against the golden run: {ex['count']}/{summary['trials']} "
+              f"(95 % CI {ex['ci95'][0]:.3f}–{ex['ci95'][1]:.3f}). "
+              f"Unexplained failures: {summary['unexplained_failures']}.", "",
+              "| fault | trials | recovered | masked | detected | sdc | failed | exact | lost steps (max) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, b in summary["by_fault"].items():
+        o = b["outcomes"]
+        lost = b["lost_steps"]
+        lines.append(f"| {name} | {b['trials']} | " + " | ".join(
+            f"{o[k]['count']} ({o[k]['ci95'][0]:.2f}–{o[k]['ci95'][1]:.2f})" if o[k]["count"] else "0"
+            for k in OUTCOMES) + f" | {b['exact']['count']} | {lost['max'] if lost['max'] is not None else '–'} |")
+    lines += ["", "## Recovery time (seconds: p50 / p90 / p99)", "",
+              "| fault | " + " | ".join(p[:-2] for p in PHASES) + " |", "|---|" + "---|" * len(PHASES)]
+    for name, b in summary["by_fault"].items():
+        cells = []
+        for p in PHASES:
+            v = b["recovery_s"][p]
+            cells.append("–" if v["p50"] is None else f"{v['p50']:.3f} / {v['p90']:.3f} / {v['p99']:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Phases: detection (fault to failure detected), teardown (old group gone), restart (new ranks up, "
+                  "group formed), checkpoint_load, first_step (first step after resume); total is their sum.", ""]
+    return "\n".join(lines)
