@@ -65,6 +65,24 @@ def _parser() -> argparse.ArgumentParser:
     camp.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted campaign")
     camp.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
 
+    from burnin.harness.burn_in import LEVELS
+
+    burn = sub.add_parser("burn-in", help="train for a stated time under a random fault mix; a health verdict per rank")
+    burn.add_argument("scenario", nargs="?", default="burn-in",
+                      help="a scenario with a `burn_in:` section (file or bundled name; default: burn-in)")
+    length = burn.add_mutually_exclusive_group()
+    length.add_argument("--duration", help="how long: 90, 90s, 10m, 2h, 1h30m (default: burn_in.duration_s)")
+    length.add_argument("--level", choices=list(LEVELS),
+                        help="a stated length: " + ", ".join(f"{k} {v['cpu'] // 60 if v['cpu'] >= 60 else v['cpu']}"
+                                                             f"{' min' if v['cpu'] >= 60 else ' s'} on CPU, "
+                                                             f"{v['cuda'] // 60} min on GPU"
+                                                             for k, v in LEVELS.items()))
+    burn.add_argument("--seed", type=int, help="override burn_in.seed (same seed, same schedule)")
+    burn.add_argument("--resume", metavar="RUN_DIR", help="continue a burn-in whose supervisor died, from its "
+                                                          "newest checkpoint and where its timeline stopped")
+    burn.add_argument("--out", default="runs", help="directory for run directories (default: ./runs)")
+    burn.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
+
     sub.add_parser("list", help="list the fault catalogue and the bundled scenarios")
 
     val = sub.add_parser("validate", help="check scenario files without running them")
@@ -243,6 +261,93 @@ def _report_recovery_campaign(summary: dict[str, Any]) -> int:
     return 0 if ok else 1
 
 
+def _prepare_burn_in(args: argparse.Namespace) -> tuple[Any, float, int]:
+    """Check everything `burnin burn-in` needs; returns (scenario, duration in seconds, seed)."""
+    from burnin.harness import preflight
+    from burnin.harness.burn_in import LEVELS, draw_schedule, parse_duration
+    from burnin.scenarios import load_scenario
+
+    if args.resume is not None:
+        from burnin.harness.burn_in import read_resume_state
+
+        given = [flag for flag, v in (("--duration", args.duration), ("--level", args.level), ("--seed", args.seed))
+                 if v is not None]
+        if given or args.scenario != "burn-in":
+            what = given[0] if given else "a scenario"
+            raise UserError(f"--resume: {what} cannot be given with --resume (the burn-in keeps its own); drop it")
+        run_dir = preflight.check_out_dir(args.resume, "--resume", must_exist=True,
+                                          fix="give the run directory of a burn-in")
+        scenario, duration, seed, _, _ = read_resume_state(run_dir)
+        preflight.check_device(scenario, args.resume, {})
+        return scenario, duration, seed
+    scenario = load_scenario(args.scenario)
+    if scenario.burn_in is None:
+        raise UserError(f"{args.scenario}: burn_in: this scenario has no `burn_in:` section; add one (duration_s, "
+                        "faults with per_hour or mtbf_s), or run the bundled one: `burnin burn-in`")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed: {args.seed} is out of range; use 0 or more")
+    seed = args.seed if args.seed is not None else scenario.burn_in.seed
+    if args.duration is not None:
+        duration = parse_duration(args.duration)
+    elif args.level is not None:
+        device = scenario.workload.device
+        if device == "auto":
+            device = "cuda" if preflight.cuda_device_count()[0] else "cpu"
+        duration = float(LEVELS[args.level][device])
+    else:
+        duration = scenario.burn_in.duration_s
+    b = scenario.burn_in
+    if b.quiet_start_s + b.quiet_end_s >= duration:
+        raise UserError(f"--duration: {duration:g} s leaves no time for faults after burn_in.quiet_start_s "
+                        f"({b.quiet_start_s:g}) and before burn_in.quiet_end_s ({b.quiet_end_s:g}); run longer")
+    draw_schedule(scenario, duration, seed)  # a rate that draws too many faults is refused here
+    preflight.check_device(scenario, args.scenario, {})
+    preflight.check_network(scenario, args.scenario, {})
+    preflight.check_out_dir(args.out)
+    return scenario, duration, seed
+
+
+def _cmd_burn_in(args: argparse.Namespace) -> int:
+    import time
+
+    from burnin.harness.burn_in import run_burn_in
+
+    scenario, duration, seed = _prepare_burn_in(args)
+    if getattr(args, "prepare_only", False):
+        return 0
+    t0 = time.time()
+
+    def say(ev: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        kind = ev.get("event")
+        text = None
+        if kind == "burn_in_progress":
+            text = (f"elapsed {ev['elapsed_s']:.0f}/{duration:.0f} s, step {ev['step']}, "
+                    f"{ev['faults_fired']} faults so far")
+        elif kind == "fault_injected":
+            text = f"fault {ev['fault']} on rank {ev['rank']} at step {ev['step']} ({ev['point']})"
+        elif kind == "failure_detected":
+            text = f"failure: {ev['cause']} on rank {ev.get('rank')} ({'explained' if ev.get('fault_indices') else 'UNEXPLAINED'})"
+        elif kind == "window_replay":
+            text = f"verifying window {ev['k'] + 1}/{ev['of']}: steps {ev['start']}-{ev['end']} replayed without faults"
+        if text:
+            print(f"[{time.time() - t0:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+    summary = run_burn_in(None if args.resume else scenario, args.out, duration_s=duration, seed=seed, on_event=say,
+                          resume=args.resume)
+    for r in summary["health"]["ranks"]:
+        print(f"rank {r['rank']}: {r['verdict']}" + (f" ({'; '.join(r['reasons'])})" if r["reasons"] else ""))
+    f = summary["faults"]
+    print(f"faults: {f['fired']} fired ({', '.join(f'{k} {v}' for k, v in sorted(f['by_outcome'].items())) or 'none'}); "
+          f"restarts {summary['restarts']}; goodput {summary['steps']['useful']}/{summary['steps']['executed']} steps; "
+          f"wall {summary['wall_s']:.0f} s")
+    if summary.get("interrupted"):
+        print(f"burnin: {summary['interrupted']}", file=sys.stderr)
+    print(f"{'PASS' if summary['ok'] else 'FAIL'} {summary['run_dir']}")
+    return 0 if summary["ok"] else 1
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from burnin.faults import all_faults
     from burnin.scenarios import bundled_names, load_scenario
@@ -370,7 +475,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
+_COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "burn-in": _cmd_burn_in, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
              "cleanup": _cmd_cleanup, "report": _cmd_report, "rules": _cmd_rules, "doctor": _cmd_doctor}
 
 

@@ -55,6 +55,9 @@ class Fault:
     #: True when one injected fault may bring the group down again and again (a latent bug that
     #: stays in the code): it can explain any number of failures, not just one.
     recurring: ClassVar[bool] = False
+    #: False when the fault cannot change the training's bits unless it brings the group down (a delay):
+    #: a burn-in replays no verification window for it then.
+    changes_state: ClassVar[bool] = True
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()

@@ -75,6 +75,7 @@ class Straggler(Fault):
     points = ("before_forward",) + tuple(p for p in STEP_POINTS if p != "before_forward")
     Params = StragglerParams
     disruptive = False
+    changes_state = False
     effects = ("hang",)        # only a delay past timeouts.step_s brings the group down: a stall
     effect_scope = "group"
 

@@ -8,16 +8,19 @@ once per run: faults fired before a restart are passed in and skipped when the s
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
+import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from burnin.errors import HarnessError
 from burnin.harness.events import EventWriter
 
-__all__ = ["RankContext", "Injector"]
+__all__ = ["RankContext", "Injector", "Position", "read_position"]
 
 
 @dataclass
@@ -33,9 +36,43 @@ class RankContext:
     tensors: dict[str, Any] = field(default_factory=dict)
 
 
+#: Step points by number, for the position word (see Position).
+_POINTS = ("before_forward", "after_backward", "after_allreduce", "after_optimizer_step", "between_steps")
+
+
+class Position:
+    """Where this rank is: its step and the last step point it passed, as one 8-byte word in a small
+    shared file (`ranks/rank<r>.pos`), written at every point. The supervisor reads it when it fires a
+    fault at an instant rather than at a point (a burn-in's), to record the step and point it hit."""
+
+    def __init__(self, path: str):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, 8)
+            self._mm = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+
+    def set(self, step: int, point: str) -> None:
+        struct.pack_into("<q", self._mm, 0, step * 8 + _POINTS.index(point) + 1)
+
+
+def read_position(path: str) -> tuple[int, str] | None:
+    """(step, last point passed) of a rank's position file; None before its first point."""
+    try:
+        with open(path, "rb") as fh:
+            (word,) = struct.unpack("<q", fh.read(8))
+    except (OSError, struct.error):
+        return None
+    if word <= 0:
+        return None
+    return word // 8, _POINTS[word % 8 - 1]
+
+
 class Injector:
     def __init__(self, faults: list[dict[str, Any]], rank: int, world_size: int, events: EventWriter,
-                 fired: set[int], go_timeout_s: float, supervised: bool = True):
+                 fired: set[int], go_timeout_s: float, supervised: bool = True, clock0: float | None = None,
+                 position: str | None = None):
         from burnin.faults import registry
 
         self.rank, self.world_size, self.events = rank, world_size, events
@@ -43,6 +80,10 @@ class Injector:
         self.fired = set(fired)
         self.quiet = False  # campaigns report injections per trial instead of per event
         self.injected: list[tuple[int, int, dict[str, Any]]] = []  # (fault index, step, details) fired here
+        # Burn-ins: a fault with `at_s` is due at clock0 + at_s; the out-of-rank ones are the supervisor's alone.
+        self.clock0 = clock0
+        self._began: dict[int, int] = {}  # timed fault -> step it first fired at (a span counts from there)
+        self.position = Position(position) if position else None
         # (index, fault instance, spec) of this rank's faults
         self._mine: list[tuple[int, Any, dict[str, Any]]] = []
         for i, spec in enumerate(faults):
@@ -50,11 +91,15 @@ class Injector:
                 continue
             cls = registry.get(spec["fault"])
             fault = cls(cls.Params.model_validate(spec.get("params") or {}))
+            if spec.get("at_s") is not None and fault.where == "out_of_rank":
+                continue
             spec = {**spec, "point": spec.get("point") or fault.default_point()}
             self._mine.append((i, fault, spec))
         self._points = {spec["point"] for _, _, spec in self._mine}
 
     def fire(self, point: str, step: int, **ctx: Any) -> None:
+        if self.position is not None:
+            self.position.set(step, point)
         if point not in self._points:  # the common case costs one set lookup
             return
         for index, fault, spec in self._mine:
@@ -91,6 +136,13 @@ class Injector:
 
     def _due(self, index: int, fault: Any, spec: dict[str, Any], step: int) -> bool:
         span = fault.span()
+        if spec.get("at_s") is not None:
+            if index in self._began:  # a timed fault with a span: the steps after the one it first hit
+                return step < self._began[index] + span
+            if index in self.fired or self.clock0 is None or time.time() < self.clock0 + spec["at_s"]:
+                return False
+            self._began[index] = step
+            return True
         if not spec["step"] <= step < spec["step"] + span:
             return False
         # A repeating fault keeps firing across its span; a one-shot fault never fires twice.

@@ -121,6 +121,10 @@ class Supervisor:
     extra_spec: Callable[[], dict[str, Any]] | None = None  # more for the ranks' spec, asked at each attempt
     python: str = sys.executable
     pool: SparePool | None = None                         # a pool that outlives this run (a campaign's)
+    clock: Any = None                                     # a burn-in's clock (burnin.harness.burn_in.Clock)
+    log_steps: bool = True                                # False: step_done stays out of events.jsonl
+    first_attempt: int = 0                                # a resumed burn-in numbers its attempts on
+    fired: set[int] = field(default_factory=set)          # faults fired before (a resumed burn-in's)
     _log: EventWriter = field(init=False)
     _fired: set[int] = field(init=False, default_factory=set)
     _explained: set[int] = field(init=False, default_factory=set)
@@ -140,6 +144,7 @@ class Supervisor:
         (self.run_dir / "ranks").mkdir(exist_ok=True)
         self._log = EventWriter(self.run_dir / "events.jsonl")
         self._faults = [f.build() for f in self.scenario.faults]
+        self._fired.update(self.fired)
         if self.fabric is None:
             self.fabric = LocalFabric()
         self._watch = NetworkWatch(self.scenario.faults, self._faults, self.fabric, self._fired, self._emit)
@@ -153,7 +158,7 @@ class Supervisor:
                    ranks=sc.workload.ranks, steps=sc.workload.steps, pid=os.getpid(),
                    scenario_json=sc.model_dump(mode="json"))
         deadline = time.time() + sc.timeouts.run_s
-        attempt, restarts = 0, 0
+        attempt, restarts = self.first_attempt, 0
         finished = False
         # memory snapshots (burnin/harness/snapshot.py): one directory in shared memory per run, kept
         # across attempts so a restarted group resumes from it; golden runs and campaigns keep none
@@ -218,6 +223,8 @@ class Supervisor:
                 if progressed:
                     last_progress = now
                     self._refill(ranks)
+                if self.clock is not None:
+                    self.clock.poll(self, ranks, now)
                 evidence += self._check(ranks, now, started, last_progress, deadline, evidence)
                 if all(r.finished and r.proc.poll() == 0 for r in ranks):
                     return True, None
@@ -250,6 +257,8 @@ class Supervisor:
         }
         if self.extra_spec is not None:
             spec.update(self.extra_spec())
+        if self.clock is not None:
+            spec.update(self.clock.spec())
         spec_path = self.run_dir / "ranks" / "spec.json"
         spec_path.write_text(json.dumps(spec))
         self._fired_now, self._detections = {}, []
@@ -353,7 +362,10 @@ class Supervisor:
         for r in ranks:
             for ev in r.tail.read():
                 got = True
-                self._log.write(ev)
+                # Without step events in the log (a burn-in), each rank's first step of an attempt is still
+                # there: the recovery breakdown ends with it.
+                if self.log_steps or ev.get("event") != "step_done" or r.last_step is None:
+                    self._log.write(ev)
                 self._handle(r, ev)
                 self._publish(ev)
         return got
@@ -404,6 +416,29 @@ class Supervisor:
             r.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # the fault killed it: nobody is listening
+
+    def fire_now(self, r: _Rank, index: int) -> dict[str, Any] | None:
+        """Fire out-of-rank fault `index` on rank `r` at this instant, wherever the rank is (a burn-in's timed
+        fault: in the middle of a step, say); the step and the last point it passed are read from the rank's
+        position file and recorded. Returns the `fault_injected` event, None when the fault failed to apply."""
+        from burnin.harness.injector import read_position
+
+        fault = self._faults[index]
+        where = read_position(str(self.run_dir / "ranks" / f"rank{r.rank}.pos"))
+        step, point = where if where is not None else ((r.last_step or -1) + 1, "before_forward")
+        ctx = OutOfRankContext(r.rank, step, point, r.proc.pid, self.run_dir, self.checkpoint_dir,
+                               self.fabric, index, self._actions)
+        ev = self._emit("fault_injected", fault_index=index, fault=fault.name, rank=r.rank, step=step, point=point,
+                        where="out_of_rank", simulated=fault.simulated, timed=True)
+        self._injected(ev)
+        try:
+            details = fault.inject(ctx) or {}
+        except Exception as exc:  # the fault could not be applied: a harness error, never an outcome
+            self._fault_errors.append(self._emit("fault_error", fault_index=index, fault=fault.name, rank=r.rank,
+                                                 step=step, error=f"{type(exc).__name__}: {exc}"[:2000]))
+            return None
+        self._emit("fault_applied", fault_index=index, details=details)
+        return ev
 
     def _check(self, ranks: list[_Rank], now: float, started: float, last_progress: float,
                deadline: float, seen: list[Evidence]) -> list[Evidence]:

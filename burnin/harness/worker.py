@@ -119,15 +119,20 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     # The injector and guard in use (a campaign swaps the injector per trial); `step` is the step the
     # comm hook belongs to.
+    # (a burn-in's clock: the instant its timed faults count from, and where this rank says its position)
+    position = str(Path(spec["run_dir"]) / "ranks" / f"rank{rank}.pos") if spec.get("clock0") else None
     run = SimpleNamespace(step=start_step, guard=Guard(sc, rank, world_size, events, model, optimizer),
                           injector=Injector(sc["faults"], rank, world_size, events, set(spec["fired"]),
-                                            go_timeout_s=to["connect_s"]))
+                                            go_timeout_s=to["connect_s"], clock0=spec.get("clock0"),
+                                            position=position),
+                          t_compute=None)
     ddp.register_comm_hook(run, _allreduce_hook)
     if start_step > 0:
         _prime_buckets(ddp, data, start_step, rank, w, device, optimizer)
 
     def one_step(step: int) -> tuple[float, str, float]:
         run.step, injector = step, run.injector
+        run.t_compute = None
         # data
         x, y = data.batch(step, rank, w["batch_size"], w["seq_len"], device)
         injector.fire("before_forward", step, batch=x, model=model, optimizer=optimizer)
@@ -155,8 +160,15 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
     guard.start(start_step)
     memory_every = ck.get("memory_every", 0) if snaps is not None else 0
 
+    # A burn-in ends at a step the supervisor writes to this file once its time is up (ahead of every
+    # rank's position, so all ranks stop at the same step).
+    stop_file, stop_at = spec.get("stop_file"), None
     step = start_step
     while step < w["steps"]:
+        if stop_file is not None and stop_at is None and os.path.exists(stop_file):
+            stop_at = int(Path(stop_file).read_text())
+        if stop_at is not None and step >= stop_at:
+            break
         t_step = time.perf_counter()
         guard.before_step(step)
         loss, bits, grad_norm = one_step(step)
@@ -175,10 +187,13 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
             step = next_step
             continue
         # log
-        events.emit("step_done", step=step, loss=loss, loss_bits=bits, dt=time.perf_counter() - t_step)
+        # compute_s: from the step's start to its first gradient bucket ready for the all-reduce, the part of
+        # the step no peer waits in (a burn-in's straggler score)
+        events.emit("step_done", step=step, loss=loss, loss_bits=bits, dt=time.perf_counter() - t_step,
+                    compute_s=(run.t_compute - t_step) if run.t_compute is not None else None)
         # checkpoint
         done = step + 1
-        if done % ck["every"] == 0 or done == w["steps"]:
+        if done % ck["every"] == 0 or done == w["steps"] or done == stop_at:
             t_ck = time.time()
             saved = checkpoint.save(ckpt_dir, done, rank, world_size, capture_rank_state(done),
                                     {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
@@ -196,7 +211,7 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
         injector.fire("between_steps", step, model=model, optimizer=optimizer)
         step = done
 
-    events.emit("rank_finished", final_step=w["steps"] - 1, state_hash=state_hash(model, optimizer))
+    events.emit("rank_finished", final_step=step - 1, state_hash=state_hash(model, optimizer))
     dist.destroy_process_group()
     return ddp
 
@@ -265,6 +280,8 @@ def _allreduce_hook(run, bucket):  # noqa: ANN001 -- DDP inspects the annotation
     """
     import torch.distributed as dist
 
+    if run.t_compute is None:
+        run.t_compute = time.perf_counter()
     run.injector.fire("after_backward", run.step, bucket=bucket, model=run.guard.model,
                       optimizer=run.guard.optimizer)
     buf = bucket.buffer().div_(dist.get_world_size())
@@ -439,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(os.environ["BURNIN_SPEC"]).read_text())
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     rank_dir = Path(spec["run_dir"]) / "ranks"
-    events = EventWriter(rank_dir / f"rank{rank}.jsonl", rank=rank, attempt=spec["attempt"])
+    events = EventWriter(rank_dir / f"rank{rank}.jsonl", rank=rank, attempt=spec["attempt"],
+                         rotate_bytes=spec.get("rotate_bytes", 0))
     _heartbeat(rank_dir / f"rank{rank}.heartbeat", spec["heartbeat_period_s"])
     events.emit("rank_started", pid=os.getpid(), spare=warm_s is not None,
                 **({"warm_s": warm_s} if warm_s is not None else {}))

@@ -194,6 +194,13 @@ class Metrics:
             registry=r)
         self.spares_ready = Gauge(
             "burnin_spares_ready", "Warm spares forked and waiting for an assignment.", registry=r)
+        self.rank_health = Gauge(
+            "burnin_rank_health", "A burn-in's verdict per rank: 0 healthy, 1 degraded, 2 faulty.", ["rank"],
+            registry=r)
+        self.goodput = Gauge(
+            "burnin_goodput_ratio", "Useful steps over executed steps (a burn-in under its fault mix).", registry=r)
+        self.burn_in_faults = Gauge(
+            "burnin_burn_in_faults_per_hour", "Faults a burn-in fired per hour of wall time.", registry=r)
         self.run_info = Gauge(
             "burnin_run_info", "The run being reported; always 1.", ["scenario", "run_id"], registry=r)
         self.runs = Counter(
@@ -287,6 +294,15 @@ class Metrics:
         for result in ("passed", "failed"):
             self.runs.labels(scenario=scenario, result=result)
         self.runs.labels(scenario=scenario, result="passed" if ok else "failed").inc()
+
+    def burn_in(self, summary: dict) -> None:
+        """A burn-in's verdicts and rates."""
+        for r in summary["health"]["ranks"]:
+            self.rank_health.labels(rank=str(r["rank"])).set(("healthy", "degraded", "faulty").index(r["verdict"]))
+        if summary["steps"]["goodput_steps"] is not None:
+            self.goodput.set(summary["steps"]["goodput_steps"])
+        if summary["faults"]["per_hour"] is not None:
+            self.burn_in_faults.set(summary["faults"]["per_hour"])
 
     def memory_tier(self, status: dict | None) -> None:
         """The newest in-memory snapshot (burnin.harness.snapshot.status), or None while there is none."""

@@ -269,15 +269,21 @@ def _workload_problem(sc: "Scenario", cls: Any, f: FaultSpec, rank: Any, step: A
         return ("rank",), NOT_A_BOOLEAN if isinstance(rank, bool) else f"a rank is a whole number (got {short(rank)})"
     if not 0 <= rank < w.ranks:
         return ("rank",), rank_problem(rank, w.ranks)
-    if not _whole(step):
+    if f.at_s is not None:
+        step = None  # a burn-in's fault fires at a time; its step is where it lands (checked when it fires)
+    if step is None:
+        pass
+    elif not _whole(step):
         return ("step",), NOT_A_BOOLEAN if isinstance(step, bool) else f"a step is a whole number (got {short(step)})"
-    if not 0 <= step < w.steps:
+    elif not 0 <= step < w.steps:
         return ("step",), step_problem(step, w.steps)
-    if window and c is not None and not c.warmup <= step < c.warmup + c.window:
+    if step is None:
+        pass
+    elif window and c is not None and not c.warmup <= step < c.warmup + c.window:
         return ("step",), (f"step {step} is outside the campaign window {c.warmup}..{c.warmup + c.window - 1} "
                            f"(campaign.warmup={c.warmup}, campaign.window={c.window}); set step or vary.step "
                            f"inside it")
-    if cls.name == "storage.checkpoint_corrupt":
+    if cls.name == "storage.checkpoint_corrupt" and step is not None:
         # Checkpoints are saved after every `every` steps and after the last; out-of-rank faults act
         # after their step's commit. Before the first commit there is nothing to damage.
         every = sc.checkpoint.every
@@ -292,7 +298,7 @@ def _workload_problem(sc: "Scenario", cls: Any, f: FaultSpec, rank: Any, step: A
             return ("step",), ("there is no memory snapshot to damage (checkpoint.memory_every=0: none are "
                                "taken); set memory_every to 1 or more, or damage a checkpoint on disk "
                                "(storage.checkpoint_corrupt)")
-        if step + 1 < every:
+        if step is not None and step + 1 < every:
             return ("step",), (f"no memory snapshot is taken by step {step}: the first is taken after step "
                                f"{every - 1} (checkpoint.memory_every={every}), and this fault acts after its "
                                f"step's snapshot; use step {every - 1} or later")

@@ -194,6 +194,11 @@ class FaultSpec(_Model):
     vary: dict[str, list[Any] | VaryRange] = Field(
         default_factory=dict, description="campaigns: per trial, draw `rank`, `step` or a parameter from a list "
                                           "of choices or an inclusive {min, max} range")
+    at_s: float | None = Field(None, ge=0, le=7 * 86400,
+                               description="burn-in schedules: fire this many seconds after the burn-in began "
+                                           "(instead of at `step`): an out-of-rank fault at that instant, in the "
+                                           "middle of a step if that is where it lands; an in-rank fault at the "
+                                           "first `point` its rank reaches after it")
 
     @field_validator("fault")
     @classmethod
@@ -259,6 +264,91 @@ class Campaign(_Model):
     window: int = Field(8, ge=1, le=10_000, description="steps per trial")
 
 
+class BurnInFault(_Model):
+    """One kind of fault in a burn-in: its arrivals are a Poisson process in wall-clock time (exponential
+    gaps from the burn-in's seed, a stream of its own), each at a drawn rank and step point."""
+
+    fault: str = Field(description="registered fault name, e.g. process.kill")
+    per_hour: float | None = Field(None, gt=0, le=360_000, description="mean arrivals per hour")
+    mtbf_s: float | None = Field(None, ge=0.01, le=7 * 86400, description="or: mean seconds between arrivals")
+    ranks: list[int] | None = Field(None, min_length=1, max_length=4096, description="ranks it may hit (default: all)")
+    points: list[str] | None = Field(None, min_length=1, description="step points it may fire at, drawn per arrival "
+                                                                     "(default: the fault's own)")
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True, description="fault-specific parameters")
+    expect: Outcome | list[Outcome] = Field(default_factory=lambda: ["recovered", "masked"],
+                                            description="acceptable outcome(s) of each arrival")
+
+    @field_validator("fault")
+    @classmethod
+    def _known_fault(cls, name: str) -> str:
+        from burnin.faults import registry
+
+        try:
+            registry.get(name)
+        except registry.UnknownFault as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+    @field_validator("points")
+    @classmethod
+    def _known_points(cls, points: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        from burnin.faults import registry
+
+        for p in points or []:
+            if p not in STEP_POINTS:
+                raise ValueError(f"unknown step point {short(p)}; expected one of: {', '.join(STEP_POINTS)}")
+            if "fault" in info.data and p not in registry.get(info.data["fault"]).points:
+                raise ValueError(f"{info.data['fault']} acts at {', '.join(registry.get(info.data['fault']).points)}, "
+                                 f"not at {short(p)}")
+        return points
+
+    @field_validator("params")
+    @classmethod
+    def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from burnin.faults import registry
+
+        if "fault" in info.data:
+            params_model(registry.get(info.data["fault"]).Params, params)
+        return params
+
+    @model_validator(mode="after")
+    def _one_rate(self) -> "BurnInFault":
+        if (self.per_hour is None) == (self.mtbf_s is None):
+            raise ValueError("give its rate as per_hour or as mtbf_s (one of the two)")
+        return self
+
+    @property
+    def rate_per_s(self) -> float:
+        return self.per_hour / 3600 if self.per_hour is not None else 1 / self.mtbf_s
+
+
+class BurnInHealth(_Model):
+    """The thresholds of the per-rank verdict (each reason in the report names the one that decided it)."""
+
+    straggler_ratio: float = Field(1.10, gt=1, le=100, description="degraded: median step time this many times the "
+                                                                   "best peer's (gpu-burn's 10 %)")
+    slowdown_ratio: float = Field(1.5, gt=1, le=100, description="degraded: a rank's median compute per step in the "
+                                                                 "last third of the burn-in this many times its own "
+                                                                 "best 10-second period's")
+    lemon_failures: int = Field(2, ge=1, le=1000, description="faulty: this many failures on one rank that no "
+                                                              "injected fault explains (one already makes it degraded)")
+
+
+class BurnIn(_Model):
+    """A burn-in (`burnin burn-in`): the workload trains for `duration_s` while faults arrive at random
+    instants, and every rank gets a health verdict."""
+
+    duration_s: float = Field(600, ge=5, le=7 * 86400, description="wall-clock length (`--duration`, `--level`)")
+    seed: int = Field(0, ge=0, description="the schedule is drawn from it: same seed, same schedule")
+    quiet_start_s: float = Field(10, ge=0, le=86400, description="no faults in the first seconds (a baseline)")
+    quiet_end_s: float = Field(5, ge=0, le=86400, description="no faults in the last seconds (the final heal)")
+    max_in_flight: int = Field(1, ge=1, le=1000, description="faults at once: an out-of-rank arrival waits while "
+                                                              "this many are not yet past (recovered, or two steps "
+                                                              "behind without bringing anything down)")
+    faults: list[BurnInFault] = Field(default_factory=list, max_length=100)
+    health: BurnInHealth = Field(default_factory=BurnInHealth)
+
+
 class Expect(_Model):
     """Run-level expectations, each a JUnit testcase."""
 
@@ -284,6 +374,7 @@ class Scenario(_Model):
     network: Network = Field(default_factory=Network)
     detectors: Detectors = Field(default_factory=Detectors)
     campaign: Campaign | None = Field(None, description="run as a campaign of trials (`burnin campaign`)")
+    burn_in: BurnIn | None = Field(None, description="how `burnin burn-in` runs this scenario")
     faults: list[FaultSpec] = Field(default_factory=list, max_length=10_000)
     expect: Expect = Field(default_factory=Expect)
     debug: Debug = Field(default_factory=Debug)
@@ -304,6 +395,11 @@ class Scenario(_Model):
             if f.step >= self.workload.steps:
                 raise ValueError(f"faults.{i}.step: {step_problem(f.step, self.workload.steps)}")
             check_fault(self, i, f)
+        if self.burn_in is not None:
+            for i, bf in enumerate(self.burn_in.faults):
+                for r in bf.ranks or []:
+                    if not 0 <= r < self.workload.ranks:
+                        raise ValueError(f"burn_in.faults.{i}.ranks: {rank_problem(r, self.workload.ranks)}")
         if self.campaign is not None and not self.faults:
             where = "faults" if "faults" in self.model_fields_set else "campaign"
             raise ValueError(f"{where}: a campaign needs at least one fault to draw trials from")

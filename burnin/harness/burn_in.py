@@ -1,0 +1,762 @@
+"""Burn-in: the workload trains for a stated time while faults arrive at random instants; every rank
+gets a health verdict.
+
+The schedule (`draw_schedule`) is a Poisson process per fault kind in wall-clock time: exponential
+gaps from the burn-in's seed, one random stream per kind (so adding a kind does not move the others'
+arrivals), quiet periods at the start (a baseline) and at the end (the final heal). Each arrival
+is a fault with `at_s`: an out-of-rank fault is fired by the supervisor at that instant, wherever
+the rank is (in the middle of a step: the rank's position file says which step and which point it
+had passed, and the `fault_injected` event records it), at most `max_in_flight` at once and never
+during a recovery (it waits); an in-rank fault fires at the first step point of its kind that its
+rank reaches after the instant. Same seed, same schedule; the realised one (the step and point
+each fault hit) is written as a scenario that `burnin run` replays (`schedule.yaml`).
+
+The golden reference does not cost a second run of the same length: the fault-free state at a
+checkpoint is what matters, and only the stretches where faults landed can differ. Each injected
+fault opens a *window* from the newest disk checkpoint before it (kept by a hard link when the
+fault fires) to the first checkpoint saved after the group recovered; after the burn-in, each
+window is replayed from its first checkpoint without faults (a golden run over that window only, on
+the same warm spares) and must end with the same state hash the burn-in saved. Overlapping windows
+are replayed as one. What this does not re-check is the restore path itself against an
+uninterrupted process (both sides restore from a checkpoint): `burnin run` and the test suite do
+that against whole golden runs. Stretches without faults are screened by the detectors the scenario
+enables (cross-rank fingerprints, recomputation), whose findings no injected fault explains are the
+burn-in's SDC findings.
+
+Health per rank (`assess`): the median of its compute time per step (forward and backward up to the
+first gradient bucket: the part no peer waits in) against the best rank's (a straggler score),
+failures that no injected fault explains (grouped by signature), detector findings no fault
+explains, and repeated trouble on one rank (a lemon). Verdicts `healthy`, `degraded`, `faulty`, each
+with its reasons and the thresholds that decided them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+from burnin.errors import UserError
+from burnin.scenarios.schema import MAX_STEPS, Scenario
+
+__all__ = ["LEVELS", "draw_schedule", "parse_duration", "run_burn_in", "assess", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+#: DCGM-like levels: a stated length on CPU and on GPU (seconds).
+LEVELS = {"quick": {"cpu": 90, "cuda": 300}, "medium": {"cpu": 600, "cuda": 1800},
+          "long": {"cpu": 3600, "cuda": 7200}}
+
+#: Most faults one schedule may hold (a rate of 100/h for 7 days is 16,800).
+MAX_SCHEDULED = 50_000
+
+HEALTH = ("healthy", "degraded", "faulty")
+
+#: A rank's event stream in a burn-in rotates at this size (see EventWriter).
+ROTATE_BYTES = 4 << 20
+
+#: Step points, read as the phase of the step a fault landed in (after passing that point).
+PHASE = {"before_forward": "forward/backward", "after_backward": "all-reduce", "after_allreduce": "optimizer step",
+         "after_optimizer_step": "checkpoint and snapshot", "between_steps": "between steps"}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '2h', '1h30m' -> seconds; a one-line UserError naming --duration otherwise."""
+    import re
+
+    t = str(text).strip().lower()
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", t)
+    if not t or not m or not any(m.groups()):
+        raise UserError(f"--duration: {text!r} is not a duration; write seconds (90, 90s), minutes (10m) or hours "
+                        "(2h, 1h30m)")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    total = h * 3600 + mi * 60 + s
+    if not 5 <= total <= 7 * 86400:
+        raise UserError(f"--duration: {text!r} is {total:g} s; a burn-in lasts from 5 s to 7 days")
+    return total
+
+
+def draw_schedule(scenario: Scenario, duration_s: float, seed: int) -> list[dict[str, Any]]:
+    """The burn-in's faults: per kind, exponential gaps from a stream of its own, inside the fault window
+    (after quiet_start_s, before duration - quiet_end_s). Sorted by time; a pure function of its inputs."""
+    b = scenario.burn_in
+    lo, hi = b.quiet_start_s, duration_s - b.quiet_end_s
+    out: list[dict[str, Any]] = []
+    for k, kind in enumerate(b.faults):
+        rng = random.Random(f"burnin-burn-in:{seed}:{k}:{kind.fault}")
+        ranks = kind.ranks or list(range(scenario.workload.ranks))
+        t = lo
+        while True:
+            t += rng.expovariate(kind.rate_per_s)
+            if t >= hi:
+                break
+            spec = {"fault": kind.fault, "rank": rng.choice(ranks), "step": 0,
+                    "point": rng.choice(kind.points) if kind.points else None, "params": dict(kind.params),
+                    "expect": kind.expect, "at_s": round(t, 3), "kind": k}
+            out.append(spec)
+            if len(out) > MAX_SCHEDULED:
+                raise UserError(f"burn_in.faults.{k}: {kind.fault} at this rate draws more than {MAX_SCHEDULED} "
+                                f"faults in {duration_s:g} s; lower its rate or the duration")
+    out.sort(key=lambda f: (f["at_s"], f["kind"]))
+    return out
+
+
+def runtime_scenario(scenario: Scenario, schedule: list[dict[str, Any]], duration_s: float) -> Scenario:
+    """The run the burn-in is: its workload for as many steps as the time allows, the drawn faults."""
+    data = scenario.model_dump(mode="json")
+    data["workload"] = {**data["workload"], "steps": MAX_STEPS}
+    data["faults"] = [{k: v for k, v in f.items() if k != "kind"} for f in schedule]
+    data["campaign"] = None
+    t = data["timeouts"]
+    data["timeouts"] = {**t, "run_s": min(7 * 86400, duration_s + max(300.0, t["connect_s"] * 2))}
+    data["recovery"] = {**data["recovery"], "max_restarts": max(data["recovery"]["max_restarts"], len(schedule) + 10)}
+    return Scenario.model_validate(data)
+
+
+class Clock:
+    """The supervisor's side of a burn-in, polled every round: fires timed out-of-rank faults when due
+    (and allowed), keeps the disk checkpoints a fault's window starts from, rolls step events up, and
+    ends the run when the time is up."""
+
+    def __init__(self, scenario: Scenario, run_dir: Path, duration_s: float, clock0: float,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None, metrics: Any = None,
+                 fired: set[int] | None = None, events: list[dict[str, Any]] | None = None):
+        from burnin.faults import registry
+
+        self.sc, self.run_dir, self.duration_s, self.clock0 = scenario, run_dir, duration_s, clock0
+        self.metrics = metrics
+        self.stop_file = run_dir / "ranks" / "stop"
+        self.stop_file.unlink(missing_ok=True)
+        self.on_progress = on_progress
+        self.max_in_flight = scenario.burn_in.max_in_flight if scenario.burn_in else 1
+        # timed out-of-rank faults still to fire: (due time, index)
+        fired = fired or set()
+        self.pending = sorted((clock0 + f.at_s, i) for i, f in enumerate(scenario.faults)
+                              if f.at_s is not None and registry.get(f.fault).where == "out_of_rank"
+                              and i not in fired)
+        self.in_flight: dict[int, tuple[int, int]] = {}  # fired fault -> (attempt, step) it fired at
+        self.stopping_at: int | None = None
+        self.ckpt_hashes: dict[int, str] = {}  # step -> state hash, the newest saving of each checkpoint
+        self.steps = defaultdict(list)         # rank -> compute_s of the steps in this roll-up period
+        self.rollups: list[dict[str, Any]] = []
+        self.last_rollup = time.time()
+        self.executed = 0                      # steps executed by rank 0, replays included
+        self.last_step = -1
+        self.attempt = 0
+        self.attempt_progressed = False
+        self.faults_fired = 0
+        self._last_progress = 0.0
+        # a resumed burn-in: what the earlier sessions saw
+        from burnin.harness import checkpoint
+
+        self.windows_kept = [c.step for c in checkpoint.committed(run_dir / "verify" / "checkpoints")]
+        for ev in events or []:
+            kind = ev.get("event")
+            if kind == "checkpoint_saved":
+                self.ckpt_hashes[ev["checkpoint_step"]] = ev["state_hash"]
+            elif kind == "fault_injected":
+                self.faults_fired += 1
+            elif kind == "burn_in_rollup":
+                self.rollups.append({k: v for k, v in ev.items() if k not in ("event", "source")})
+                self.executed, self.last_step = ev["executed"], ev["last_step"]
+
+    # -- what the ranks need -----------------------------------------------------------------------
+
+    def spec(self) -> dict[str, Any]:
+        # rank streams rotate (two generations of 4 MiB at most): a burn-in writes a step event per step for hours
+        return {"clock0": self.clock0, "stop_file": str(self.stop_file), "rotate_bytes": ROTATE_BYTES}
+
+    # -- events (the supervisor's on_event) --------------------------------------------------------
+
+    def observe(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "step_done":
+            if ev.get("compute_s") is not None:
+                self.steps[ev["rank"]].append(ev["compute_s"])
+            if ev.get("rank") == 0:
+                self.executed += 1
+                self.last_step = max(self.last_step, ev["step"])
+                self.attempt_progressed = True
+                # a fault is past once the group trains on: in a later attempt (recovered), or two steps
+                # beyond it in the same one (it brought nothing down)
+                self.in_flight = {i: (a, s) for i, (a, s) in self.in_flight.items()
+                                  if a == self.attempt and ev["step"] < s + 2}
+        elif kind == "resumed" and ev.get("rank") == 0 and ev.get("from_step"):
+            # every step before the resume point ran at least once (a resumed burn-in's earlier session may have
+            # run some after its last roll-up, uncounted)
+            self.executed = max(self.executed, ev["from_step"])
+        elif kind == "attempt_started":
+            self.attempt = ev["attempt"]
+            self.attempt_progressed = False
+        elif kind == "checkpoint_saved":
+            self.ckpt_hashes[ev["checkpoint_step"]] = ev["state_hash"]
+        elif kind == "fault_injected":
+            self.faults_fired += 1
+            self.in_flight[ev["fault_index"]] = (self.attempt, ev.get("step", self.last_step))
+            self._keep_checkpoints()
+        elif kind == "failure_detected":
+            self._keep_checkpoints()
+
+    def _keep_checkpoints(self) -> None:
+        """Copy every checkpoint on disk into verify/: a window starts from the newest one before a fault,
+        and the run's own rotation (checkpoint.keep) would delete it. A copy, not a hard link: a damaged
+        checkpoint is damaged in place (this runs before the fault acts, from its `fault_injected` event)."""
+        from burnin.harness import checkpoint
+
+        root = self.run_dir / "checkpoints"
+        keep = self.run_dir / "verify" / "checkpoints"
+        for c in checkpoint.committed(root):
+            dst = keep / c.path.name
+            if dst.exists():
+                continue
+            tmp = keep / (c.path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.mkdir(parents=True)
+                for f in c.path.iterdir():
+                    shutil.copyfile(f, tmp / f.name)
+                os.replace(tmp, dst)
+                self.windows_kept.append(c.step)
+            except OSError:  # rotated away between the listing and the link: a later one serves
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- every round of the supervisor's loop ------------------------------------------------------
+
+    def poll(self, sup: Any, ranks: list[Any], now: float) -> None:
+        from burnin.harness import checkpoint
+
+        end = self.clock0 + self.duration_s
+        if now >= end and self.stopping_at is None:
+            self._stop(ranks)
+        while self.pending and self.pending[0][0] <= now and self.stopping_at is None:
+            if not self.attempt_progressed or len(self.in_flight) >= self.max_in_flight:
+                break  # a recovery in progress, or enough faults in flight: the arrival waits
+            if any(r.proc.poll() is not None or r.error is not None or _zombie(r.proc.pid) for r in ranks):
+                break  # a rank is already failing: the failure is being decided
+            _, index = self.pending.pop(0)
+            spec = self.sc.faults[index]
+            target = next((r for r in ranks if r.rank == spec.rank), None)
+            if target is None:
+                continue
+            if spec.fault == "storage.checkpoint_corrupt" and not checkpoint.committed(self.run_dir / "checkpoints"):
+                self.pending.insert(0, (now + 0.5, index))  # nothing on disk to damage yet: a little later
+                break
+            sup.fire_now(target, index)  # (its fault_injected event puts it in flight)
+        if now - self.last_rollup >= 10.0:
+            rollup = self.rollup(now)
+            if rollup is not None:  # in the event log, so a resumed burn-in has it
+                sup._emit("burn_in_rollup", **{k: v for k, v in rollup.items() if k != "t"})
+        if self.on_progress and now - self._last_progress >= 10.0:
+            self._last_progress = now
+            self.on_progress({"event": "burn_in_progress", "elapsed_s": now - self.clock0, "step": self.last_step,
+                              "faults_fired": self.faults_fired, "t": now})
+
+    def _stop(self, ranks: list[Any]) -> None:
+        """Time is up: every rank stops at one step, far enough ahead that none has passed it."""
+        steps = [r.last_step for r in ranks if r.last_step is not None] or [self.last_step]
+        rate = statistics.median([x for xs in self.steps.values() for x in xs[-20:]] or [0.05])
+        self.stopping_at = max(steps) + 5 + int(1.0 / max(rate, 1e-3))
+        tmp = self.stop_file.with_suffix(".tmp")
+        tmp.write_text(str(self.stopping_at))
+        os.replace(tmp, self.stop_file)
+
+    def rollup(self, now: float) -> dict[str, Any] | None:
+        """Per rank, the steps of the last period in a few numbers (step events stay out of the log), and what
+        the supervisor holds (resident memory, open files: flat over hours, or something leaks)."""
+        out = None
+        if any(self.steps.values()):
+            out = {"t": now, "elapsed_s": now - self.clock0, "last_step": self.last_step,
+                   "executed": self.executed, "supervisor": _own_usage(),
+                   "ranks": {str(r): {"n": len(xs), "median_compute_s": statistics.median(xs),
+                                      "min_compute_s": min(xs), "max_compute_s": max(xs)}
+                             for r, xs in sorted(self.steps.items()) if xs}}
+            self.rollups.append(out)
+        if self.metrics is not None and self.executed:
+            self.metrics.goodput.set((self.last_step + 1) / self.executed)
+        self.steps = defaultdict(list)
+        self.last_rollup = now
+        return out
+
+
+# -- verification windows ------------------------------------------------------------------------
+
+def windows(events: list[dict[str, Any]], kept: list[int], hashes: dict[int, str]) -> list[dict[str, Any]]:
+    """The stretches to replay: for each injected fault, from the newest kept checkpoint at or before
+    its step to the first checkpoint saved after the group trained past it (its state hash is what
+    the replay must reach); overlapping stretches merged."""
+    from burnin.faults import registry
+
+    brought_down = {i for e in events if e.get("event") == "failure_detected" for i in e.get("fault_indices") or []}
+    out: list[list[int]] = []
+    for ev in events:
+        if ev.get("event") != "fault_injected":
+            continue
+        if not registry.get(ev["fault"]).changes_state and ev["fault_index"] not in brought_down:
+            continue  # a delay that brought nothing down leaves the bits alone
+        step = ev["step"]
+        starts = [c for c in kept if c <= step]
+        ends = [c for c in hashes if c > step]
+        if not ends:
+            continue
+        start = max(starts) if starts else 0
+        out.append([start, min(ends), ev["fault_index"]])
+    out.sort()
+    merged: list[dict[str, Any]] = []
+    for start, end, index in out:
+        if merged and start <= merged[-1]["end"]:
+            m = merged[-1]
+            m["end"] = max(m["end"], end)
+            m["faults"].append(index)
+        else:
+            merged.append({"start": start, "end": end, "faults": [index]})
+    for m in merged:
+        # the window must end at a checkpoint the burn-in saved after its last fault
+        m["end"] = min(c for c in hashes if c >= m["end"])
+        m["expected_hash"] = hashes[m["end"]]
+    return merged
+
+
+def replay(scenario: Scenario, run_dir: Path, run_id: str, window: dict[str, Any], pool: Any, k: int) -> dict[str, Any]:
+    """Run `window` without faults from its first checkpoint (a golden run of that stretch only)."""
+    from burnin.harness import checkpoint
+    from burnin.harness.events import read_events
+    from burnin.harness.supervisor import Supervisor
+
+    wdir = run_dir / "verify" / f"window{k:03d}"
+    shutil.rmtree(wdir, ignore_errors=True)
+    (wdir / "checkpoints").mkdir(parents=True)
+    # the newest kept checkpoint at or before the window's start that verifies (one damaged before it was
+    # kept is passed over: the window then starts earlier)
+    kept = [c for c in checkpoint.committed(run_dir / "verify" / "checkpoints") if c.step <= window["start"]]
+    src = next((c for c in reversed(kept) if _verifies(c, scenario.workload.ranks)), None)
+    window = {**window, "start": src.step if src is not None else 0}
+    if src is not None:
+        dst = wdir / "checkpoints" / src.path.name
+        dst.mkdir()
+        for f in src.path.iterdir():
+            os.link(f, dst / f.name)
+    data = scenario.model_dump(mode="json")
+    data["workload"] = {**data["workload"], "steps": window["end"]}
+    data["faults"], data["burn_in"] = [], None
+    data["checkpoint"] = {**data["checkpoint"], "memory_every": 0, "keep": 1, "every": max(window["end"], 1)}
+    sc = Scenario.model_validate(data)
+    t0 = time.time()
+    Supervisor(sc, wdir, run_id, golden=True, pool=pool, log_steps=False).run()
+    finals = {e["rank"]: e["state_hash"] for e in read_events(wdir / "events.jsonl") if e.get("event") == "rank_finished"}
+    shutil.rmtree(wdir / "checkpoints", ignore_errors=True)
+    got = finals.get(0)
+    return {**window, "replayed_hash": got, "exact": got is not None and got == window["expected_hash"]
+            and len(set(finals.values())) == 1, "wall_s": time.time() - t0}
+
+
+def _verifies(ckpt: Any, world_size: int) -> bool:
+    from burnin.harness import checkpoint
+
+    try:
+        checkpoint.verify(ckpt, world_size)
+        return True
+    except checkpoint.CheckpointError:
+        return False
+
+
+# -- health ----------------------------------------------------------------------------------------
+
+def assess(scenario: Scenario, result: Any, events: list[dict[str, Any]], rollups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each rank's verdict (healthy / degraded / faulty), with the reasons and the thresholds."""
+    h = scenario.burn_in.health
+    n = scenario.workload.ranks
+    reasons: dict[int, list[tuple[str, str]]] = {r: [] for r in range(n)}   # (level, reason)
+    # step time: the median of the per-period medians of compute time (bounded memory over hours)
+    medians: dict[int, float] = {}
+    for r in range(n):
+        xs = [p["ranks"][str(r)]["median_compute_s"] for p in rollups if str(r) in p["ranks"]]
+        if xs:
+            medians[r] = statistics.median(xs)
+    best = min(medians.values()) if medians else None
+    straggler = {}
+    for r, m in medians.items():
+        score = m / best if best else 1.0
+        straggler[r] = score
+        if score >= h.straggler_ratio:
+            reasons[r].append(("degraded", f"straggler: median compute per step {m * 1000:.1f} ms is {score:.2f}x the "
+                                           f"best rank's {best * 1000:.1f} ms (threshold {h.straggler_ratio:.2f}x)"))
+    # against its own best: the last third of the burn-in against its best period (a rank that wears out)
+    for r in range(n):
+        xs = [p["ranks"][str(r)]["median_compute_s"] for p in rollups if str(r) in p["ranks"]]
+        if len(xs) >= 3:
+            late, own_best = statistics.median(xs[-max(1, len(xs) // 3):]), min(xs)
+            if own_best > 0 and late / own_best >= h.slowdown_ratio:
+                reasons[r].append(("degraded", f"slowed down: median compute per step {late * 1000:.1f} ms in the last "
+                                               f"third is {late / own_best:.2f}x its own best period's "
+                                               f"{own_best * 1000:.1f} ms (threshold {h.slowdown_ratio:.2f}x)"))
+    # failures no injected fault explains, grouped by signature
+    groups: dict[tuple[str, int | None], list[Any]] = defaultdict(list)
+    for f in result.failures:
+        if f.fault_index is None:
+            groups[(f.signature, f.rank)].append(f)
+    unexplained = [{"signature": sig, "rank": rank, "count": len(fs), "cause": fs[0].cause,
+                    "detector": fs[0].detector, "first_at": min(x.time for x in fs)}
+                   for (sig, rank), fs in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    per_rank_failures: dict[int, int] = defaultdict(int)
+    for g in unexplained:
+        if g["rank"] is not None:
+            per_rank_failures[g["rank"]] += g["count"]
+    for r, count in per_rank_failures.items():
+        if count >= h.lemon_failures:
+            reasons[r].append(("faulty", f"lemon: {count} failures that no injected fault explains "
+                                         f"(threshold {h.lemon_failures})"))
+        else:
+            reasons[r].append(("degraded", f"{count} failure(s) that no injected fault explains "
+                                           f"(faulty at {h.lemon_failures})"))
+    # detector findings no injected fault explains: silent data corruption on that rank
+    findings = _unexplained_findings(events)
+    for r, fs in findings.items():
+        if 0 <= r < n:
+            reasons[r].append(("faulty", f"{len(fs)} detector finding(s) that no injected fault explains "
+                                         f"(first: {fs[0]['detector']} at step {fs[0]['step']})"))
+    ranks = []
+    for r in range(n):
+        levels = [lvl for lvl, _ in reasons[r]]
+        verdict = "faulty" if "faulty" in levels else "degraded" if "degraded" in levels else "healthy"
+        ranks.append({"rank": r, "verdict": verdict, "reasons": [txt for _, txt in reasons[r]],
+                      "median_compute_s": medians.get(r), "straggler_score": straggler.get(r),
+                      "unexplained_failures": per_rank_failures.get(r, 0),
+                      "unexplained_findings": len(findings.get(r, []))})
+    return {"ranks": ranks, "unexplained_failures": unexplained,
+            "thresholds": {"straggler_ratio": h.straggler_ratio, "slowdown_ratio": h.slowdown_ratio,
+                           "lemon_failures": h.lemon_failures}}
+
+
+def _unexplained_findings(events: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """Detector findings (`detection` events) at or before which no fault was injected into that attempt
+    or the one before: what the detectors saw that the schedule did not cause."""
+    injected_steps = sorted(e["step"] for e in events if e.get("event") == "fault_injected")
+    out: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        if e.get("event") != "detection":
+            continue
+        step = e.get("step", 0)
+        if any(s <= step for s in injected_steps if step - s <= 50):
+            continue
+        out[e.get("rank", 0)].append(e)
+    return out
+
+
+# -- the whole burn-in -----------------------------------------------------------------------------
+
+def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: float = 0, seed: int = 0,
+                on_event: Callable[[dict[str, Any]], None] | None = None,
+                resume: str | Path | None = None) -> dict[str, Any]:
+    """Run a burn-in (or, with `resume`, continue one whose supervisor died); returns the summary."""
+    from burnin.harness import cleanup
+    from burnin.harness.events import EventWriter, read_events
+    from burnin.harness.preflight import check_device, check_out_dir
+    from burnin.harness.runner import choose_fabric, make_run_dir, new_run_id
+    from burnin.harness.spares import SparePool, become_subreaper, spare_memory_ok
+    from burnin.harness.supervisor import Supervisor, rank_base_env
+    from burnin.reports.metrics import Metrics
+    from burnin.reports.verdict import judge
+
+    before: dict[str, Any] = {"elapsed_s": 0.0, "fired": set(), "first_attempt": 0, "events": []}
+    if resume is not None:
+        run_dir = check_out_dir(resume, "--resume", must_exist=True, fix="give the run directory of a burn-in")
+        scenario, duration_s, seed, schedule, before = read_resume_state(run_dir)
+        run_id = run_dir.name
+        session = f"{run_id}-s{before['sessions']}"
+    else:
+        schedule = draw_schedule(scenario, duration_s, seed)
+        run_id = session = new_run_id(scenario.name)
+    sc = runtime_scenario(scenario, schedule, duration_s)
+    sc, fabric = choose_fabric(sc, session)
+    check_device(sc)
+    if resume is None:
+        out = check_out_dir(out_dir)
+        run_dir = make_run_dir(out, run_id, scenario.model_dump_json(indent=1))
+        (run_dir / "ranks").mkdir(exist_ok=True)
+        (run_dir / "schedule-drawn.json").write_text(json.dumps({"seed": seed, "duration_s": duration_s,
+                                                                 "faults": schedule}, indent=1))
+    metrics = Metrics()
+    metrics.set_run(scenario.name, run_id)
+    w = sc.workload
+    pool = None
+    if sc.recovery.spares is not False and (sc.recovery.spares or spare_memory_ok(w.ranks)) and become_subreaper():
+        pool = SparePool(run_dir, session, fabric or _local(), sys.executable, rank_base_env(sc, session),
+                         ["--zygote", w.device, str(w.threads), w.kernels], lambda *a, **k: None)
+        pool.fill(range(w.ranks))
+    t_start = time.time()
+    # a resumed burn-in goes on where its timeline stopped: the downtime is not burn-in time
+    clock = Clock(sc, run_dir, duration_s, clock0=t_start - before["elapsed_s"], on_progress=on_event,
+                  metrics=metrics, fired=before["fired"], events=before["events"])
+
+    def tap(ev: dict[str, Any]) -> None:
+        clock.observe(ev)
+        if on_event and ev.get("event") in ("fault_injected", "failure_detected", "restart", "recovery_exhausted"):
+            on_event({**ev, "elapsed_s": time.time() - clock.clock0})
+
+    interrupted = None
+    try:
+        try:
+            Supervisor(sc, run_dir, session, metrics=metrics, on_event=tap, fabric=fabric, pool=pool, clock=clock,
+                       log_steps=False, first_attempt=before["first_attempt"], fired=before["fired"]).run()
+        except KeyboardInterrupt:
+            interrupted = "interrupted by SIGINT: the verdict covers what ran"
+        with EventWriter(run_dir / "events.jsonl") as log:
+            final = clock.rollup(time.time())
+            if final is not None:
+                log.emit("burn_in_rollup", source="supervisor", **final)
+            log.emit("burn_in_ended", source="supervisor", interrupted=interrupted)
+        wall = time.time() - clock.clock0
+        events = read_events(run_dir / "events.jsonl")
+        result = judge(events, sc, None, run_id=run_id, run_dir=str(run_dir), config_hash="burn-in")
+        wins = windows(events, sorted(set(clock.windows_kept)), clock.ckpt_hashes)
+        checked = []
+        if interrupted is None:
+            for k, win in enumerate(wins):
+                if on_event:
+                    on_event({"event": "window_replay", "k": k, "of": len(wins), "start": win["start"],
+                              "end": win["end"], "t": time.time()})
+                checked.append(replay(sc, run_dir, session, win, pool, k))
+    finally:
+        if pool is not None:
+            pool.close()
+        cleanup.unregister(session)
+    summary = _summary(scenario, sc, result, events, clock, checked, wall, duration_s, seed, interrupted)
+    summary["sessions"] = before.get("sessions", 0) + 1
+    health = assess(scenario, result, events, clock.rollups)
+    summary["health"] = health
+    summary["ok"] = (summary["recovery"]["ok"] and all(r["verdict"] == "healthy" for r in health["ranks"])
+                     and interrupted is None and result.error is None)
+    summary["run_dir"] = str(run_dir)
+    _write(run_dir, summary, sc)
+    metrics.burn_in(summary)
+    metrics.write_textfile(run_dir / "metrics.prom")
+    return summary
+
+
+def read_resume_state(run_dir: Path) -> tuple[Scenario, float, int, list[dict[str, Any]], dict[str, Any]]:
+    """What a burn-in whose supervisor died had done: its scenario, its drawn schedule, how far its
+    timeline got, which faults fired, its attempts. A one-line UserError when it cannot be resumed."""
+    from burnin.harness.events import read_events
+
+    try:
+        scenario = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
+        drawn = json.loads((run_dir / "schedule-drawn.json").read_text())
+        duration_s, seed, schedule = float(drawn["duration_s"]), int(drawn["seed"]), list(drawn["faults"])
+        events = read_events(run_dir / "events.jsonl")
+    except FileNotFoundError as exc:
+        raise UserError(f"--resume: {run_dir} is not a burn-in run directory ({Path(exc.filename).name} is "
+                        "missing)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--resume: {run_dir} is damaged ({' '.join(str(exc).split())[:200]}); start a new "
+                        "burn-in") from None
+    if scenario.burn_in is None:
+        raise UserError(f"--resume: {run_dir} is not a burn-in run directory (its scenario has no burn_in)")
+    if any(e.get("event") == "burn_in_ended" for e in events):
+        raise UserError(f"--resume: the burn-in in {run_dir} ended already (see burn-in.md); start a new one")
+    starts = [e for e in events if e.get("event") == "run_started"]
+    if not starts:
+        raise UserError(f"--resume: the burn-in in {run_dir} never started; start a new one")
+    last_pid = starts[-1].get("pid")
+    if last_pid and _alive_burnin(last_pid):
+        raise UserError(f"--resume: the burn-in in {run_dir} is still running (supervisor pid {last_pid}); "
+                        "stop it first")
+    elapsed = max(e.get("t", 0) for e in events) - starts[0]["t"]
+    sessions = len(starts)
+    # earlier sessions' downtime is not burn-in time: sum each session's span
+    spans = []
+    for k, st in enumerate(starts):
+        nxt = starts[k + 1]["t"] if k + 1 < len(starts) else float("inf")
+        ts = [e["t"] for e in events if st["t"] <= e.get("t", 0) < nxt]
+        spans.append(max(ts) - st["t"] if ts else 0.0)
+    elapsed = min(elapsed, sum(spans))
+    fired = {e["fault_index"] for e in events if e.get("event") == "fault_injected"}
+    attempts = [e.get("attempt", 0) for e in events if e.get("event") == "attempt_started"]
+    return scenario, duration_s, seed, schedule, {
+        "elapsed_s": elapsed, "fired": fired, "first_attempt": max(attempts, default=-1) + 1,
+        "events": events, "sessions": sessions}
+
+
+def _alive_burnin(pid: int) -> bool:
+    try:
+        return b"burnin" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+def _own_usage() -> dict[str, float]:
+    """This process's resident memory (MiB) and open file descriptors."""
+    rss = 0.0
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = -1
+    return {"rss_mib": round(rss, 1), "fds": fds}
+
+
+def _local() -> Any:
+    from burnin.harness.supervisor import LocalFabric
+
+    return LocalFabric()
+
+
+def _summary(scenario: Scenario, sc: Scenario, result: Any, events: list[dict[str, Any]], clock: Clock,
+             checked: list[dict[str, Any]], wall: float, duration_s: float, seed: int,
+             interrupted: str | None) -> dict[str, Any]:
+    exact_of = {}
+    for win in checked:
+        for i in win["faults"]:
+            exact_of[i] = win["exact"]
+    faults = []
+    for f in result.faults:
+        if not f.injected:
+            continue
+        exact = exact_of.get(f.index)
+        seen = f.detected_by is not None or f.recovery is not None
+        if exact is None and not spec_changes_state(sc, f.index) and not seen:
+            outcome = "masked"  # a delay that brought nothing down: nothing to verify
+        elif exact is None:
+            outcome = "unverified"  # no checkpoint after it (the run ended first), or the burn-in was cut short
+        elif exact:
+            outcome = "recovered" if seen else "masked"
+        else:
+            outcome = "detected" if seen else "sdc"
+        spec = sc.faults[f.index]
+        fired = next((e for e in events if e.get("event") == "fault_injected" and e.get("fault_index") == f.index), {})
+        faults.append({"index": f.index, "fault": f.fault, "rank": f.rank, "at_s": spec.at_s,
+                       "fired_at_s": (fired.get("t", clock.clock0) - clock.clock0) if fired else None,
+                       "step": fired.get("step"), "point": fired.get("point"),
+                       "phase": PHASE.get(fired.get("point"), None), "timed": bool(fired.get("timed")),
+                       "outcome": outcome, "expected": spec.expected,
+                       "ok": outcome in spec.expected or outcome == "unverified",
+                       "detected_by": f.detected_by, "lost_steps": f.lost_steps,
+                       "recovery_s": f.recovery.total_s if f.recovery else None})
+    useful = (clock.stopping_at or (clock.last_step + 1))
+    fault_free = [p["ranks"]["0"]["median_compute_s"] for p in clock.rollups if "0" in p["ranks"]]
+    by_outcome: dict[str, int] = defaultdict(int)
+    for f in faults:
+        by_outcome[f["outcome"]] += 1
+    recovery_ok = all(f["ok"] for f in faults) and all(w["exact"] for w in checked)
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "burn-in", "scenario": scenario.name, "seed": seed,
+        "duration_s": duration_s, "wall_s": wall, "interrupted": interrupted, "error": result.error,
+        "steps": {"useful": useful, "executed": clock.executed,
+                  "goodput_steps": useful / clock.executed if clock.executed else None,
+                  "useful_per_s": useful / wall if wall else None},
+        "faults": {"scheduled": len(sc.faults), "fired": len(faults), "by_outcome": dict(by_outcome),
+                   "per_hour": len(faults) / wall * 3600 if wall else None, "list": faults},
+        "restarts": result.restarts,
+        "recovery": {"ok": recovery_ok, "windows": checked},
+        "step_time": {"fault_free_median_compute_s": statistics.median(fault_free) if fault_free else None},
+        "supervisor_usage": _usage_trend(clock.rollups),
+    }
+
+
+def spec_changes_state(sc: Scenario, index: int) -> bool:
+    from burnin.faults import registry
+
+    return registry.get(sc.faults[index].fault).changes_state
+
+
+def _usage_trend(rollups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The supervisor's memory and open files from minute 2 (or the first period) to the end."""
+    rows = [p for p in rollups if "supervisor" in p]
+    if not rows:
+        return {}
+    later = [p for p in rows if p["elapsed_s"] >= 120] or rows
+    first, last = later[0]["supervisor"], rows[-1]["supervisor"]
+    growth = (last["rss_mib"] - first["rss_mib"]) / first["rss_mib"] if first["rss_mib"] else None
+    return {"from_s": later[0]["elapsed_s"], "first": first, "last": last, "rss_growth": growth,
+            "fds_growth": last["fds"] - first["fds"], "max_rss_mib": max(p["supervisor"]["rss_mib"] for p in rows)}
+
+
+def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
+    from xml.sax.saxutils import escape, quoteattr
+
+    from burnin.harness.checkpoint import atomic_write
+
+    atomic_write(run_dir / "burn-in.json", json.dumps(summary, indent=1, default=str).encode())
+    # the realised schedule as a scenario `burnin run` takes: each fault at the step and point it hit (a
+    # scenario names only the points where a fault can wait for the supervisor: one that landed mid-step
+    # replays at its step's nearest such point; burn-in.json keeps where it really landed)
+    from burnin.faults import registry
+
+    realised = []
+    for f in summary["faults"]["list"]:
+        if f["step"] is None:
+            continue
+        points = registry.get(f["fault"]).points
+        realised.append({"fault": f["fault"], "rank": f["rank"], "step": f["step"],
+                         "point": f["point"] if f["point"] in points else points[0],
+                         "params": sc.faults[f["index"]].params, "expect": sc.faults[f["index"]].expected})
+    data = sc.model_dump(mode="json", exclude={"burn_in", "campaign"})
+    last = max([f["step"] for f in realised] or [0])
+    data["workload"]["steps"] = max(summary["steps"]["useful"], last + 2)
+    data["faults"] = realised
+    data["name"] = (sc.name + "-replay")[:64]
+    import yaml
+
+    head = (f"# The faults burn-in {summary['scenario']} (seed {summary['seed']}) fired, at the steps they hit:\n"
+            f"# `burnin run schedule.yaml` replays them (mid-step landings at their step's nearest point).\n")
+    atomic_write(run_dir / "schedule.yaml", (head + yaml.safe_dump(data, sort_keys=False)).encode())
+    h = summary["health"]
+    lines = [f"# Burn-in {summary['scenario']}: {'PASS' if summary['ok'] else 'FAIL'}", "",
+             f"{summary['wall_s']:.0f} s (asked {summary['duration_s']:.0f} s), seed {summary['seed']}; "
+             f"{summary['faults']['fired']} faults fired of {summary['faults']['scheduled']} scheduled; "
+             f"{summary['restarts']} restarts; goodput {summary['steps']['useful']} useful of "
+             f"{summary['steps']['executed']} executed steps.", ""]
+    if summary["interrupted"]:
+        lines += [f"**{summary['interrupted']}**", ""]
+    lines += ["| rank | verdict | straggler score | unexplained failures | reasons |", "|---|---|---|---|---|"]
+    for r in h["ranks"]:
+        score = f"{r['straggler_score']:.2f}" if r["straggler_score"] is not None else "–"
+        lines.append(f"| {r['rank']} | {r['verdict']} | {score} | {r['unexplained_failures']} | "
+                     f"{'; '.join(r['reasons']) or '–'} |")
+    lines += ["", f"Thresholds: straggler {h['thresholds']['straggler_ratio']}x the best rank; lemon at "
+                  f"{h['thresholds']['lemon_failures']} unexplained failures.", "",
+              "## Faults", "", "| # | fault | rank | at (s) | step | phase | outcome | recovery (s) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for f in summary["faults"]["list"]:
+        rec = f"{f['recovery_s']:.2f}" if f["recovery_s"] is not None else "–"
+        at = f"{f['fired_at_s']:.1f}" if f["fired_at_s"] is not None else "–"
+        lines.append(f"| {f['index']} | {f['fault']} | {f['rank']} | {at} | {f['step']} | {f['phase'] or '–'} | "
+                     f"{f['outcome']}{'' if f['ok'] else ' (expected ' + '/'.join(f['expected']) + ')'} | {rec} |")
+    if h["unexplained_failures"]:
+        lines += ["", "## Failures no injected fault explains", "", "| signature | rank | count | cause |",
+                  "|---|---|---|---|"]
+        for g in h["unexplained_failures"]:
+            lines.append(f"| `{g['signature']}` | {g['rank']} | {g['count']} | {g['cause']} |")
+    lines += ["", "## Verification windows", "",
+              "Each stretch with faults was replayed without them from its first checkpoint; the state hash at its "
+              "last checkpoint must match.", "", "| from step | to step | faults | exact |", "|---|---|---|---|"]
+    for wdw in summary["recovery"]["windows"]:
+        lines.append(f"| {wdw['start']} | {wdw['end']} | {', '.join(map(str, wdw['faults']))} | {wdw['exact']} |")
+    atomic_write(run_dir / "burn-in.md", ("\n".join(lines) + "\n").encode())
+    cases = []
+    for r in h["ranks"]:
+        body = "" if r["verdict"] == "healthy" else \
+            f'<failure message={quoteattr(r["verdict"] + ": " + "; ".join(r["reasons"]))}/>'
+        cases.append(f'<testcase classname="burn-in.{escape(summary["scenario"])}" name="rank {r["rank"]}">{body}</testcase>')
+    rec_body = "" if summary["recovery"]["ok"] else '<failure message="an injected fault was not recovered exactly"/>'
+    cases.append(f'<testcase classname="burn-in.{escape(summary["scenario"])}" name="recovery">{rec_body}</testcase>')
+    fails = sum(1 for r in h["ranks"] if r["verdict"] != "healthy") + (0 if summary["recovery"]["ok"] else 1)
+    xml = (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name="burn-in" tests="{len(cases)}" '
+           f'failures="{fails}" time="{summary["wall_s"]:.1f}">\n' + "\n".join(cases) + "\n</testsuite>\n")
+    atomic_write(run_dir / "junit.xml", xml.encode())
