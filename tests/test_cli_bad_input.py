@@ -230,9 +230,10 @@ def test_network_fault_without_privilege(sandbox: dict) -> None:
 def test_validate_refuses_a_campaign_that_cannot_draw(sandbox: dict) -> None:
     path = sandbox["work"].parent / "camp.yaml"
     path.write_text("name: camp\nworkload: {ranks: 2, steps: 20}\ncampaign: {trials: 3, warmup: 2, window: 4}\n"
-                    "faults:\n  - fault: process.kill\n    rank: 1\n    step: 3\n")
+                    "faults:\n  - fault: corruption.bitflip\n    step: 3\n"
+                    "  - fault: process.kill\n    rank: 1\n    step: 3\n")
     for command in (("validate", str(path)), ("campaign", str(path))):
-        refused(sandbox, *command, needle=(f"{path}:5:", "faults.0.fault", "in-rank"))
+        refused(sandbox, *command, needle=(f"{path}:5:", "faults.0.fault", "not both"))
 
 
 def test_campaign_without_campaign_section_leaves_nothing(sandbox: dict) -> None:

@@ -432,6 +432,8 @@ def _exercised() -> Metrics:
     m.from_result(_result([_fault("process.kill", "recovered")], false_alarms=1))
     m.lost_steps(1)
     m.judged_fault("corruption.bitflip", "recovered", "fingerprint", 1, "param", "exponent")
+    m.burn_in({"health": {"ranks": [{"rank": 0, "verdict": "healthy"}]}, "steps": {"goodput_steps": 1.0},
+               "faults": {"per_hour": 60.0}})
     return m
 
 

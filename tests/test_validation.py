@@ -396,8 +396,10 @@ def test_unknown_fault_in_the_registry_is_cut():
 CAMPAIGN = "workload: {steps: 20}\ncampaign: {warmup: 2, window: 5}\n"
 
 CAMPAIGNS = [
-    ("an out-of-rank fault", fault("fault: process.kill\nstep: 3", head=CAMPAIGN), 5, "faults.0.fault",
-     "campaigns run in-rank faults only"),
+    ("data and process faults in one", fault("fault: corruption.bitflip\nstep: 3", head=CAMPAIGN)
+     + "  - {fault: process.kill, step: 3}\n", 5, "faults.0.fault", "not both"),
+    ("an out-of-rank data fault", fault("fault: network.link_down\nstep: 3", head=CAMPAIGN), 5, "faults.0.fault",
+     "a data-fault campaign runs in-rank faults only"),
     ("a fault that takes no seed", fault("fault: process.straggler\nstep: 3", head=CAMPAIGN), 5, "faults.0.fault",
      "takes none; a campaign can draw corruption.bitflip, corruption.nan"),
     ("a step outside the window", fault("fault: corruption.bitflip\nstep: 9", head=CAMPAIGN), 6, "faults.0.step",
