@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--isolate-network", action="store_const", const=True, default=None,
                      help="run each rank in its own network namespace (sets network.isolate; needs root)")
     run.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
+    run.add_argument("--history", metavar="PATH", help="record the result in this SQLite history (default: "
+                                                            "$BURNIN_HISTORY, else ~/.local/share/burnin/history.sqlite; "
+                                                            "`off`: none)")
 
     camp = sub.add_parser("campaign", help="run many trials of drawn faults: outcome rates and a detector scorecard")
     camp.add_argument("scenario", nargs="?", help="a scenario with a `campaign:` section (file or bundled name)")
@@ -64,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     camp.add_argument("--out", default="runs", help="directory for run directories (default: ./runs)")
     camp.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted campaign")
     camp.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
+    camp.add_argument("--history", metavar="PATH", help="record the result in this SQLite history (default: "
+                                                            "$BURNIN_HISTORY, else ~/.local/share/burnin/history.sqlite; "
+                                                            "`off`: none)")
 
     from burnin.harness.burn_in import LEVELS
 
@@ -82,6 +88,52 @@ def _parser() -> argparse.ArgumentParser:
                                                           "newest checkpoint and where its timeline stopped")
     burn.add_argument("--out", default="runs", help="directory for run directories (default: ./runs)")
     burn.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
+    burn.add_argument("--history", metavar="PATH", help="record the result in this SQLite history (default: "
+                                                            "$BURNIN_HISTORY, else ~/.local/share/burnin/history.sqlite; "
+                                                            "`off`: none)")
+
+    cmp_ = sub.add_parser("compare", help="is B better, the same or worse than A? Rates and recovery times, with "
+                                          "intervals and exact tests")
+    cmp_.add_argument("a", help="a run, campaign or burn-in directory, or history:SCENARIO[@COMMIT]")
+    cmp_.add_argument("b", help="the same, for the other side")
+    cmp_.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    cmp_.add_argument("--margin", type=float, default=0.05,
+                      help="rates are `same` when the 95 %% interval of the difference is within +/- this (default 0.05)")
+    cmp_.add_argument("--fail-on", choices=["worse", "not-comparable", "never"], default="never",
+                      help="exit 1 when a metric is worse (or worse or not comparable); default: never")
+    cmp_.add_argument("--json", action="store_true", help="JSON instead of Markdown")
+    cmp_.add_argument("--history", metavar="PATH", help="the SQLite history for history: selections")
+
+    tri = sub.add_parser("triage", help="failures grouped by signature across runs, against a baseline")
+    tri.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="runs to triage (default: the history's)")
+    tri.add_argument("--history", metavar="PATH", help="the SQLite history (default: as for run)")
+    tri.add_argument("--scenario", help="history: only this scenario")
+    tri.add_argument("--commit", help="history: only runs at this git commit (a prefix will do)")
+    tri.add_argument("--baseline", action="append", metavar="RUN_DIR", help="a baseline run (repeat for more)")
+    tri.add_argument("--baseline-commit", metavar="COMMIT", help="the baseline: the history's runs at this commit")
+    tri.add_argument("--json", action="store_true", help="JSON instead of Markdown")
+
+    bis = sub.add_parser("bisect", help="a check for `git bisect run`: exit 0 good, 1 bad, 125 skip")
+    bis.add_argument("scenario", help="the scenario to run at each revision (file or bundled name)")
+    bis.add_argument("--repeats", type=int, default=1, help="runs per revision (default 1)")
+    bis.add_argument("--threshold", type=float, default=0.0,
+                     help="rate mode: bad when this share of the repeats fail or more, good when none does, skip (125) "
+                          "in between (default 0: any failure is bad)")
+    bis.add_argument("--out", default=None, help="directory for run directories (default: a temporary one, removed)")
+    bis.add_argument("--history", metavar="PATH", help="record each run in this SQLite history")
+
+    shr = sub.add_parser("shrink", help="the smallest scenario that fails the way a run failed")
+    shr.add_argument("run_dir", help="the directory of a run that failed an expectation")
+    shr.add_argument("--max-runs", type=int, default=40, help="at most this many candidate runs (default 40)")
+    shr.add_argument("--out", metavar="FILE", help="where to write the smallest scenario (default: RUN_DIR/shrunk.yaml)")
+
+    hist = sub.add_parser("history", help="list recorded runs, campaigns and burn-ins")
+    hist.add_argument("--history", metavar="PATH", help="the SQLite history (default: as for run)")
+    hist.add_argument("--scenario", help="only this scenario")
+    hist.add_argument("--kind", choices=["run", "campaign", "burn-in"], help="only this kind")
+    hist.add_argument("--commit", help="only runs started at this git commit (a prefix will do)")
+    hist.add_argument("--limit", type=int, default=20, help="at most this many, newest first (default 20; 0: all)")
+    hist.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
     sub.add_parser("list", help="list the fault catalogue and the bundled scenarios")
 
@@ -122,6 +174,7 @@ def _prepare_run(args: argparse.Namespace) -> Any:
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         raise UserError(f"--metrics-port: {args.metrics_port} is not a port; use 0-65535 (0 picks a free one)")
     _check_metrics_flags(args)
+    _check_history_flag(args.history)
     overrides = _overrides(args)
     scenario = load_scenario(args.scenario, overrides=overrides)
     preflight.check_device(scenario, args.scenario, overrides)
@@ -144,7 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = run_scenario(scenario, args.out, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                               on_event=progress.on_event, refresh_golden=args.refresh_golden,
                               metrics_linger_s=args.metrics_linger, metrics_textfile=args.metrics_textfile,
-                              pushgateway=args.pushgateway, push_instance=args.push_instance)
+                              pushgateway=args.pushgateway, push_instance=args.push_instance, history=args.history)
     if sys.stdout.isatty():
         from rich.console import Console
 
@@ -188,6 +241,8 @@ def _prepare_campaign(args: argparse.Namespace) -> tuple[Any, int]:
     from burnin.scenarios import load_scenario
     from burnin.scenarios.schema import Campaign, Scenario
 
+    _check_history_flag(args.history)
+
     # the bound campaign.trials has in the schema
     max_trials = next(m.le for m in Campaign.model_fields["trials"].metadata if getattr(m, "le", None) is not None)
 
@@ -227,7 +282,7 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
         return 0
     with make_campaign_progress(trials, scenario.name, quiet=args.quiet) as progress:
         summary = run_campaign(scenario, args.out, trials=args.trials, seed=args.seed, resume=args.resume,
-                               on_event=progress.on_event)
+                               on_event=progress.on_event, history=args.history)
     o = summary["outcomes"]
     print(f"{summary['scenario']}: {summary['trials']} trials  " + "  ".join(
         f"{k} {v['count']} ({v['rate']:.1%}, {v['ci95'][0]:.1%}-{v['ci95'][1]:.1%})" for k, v in o.items()))
@@ -266,6 +321,8 @@ def _prepare_burn_in(args: argparse.Namespace) -> tuple[Any, float, int]:
     from burnin.harness import preflight
     from burnin.harness.burn_in import LEVELS, draw_schedule, parse_duration
     from burnin.scenarios import load_scenario
+
+    _check_history_flag(args.history)
 
     if args.resume is not None:
         from burnin.harness.burn_in import read_resume_state
@@ -335,7 +392,7 @@ def _cmd_burn_in(args: argparse.Namespace) -> int:
             print(f"[{time.time() - t0:7.1f}s] {text}", file=sys.stderr, flush=True)
 
     summary = run_burn_in(None if args.resume else scenario, args.out, duration_s=duration, seed=seed, on_event=say,
-                          resume=args.resume)
+                          resume=args.resume, history=args.history)
     for r in summary["health"]["ranks"]:
         print(f"rank {r['rank']}: {r['verdict']}" + (f" ({'; '.join(r['reasons'])})" if r["reasons"] else ""))
     f = summary["faults"]
@@ -346,6 +403,165 @@ def _cmd_burn_in(args: argparse.Namespace) -> int:
         print(f"burnin: {summary['interrupted']}", file=sys.stderr)
     print(f"{'PASS' if summary['ok'] else 'FAIL'} {summary['run_dir']}")
     return 0 if summary["ok"] else 1
+
+
+def _check_history_flag(value: str | None) -> None:
+    if value is None or value == "off":
+        return
+    from burnin.harness.preflight import check_out_dir
+
+    path = Path(value)
+    if not value.strip() or path.is_dir():
+        raise UserError(f"--history: {oneline(value)!r} is not a file path; give the path of a SQLite file "
+                        "(created if missing), or `off`")
+    check_out_dir(path.absolute().parent, "--history")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from burnin.reports.compare import compare, load_side, markdown
+
+    if not 0 < args.alpha < 1:
+        raise UserError(f"--alpha: {args.alpha} is not a significance level; use a number between 0 and 1, e.g. 0.05")
+    if not 0 < args.margin < 1:
+        raise UserError(f"--margin: {args.margin} is not a rate difference; use a number between 0 and 1, e.g. 0.05")
+    _check_history_flag(args.history)
+    a, b = load_side(args.a, args.history), load_side(args.b, args.history)
+    result = compare(a, b, alpha=args.alpha, margin=args.margin)
+    print(json.dumps(result, indent=1) if args.json else markdown(result), end="" if not args.json else "\n")
+    bad = {"worse"} if args.fail_on == "worse" else {"worse", "not comparable"} if args.fail_on == "not-comparable" \
+        else set()
+    return 1 if any(m["verdict"] in bad for m in result["metrics"]) else 0
+
+
+def _cmd_triage(args: argparse.Namespace) -> int:
+    from burnin.reports import triage as tr
+
+    _check_history_flag(args.history)
+    if args.run_dirs:
+        runs, failures = tr.collect_dirs(args.run_dirs)
+    else:
+        runs, failures = tr.collect_history(args.history, scenario=args.scenario, commit=args.commit)
+    baseline, earlier = None, None
+    if args.baseline and args.baseline_commit:
+        raise UserError("--baseline: give run directories or --baseline-commit, not both")
+    if args.baseline:
+        baseline = tr.collect_dirs(args.baseline)
+    elif args.baseline_commit:
+        baseline = tr.collect_history(args.history, scenario=args.scenario, commit=args.baseline_commit)
+    if baseline is not None and baseline[0]:
+        first = min(r["started_at"] for r in baseline[0])
+        try:
+            earlier = {f["signature"] for f in tr.collect_history(args.history, scenario=args.scenario, until=first)[1]}
+        except UserError:
+            earlier = set()
+    result = tr.triage(runs, failures, baseline, earlier)
+    print(json.dumps(result, indent=1, default=list) if args.json else tr.markdown(result), end="")
+    return 0
+
+
+def _cmd_bisect(args: argparse.Namespace) -> int:
+    """`git bisect run burnin bisect SCENARIO`: 0 good, 1 bad, 125 skip (this revision cannot be set up, or
+    the rate is undecided). A mistake in the flags exits 128, which stops `git bisect run` (2 would mark
+    the revision bad)."""
+    import shutil
+    import tempfile
+
+    from burnin.harness.runner import run_scenario
+    from burnin.reports.writers import passed
+    from burnin.scenarios import load_scenario
+
+    problem = None
+    if not 1 <= args.repeats <= 1000:
+        problem = f"--repeats: {args.repeats} is out of range; use 1-1000"
+    elif not 0 <= args.threshold <= 1:
+        problem = f"--threshold: {args.threshold} is not a share of the repeats; use 0-1"
+    if problem:
+        print(f"burnin: error: {problem} (exit 128: stops git bisect run)", file=sys.stderr)
+        return 128
+    try:
+        _check_history_flag(args.history)
+        scenario = load_scenario(args.scenario)
+        from burnin.harness import preflight
+
+        preflight.check_device(scenario, args.scenario, {})
+        preflight.check_network(scenario, args.scenario, {})
+    except (BurninError, OSError) as exc:
+        print(f"burnin: {oneline(str(exc))} (exit 125: this revision is skipped)", file=sys.stderr)
+        return 125
+    out = args.out or tempfile.mkdtemp(prefix="burnin-bisect-")
+    fails = 0
+    try:
+        for k in range(args.repeats):
+            try:
+                result = run_scenario(scenario, out, history=args.history)
+            except (BurninError, OSError) as exc:
+                print(f"burnin: {oneline(str(exc))} (exit 125: this revision is skipped)", file=sys.stderr)
+                return 125
+            bad = not passed(result)
+            fails += bad
+            failed = [e.name for e in result.expectations if not e.ok]
+            print(f"run {k + 1}/{args.repeats}: {'FAIL (' + ', '.join(failed) + ')' if bad else 'pass'}", flush=True)
+    finally:
+        if args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
+    rate = fails / args.repeats
+    if fails == 0:
+        verdict, code = "good", 0
+    elif rate >= args.threshold:
+        verdict, code = "bad", 1
+    else:
+        verdict, code = "undecided", 125
+    print(f"{verdict}: {fails}/{args.repeats} runs failed (threshold {args.threshold:g})")
+    return code
+
+
+def _cmd_shrink(args: argparse.Namespace) -> int:
+    from burnin.harness.shrink import shrink
+
+    if not 1 <= args.max_runs <= 10_000:
+        raise UserError(f"--max-runs: {args.max_runs} is out of range; use 1-10000")
+    if args.out is not None:
+        from burnin.harness.preflight import check_out_dir
+
+        check_out_dir(Path(args.out).absolute().parent, "--out", must_exist=True)
+    out = shrink(args.run_dir, max_runs=args.max_runs, out_file=args.out)
+    for step in out["steps"]:
+        print(f"  {step}")
+    print(f"{out['from_faults']} faults -> {out['faults']} in {out['runs']} runs; the smallest failing scenario: "
+          f"{out['scenario']}")
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    import datetime
+
+    from burnin import history as hist
+
+    _check_history_flag(args.history)
+    if args.limit < 0:
+        raise UserError(f"--limit: {args.limit} is negative; give 0 (all) or more")
+    path = hist.history_path(args.history)
+    if path is None:
+        raise UserError("--history: the history is off (BURNIN_HISTORY=off); give a path")
+    rows = hist.select_runs(path, scenario=args.scenario, kind=args.kind, commit=args.commit, limit=args.limit or None)
+    if args.json:
+        for r in rows:
+            print(json.dumps({**r, "machine": json.loads(r["machine"] or "{}"), "figures": json.loads(r["figures"] or "{}")}))
+        return 0
+    if not rows:
+        print(f"no runs recorded in {path}" + (" that match" if (args.scenario or args.kind or args.commit) else ""))
+        return 0
+    print(f"{'started':<19}  {'kind':<8}  {'scenario':<22}  {'ok':<4}  {'commit':<10}  figures")
+    for r in rows:
+        when = datetime.datetime.fromtimestamp(r["started_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        fig = json.loads(r["figures"] or "{}")
+        brief = fig.get("outcomes") or fig.get("health") or {}
+        if isinstance(brief, dict) and brief and isinstance(next(iter(brief.values())), dict):
+            brief = {k: v.get("count") for k, v in brief.items() if v.get("count")}
+        commit = (r["git_commit"] or "-")[:8] + ("+" if r["git_dirty"] else "")
+        print(f"{when:<19}  {r['kind']:<8}  {r['scenario'][:22]:<22}  {'yes' if r['ok'] else 'NO':<4}  {commit:<10}  "
+              + " ".join(f"{k}={v}" for k, v in brief.items()))
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -475,7 +691,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "burn-in": _cmd_burn_in, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
+_COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "burn-in": _cmd_burn_in, "history": _cmd_history, "compare": _cmd_compare, "triage": _cmd_triage, "bisect": _cmd_bisect, "shrink": _cmd_shrink, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
              "cleanup": _cmd_cleanup, "report": _cmd_report, "rules": _cmd_rules, "doctor": _cmd_doctor}
 
 

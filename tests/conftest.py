@@ -24,6 +24,8 @@ def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
     # One golden cache for the whole session: scenarios with the same workload share a golden run.
     os.environ["BURNIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("burnin-cache"))
     os.environ["BURNIN_STATE_DIR"] = str(tmp_path_factory.mktemp("burnin-state"))
+    # The run history of the whole session, away from the user's (tests that read it set their own).
+    os.environ["BURNIN_HISTORY"] = str(tmp_path_factory.mktemp("burnin-history") / "history.sqlite")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -39,7 +39,7 @@ def test_kill_is_recovered_by_warm_spares_exactly(tmp_path: Path) -> None:
     assert not set(mine.values()) & set(zygotes.values())
     # where the new ranks came from is in the report, in words
     assert f["recovery"]["new_ranks"] == "warm spares", f["recovery"]
-    # the pool was refilled at each attempt's start (2 + 2 + 2 forks), and closed at the end
+    # the pool: 2 forks for the first attempt, 2 to refill it, 2 after the restart's first step; closed at the end
     assert len([e for e in events if e["event"] == "spare_started"]) == 6
     assert processes_of_run(s["run_id"]) == []
     left = sorted(p.name for p in (run_dir_of(tmp_path) / "ranks").iterdir()
@@ -61,7 +61,7 @@ def test_spares_off_starts_the_new_ranks_cold(tmp_path: Path) -> None:
 
 def test_back_to_back_kills_are_both_recovered_by_warm_spares(tmp_path: Path) -> None:
     """The second kill comes two steps into the restarted attempt: the pool, refilled by forks of the
-    warm zygotes when that attempt started, has a warm spare for every slot again."""
+    warm zygotes after that attempt's first step, has a spare for every slot again."""
     scenario = tmp_path / "twice.yaml"
     scenario.write_text("name: twice\nworkload: {steps: 20}\ncheckpoint: {every: 4}\n"
                         "faults:\n  - {fault: process.kill, rank: 1, step: 9, expect: recovered}\n"
@@ -71,7 +71,10 @@ def test_back_to_back_kills_are_both_recovered_by_warm_spares(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary_of(out)
     assert s["exact"] and s["restarts"] == 2
-    assert [f["recovery"]["new_ranks"] for f in s["faults"]] == ["warm spares", "warm spares"]
+    first, second = (f["recovery"]["new_ranks"] for f in s["faults"])
+    assert first == "warm spares", first
+    # refilled by forks once the restarted attempt trained a step: warm, or forked a moment before
+    assert second == "warm spares" or "being forked" in second, second
     assert all(f["lost_steps"] <= 1 for f in s["faults"])
 
 

@@ -453,7 +453,7 @@ def _unexplained_findings(events: list[dict[str, Any]]) -> dict[int, list[dict[s
 
 def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: float = 0, seed: int = 0,
                 on_event: Callable[[dict[str, Any]], None] | None = None,
-                resume: str | Path | None = None) -> dict[str, Any]:
+                resume: str | Path | None = None, history: str | None = None) -> dict[str, Any]:
     """Run a burn-in (or, with `resume`, continue one whose supervisor died); returns the summary."""
     from burnin.harness import cleanup
     from burnin.harness.events import EventWriter, read_events
@@ -537,6 +537,9 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
     _write(run_dir, summary, sc)
     metrics.burn_in(summary)
     metrics.write_textfile(run_dir / "metrics.prom")
+    from burnin import history as hist
+
+    hist.record_burn_in(summary, result, hist.history_path(history), clock.clock0)
     return summary
 
 

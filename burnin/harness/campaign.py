@@ -158,7 +158,8 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[
 
 def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: int | None = None,
                  seed: int | None = None, resume: str | Path | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None, metrics: Any = None) -> dict[str, Any]:
+                 on_event: Callable[[dict[str, Any]], None] | None = None, metrics: Any = None,
+                 history: str | None = None) -> dict[str, Any]:
     """Run (or resume) a campaign; returns the summary (also written to campaign.json)."""
     from burnin.harness.preflight import check_device, check_out_dir
     from burnin.harness.runner import make_run_dir, new_run_id
@@ -257,6 +258,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
         atomic_write(run_dir / "campaign.md", recovery_campaign.markdown(summary, run_dir).encode())
         metrics.write_textfile(run_dir / "metrics.prom")
         summary["run_dir"] = str(run_dir)
+        _record(summary, done, history, t0)
         return summary
     if state["reference"] is not None:
         (run_dir / "reference.json").write_text(json.dumps(state["reference"]))
@@ -272,7 +274,14 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
     _write_reports(run_dir, summary)
     metrics.write_textfile(run_dir / "metrics.prom")
     summary["run_dir"] = str(run_dir)
+    _record(summary, done, history, t0)
     return summary
+
+
+def _record(summary: dict[str, Any], done: dict[int, Any], history: str | None, t0: float) -> None:
+    from burnin import history as hist
+
+    hist.record_campaign(summary, [done[k] for k in sorted(done)], hist.history_path(history), t0)
 
 
 def read_campaign_meta(run_dir: str | Path) -> tuple[int, int]:

@@ -40,7 +40,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
                  metrics_addr: str = "127.0.0.1", on_event: Callable[[dict[str, Any]], None] | None = None,
                  refresh_golden: bool = False, run_id: str | None = None, metrics_linger_s: float = 0.0,
                  metrics_textfile: str | Path | None = None, pushgateway: str | None = None,
-                 push_instance: str | None = None) -> RunResult:
+                 push_instance: str | None = None, history: str | None = None) -> RunResult:
     from burnin.harness.preflight import check_device, check_out_dir
     from burnin.reports.metrics import Metrics
     from burnin.reports.writers import write_reports
@@ -73,7 +73,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
         Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric).run()
     except (KeyboardInterrupt, _Terminated) as exc:
         error = "interrupted by SIGINT" if isinstance(exc, KeyboardInterrupt) else "terminated by SIGTERM"
-        _finish(scenario, run_dir, run_id, key, golden, error, metrics, write_reports)
+        _finish(scenario, run_dir, run_id, key, golden, error, metrics, write_reports, history)
         _export_metrics(metrics, scenario.name, metrics_textfile, pushgateway, push_instance)
         metrics.stop()
         raise KeyboardInterrupt(error) from None
@@ -82,7 +82,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    result = _finish(scenario, run_dir, run_id, key, golden, error, metrics, write_reports)
+    result = _finish(scenario, run_dir, run_id, key, golden, error, metrics, write_reports, history)
     _export_metrics(metrics, scenario.name, metrics_textfile, pushgateway, push_instance)
     try:
         metrics.stop(linger_s=metrics_linger_s)
@@ -169,13 +169,17 @@ def choose_fabric(scenario: Scenario, run_id: str) -> tuple[Scenario, Any]:
 
 
 def _finish(scenario: Scenario, run_dir: Path, run_id: str, key: str, golden: GoldenRecord | None,
-            error: str | None, metrics: Any, write_reports: Callable[..., Any]) -> RunResult:
+            error: str | None, metrics: Any, write_reports: Callable[..., Any],
+            history: str | None = None) -> RunResult:
+    from burnin import history as hist
+
     events_path = run_dir / "events.jsonl"
     events = read_events(events_path) if events_path.exists() else []
     result = judge(events, scenario, golden, run_id=run_id, run_dir=str(run_dir), config_hash=key, error=error)
     metrics.from_result(result)
     write_reports(result, run_dir)
     metrics.write_textfile(run_dir / "metrics.prom")
+    hist.record_run(result, hist.history_path(history))
     return result
 
 

@@ -179,11 +179,13 @@ class SparePool:
         self.zygotes: dict[int, Zygote] = {}
         self.spares: dict[int, Spare] = {}
         self._count = 0
-        self._files: list[Path] = []
+        self._taken: list[Spare] = []   # spares handed out whose files may still be in use
         self.closed = False
 
     def fill(self, slots: range) -> None:
-        """Give each slot a spare (and a zygote to fork it) where it has none, or where they died."""
+        """Give each slot a spare (and a zygote to fork it) where it has none, or where they died; remove
+        the files of spares that became ranks (a run with thousands of restarts leaves none behind)."""
+        self._tidy()
         for slot in slots:
             spare = self.spares.get(slot)
             if spare is not None and not spare.dead():
@@ -219,7 +221,8 @@ class SparePool:
             info["waited_s"] = round(time.time() - t0, 3)
             info["why"] = ("its zygote was still warming up (started %.2f s before)" % (t0 - spare.zygote.started)
                            if not zygote_ready else "its spare was still being forked")
-        spare.ready_file.unlink(missing_ok=True)  # it is a rank now
+        self._taken.append(spare)
+        self._tidy()
         return proc, info
 
     def assign(self, proc: ForkedProc, rank: int, attempt: int, env: dict[str, str], log: Path) -> None:
@@ -261,10 +264,12 @@ class SparePool:
                 proc.wait(timeout=30)
         for spare in self.spares.values():
             self._drop(spare)
+            _unlink(spare)
         for z in self.zygotes.values():
             z.ready_file.unlink(missing_ok=True)
-        for path in self._files:  # the FIFOs and files of the spares that became ranks
-            path.unlink(missing_ok=True)
+        for spare in self._taken:  # the FIFOs and files of the spares that became ranks
+            _unlink(spare)
+        self._taken.clear()
         self.spares.clear()
         self.zygotes.clear()
 
@@ -300,7 +305,6 @@ class SparePool:
         # Read-write: opening never blocks, and the spare sees end of input once this end is closed.
         stdin = os.fdopen(os.open(fifo, os.O_RDWR | os.O_CLOEXEC), "wb", buffering=0)
         spare = Spare(z.slot, z, time.time(), fifo, pid_file, ready, stdin)
-        self._files += [fifo, pid_file, ready]
         cmd = {"fifo": str(fifo), "pid_file": str(pid_file), "ready": str(ready),
                "log": str(self.dir / f"spare{z.slot}.log")}
         try:
@@ -313,7 +317,22 @@ class SparePool:
 
     def _drop(self, spare: Spare) -> None:
         _close(spare.stdin)
-        spare.ready_file.unlink(missing_ok=True)
+        _unlink(spare)
+
+    def _tidy(self) -> None:
+        """A taken spare's files go once it has opened its FIFO (it says so with its ready file) or died."""
+        keep = []
+        for spare in self._taken:
+            if spare.ready or spare.dead():
+                _unlink(spare)
+            else:
+                keep.append(spare)
+        self._taken = keep
+
+
+def _unlink(spare: Spare) -> None:
+    for path in (spare.fifo, spare.pid_file, spare.ready_file):
+        path.unlink(missing_ok=True)
 
 
 def _close(f: Any) -> None:
