@@ -70,6 +70,16 @@ def test_detections_pin_the_newest_fault_aimed_at_a_named_rank() -> None:
     assert pin_detection({"t": T - 10, "odd_ranks": [1]}, first, ranks) is None  # before any: a false alarm
 
 
+def test_a_finding_prefers_the_fault_a_detector_can_see() -> None:
+    """Seen in a burn-in: a bit flip on rank 1, then a damaged checkpoint on rank 1 a moment later, then
+    the fingerprint names rank 1. The finding is the flip's; a damaged checkpoint shows only on a load."""
+    first = {0: T - 0.3, 1: T - 0.1}
+    ranks = [1, 1]
+    assert pin_detection({"t": T, "odd_ranks": [1]}, first, ranks, [True, False]) == 0
+    assert pin_detection({"t": T, "odd_ranks": [1]}, first, ranks) == 1  # without scopes: the newest
+    assert pin_detection({"t": T, "odd_ranks": [1]}, first, ranks, [False, False]) == 1
+
+
 # -- a fault that cannot be applied is a harness error, never an outcome ---------------------------
 
 

@@ -87,12 +87,16 @@ def _shows(c: Candidate, e: Evidence, pinned: set[int]) -> bool:
 
 
 def pin_detection(detection: dict[str, Any], first_injection: dict[int, float],
-                  fault_ranks: Sequence[int]) -> int | None:
+                  fault_ranks: Sequence[int], detector_scoped: Sequence[bool] | None = None) -> int | None:
     """The fault a detector finding is pinned on: the newest fault injected before it, preferring one
-    aimed at a rank the detector named. None: nothing was injected before it (a false alarm)."""
+    aimed at a rank the detector named, and among those one whose effect a detector is what shows
+    (`effect_scope == "detector"`: a bit flip, not a damaged checkpoint injected a moment later on the
+    same rank). None: nothing was injected before it (a false alarm)."""
     before = [i for i, t in sorted(first_injection.items(), key=lambda x: x[1]) if t <= detection["t"]]
     if not before:
         return None
     odd = detection.get("odd_ranks") or []
-    aimed = [i for i in before if fault_ranks[i] in odd]
-    return (aimed or before)[-1]
+    aimed = [i for i in before if fault_ranks[i] in odd] or before
+    if detector_scoped is not None:
+        aimed = [i for i in aimed if detector_scoped[i]] or aimed
+    return aimed[-1]

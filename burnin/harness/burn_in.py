@@ -62,6 +62,10 @@ HEALTH = ("healthy", "degraded", "faulty")
 #: A rank's event stream in a burn-in rotates at this size (see EventWriter).
 ROTATE_BYTES = 4 << 20
 
+#: At most this many checkpoint copies for verification windows (a window's start): disk stays bounded
+#: however long the burn-in; faults beyond it are reported `unverified`.
+KEEP_LIMIT = 256
+
 #: Step points, read as the phase of the step a fault landed in (after passing that point).
 PHASE = {"before_forward": "forward/backward", "after_backward": "all-reduce", "after_allreduce": "optimizer step",
          "after_optimizer_step": "checkpoint and snapshot", "between_steps": "between steps"}
@@ -200,23 +204,25 @@ class Clock:
         elif kind == "fault_injected":
             self.faults_fired += 1
             self.in_flight[ev["fault_index"]] = (self.attempt, ev.get("step", self.last_step))
-            self._keep_checkpoints()
-        elif kind == "failure_detected":
-            self._keep_checkpoints()
+            self._keep_checkpoint(ev.get("step", self.last_step + 1))
 
-    def _keep_checkpoints(self) -> None:
-        """Copy every checkpoint on disk into verify/: a window starts from the newest one before a fault,
-        and the run's own rotation (checkpoint.keep) would delete it. A copy, not a hard link: a damaged
-        checkpoint is damaged in place (this runs before the fault acts, from its `fault_injected` event)."""
+    def _keep_checkpoint(self, step: int) -> None:
+        """Copy the newest valid checkpoint at or before `step` into verify/: the window of a fault starts
+        there, and the run's own rotation (checkpoint.keep) would delete it. A copy, not a hard link: a
+        damaged checkpoint is damaged in place (this runs before the fault acts, from its `fault_injected`
+        event). One copy per window start, at most KEEP_LIMIT of them; removed once the windows are
+        replayed."""
         from burnin.harness import checkpoint
 
-        root = self.run_dir / "checkpoints"
         keep = self.run_dir / "verify" / "checkpoints"
-        for c in checkpoint.committed(root):
-            dst = keep / c.path.name
-            if dst.exists():
+        for c in reversed(checkpoint.committed(self.run_dir / "checkpoints")):
+            if c.step > step:
                 continue
-            tmp = keep / (c.path.name + ".tmp")
+            if c.step in self.windows_kept:
+                return
+            if len(self.windows_kept) >= KEEP_LIMIT or not _verifies(c, self.sc.workload.ranks):
+                return  # its window is not replayed (its fault is reported unverified), or an older copy serves
+            dst, tmp = keep / c.path.name, keep / (c.path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 tmp.mkdir(parents=True)
@@ -224,8 +230,9 @@ class Clock:
                     shutil.copyfile(f, tmp / f.name)
                 os.replace(tmp, dst)
                 self.windows_kept.append(c.step)
-            except OSError:  # rotated away between the listing and the link: a later one serves
+            except OSError:  # rotated away between the listing and the copy
                 shutil.rmtree(tmp, ignore_errors=True)
+            return
 
     # -- every round of the supervisor's loop ------------------------------------------------------
 
@@ -287,7 +294,8 @@ class Clock:
 
 # -- verification windows ------------------------------------------------------------------------
 
-def windows(events: list[dict[str, Any]], kept: list[int], hashes: dict[int, str]) -> list[dict[str, Any]]:
+def windows(events: list[dict[str, Any]], kept: list[int], hashes: dict[int, str],
+            max_span: int = 1 << 62) -> list[dict[str, Any]]:
     """The stretches to replay: for each injected fault, from the newest kept checkpoint at or before
     its step to the first checkpoint saved after the group trained past it (its state hash is what
     the replay must reach); overlapping stretches merged."""
@@ -306,6 +314,8 @@ def windows(events: list[dict[str, Any]], kept: list[int], hashes: dict[int, str
         if not ends:
             continue
         start = max(starts) if starts else 0
+        if step - start > max_span:
+            continue  # no copy near it (the copies ran out): not replayed, reported unverified
         out.append([start, min(ends), ev["fault_index"]])
     out.sort()
     merged: list[dict[str, Any]] = []
@@ -376,7 +386,7 @@ def assess(scenario: Scenario, result: Any, events: list[dict[str, Any]], rollup
     # step time: the median of the per-period medians of compute time (bounded memory over hours)
     medians: dict[int, float] = {}
     for r in range(n):
-        xs = [p["ranks"][str(r)]["median_compute_s"] for p in rollups if str(r) in p["ranks"]]
+        xs = _period_medians(rollups, r)
         if xs:
             medians[r] = statistics.median(xs)
     best = min(medians.values()) if medians else None
@@ -389,7 +399,7 @@ def assess(scenario: Scenario, result: Any, events: list[dict[str, Any]], rollup
                                            f"best rank's {best * 1000:.1f} ms (threshold {h.straggler_ratio:.2f}x)"))
     # against its own best: the last third of the burn-in against its best period (a rank that wears out)
     for r in range(n):
-        xs = [p["ranks"][str(r)]["median_compute_s"] for p in rollups if str(r) in p["ranks"]]
+        xs = _period_medians(rollups, r)
         if len(xs) >= 3:
             late, own_best = statistics.median(xs[-max(1, len(xs) // 3):]), min(xs)
             if own_best > 0 and late / own_best >= h.slowdown_ratio:
@@ -434,6 +444,14 @@ def assess(scenario: Scenario, result: Any, events: list[dict[str, Any]], rollup
                            "lemon_failures": h.lemon_failures}}
 
 
+def _period_medians(rollups: list[dict[str, Any]], rank: int, min_steps: int = 10) -> list[float]:
+    """A rank's median compute time per 10-second period, leaving out periods of a few steps (an outage,
+    a restart): one slow step there would weigh as much as a period of hundreds."""
+    rows = [p["ranks"][str(rank)] for p in rollups if str(rank) in p["ranks"]]
+    full = [x["median_compute_s"] for x in rows if x["n"] >= min_steps]
+    return full or [x["median_compute_s"] for x in rows]
+
+
 def _unexplained_findings(events: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     """Detector findings (`detection` events) at or before which no fault was injected into that attempt
     or the one before: what the detectors saw that the schedule did not cause."""
@@ -459,8 +477,7 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
     from burnin.harness.events import EventWriter, read_events
     from burnin.harness.preflight import check_device, check_out_dir
     from burnin.harness.runner import choose_fabric, make_run_dir, new_run_id
-    from burnin.harness.spares import SparePool, become_subreaper, spare_memory_ok
-    from burnin.harness.supervisor import Supervisor, rank_base_env
+    from burnin.harness.supervisor import Supervisor
     from burnin.reports.metrics import Metrics
     from burnin.reports.verdict import judge
 
@@ -484,12 +501,9 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
                                                                  "faults": schedule}, indent=1))
     metrics = Metrics()
     metrics.set_run(scenario.name, run_id)
-    w = sc.workload
-    pool = None
-    if sc.recovery.spares is not False and (sc.recovery.spares or spare_memory_ok(w.ranks)) and become_subreaper():
-        pool = SparePool(run_dir, session, fabric or _local(), sys.executable, rank_base_env(sc, session),
-                         ["--zygote", w.device, str(w.threads), w.kernels], lambda *a, **k: None)
-        pool.fill(range(w.ranks))
+    # One pool of warm spares for the whole burn-in and its replays, on loopback; with network namespaces
+    # the run keeps its own (its spares must live in them, and go before the namespaces do).
+    pool = _local_pool(sc, run_dir, session) if fabric is None else None
     t_start = time.time()
     # a resumed burn-in goes on where its timeline stopped: the downtime is not burn-in time
     clock = Clock(sc, run_dir, duration_s, clock0=t_start - before["elapsed_s"], on_progress=on_event,
@@ -515,14 +529,18 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
         wall = time.time() - clock.clock0
         events = read_events(run_dir / "events.jsonl")
         result = judge(events, sc, None, run_id=run_id, run_dir=str(run_dir), config_hash="burn-in")
-        wins = windows(events, sorted(set(clock.windows_kept)), clock.ckpt_hashes)
+        wins = windows(events, sorted(set(clock.windows_kept)), clock.ckpt_hashes,
+                       max_span=4 * sc.checkpoint.every)
         checked = []
         if interrupted is None:
+            if fabric is not None:  # the run's own pool lived in its namespaces, gone now: one on loopback
+                pool = _local_pool(sc, run_dir, session)
             for k, win in enumerate(wins):
                 if on_event:
                     on_event({"event": "window_replay", "k": k, "of": len(wins), "start": win["start"],
                               "end": win["end"], "t": time.time()})
                 checked.append(replay(sc, run_dir, session, win, pool, k))
+        shutil.rmtree(run_dir / "verify" / "checkpoints", ignore_errors=True)
     finally:
         if pool is not None:
             pool.close()
@@ -614,10 +632,17 @@ def _own_usage() -> dict[str, float]:
     return {"rss_mib": round(rss, 1), "fds": fds}
 
 
-def _local() -> Any:
-    from burnin.harness.supervisor import LocalFabric
+def _local_pool(sc: Scenario, run_dir: Path, session: str) -> Any:
+    from burnin.harness.spares import SparePool, become_subreaper, spare_memory_ok
+    from burnin.harness.supervisor import LocalFabric, rank_base_env
 
-    return LocalFabric()
+    w = sc.workload
+    if sc.recovery.spares is False or not (sc.recovery.spares or spare_memory_ok(w.ranks)) or not become_subreaper():
+        return None
+    pool = SparePool(run_dir, session, LocalFabric(), sys.executable, rank_base_env(sc, session),
+                     ["--zygote", w.device, str(w.threads), w.kernels], lambda *a, **k: None)
+    pool.fill(range(w.ranks))
+    return pool
 
 
 def _summary(scenario: Scenario, sc: Scenario, result: Any, events: list[dict[str, Any]], clock: Clock,

@@ -528,7 +528,8 @@ class Supervisor:
                                 self._faults[i].effect_scope, at, self._faults[i].effect_window_s(t))
                       for i, at in fired.items() if i not in self._explained or self._faults[i].recurring]
         ranks = [f.rank for f in specs]
-        pinned = {pin_detection(d, self._first_injected, ranks) for d in self._detections}
+        scoped = [f.effect_scope == "detector" for f in self._faults]
+        pinned = {pin_detection(d, self._first_injected, ranks, scoped) for d in self._detections}
         primary, explained = explained_by(evidence, candidates, pinned - {None})
         self._explained.update(explained)
         return primary, explained

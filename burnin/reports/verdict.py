@@ -110,10 +110,11 @@ def _attribute_detections(by_kind: dict[str, list[dict[str, Any]]],
     for t, i in injected:
         first_injection.setdefault(i, t)
     ranks = [f.rank for f in scenario.faults]
+    scoped = [f.build().effect_scope == "detector" for f in scenario.faults]
     per_fault: dict[int, list[dict[str, Any]]] = defaultdict(list)
     false_alarms = []
     for det in by_kind["detection"]:
-        pinned = pin_detection(det, first_injection, ranks)
+        pinned = pin_detection(det, first_injection, ranks, scoped)
         if pinned is None:
             false_alarms.append(det)
         else:
