@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["history_path", "connect", "record_run", "record_campaign", "record_burn_in", "select_runs",
-           "machine_info", "git_info"]
+           "machine_info", "git_info", "cpu_model"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -75,16 +75,20 @@ def connect(path: Path) -> sqlite3.Connection:
     return con
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (what makes float results differ between machines)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    return {"hostname": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "python": platform.python_version()}
 
 
 def git_info(cwd: str | Path | None = None) -> tuple[str | None, bool | None]:

@@ -140,28 +140,39 @@ def test_compare_says_same_worse_and_not_comparable_when_it_should(tmp_path: Pat
 
 @pytest.mark.slow
 def test_triage_groups_by_signature_and_marks_what_is_new(tmp_path: Path) -> None:
-    def run(tag: str, faults: str) -> Path:
-        path = tmp_path / f"{tag}.yaml"
-        path.write_text(f"name: {tag}\nworkload: {{steps: 14}}\nfaults:\n{faults}")
+    env = {"BURNIN_HISTORY": str(tmp_path / "h.sqlite")}  # this test's runs only
+
+    def run(tag: str, *args: str) -> Path:
         out = tmp_path / f"runs-{tag}"
-        proc = run_cli("run", str(path), "--out", str(out))
+        proc = run_cli("run", *args, "--out", str(out), env=env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return run_dir_of(out)
 
+    def scenario(tag: str, faults: str) -> str:
+        path = tmp_path / f"{tag}.yaml"
+        path.write_text(f"name: {tag}\nworkload: {{steps: 14}}\nfaults:\n{faults}")
+        return str(path)
+
     kill = "  - {fault: process.kill, rank: 1, step: %d, expect: recovered}\n"
-    base = run("base", kill % 5)
-    now1 = run("now", kill % 9 + "  - {fault: process.exception, rank: 0, step: 4, expect: recovered}\n")
-    proc = run_cli("triage", str(now1), str(base), "--baseline", str(base), "--json")
+    base = run("base", scenario("base", kill % 5))
+    now1 = run("now", scenario("now", kill % 9 + "  - {fault: process.exception, rank: 0, step: 4, expect: recovered}\n"))
+    # the story's latent kernel bug: crashes at data-dependent steps, and a kill of rank 1 at step 40
+    bug = run("bug", "latent-kernel-bug", "--steps", "45")
+    proc = run_cli("triage", str(now1), str(bug), str(base), "--baseline", str(base), "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     t = json.loads(proc.stdout)
     groups = {g["signature"]: g for g in t["groups"]}
-    # a kill at step 5 and one at step 9, in two runs: one signature (the step and the pid are erased)
+    # kills at steps 5, 9 and 40 in three runs: one signature (the step and the pid are erased)
     (killed,) = [g for s, g in groups.items() if s.startswith("killed")]
-    assert killed["count"] == 2 and killed["runs"] == 2 and killed["steps"] and killed["status"] == "ongoing"
+    assert killed["count"] == 3 and killed["runs"] == 3 and killed["status"] == "ongoing"
     assert killed["explained_by"] == ["process.kill"] and killed["reproduces"] == 1.0
     (exc,) = [g for s, g in groups.items() if s.startswith("exception")]
     assert exc["status"] == "new" and exc["explained_by"] == ["process.exception"] and exc["reproduces"] == 1.0
-    md = run_cli("triage", str(now1), "--baseline", str(base))
+    # the bug's crashes: groups of their own, explained by the bug, none by the kill
+    crashes = [g for g in t["groups"] if "memory.latent_kernel_bug" in g["explained_by"]]
+    assert crashes and all(g["status"] == "new" and g["runs"] == 1 and 0 in g["ranks"] for g in crashes), crashes
+    assert t["causes"]["memory.latent_kernel_bug"] == [g["signature"] for g in crashes]
+    md = run_cli("triage", str(now1), "--baseline", str(base), env=env)
     assert md.returncode == 0 and "| new |" in md.stdout and "`killed: SIGKILL`" in md.stdout, md.stdout
 
 

@@ -78,14 +78,9 @@ def _environment() -> dict[str, Any]:
         except PackageNotFoundError:
             return "none"
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from burnin.history import cpu_model
+
+    cpu = cpu_model()
     return {"torch": ver("torch"), "triton": ver("triton"), "burnin": ver("burnin"),
             "python": sys.version.split()[0], "machine": platform.machine(), "cpu": cpu, "code": _code_fingerprint()}
 

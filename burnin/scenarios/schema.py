@@ -180,6 +180,38 @@ class VaryRange(_Model):
         return self
 
 
+def _known_fault(name: str) -> str:
+    from burnin.faults import registry
+
+    try:
+        registry.get(name)
+    except registry.UnknownFault as exc:
+        # pydantic turns only ValueError into a validation error; anything else escapes validation
+        raise ValueError(str(exc)) from None
+    return name
+
+
+def _valid_params(params: dict[str, Any], fault: str | None) -> dict[str, Any]:
+    from burnin.faults import registry
+
+    if fault is not None:
+        # A ValidationError raised in a validator keeps its locations: faults.N.params.<field>
+        params_model(registry.get(fault).Params, params)
+    return params
+
+
+def _known_point(point: str, fault: str | None) -> None:
+    """A step point that exists, and at which `fault` (when known) can act."""
+    from burnin.faults import registry
+
+    if point not in STEP_POINTS:
+        raise ValueError(f"unknown step point {short(point)}; expected one of: {', '.join(STEP_POINTS)}")
+    if fault is not None:
+        points = registry.get(fault).points
+        if point not in points:
+            raise ValueError(f"{fault} acts at {', '.join(points)}, not at {short(point)}")
+
+
 class FaultSpec(_Model):
     """One fault: which, where (rank, step, point), its parameters, and the expected outcome."""
 
@@ -203,40 +235,20 @@ class FaultSpec(_Model):
     @field_validator("fault")
     @classmethod
     def _known_fault(cls, name: str) -> str:
-        from burnin.faults import registry
-
-        try:
-            registry.get(name)
-        except registry.UnknownFault as exc:
-            # pydantic turns only ValueError into a validation error; anything else escapes validation
-            raise ValueError(str(exc)) from None
-        return name
+        return _known_fault(name)
 
     # Fields validate in declaration order, so `fault` (when valid) is in info.data here and below.
     @field_validator("point")
     @classmethod
     def _known_point(cls, point: str | None, info: ValidationInfo) -> str | None:
-        from burnin.faults import registry
-
-        if point is None:
-            return None
-        if point not in STEP_POINTS:
-            raise ValueError(f"unknown step point {short(point)}; expected one of: {', '.join(STEP_POINTS)}")
-        if "fault" in info.data:
-            points = registry.get(info.data["fault"]).points
-            if point not in points:
-                raise ValueError(f"{info.data['fault']} acts at {', '.join(points)}, not at {short(point)}")
+        if point is not None:
+            _known_point(point, info.data.get("fault"))
         return point
 
     @field_validator("params")
     @classmethod
     def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from burnin.faults import registry
-
-        if "fault" in info.data:
-            # A ValidationError raised in a validator keeps its locations: faults.N.params.<field>
-            params_model(registry.get(info.data["fault"]).Params, params)
-        return params
+        return _valid_params(params, info.data.get("fault"))
 
     @property
     def at(self) -> str:
@@ -281,35 +293,19 @@ class BurnInFault(_Model):
     @field_validator("fault")
     @classmethod
     def _known_fault(cls, name: str) -> str:
-        from burnin.faults import registry
-
-        try:
-            registry.get(name)
-        except registry.UnknownFault as exc:
-            raise ValueError(str(exc)) from None
-        return name
+        return _known_fault(name)
 
     @field_validator("points")
     @classmethod
     def _known_points(cls, points: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        from burnin.faults import registry
-
         for p in points or []:
-            if p not in STEP_POINTS:
-                raise ValueError(f"unknown step point {short(p)}; expected one of: {', '.join(STEP_POINTS)}")
-            if "fault" in info.data and p not in registry.get(info.data["fault"]).points:
-                raise ValueError(f"{info.data['fault']} acts at {', '.join(registry.get(info.data['fault']).points)}, "
-                                 f"not at {short(p)}")
+            _known_point(p, info.data.get("fault"))
         return points
 
     @field_validator("params")
     @classmethod
     def _valid_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from burnin.faults import registry
-
-        if "fault" in info.data:
-            params_model(registry.get(info.data["fault"]).Params, params)
-        return params
+        return _valid_params(params, info.data.get("fault"))
 
     @model_validator(mode="after")
     def _one_rate(self) -> "BurnInFault":
