@@ -76,6 +76,20 @@ def test_bad_burn_in_flags_are_one_line(args: list[str], needle: str, tmp_path: 
         parse_duration("-5")
 
 
+@pytest.mark.parametrize("section, needle", [
+    ("burn_in: {duration_s: 20, quiet_start_s: 15, quiet_end_s: 5}", "burn_in: quiet_start_s"),
+    ("burn_in: {duration_s: 604800, faults: [{fault: process.kill, per_hour: 300000}]}", "lower the rates"),
+    ("burn_in: {faults: [{fault: process.kill}]}", "per_hour or as mtbf_s"),
+    ("burn_in: {faults: [{fault: process.kill, per_hour: 1, ranks: [5]}]}", "burn_in.faults.0.ranks"),
+])
+def test_validate_refuses_a_burn_in_that_cannot_run(section: str, needle: str, tmp_path: Path) -> None:
+    path = tmp_path / "b.yaml"
+    path.write_text("name: b\n" + section + "\n")
+    proc = run_cli("validate", str(path))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+
+
 def test_a_rotated_stream_is_followed_without_losing_an_event(tmp_path: Path) -> None:
     path = tmp_path / "rank0.jsonl"
     w = EventWriter(path, rotate_bytes=2000)

@@ -344,6 +344,17 @@ class BurnIn(_Model):
     faults: list[BurnInFault] = Field(default_factory=list, max_length=100)
     health: BurnInHealth = Field(default_factory=BurnInHealth)
 
+    @model_validator(mode="after")
+    def _time_for_faults(self) -> "BurnIn":
+        if self.quiet_start_s + self.quiet_end_s >= self.duration_s:
+            raise ValueError(f"quiet_start_s ({self.quiet_start_s:g}) and quiet_end_s ({self.quiet_end_s:g}) leave no "
+                             f"time for faults in duration_s={self.duration_s:g}; shorten them or run longer")
+        expected = sum(f.rate_per_s for f in self.faults) * (self.duration_s - self.quiet_start_s - self.quiet_end_s)
+        if expected > 25_000:
+            raise ValueError(f"the rates draw about {expected:.0f} faults in duration_s={self.duration_s:g}, more than "
+                             "a schedule holds (25000 expected); lower the rates or the duration")
+        return self
+
 
 class Expect(_Model):
     """Run-level expectations, each a JUnit testcase."""
