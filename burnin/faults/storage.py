@@ -46,21 +46,10 @@ class CheckpointCorrupt(Fault):
         p = self.params
         target: Path = ckpt.path / (checkpoint.MODEL_FILE if p.file == "model" else checkpoint.rank_file(ctx.rank))
         size = target.stat().st_size
+        out = {"checkpoint_step": ckpt.step, "file": target.name, "mode": p.mode}
         if p.mode == "truncate":
-            keep = int(size * p.keep_fraction)
-            os.truncate(target, keep)
-            return {"checkpoint_step": ckpt.step, "file": target.name, "mode": "truncate", "size": size, "kept": keep}
-        rng = random.Random(p.seed)
-        offsets = sorted(rng.sample(range(size), min(p.nbytes, size)))
-        with open(target, "r+b") as fh:
-            for off in offsets:
-                fh.seek(off)
-                b = fh.read(1)[0]
-                fh.seek(off)
-                fh.write(bytes([b ^ 0xFF]))
-            fh.flush()
-            os.fsync(fh.fileno())
-        return {"checkpoint_step": ckpt.step, "file": target.name, "mode": "flip", "offsets": offsets[:16]}
+            return {**out, "size": size, "kept": _damage(target, size, p)}
+        return {**out, "offsets": _damage(target, size, p)}
 
 
 class SnapshotCorruptParams(BaseModel):
@@ -110,19 +99,25 @@ class SnapshotCorrupt(Fault):
         out: dict[str, Any] = {"snapshot_step": damaged[0][0], "snapshot_steps": [s for s, _, _ in damaged],
                                "files": [path.name for _, path, _ in damaged], "rank": ctx.rank, "mode": p.mode}
         for _, path, used in damaged:
-            if p.mode == "truncate":
-                keep = int(used * p.keep_fraction)
-                os.truncate(path, keep)
-                out.setdefault("kept", []).append(keep)
-                continue
             # within the bytes the slot's checksums cover (the file has spare room after them)
-            rng = random.Random(p.seed)
-            offsets = sorted(rng.sample(range(used), min(p.nbytes, used)))
-            with open(path, "r+b") as fh:
-                for off in offsets:
-                    fh.seek(off)
-                    b = fh.read(1)[0]
-                    fh.seek(off)
-                    fh.write(bytes([b ^ 0xFF]))
-            out.setdefault("offsets", []).append(offsets[:16])
+            out.setdefault("kept" if p.mode == "truncate" else "offsets", []).append(_damage(path, used, p))
         return out
+
+
+def _damage(path: Path, size: int, p: Any) -> Any:
+    """Truncate `path` to `keep_fraction` of `size` (returns the bytes kept), or flip `nbytes` bytes drawn
+    from its first `size` by `seed` (returns the first 16 offsets); flushed to the device."""
+    if p.mode == "truncate":
+        keep = int(size * p.keep_fraction)
+        os.truncate(path, keep)
+        return keep
+    offsets = sorted(random.Random(p.seed).sample(range(size), min(p.nbytes, size)))
+    with open(path, "r+b") as fh:
+        for off in offsets:
+            fh.seek(off)
+            b = fh.read(1)[0]
+            fh.seek(off)
+            fh.write(bytes([b ^ 0xFF]))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return offsets[:16]

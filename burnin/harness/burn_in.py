@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -237,7 +236,7 @@ class Clock:
     # -- every round of the supervisor's loop ------------------------------------------------------
 
     def poll(self, sup: Any, ranks: list[Any], now: float) -> None:
-        from burnin.harness import checkpoint
+        from burnin.harness import checkpoint, cleanup
 
         end = self.clock0 + self.duration_s
         if now >= end and self.stopping_at is None:
@@ -245,7 +244,8 @@ class Clock:
         while self.pending and self.pending[0][0] <= now and self.stopping_at is None:
             if not self.attempt_progressed or len(self.in_flight) >= self.max_in_flight:
                 break  # a recovery in progress, or enough faults in flight: the arrival waits
-            if any(r.proc.poll() is not None or r.error is not None or _zombie(r.proc.pid) for r in ranks):
+            if any(r.proc.poll() is not None or r.error is not None
+                   or cleanup.proc_state(r.proc.pid) in (None, "Z", "X") for r in ranks):
                 break  # a rank is already failing: the failure is being decided
             _, index = self.pending.pop(0)
             spec = self.sc.faults[index]
@@ -611,14 +611,6 @@ def _alive_burnin(pid: int) -> bool:
         return False
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
-
-
 def _own_usage() -> dict[str, float]:
     """This process's resident memory (MiB) and open file descriptors."""
     rss = 0.0
@@ -633,16 +625,9 @@ def _own_usage() -> dict[str, float]:
 
 
 def _local_pool(sc: Scenario, run_dir: Path, session: str) -> Any:
-    from burnin.harness.spares import SparePool, become_subreaper, spare_memory_ok
-    from burnin.harness.supervisor import LocalFabric, rank_base_env
+    from burnin.harness.spares import open_pool
 
-    w = sc.workload
-    if sc.recovery.spares is False or not (sc.recovery.spares or spare_memory_ok(w.ranks)) or not become_subreaper():
-        return None
-    pool = SparePool(run_dir, session, LocalFabric(), sys.executable, rank_base_env(sc, session),
-                     ["--zygote", w.device, str(w.threads), w.kernels], lambda *a, **k: None)
-    pool.fill(range(w.ranks))
-    return pool
+    return open_pool(sc, run_dir, session)[0]
 
 
 def _summary(scenario: Scenario, sc: Scenario, result: Any, events: list[dict[str, Any]], clock: Clock,
@@ -716,8 +701,6 @@ def _usage_trend(rollups: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
-    from xml.sax.saxutils import escape, quoteattr
-
     from burnin.harness.checkpoint import atomic_write
 
     atomic_write(run_dir / "burn-in.json", json.dumps(summary, indent=1, default=str).encode())
@@ -777,14 +760,13 @@ def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
     for wdw in summary["recovery"]["windows"]:
         lines.append(f"| {wdw['start']} | {wdw['end']} | {', '.join(map(str, wdw['faults']))} | {wdw['exact']} |")
     atomic_write(run_dir / "burn-in.md", ("\n".join(lines) + "\n").encode())
-    cases = []
-    for r in h["ranks"]:
-        body = "" if r["verdict"] == "healthy" else \
-            f'<failure message={quoteattr(r["verdict"] + ": " + "; ".join(r["reasons"]))}/>'
-        cases.append(f'<testcase classname="burn-in.{escape(summary["scenario"])}" name="rank {r["rank"]}">{body}</testcase>')
-    rec_body = "" if summary["recovery"]["ok"] else '<failure message="an injected fault was not recovered exactly"/>'
-    cases.append(f'<testcase classname="burn-in.{escape(summary["scenario"])}" name="recovery">{rec_body}</testcase>')
-    fails = sum(1 for r in h["ranks"] if r["verdict"] != "healthy") + (0 if summary["recovery"]["ok"] else 1)
-    xml = (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name="burn-in" tests="{len(cases)}" '
-           f'failures="{fails}" time="{summary["wall_s"]:.1f}">\n' + "\n".join(cases) + "\n</testsuite>\n")
+    from burnin.reports.writers import junit_xml
+
+    cases = [(f"rank {r['rank']}", r["verdict"] == "healthy", f"{r['verdict']}: " + "; ".join(r["reasons"]))
+             for r in h["ranks"]]
+    cases.append(("recovery", summary["recovery"]["ok"], "an injected fault was not recovered exactly"))
+    xml = junit_xml(f"burn-in.{summary['scenario']}", cases, wall_s=summary["wall_s"],
+                    started_at=time.time() - summary["wall_s"], error=summary["error"],
+                    properties={"run_dir": run_dir, "seed": summary["seed"], "duration_s": summary["duration_s"]},
+                    system_out=(run_dir / "burn-in.md").read_text())
     atomic_write(run_dir / "junit.xml", xml.encode())

@@ -22,7 +22,7 @@ from burnin.harness.events import read_events
 from burnin.harness.supervisor import Supervisor
 from burnin.scenarios.schema import FaultSpec, Scenario
 
-__all__ = ["draw_trials", "run_campaign", "summarize", "wilson"]
+__all__ = ["draw_trials", "outcome_rates", "run_campaign", "summarize", "wilson"]
 
 SCHEMA_VERSION = 1
 Z95 = 1.959963984540054
@@ -37,6 +37,16 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def outcome_rates(outcomes: list[str]) -> dict[str, dict[str, Any]]:
+    """Per outcome: count, rate and its 95 % Wilson interval."""
+    n = len(outcomes)
+    out = {}
+    for o in ("recovered", "masked", "detected", "sdc", "failed"):
+        k = outcomes.count(o)
+        out[o] = {"count": k, "rate": k / n if n else 0.0, "ci95": list(wilson(k, n))}
+    return out
 
 
 def draw_trials(scenario: Scenario, trials: int, seed: int) -> list[dict[str, Any]]:
@@ -116,11 +126,7 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[
     """Outcome rates with Wilson intervals and the detector scorecard. Deterministic for a seed."""
     judged = sorted((_judge_trial(t) for t in trials), key=lambda t: t["trial"])
     n = len(judged)
-    outcomes = {}
-    for o in ("recovered", "masked", "detected", "sdc", "failed"):
-        k = sum(t["outcome"] == o for t in judged)
-        lo, hi = wilson(k, n)
-        outcomes[o] = {"count": k, "rate": k / n if n else 0.0, "ci95": [lo, hi]}
+    outcomes = outcome_rates([t["outcome"] for t in judged])
     detectors = sorted({d for t in judged for d in t["detectors"]} |
                        {name for name, v in scenario.detectors.model_dump().items() if v is not None})
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)

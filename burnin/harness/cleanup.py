@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["state_dir", "register", "unregister", "register_network", "unregister_network", "kill_group",
-           "sweep", "set_parent_death_signal", "process_start_time"]
+           "sweep", "set_parent_death_signal", "process_start_time", "proc_state"]
 
 
 def state_dir() -> Path:
@@ -136,6 +136,15 @@ def kill_group(pid: int) -> None:
             kill()
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def proc_state(pid: int) -> str | None:
+    """The one-letter state of a process (R, S, D, T, Z, ...), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b") ", 1)[1][:1].decode()
+    except (OSError, IndexError):
+        return None
 
 
 def _alive(pid: int) -> bool:

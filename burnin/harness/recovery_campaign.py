@@ -18,7 +18,6 @@ rate, recovery time per fault and phase as p50/p90/p99, and lost steps.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -78,21 +77,12 @@ def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[s
                record: Callable[[dict[str, Any]], None], on_event: Callable[[dict[str, Any]], None] | None,
                metrics: Any) -> None:
     """Run the trials of `plan` not in `done`, one supervised run each, over one spare pool."""
-    from burnin.harness.events import read_events
     from burnin.harness.golden import get_golden, golden_key
-    from burnin.harness.spares import SparePool, become_subreaper, spare_memory_ok
-    from burnin.harness.supervisor import LocalFabric, Supervisor, rank_base_env
-    from burnin.reports.verdict import judge
+    from burnin.harness.runner import run_judged
+    from burnin.harness.spares import open_pool
     from burnin.reports.writers import write_reports
 
-    w = scenario.workload
-    (run_dir / "ranks").mkdir(exist_ok=True)
-    pool = None
-    if scenario.recovery.spares is not False and (scenario.recovery.spares or spare_memory_ok(w.ranks)) \
-            and become_subreaper():
-        pool = SparePool(run_dir, run_id, LocalFabric(), sys.executable, rank_base_env(scenario, run_id),
-                         ["--zygote", w.device, str(w.threads), w.kernels], lambda *a, **k: None)
-        pool.fill(range(w.ranks))
+    pool, _ = open_pool(scenario, run_dir, run_id)
     goldens: dict[str, Any] = {}
     try:
         for trial in plan:
@@ -112,10 +102,9 @@ def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[s
             if on_event:
                 on_event({"event": "trial_started", "trial": k, "t": time.time()})
             t0 = time.time()
-            Supervisor(sc, tdir, run_id, metrics=metrics, pool=pool).run()
+            result, events = run_judged(sc, tdir, run_id, golden=golden, pool=pool, metrics=metrics,
+                                        judged_as=f"{run_id}/trials/{k:04d}")
             wall = time.time() - t0
-            events = read_events(tdir / "events.jsonl")
-            result = judge(events, sc, golden, run_id=f"{run_id}/trials/{k:04d}", run_dir=str(tdir), config_hash=key)
             if metrics is not None:
                 metrics.from_result(result)
             write_reports(result, tdir)
@@ -162,17 +151,9 @@ def _percentiles(xs: list[float]) -> dict[str, float | None]:
 
 def summarize(scenario: Scenario, trials: list[dict[str, Any]]) -> dict[str, Any]:
     """Outcome and exact rates with Wilson intervals, recovery percentiles per fault and phase, lost steps."""
-    from burnin.harness.campaign import SCHEMA_VERSION, wilson
+    from burnin.harness.campaign import SCHEMA_VERSION, outcome_rates, wilson
 
     trials = sorted(trials, key=lambda t: t["trial"])
-
-    def rates(ts: list[dict[str, Any]]) -> dict[str, Any]:
-        n = len(ts)
-        out = {}
-        for o in OUTCOMES:
-            k = sum(t["outcome"] == o for t in ts)
-            out[o] = {"count": k, "rate": k / n if n else 0.0, "ci95": list(wilson(k, n))}
-        return out
 
     def block(ts: list[dict[str, Any]]) -> dict[str, Any]:
         n = len(ts)
@@ -181,7 +162,7 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]]) -> dict[str, Any
         recs = [t["recovery"] for t in ts if t["recovery"]]
         return {
             "trials": n,
-            "outcomes": rates(ts),
+            "outcomes": outcome_rates([t["outcome"] for t in ts]),
             "exact": {"count": exact, "rate": exact / n if n else 0.0, "ci95": list(wilson(exact, n))},
             "recovery_s": {p: _percentiles([r[p] for r in recs if r.get(p) is not None]) for p in PHASES},
             "lost_steps": {"n": len(lost), "max": max(lost, default=None),

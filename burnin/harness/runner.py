@@ -21,7 +21,7 @@ from burnin.reports.result import RunResult
 from burnin.reports.verdict import judge
 from burnin.scenarios.schema import Scenario
 
-__all__ = ["run_scenario", "rebuild_reports", "new_run_id", "choose_fabric"]
+__all__ = ["run_scenario", "run_judged", "rebuild_reports", "new_run_id", "choose_fabric"]
 
 
 def new_run_id(name: str) -> str:
@@ -89,6 +89,20 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     except KeyboardInterrupt:  # the run is over and reported: Ctrl-C only cuts the linger short
         metrics.stop()
     return result
+
+
+def run_judged(scenario: Scenario, run_dir: Path, run_id: str, *, golden: GoldenRecord | None = None,
+               pool: Any = None, fabric: Any = None, metrics: Any = None,
+               judged_as: str | None = None) -> tuple[RunResult, list[dict[str, Any]]]:
+    """One supervised run in `run_dir` (its ranks forked from `pool` when given, a pool that outlives it),
+    judged against its golden run (`golden`, or the cached one): what a campaign trial or a shrink
+    candidate is. Returns the result and the run's events; writes no reports."""
+    golden = golden if golden is not None else get_golden(scenario)[0]
+    Supervisor(scenario, run_dir, run_id, metrics=metrics, fabric=fabric, pool=pool).run()
+    events = read_events(Path(run_dir) / "events.jsonl")
+    result = judge(events, scenario, golden, run_id=judged_as or run_id, run_dir=str(run_dir),
+                   config_hash=golden_key(scenario))
+    return result, events
 
 
 def make_run_dir(out: Path, run_id: str, scenario_json: str, metrics: Any = None) -> Path:

@@ -56,29 +56,21 @@ class Runner:
 
     def __init__(self, out: Path, max_runs: int, say: Callable[[str], None]):
         self.out, self.max_runs, self.say, self.runs = out, max_runs, say, 0
-        self.pool = None
+        self.pool: Any = None
+        self.ranks = 0
 
     def _pool(self, sc: Scenario) -> Any:
-        from burnin.harness.spares import SparePool, become_subreaper, spare_memory_ok
-        from burnin.harness.supervisor import LocalFabric, rank_base_env
+        """The pool, made for the first candidate; None for a candidate with another number of ranks."""
+        from burnin.harness.spares import open_pool
 
-        if self.pool is None and sc.recovery.spares is not False and spare_memory_ok(sc.workload.ranks) \
-                and become_subreaper():
-            w = sc.workload
-            self.pool = SparePool(self.out, "shrink", LocalFabric(), sys.executable, rank_base_env(sc, "shrink"),
-                                  ["--zygote", w.device, str(w.threads), w.kernels], lambda *a, **k: None)
-            self.pool.slots = w.ranks
-            (self.out / "ranks").mkdir(parents=True, exist_ok=True)
-            self.pool.fill(range(w.ranks))
-        return self.pool if self.pool is not None and self.pool.slots == sc.workload.ranks else None
+        if self.pool is None:
+            self.pool, _ = open_pool(sc, self.out, "shrink")
+            self.ranks = sc.workload.ranks
+        return self.pool if self.ranks == sc.workload.ranks else None
 
     def fails_same(self, data: dict[str, Any], key0: set[str], what: str) -> bool | None:
         """True/False; None when the budget is spent."""
-        from burnin.harness.events import read_events
-        from burnin.harness.golden import get_golden, golden_key
-        from burnin.harness.runner import choose_fabric
-        from burnin.harness.supervisor import Supervisor
-        from burnin.reports.verdict import judge
+        from burnin.harness.runner import choose_fabric, run_judged
 
         if self.runs >= self.max_runs:
             return None
@@ -86,11 +78,8 @@ class Runner:
         sc = Scenario.model_validate(data)
         run_id = f"shrink-{self.runs:03d}"
         sc, fabric = choose_fabric(sc, run_id)
-        golden, _ = get_golden(sc)
-        rdir = self.out / run_id
-        Supervisor(sc, rdir, run_id, fabric=fabric, pool=self._pool(sc) if fabric is None else None).run()
-        result = judge(read_events(rdir / "events.jsonl"), sc, golden, run_id=run_id, run_dir=str(rdir),
-                       config_hash=golden_key(sc))
+        result, _ = run_judged(sc, self.out / run_id, run_id, fabric=fabric,
+                               pool=self._pool(sc) if fabric is None else None)
         key = failure_key(result)
         same = bool(key) and key0 <= key
         self.say(f"run {self.runs:>3}/{self.max_runs}: {what}: "

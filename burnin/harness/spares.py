@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["ForkedProc", "Spare", "SparePool", "become_subreaper", "spare_memory_ok"]
+__all__ = ["ForkedProc", "Spare", "SparePool", "become_subreaper", "open_pool", "spare_memory_ok"]
 
 #: What one slot of the pool costs in memory (the zygote's resident set after the warm-up, measured on
 #: the tiny model on CPU: ~380 MiB; its forks share most of it), with a margin: the pool is on by
@@ -79,7 +79,9 @@ class ForkedProc:
         except ChildProcessError:
             # Not (yet) this process's child: the middle process of the zygote's double fork has not
             # exited yet, or the process is gone and was reaped elsewhere.
-            if _alive(self.pid):
+            from burnin.harness.cleanup import proc_state
+
+            if proc_state(self.pid) not in (None, "Z", "X"):
                 return None
             self.returncode = -9
             return self.returncode
@@ -95,14 +97,6 @@ class ForkedProc:
                 raise subprocess.TimeoutExpired(self.args, timeout)
             time.sleep(0.005)
         return self.returncode  # type: ignore[return-value]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
 
 
 @dataclass
@@ -167,6 +161,30 @@ def spare_memory_ok(ranks: int) -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return False
+
+
+def open_pool(scenario: Any, run_dir: Path, run_id: str, fabric: Any = None, emit: Callable[..., Any] | None = None,
+              python: str | None = None) -> tuple[SparePool | None, str | None]:
+    """A started pool (one zygote per rank slot, each with a spare forked) for `scenario`'s ranks, or None
+    and why not: `recovery.spares: false`; by default, too little memory; a kernel without child subreapers."""
+    import sys
+
+    from burnin.harness.supervisor import LocalFabric, rank_base_env
+
+    w = scenario.workload
+    want = scenario.recovery.spares
+    if want is False:
+        return None, "recovery.spares is false"
+    if want is None and not spare_memory_ok(w.ranks):
+        return None, "not enough available memory for one spare per rank"
+    if not become_subreaper():
+        return None, "this kernel refuses PR_SET_CHILD_SUBREAPER, which the pool needs"
+    (Path(run_dir) / "ranks").mkdir(parents=True, exist_ok=True)
+    pool = SparePool(Path(run_dir), run_id, fabric or LocalFabric(), python or sys.executable,
+                     rank_base_env(scenario, run_id), ["--zygote", w.device, str(w.threads), w.kernels],
+                     emit or (lambda *a, **k: None))
+    pool.fill(range(w.ranks))  # the zygotes warm up once; the first attempt's ranks are their first forks
+    return pool, None
 
 
 class SparePool:

@@ -24,7 +24,7 @@ from burnin.harness.attribution import Candidate, Evidence, explained_by, pin_de
 from burnin.harness.classify import classify_error, classify_exit, signature
 from burnin.harness.events import EventWriter, Tail
 from burnin.harness.netwatch import NetworkWatch
-from burnin.harness.spares import SparePool, become_subreaper, spare_memory_ok
+from burnin.harness.spares import SparePool, open_pool
 from burnin.scenarios.schema import HEARTBEAT_PERIOD_S, Scenario
 
 __all__ = ["Supervisor", "OutOfRankContext", "LocalFabric", "classify_exit", "classify_error", "signature"]
@@ -305,21 +305,11 @@ class Supervisor:
     def _spare_pool(self) -> SparePool | None:
         """One warm spare per rank, when the run can restart (`recovery.spares`, default: where memory allows)."""
         sc = self.scenario
-        can_restart = sc.recovery.mode != "none" and sc.recovery.max_restarts > 0 and not self.golden
-        want = sc.recovery.spares
-        if not can_restart or want is False:
+        if sc.recovery.mode == "none" or sc.recovery.max_restarts == 0 or self.golden:
             return None
-        if want is None and not spare_memory_ok(sc.workload.ranks):
-            self._emit("spares_off", reason="not enough available memory for one spare per rank")
-            return None
-        if not become_subreaper():
-            self._emit("spares_off", reason="this kernel refuses PR_SET_CHILD_SUBREAPER, which the pool needs")
-            return None
-        w = sc.workload
-        pool = SparePool(self.run_dir, self.run_id, self.fabric, self.python, self._base_env(),
-                         ["--zygote", w.device, str(w.threads), w.kernels], self._emit)
-        # The zygotes warm up once; the first attempt's ranks are their first forks.
-        pool.fill(range(w.ranks))
+        pool, why = open_pool(sc, self.run_dir, self.run_id, self.fabric, self._emit, self.python)
+        if pool is None and sc.recovery.spares is not False:
+            self._emit("spares_off", reason=why)
         return pool
 
     def _from_pool(self, rank: int, attempt: int, env: dict[str, str], log: Path) -> Any:
@@ -501,7 +491,7 @@ class Supervisor:
         another fault is seen here, long before its heartbeat goes stale."""
         found = []
         for r in ranks:
-            if r.proc.poll() is None and _proc_state(r.proc.pid) in ("T", "t"):
+            if r.proc.poll() is None and cleanup.proc_state(r.proc.pid) in ("T", "t"):
                 found.append(Evidence("stopped", r.rank, "hang", "process stopped (state T)", now))
         return found
 
@@ -603,15 +593,6 @@ def rank_base_env(scenario: Scenario, run_id: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
             "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "BURNIN_RUN_ID": run_id,
             "BURNIN_SUPERVISOR_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-
-
-def _proc_state(pid: int) -> str | None:
-    """The one-letter state of a process (R, S, D, T, Z, ...), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b") ", 1)[1][:1].decode()
-    except (OSError, IndexError):
-        return None
 
 
 def _free_port() -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from burnin.errors import UserError
+from burnin.harness.campaign import wilson
 
 __all__ = ["load_side", "compare", "markdown"]
 
@@ -34,12 +35,6 @@ Z95 = 1.959963984540054
 #: +1: higher is better; -1: higher is worse; 0: neither (a difference is reported, not judged)
 POLARITY = {"recovered": 1, "masked": 0, "detected": -1, "sdc": -1, "failed": -1, "detection": 1, "exact": 1}
 TIME_SAME = 0.10
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    from burnin.harness.campaign import wilson as _w
-
-    return _w(k, n, z)
 
 
 # -- the two sides ---------------------------------------------------------------------------------

@@ -122,6 +122,17 @@ def _attribute_detections(by_kind: dict[str, list[dict[str, Any]]],
     return per_fault, false_alarms
 
 
+def _rejected(res: FaultResult, detector: str, reject: dict[str, Any], damaged_step: int,
+              by_kind: dict[str, list[dict[str, Any]]]) -> None:
+    """A damaged checkpoint or snapshot that a resume rejected by its checksum: detected then, and the
+    steps the fallback cost beyond it (from the resume that followed)."""
+    res.detected_by, res.cause = detector, reject["reason"]
+    res.detection_latency_s = reject["t"] - res.injected_at
+    resumed = next((ev for ev in by_kind["resumed"] if ev.get("rank") == 0 and ev["t"] >= reject["t"]), None)
+    if resumed is not None:
+        res.lost_steps = max(0, damaged_step - (resumed.get("from_step") or 0))
+
+
 def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], failures: list[Failure],
                   finished: bool, exact: bool, detections: list[dict[str, Any]]) -> FaultResult:
     injected_ev = next((ev for ev in by_kind["fault_injected"] if ev["fault_index"] == i), None)
@@ -167,12 +178,7 @@ def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], f
         reject = next((ev for ev in by_kind["checkpoint_rejected"]
                        if ev["checkpoint_step"] == damaged and ev["t"] >= res.injected_at), None)
         if reject is not None:
-            res.detected_by, res.cause = "checkpoint_checksum", reject["reason"]
-            res.detection_latency_s = reject["t"] - res.injected_at
-            resumed = next((ev for ev in by_kind["resumed"]
-                            if ev.get("rank") == 0 and ev["t"] >= reject["t"]), None)
-            if resumed is not None:
-                res.lost_steps = damaged - (resumed.get("from_step") or 0)  # extra steps lost to the fallback
+            _rejected(res, "checkpoint_checksum", reject, damaged, by_kind)
     # A damaged memory snapshot likewise, when the owning rank rejects one of the damaged slots (by its
     # file: a header too damaged to name its step still names the slot).
     snap = details.get("snapshot_step")
@@ -183,12 +189,7 @@ def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], f
                        and ev.get("snapshot_step") in (*(details.get("snapshot_steps") or [snap]), None)
                        and ev["t"] >= res.injected_at), None)
         if reject is not None:
-            res.detected_by, res.cause = "snapshot_checksum", reject["reason"]
-            res.detection_latency_s = reject["t"] - res.injected_at
-            resumed = next((ev for ev in by_kind["resumed"]
-                            if ev.get("rank") == 0 and ev["t"] >= reject["t"]), None)
-            if resumed is not None:
-                res.lost_steps = max(0, snap - (resumed.get("from_step") or 0))  # extra steps lost to the fallback
+            _rejected(res, "snapshot_checksum", reject, snap, by_kind)
     res.outcome = _outcome(res.injected, res.detected_by is not None, finished, exact)
     return res
 

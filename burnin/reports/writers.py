@@ -117,41 +117,47 @@ def _x(value: Any) -> str:
     return _XML_ILLEGAL.sub("?", "" if value is None else str(value))
 
 
-def _junit_xml(result: RunResult) -> str:
-    suite_name = f"burnin.{result.scenario}"
-    cases: list[ET.Element] = []
+def junit_xml(suite_name: str, cases: list[tuple[str, bool, str]], *, wall_s: float, started_at: float,
+              properties: dict[str, Any], error: str | None = None, system_out: str = "") -> str:
+    """A JUnit document of one suite: a testcase per (name, ok, message), plus a `harness` testcase with
+    an <error> when a harness error ended the run (JUnit's <error> keeps it apart from a failed check)."""
+    elements: list[ET.Element] = []
     failures = errors = 0
-    for e in result.expectations:
-        case = ET.Element("testcase", classname=_x(suite_name), name=_x(e.name), time="0")
-        if not e.ok:
+    for name, ok, message in cases:
+        case = ET.Element("testcase", classname=_x(suite_name), name=_x(name), time="0")
+        if not ok:
             failures += 1
-            failure = ET.SubElement(case, "failure", message=_x(e.message), type="expectation")
-            failure.text = _x(e.message)
-        cases.append(case)
-    if result.error is not None:
-        # A harness error is not a failed expectation; JUnit's <error> keeps the two apart in CI.
+            failure = ET.SubElement(case, "failure", message=_x(message), type="expectation")
+            failure.text = _x(message)
+        elements.append(case)
+    if error is not None:
         errors += 1
         case = ET.Element("testcase", classname=_x(suite_name), name="harness", time="0")
-        err = ET.SubElement(case, "error", message=_x(result.error.splitlines()[0] if result.error else ""),
-                            type="harness")
-        err.text = _x(result.error)
-        cases.append(case)
-
-    time = f"{max(result.wall_s, 0.0):.3f}"
-    counts = {"tests": str(len(cases)), "failures": str(failures), "errors": str(errors), "skipped": "0",
-              "time": time}
+        err = ET.SubElement(case, "error", message=_x(error.splitlines()[0] if error else ""), type="harness")
+        err.text = _x(error)
+        elements.append(case)
+    counts = {"tests": str(len(elements)), "failures": str(failures), "errors": str(errors), "skipped": "0",
+              "time": f"{max(wall_s, 0.0):.3f}"}
     root = ET.Element("testsuites", name="burnin", **counts)
     # The JUnit schema's timestamp has no zone; it is UTC.
-    stamp = datetime.fromtimestamp(result.started_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = datetime.fromtimestamp(started_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     suite = ET.SubElement(root, "testsuite", name=_x(suite_name), timestamp=stamp, **counts)
     props = ET.SubElement(suite, "properties")
-    for key in ("run_id", "config_hash", "final_state_hash", "golden_state_hash", "device"):
-        ET.SubElement(props, "property", name=key, value=_x(getattr(result, key)))
-    ET.SubElement(props, "property", name="simulated", value=str(_is_simulated(result)).lower())
-    suite.extend(cases)
-    ET.SubElement(suite, "system-out").text = _x(render_plain(result))
+    for key, value in properties.items():
+        ET.SubElement(props, "property", name=key, value=_x(value))
+    suite.extend(elements)
+    ET.SubElement(suite, "system-out").text = _x(system_out)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _junit_xml(result: RunResult) -> str:
+    props = {key: getattr(result, key) for key in ("run_id", "config_hash", "final_state_hash", "golden_state_hash",
+                                                   "device")}
+    props["simulated"] = str(_is_simulated(result)).lower()
+    return junit_xml(f"burnin.{result.scenario}", [(e.name, e.ok, e.message) for e in result.expectations],
+                     wall_s=result.wall_s, started_at=result.started_at, properties=props, error=result.error,
+                     system_out=render_plain(result))
 
 
 # -- summary.md -----------------------------------------------------------------------------------
