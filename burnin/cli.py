@@ -263,7 +263,7 @@ def _prepare_campaign(args: argparse.Namespace) -> tuple[Any, int]:
         if args.trials is not None and not 1 <= args.trials <= max_trials:
             raise UserError(f"--trials: {args.trials} is out of range; use 1-{max_trials}")
         if args.seed is not None and args.seed < 0:
-            raise UserError(f"--seed: {args.seed} is out of range; use 0 or more")
+            raise UserError(f"--seed: {args.seed} is out of range; use 0 to {2**63 - 1}")
         scenario = load_scenario(args.scenario)
         source = args.scenario
         trials, seed = args.trials, args.seed
@@ -342,7 +342,7 @@ def _prepare_burn_in(args: argparse.Namespace) -> tuple[Any, float, int]:
         raise UserError(f"{args.scenario}: burn_in: this scenario has no `burn_in:` section; add one (duration_s, "
                         "faults with per_hour or mtbf_s), or run the bundled one: `burnin burn-in`")
     if args.seed is not None and not 0 <= args.seed < 2**63:
-        raise UserError(f"--seed: {args.seed} is out of range; use 0 or more")
+        raise UserError(f"--seed: {args.seed} is out of range; use 0 to {2**63 - 1}")
     seed = args.seed if args.seed is not None else scenario.burn_in.seed
     if args.duration is not None:
         duration = parse_duration(args.duration)
@@ -411,7 +411,11 @@ def _check_history_flag(value: str | None) -> None:
     from burnin.harness.preflight import check_out_dir
 
     path = Path(value)
-    if not value.strip() or path.is_dir():
+    try:
+        is_dir = "\x00" in value or path.is_dir()
+    except (OSError, ValueError):
+        is_dir = True
+    if not value.strip() or is_dir:
         raise UserError(f"--history: {oneline(value)!r} is not a file path; give the path of a SQLite file "
                         "(created if missing), or `off`")
     check_out_dir(path.absolute().parent, "--history")

@@ -273,15 +273,27 @@ _flag_values = {
         "--trials": st.one_of(st.integers(-3, 40), st.sampled_from([1_000_000 + 1, 10**12, -10**12])).map(_as_str),
         "--seed": st.one_of(st.integers(-3, 2**64), st.sampled_from(["x", ""])).map(_as_str),
         "--resume": st.sampled_from(["afile", "/dev/null", "missing", "ro", ".", "", "/proc", "\x00"]),
+        "--history": _paths.map(lambda p: p + ".sqlite" if p and p[-1:].isalnum() else p) | st.just("off"),
+    },
+    "burn-in": {
+        "--out": _paths | st.text(max_size=12),
+        "--duration": st.sampled_from(["90", "10m", "2h", "1h30m", "4s", "8d", "0", "-5", "x", "", "1e3", "90s",
+                                       "10m5", "nan", "h", "1.5h"]) | st.text(max_size=6),
+        "--level": st.sampled_from(["quick", "medium", "long", "", "forever", "QUICK"]),
+        "--seed": st.one_of(st.integers(-3, 2**64), st.sampled_from(["x", ""])).map(_as_str),
+        "--history": _paths.map(lambda p: p + ".sqlite" if p and p[-1:].isalnum() else p) | st.just("off"),
+        "--resume": st.sampled_from(["afile", "/dev/null", "missing", "ro", ".", "", "/proc", "\x00"]),
     },
 }
+_flag_values["run"]["--history"] = _flag_values["campaign"]["--history"]
 _scenarios = {"run": ["smoke", "kill-rank", "sdc-campaign", "no-such-one"],
-              "campaign": ["sdc-campaign", "smoke", "no-such-one"]}
+              "campaign": ["sdc-campaign", "smoke", "no-such-one"],
+              "burn-in": ["burn-in", "smoke", "no-such-one"]}
 
 
 @st.composite
 def _argv(draw: st.DrawFn) -> list[str]:
-    command = draw(st.sampled_from(["run", "campaign"]))
+    command = draw(st.sampled_from(["run", "campaign", "burn-in"]))
     flags = draw(st.lists(st.sampled_from(sorted(_flag_values[command])), unique=True, max_size=4))
     if command == "campaign" and "--trials" not in flags and "--resume" not in flags:
         flags.append("--trials")  # sdc-campaign's own 200 trials are drawn fine but take a while
@@ -310,7 +322,7 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory):
 @settings(max_examples=150, deadline=None)
 @given(argv=_argv())
 def test_fuzz_cli_flags(argv: list[str], fuzz_dir: Path) -> None:
-    """In process, through the same checks `run` and `campaign` make before they start anything."""
+    """In process, through the same checks `run`, `campaign` and `burn-in` make before they start anything."""
     from burnin.cli import main
 
     before = _files_under(fuzz_dir)
