@@ -263,7 +263,7 @@ def _prepare_campaign(args: argparse.Namespace) -> tuple[Any, int]:
         if args.trials is not None and not 1 <= args.trials <= max_trials:
             raise UserError(f"--trials: {args.trials} is out of range; use 1-{max_trials}")
         if args.seed is not None and args.seed < 0:
-            raise UserError(f"--seed: {args.seed} is out of range; use 0 to {2**63 - 1}")
+            raise UserError(f"--seed: {args.seed} is out of range; use 0 or more")
         scenario = load_scenario(args.scenario)
         source = args.scenario
         trials, seed = args.trials, args.seed
