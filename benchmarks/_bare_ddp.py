@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from burnin.harness.workload import GPT, MarkovData, gpt_config, make_optimizer
+from burnin.rank.workload import GPT, MarkovData, gpt_config, make_optimizer
 
 
 def main() -> None:

@@ -71,8 +71,8 @@ def main() -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from burnin.harness.state import state_hash  # the fingerprint only: compares with burnin's golden run
-    from burnin.harness.workload import GPT, MarkovData, gpt_config, make_optimizer
+    from burnin.rank.state import state_hash  # the fingerprint only: compares with burnin's golden run
+    from burnin.rank.workload import GPT, MarkovData, gpt_config, make_optimizer
 
     w = json.loads(args.workload)
     if w["kernels"] == "triton":  # interpreted on the CPU; the mode must be set before triton is imported

@@ -5,7 +5,7 @@ batch 8 x 64, seed 0, dropout 0.1, 1 thread per rank, deterministic algorithms; 
 as --kernels says, the scenario default otherwise):
 
   bare          benchmarks/_bare_ddp.py: the training step and nothing else
-  harness       the real `burnin.harness.worker` under the real Supervisor, a fault-free scenario:
+  harness       the real `burnin.rank.worker` under the real Supervisor, a fault-free scenario:
                 event stream, heartbeat thread, injector calls at every step point (one inside a
                 DDP comm hook), the detector guard, the supervisor polling every 10 ms; no
                 checkpoint until the last step, no in-memory snapshot (`memory_every: 0`)

@@ -335,7 +335,7 @@ def spare_memory() -> dict[str, Any]:
         raise RuntimeError("PR_SET_CHILD_SUBREAPER refused: no spares on this kernel")
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready"
-        proc = subprocess.Popen([sys.executable, "-m", "burnin.harness.worker", "--zygote", "cpu", "1", "triton"],
+        proc = subprocess.Popen([sys.executable, "-m", "burnin.rank.worker", "--zygote", "cpu", "1", "triton"],
                                 stdin=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1",
                                                             "BURNIN_SPARE_READY": str(ready),
                                                             "BURNIN_SUPERVISOR_PID": str(os.getpid())})

@@ -422,7 +422,7 @@ def _check_history_flag(value: str | None) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from burnin.reports.compare import compare, load_side, markdown
+    from burnin.hunt.compare import compare, load_side, markdown
 
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha: {args.alpha} is not a significance level; use a number between 0 and 1, e.g. 0.05")
@@ -438,7 +438,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_triage(args: argparse.Namespace) -> int:
-    from burnin.reports import triage as tr
+    from burnin.hunt import triage as tr
 
     _check_history_flag(args.history)
     if args.run_dirs:
@@ -520,7 +520,7 @@ def _cmd_bisect(args: argparse.Namespace) -> int:
 
 
 def _cmd_shrink(args: argparse.Namespace) -> int:
-    from burnin.harness.shrink import shrink
+    from burnin.hunt.shrink import shrink
 
     if not 1 <= args.max_runs <= 10_000:
         raise UserError(f"--max-runs: {args.max_runs} is out of range; use 1-10000")
@@ -539,7 +539,7 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
 def _cmd_history(args: argparse.Namespace) -> int:
     import datetime
 
-    from burnin import history as hist
+    from burnin.hunt import history as hist
 
     _check_history_flag(args.history)
     if args.limit < 0:

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from burnin.errors import CheckpointError
-from burnin.harness import checkpoint
-from burnin.harness.checkpoint import MANIFEST, MODEL_FILE, Checkpoint, rank_file
-from burnin.harness.state import capture_rank_state, loss_bits, restore_rank_state, state_hash
+from burnin.rank import checkpoint
+from burnin.rank.checkpoint import MANIFEST, MODEL_FILE, Checkpoint, rank_file
+from burnin.rank.state import capture_rank_state, loss_bits, restore_rank_state, state_hash
 
 # -- fixtures and helpers -------------------------------------------------------------------------
 
@@ -74,7 +74,7 @@ def test_save_by_two_ranks_lists_every_rank_file(tmp_path: Path) -> None:
         import os, sys
         from datetime import timedelta
         import torch, torch.distributed as dist
-        from burnin.harness import checkpoint
+        from burnin.rank import checkpoint
         rank, root, store_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
         dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2,
                                 timeout=timedelta(seconds=30))

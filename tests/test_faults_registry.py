@@ -14,7 +14,7 @@ import torch
 import burnin.faults.registry as registry
 from burnin.errors import CheckpointError, UserError
 from burnin.faults import STEP_POINTS, Fault, UnknownFault, get, names, register
-from burnin.harness import checkpoint
+from burnin.rank import checkpoint
 from burnin.harness.supervisor import OutOfRankContext
 from burnin.scenarios.schema import FaultSpec, Scenario
 
@@ -212,7 +212,7 @@ def test_plugin_object_that_is_not_a_fault_is_ignored(clean_registry, tmp_path: 
 
 
 def _checkpoints(root: Path, steps: tuple[int, ...] = (5, 10)) -> None:
-    from burnin.harness.state import capture_rank_state
+    from burnin.rank.state import capture_rank_state
 
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 16)

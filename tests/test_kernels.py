@@ -116,8 +116,8 @@ def test_wild_offset_is_a_real_sigsegv_in_the_interpreter() -> None:
 
 
 def test_triton_workload_is_bitwise_deterministic() -> None:
-    from burnin.harness.state import state_hash
-    from burnin.harness.workload import GPT, MarkovData, gpt_config, make_optimizer
+    from burnin.rank.state import state_hash
+    from burnin.rank.workload import GPT, MarkovData, gpt_config, make_optimizer
 
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
@@ -211,7 +211,7 @@ def test_bitflip_refuses_bad_arguments() -> None:
 
 def test_latent_bug_trigger_is_rare_deterministic_and_differs_on_replay() -> None:
     from burnin.faults.memory import LatentKernelBug, LatentKernelBugParams
-    from burnin.harness.workload import MarkovData
+    from burnin.rank.workload import MarkovData
 
     fault = LatentKernelBug(LatentKernelBugParams(probability=0.05, replay_probability=0.5, seed=3))
     data = MarkovData(0, 256)

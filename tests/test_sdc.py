@@ -128,8 +128,8 @@ def test_state_digest_on_cuda_uses_the_kernel_and_sees_one_bit() -> None:
     import torch
 
     from burnin.faults.bits import flip_bit_
-    from burnin.harness.detectors import state_digest
-    from burnin.harness.workload import GPT, gpt_config, make_optimizer
+    from burnin.rank.detectors import state_digest
+    from burnin.rank.workload import GPT, gpt_config, make_optimizer
 
     torch.manual_seed(0)
     a = GPT(gpt_config("tiny", 64, 0.0, "torch")).cuda()

@@ -23,17 +23,17 @@ import torch
 from conftest import run_cli, run_dir_of, summary_of
 
 from burnin.errors import HarnessError
-from burnin.harness import snapshot
-from burnin.harness.snapshot import (HEADER_SIZE, RankSnapshots, SnapshotError, _layout, common_step, rank_steps,
+from burnin.rank import snapshot
+from burnin.rank.snapshot import (HEADER_SIZE, RankSnapshots, SnapshotError, _layout, common_step, rank_steps,
                                      read_slot, slot_path)
-from burnin.harness.state import capture_rank_state, restore_rank_state, state_hash
+from burnin.rank.state import capture_rank_state, restore_rank_state, state_hash
 from burnin.harness.supervisor import OutOfRankContext
 from burnin.scenarios.schema import FaultSpec
 
 
 def _tiny(steps: int = 2, seed: int = 0):
     """The tiny GPT and its AdamW after a few real steps (dropout on, so the RNGs matter)."""
-    from burnin.harness.workload import GPT, MarkovData, gpt_config, make_optimizer
+    from burnin.rank.workload import GPT, MarkovData, gpt_config, make_optimizer
 
     torch.manual_seed(seed)
     cfg = gpt_config("tiny", 32, 0.1, "torch")
@@ -183,8 +183,8 @@ def test_a_full_shared_memory_is_an_error_not_a_sigbus(tmp_path: Path, monkeypat
 
 _WRITER = """
 import sys, torch
-from burnin.harness.snapshot import RankSnapshots
-from burnin.harness.state import capture_rank_state
+from burnin.rank.snapshot import RankSnapshots
+from burnin.rank.state import capture_rank_state
 model = torch.nn.Linear(2048, 2048)   # 16 MB: a write takes a few ms, so a kill often lands in one
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 store = RankSnapshots(sys.argv[1], 0, 1)
@@ -332,7 +332,7 @@ def test_directory_lifecycle_and_sweep(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_supervisor_side_imports_no_torch() -> None:
-    code = ("import sys, burnin.harness.snapshot as s, burnin.harness.supervisor, burnin.faults.storage; "
+    code = ("import sys, burnin.rank.snapshot as s, burnin.harness.supervisor, burnin.faults.storage; "
             "s.sweep(alive=lambda *a: True); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr

@@ -3,7 +3,7 @@
 
 Each kind of bad input has a case below (a small YAML text, the line, the field, a fragment of the
 message). The model's tensor names and sizes that the checks use are worked out without torch
-(`burnin.harness.model_shapes`); they are compared here with the real model of every preset, and the
+(`burnin.rank.model_shapes`); they are compared here with the real model of every preset, and the
 bounds with real injections into the tiny model. A property test checks that every fault a campaign
 can draw from a scenario that loads is one the real model can take.
 """
@@ -26,7 +26,7 @@ import burnin.faults.registry as registry
 from burnin.errors import ScenarioError
 from burnin.faults import Fault, register
 from burnin.faults.corruption import TARGET_AT, TARGET_POINTS
-from burnin.harness import model_shapes
+from burnin.rank import model_shapes
 from burnin.scenarios import bundled_names, load_scenario
 from burnin.scenarios.loader import parse_scenario
 from burnin.scenarios.schema import (HEARTBEAT_PERIOD_S, MIN_HEARTBEAT_S, FaultSpec, Scenario,
@@ -428,7 +428,7 @@ def test_bundled_scenarios_validate(name):
 
 def test_validation_imports_no_torch():
     code = ("import sys\nfrom burnin.scenarios import load_scenario, bundled_names\n"
-            "from burnin.harness import model_shapes\n"
+            "from burnin.rank import model_shapes\n"
             "for n in bundled_names(): load_scenario(n)\n"
             "model_shapes.layout('gpt2-124m', 8, 1024)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
@@ -441,7 +441,7 @@ def test_validation_imports_no_torch():
 def _real(preset: str, batch_size: int, seq_len: int):
     """(parameter shapes, leaf module output sizes) of the real model, built on torch's meta device."""
     torch = pytest.importorskip("torch")
-    from burnin.harness.workload import GPT, gpt_config
+    from burnin.rank.workload import GPT, gpt_config
 
     with torch.device("meta"):
         model = GPT(gpt_config(preset, seq_len, 0.1, "torch"))
@@ -457,7 +457,7 @@ def _real(preset: str, batch_size: int, seq_len: int):
 
 @pytest.mark.parametrize("preset", sorted(model_shapes.PRESETS))
 def test_shapes_match_the_real_model(preset):
-    from burnin.harness.workload import PRESETS
+    from burnin.rank.workload import PRESETS
 
     assert model_shapes.PRESETS == PRESETS
     for batch_size, seq_len in ((3, 17), (1, 2)):
@@ -488,8 +488,8 @@ def _inject_in_real_steps(target: str, tensor: str | None, index: int, steps: in
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from burnin.faults.corruption import Bitflip, BitflipParams
-    from burnin.harness.injector import RankContext
-    from burnin.harness.workload import GPT, gpt_config, make_optimizer
+    from burnin.rank.injector import RankContext
+    from burnin.rank.workload import GPT, gpt_config, make_optimizer
 
     torch.manual_seed(0)
     model = GPT(gpt_config("tiny", T, 0.0, "torch"))
@@ -554,7 +554,7 @@ def test_allreduce_bucket_zero_holds_at_least_the_bound(gloo):
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from burnin.harness.workload import GPT, gpt_config
+    from burnin.rank.workload import GPT, gpt_config
 
     for preset in ("tiny", "small"):
         torch.manual_seed(0)

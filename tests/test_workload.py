@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from burnin.harness.workload import GPT, PRESETS, MarkovData, gpt_config, make_optimizer
+from burnin.rank.workload import GPT, PRESETS, MarkovData, gpt_config, make_optimizer
 
 BATCH, SEQ = 8, 64
 

@@ -37,7 +37,7 @@ class CheckpointCorrupt(Fault):
     disruptive = False  # harmless until a restart loads the damaged checkpoint
 
     def inject(self, ctx: Any) -> dict[str, Any]:
-        from burnin.harness import checkpoint
+        from burnin.rank import checkpoint
 
         newest = checkpoint.committed(ctx.checkpoint_dir)
         if not newest:  # validation refuses a step before the first checkpoint: this is a harness error
@@ -87,7 +87,7 @@ class SnapshotCorrupt(Fault):
     effects = ()
 
     def inject(self, ctx: Any) -> dict[str, Any]:
-        from burnin.harness import snapshot
+        from burnin.rank import snapshot
 
         root = _snapshot_dir(ctx)
         slots = snapshot.newest_slot(root, ctx.rank) if root is not None else []

@@ -1,1 +1,2 @@
-"""Runs a scenario: supervisor, rank worker, workload, checkpoints, events, golden runs."""
+"""The supervisor side (no torch): supervisor, runner, classify, cleanup, golden runs, warm spares,
+network fabric and watch, campaign and burn-in schedulers."""

@@ -157,7 +157,7 @@ class Clock:
         self.faults_fired = 0
         self._last_progress = 0.0
         # a resumed burn-in: what the earlier sessions saw
-        from burnin.harness import checkpoint
+        from burnin.rank import checkpoint
 
         self.windows_kept = [c.step for c in checkpoint.committed(run_dir / "verify" / "checkpoints")]
         for ev in events or []:
@@ -211,7 +211,7 @@ class Clock:
         damaged checkpoint is damaged in place (this runs before the fault acts, from its `fault_injected`
         event). One copy per window start, at most KEEP_LIMIT of them; removed once the windows are
         replayed."""
-        from burnin.harness import checkpoint
+        from burnin.rank import checkpoint
 
         keep = self.run_dir / "verify" / "checkpoints"
         for c in reversed(checkpoint.committed(self.run_dir / "checkpoints")):
@@ -236,7 +236,8 @@ class Clock:
     # -- every round of the supervisor's loop ------------------------------------------------------
 
     def poll(self, sup: Any, ranks: list[Any], now: float) -> None:
-        from burnin.harness import checkpoint, cleanup
+        from burnin.rank import checkpoint
+        from burnin.harness import cleanup
 
         end = self.clock0 + self.duration_s
         if now >= end and self.stopping_at is None:
@@ -335,7 +336,7 @@ def windows(events: list[dict[str, Any]], kept: list[int], hashes: dict[int, str
 
 def replay(scenario: Scenario, run_dir: Path, run_id: str, window: dict[str, Any], pool: Any, k: int) -> dict[str, Any]:
     """Run `window` without faults from its first checkpoint (a golden run of that stretch only)."""
-    from burnin.harness import checkpoint
+    from burnin.rank import checkpoint
     from burnin.harness.events import read_events
     from burnin.harness.supervisor import Supervisor
 
@@ -367,7 +368,7 @@ def replay(scenario: Scenario, run_dir: Path, run_id: str, window: dict[str, Any
 
 
 def _verifies(ckpt: Any, world_size: int) -> bool:
-    from burnin.harness import checkpoint
+    from burnin.rank import checkpoint
 
     try:
         checkpoint.verify(ckpt, world_size)
@@ -555,7 +556,7 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
     _write(run_dir, summary, sc)
     metrics.burn_in(summary)
     metrics.write_textfile(run_dir / "metrics.prom")
-    from burnin import history as hist
+    from burnin.hunt import history as hist
 
     hist.record_burn_in(summary, result, hist.history_path(history), clock.clock0)
     return summary
@@ -701,7 +702,7 @@ def _usage_trend(rollups: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
-    from burnin.harness.checkpoint import atomic_write
+    from burnin.rank.checkpoint import atomic_write
 
     atomic_write(run_dir / "burn-in.json", json.dumps(summary, indent=1, default=str).encode())
     # the realised schedule as a scenario `burnin run` takes: each fault at the step and point it hit (a

@@ -258,7 +258,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
         summary = recovery_campaign.summarize(scenario, list(done.values()))
         summary["complete"] = len(done) == trials
         summary["timing"] = {"wall_s": time.time() - t0}
-        from burnin.harness.checkpoint import atomic_write
+        from burnin.rank.checkpoint import atomic_write
 
         atomic_write(run_dir / "campaign.json", json.dumps(summary, indent=1).encode())
         atomic_write(run_dir / "campaign.md", recovery_campaign.markdown(summary, run_dir).encode())
@@ -285,7 +285,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
 
 
 def _record(summary: dict[str, Any], done: dict[int, Any], history: str | None, t0: float) -> None:
-    from burnin import history as hist
+    from burnin.hunt import history as hist
 
     hist.record_campaign(summary, [done[k] for k in sorted(done)], hist.history_path(history), t0)
 
@@ -311,7 +311,7 @@ def read_campaign_meta(run_dir: str | Path) -> tuple[int, int]:
 
 
 def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
-    from burnin.harness.checkpoint import atomic_write
+    from burnin.rank.checkpoint import atomic_write
 
     atomic_write(run_dir / "campaign.json", json.dumps(summary, indent=1).encode())
     lines = [f"# Campaign {summary['scenario']}: {summary['trials']} trials (seed {summary['seed']})", ""]

@@ -212,7 +212,7 @@ def sweep(force: bool = False) -> list[dict[str, Any]]:
             kill_group(pid)
             report.append({"run_id": rid, "action": "cleaned", "killed": [pid], "orphan": True})
     # Memory snapshots (/dev/shm/burnin-<run id>) of runs whose supervisor is gone.
-    from burnin.harness import snapshot
+    from burnin.rank import snapshot
 
     for item in snapshot.sweep(force=force):
         if item["action"] == "cleaned":
@@ -223,7 +223,7 @@ def sweep(force: bool = False) -> list[dict[str, Any]]:
 
 def _is_worker(pid: int) -> bool:
     try:
-        return b"burnin.harness.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"burnin.rank.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

@@ -78,7 +78,7 @@ def _environment() -> dict[str, Any]:
         except PackageNotFoundError:
             return "none"
 
-    from burnin.history import cpu_model
+    from burnin.hunt.history import cpu_model
 
     cpu = cpu_model()
     return {"torch": ver("torch"), "triton": ver("triton"), "burnin": ver("burnin"),
@@ -91,8 +91,8 @@ def _code_fingerprint() -> str:
 
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for rel in ("harness/worker.py", "harness/workload.py", "harness/state.py", "harness/guard.py",
-                "harness/campaign_worker.py", *sorted(str(p.relative_to(root)) for p in (root / "kernels").glob("*.py"))):
+    for rel in ("rank/worker.py", "rank/workload.py", "rank/state.py", "rank/guard.py",
+                "rank/campaign_worker.py", *sorted(str(p.relative_to(root)) for p in (root / "kernels").glob("*.py"))):
         path = root / rel
         if path.is_file():
             h.update(rel.encode())

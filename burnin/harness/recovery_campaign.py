@@ -1,6 +1,6 @@
 """Process-fault campaigns: many kills, hangs, exceptions and damaged checkpoints, each recovered for real.
 
-A data-fault campaign (`burnin.harness.campaign_worker`) replays one window in one process group,
+A data-fault campaign (`burnin.rank.campaign_worker`) replays one window in one process group,
 because a bit flip leaves the processes standing. A process fault does not: each trial here is a
 whole supervised run of the scenario's workload with one drawn fault, the real fault (SIGKILL,
 SIGSTOP, an exception in the step, a damaged checkpoint followed by a kill so a restart has to read

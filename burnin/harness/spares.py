@@ -3,8 +3,8 @@
 A restart used to start a new interpreter per rank on the critical path: Python, `import torch`,
 `torch.use_deterministic_algorithms` and the first AdamW step (each importing torch._dynamo), the
 Triton kernel, the fault registry: ~2.5 s of the ~3 s a killed rank cost. Here that start-up is paid
-once per rank slot and run, by a *zygote* (`burnin.harness.worker --zygote`, after
-`burnin.harness.worker.warm_up`), and every rank process of the run is forked from it: a fork of the
+once per rank slot and run, by a *zygote* (`burnin.rank.worker --zygote`, after
+`burnin.rank.worker.warm_up`), and every rank process of the run is forked from it: a fork of the
 warm interpreter costs ~30 ms where a cold start costs seconds, so the pool can keep one spare per
 slot at all times, refill it at once after a restart, and hand the first attempt its ranks too (a
 run pays one warm-up per slot, not one per rank plus one per spare).
@@ -305,7 +305,7 @@ class SparePool:
         ready = self.dir / f"zygote{slot}-{self._count}.ready"
         ready.unlink(missing_ok=True)
         env = {**self.env, **self.fabric.rank_env(slot), "BURNIN_SPARE_READY": str(ready)}
-        argv = self.fabric.rank_command(slot, [self.python, "-m", "burnin.harness.worker", *self.argv_tail])
+        argv = self.fabric.rank_command(slot, [self.python, "-m", "burnin.rank.worker", *self.argv_tail])
         with open(self.dir / f"spare{slot}.log", "ab") as log:
             proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)

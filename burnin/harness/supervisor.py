@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.harness import cleanup, snapshot
+from burnin.harness import cleanup
+from burnin.rank import snapshot
 from burnin.harness.attribution import Candidate, Evidence, explained_by, pin_detection
 from burnin.harness.classify import classify_error, classify_exit, signature
 from burnin.harness.events import EventWriter, Tail
@@ -161,7 +162,7 @@ class Supervisor:
         deadline = time.time() + sc.timeouts.run_s
         attempt, restarts = self.first_attempt, 0
         finished = False
-        # memory snapshots (burnin/harness/snapshot.py): one directory in shared memory per run, kept
+        # memory snapshots (burnin/rank/snapshot.py): one directory in shared memory per run, kept
         # across attempts so a restarted group resumes from it; golden runs and campaigns keep none
         self.snapshot_dir = (snapshot.create_dir(self.run_id)
                              if sc.checkpoint.memory_every > 0 and not self.golden and sc.campaign is None else None)
@@ -253,7 +254,7 @@ class Supervisor:
             "attempt": attempt,
             "fired": sorted(self._fired),
             "heartbeat_period_s": HEARTBEAT_PERIOD_S,
-            # memory snapshots (burnin/harness/snapshot.py): the run's directory in shared memory, or None
+            # memory snapshots (burnin/rank/snapshot.py): the run's directory in shared memory, or None
             "snapshot_dir": str(self.snapshot_dir) if getattr(self, "snapshot_dir", None) else None,
         }
         if self.extra_spec is not None:
@@ -279,7 +280,7 @@ class Supervisor:
                 log.write(f"--- attempt {attempt} ---\n".encode())
             proc = self._from_pool(r, attempt, mine, log_path)
             if proc is None:
-                argv = self.fabric.rank_command(r, [self.python, "-m", "burnin.harness.worker"])
+                argv = self.fabric.rank_command(r, [self.python, "-m", "burnin.rank.worker"])
                 with open(log_path, "ab") as log:
                     proc = subprocess.Popen(argv, env={**self._base_env(), **self.fabric.rank_env(r), **mine},
                                             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
@@ -420,7 +421,7 @@ class Supervisor:
         """Fire out-of-rank fault `index` on rank `r` at this instant, wherever the rank is (a burn-in's timed
         fault: in the middle of a step, say); the step and the last point it passed are read from the rank's
         position file and recorded. Returns the `fault_injected` event, None when the fault failed to apply."""
-        from burnin.harness.injector import read_position
+        from burnin.rank.injector import read_position
 
         fault = self._faults[index]
         where = read_position(str(self.run_dir / "ranks" / f"rank{r.rank}.pos"))

@@ -37,7 +37,7 @@ CAUSES: tuple[str, ...] = (
 OUTCOMES: tuple[str, ...] = ("recovered", "masked", "detected", "sdc", "failed")
 #: Parts of a recovery, in order; the names match RecoveryBreakdown's fields without `_s`.
 PHASES: tuple[str, ...] = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
-#: In-rank detectors (burnin.harness.detectors, plus step recomputation); anything else is "other".
+#: In-rank detectors (burnin.rank.detectors, plus step recomputation); anything else is "other".
 DETECTORS: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_norm_spike", "fingerprint", "recompute")
 #: Everything that can detect a fault: in-rank detectors, the supervisor's, the checkpoint loader's.
 DETECTED_BY: tuple[str, ...] = DETECTORS + (
@@ -305,7 +305,7 @@ class Metrics:
             self.burn_in_faults.set(summary["faults"]["per_hour"])
 
     def memory_tier(self, status: dict | None) -> None:
-        """The newest in-memory snapshot (burnin.harness.snapshot.status), or None while there is none."""
+        """The newest in-memory snapshot (burnin.rank.snapshot.status), or None while there is none."""
         if status is None:
             self.snapshot_step.set(-1)
             return

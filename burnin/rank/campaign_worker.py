@@ -21,8 +21,8 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
                scenario: dict[str, Any], rank: int, world_size: int, events: Any) -> None:
     import torch.distributed as dist
 
-    from burnin.harness.injector import Injector
-    from burnin.harness.state import state_hash
+    from burnin.rank.injector import Injector
+    from burnin.rank.state import state_hash
 
     guard = run.guard
     guard.quiet = True

@@ -86,7 +86,7 @@ def _from_campaign(path: Path) -> dict[str, Any]:
 
 
 def _from_history(selector: str, history: str | None) -> dict[str, Any]:
-    from burnin import history as hist
+    from burnin.hunt import history as hist
 
     scenario, _, commit = selector.partition("@")
     path = hist.history_path(history)

@@ -148,7 +148,7 @@ def state_digest(model: Any, optimizer: Any) -> bytes:
     """
     import hashlib
 
-    from burnin.harness.state import state_hash
+    from burnin.rank.state import state_hash
 
     if not next(model.parameters()).is_cuda:
         return bytes.fromhex(state_hash(model, optimizer))

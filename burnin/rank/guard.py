@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from burnin.errors import BurninError
-from burnin.harness.detectors import Finding, Fingerprint, build_detectors, state_digest
+from burnin.rank.detectors import Finding, Fingerprint, build_detectors, state_digest
 
 __all__ = ["Guard", "CorruptionDetected"]
 
@@ -62,14 +62,14 @@ class Guard:
     # -- snapshots -------------------------------------------------------------------------
 
     def _take(self, next_step: int) -> _Snapshot:
-        from burnin.harness.state import capture_rank_state
+        from burnin.rank.state import capture_rank_state
 
         return _Snapshot(next_step, copy.deepcopy(self.model.state_dict()),
                          copy.deepcopy(self.optimizer.state_dict()), capture_rank_state(next_step),
                          [d.snapshot() for d in self.detectors])
 
     def _restore(self, snap: _Snapshot) -> None:
-        from burnin.harness.state import restore_rank_state
+        from burnin.rank.state import restore_rank_state
 
         self.model.load_state_dict(snap.model)
         self.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))

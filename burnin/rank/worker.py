@@ -42,12 +42,12 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from burnin.harness import checkpoint
-    from burnin.harness.guard import CorruptionDetected, Guard
-    from burnin.harness.snapshot import SnapshotError
-    from burnin.harness.injector import Injector
-    from burnin.harness.state import capture_rank_state, loss_bits, restore_rank_state, state_hash
-    from burnin.harness.workload import GPT, MarkovData, gpt_config, make_optimizer
+    from burnin.rank import checkpoint
+    from burnin.rank.guard import CorruptionDetected, Guard
+    from burnin.rank.snapshot import SnapshotError
+    from burnin.rank.injector import Injector
+    from burnin.rank.state import capture_rank_state, loss_bits, restore_rank_state, state_hash
+    from burnin.rank.workload import GPT, MarkovData, gpt_config, make_optimizer
 
     sc = spec["scenario"]
     w, ck, to = sc["workload"], sc["checkpoint"], sc["timeouts"]
@@ -149,7 +149,7 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
         return float(loss.item()), loss_bits(loss), grad_norm
 
     if "campaign" in spec:
-        from burnin.harness.campaign_worker import run_trials
+        from burnin.rank.campaign_worker import run_trials
 
         run_trials(spec["campaign"], run, one_step, sc, rank, world_size, events)
         events.emit("rank_finished", final_step=None, state_hash=state_hash(model, optimizer))
@@ -221,7 +221,7 @@ def _open_snapshots(spec: dict[str, Any], rank: int, world_size: int, events: An
     run keeps none (no directory from the supervisor: golden runs; `memory_every: 0`; campaigns)."""
     if not spec.get("snapshot_dir") or not spec["scenario"]["checkpoint"].get("memory_every") or "campaign" in spec:
         return None
-    from burnin.harness.snapshot import RankSnapshots
+    from burnin.rank.snapshot import RankSnapshots
 
     return RankSnapshots(spec["snapshot_dir"], rank, world_size,
                          on_reject=lambda path, step, why: events.emit("snapshot_rejected", snapshot_step=step,
@@ -236,8 +236,8 @@ def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, event
     wins a tie: the same state, cheaper to load), and broadcasts the choice."""
     import torch.distributed as dist
 
-    from burnin.harness import checkpoint
-    from burnin.harness.snapshot import common_step
+    from burnin.rank import checkpoint
+    from burnin.rank.snapshot import common_step
 
     offered: list[Any] = [None] * world_size
     if snaps is not None:
@@ -310,7 +310,7 @@ def _prime_buckets(ddp: Any, data: Any, step: int, rank: int, w: dict[str, Any],
     """
     import torch
 
-    from burnin.harness.state import capture_rank_state, restore_rank_state
+    from burnin.rank.state import capture_rank_state, restore_rank_state
 
     saved = capture_rank_state(step)
     x, y = data.batch(step, rank, w["batch_size"], w["seq_len"], device)
@@ -336,8 +336,8 @@ def warm_up(device: str, threads: int, kernels: str) -> None:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     from burnin.faults import registry
-    from burnin.harness import checkpoint, guard, injector, state  # noqa: F401
-    from burnin.harness.workload import make_optimizer
+    from burnin.rank import checkpoint, guard, injector, state  # noqa: F401
+    from burnin.rank.workload import make_optimizer
 
     registry.all_faults()
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())

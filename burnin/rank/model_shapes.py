@@ -2,7 +2,7 @@
 
 Scenario validation needs them to refuse a corruption fault that names a tensor the model lacks, or
 an element past a tensor's end, before anything starts; `burnin validate` and the CLI must stay
-cheap, so this module imports neither torch nor `burnin.harness.workload`. It mirrors the layers of
+cheap, so this module imports neither torch nor `burnin.rank.workload`. It mirrors the layers of
 `workload.GPT` (nanoGPT's GPT-2): tests/test_validation.py builds the real model of every preset on
 torch's meta device and checks that its `named_parameters()` and leaf modules' outputs agree with
 what is computed here.

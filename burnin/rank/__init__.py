@@ -1,0 +1,3 @@
+"""The rank side: the training loop, the workload, state and RNG, checkpoints and memory snapshots,
+the injector, detectors and guard. Imported by the supervisor for the torch-free parts (checkpoint
+listing and verification, snapshot headers, model shapes); importing this package imports no torch."""
