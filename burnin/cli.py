@@ -137,6 +137,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list the fault catalogue and the bundled scenarios")
 
+    det = sub.add_parser("check-determinism", help="run a scenario's workload twice without faults and say whether "
+                                                   "the bits agree, and where they first part")
+    det.add_argument("scenario", nargs="?", default=DEFAULT_SCENARIO, help="a scenario file or bundled name")
+    det.add_argument("--ranks", type=int, help="override workload.ranks")
+    det.add_argument("--steps", type=int, help="override workload.steps")
+    det.add_argument("--out", default="runs", help="where the two runs are made (removed after; default: runs)")
+    det.add_argument("--keep", action="store_true", help="keep the two runs' directories")
+
     val = sub.add_parser("validate", help="check scenario files without running them")
     val.add_argument("files", nargs="+", metavar="FILE")
 
@@ -584,6 +592,25 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_determinism(args: argparse.Namespace) -> int:
+    from burnin.harness import preflight
+    from burnin.harness.determinism import check_determinism
+    from burnin.scenarios import load_scenario
+
+    overrides = {p: v for p, v in (("workload.ranks", args.ranks), ("workload.steps", args.steps)) if v is not None}
+    scenario = load_scenario(args.scenario, overrides=overrides)
+    preflight.check_device(scenario, args.scenario, overrides)
+    out = preflight.check_out_dir(args.out)
+
+    def progress(ev: dict[str, Any]) -> None:
+        if ev.get("event") == "determinism_run":
+            print(f"fault-free run {ev['run']} of 2 ...", file=sys.stderr, flush=True)
+
+    div = check_determinism(scenario, out, on_event=progress, keep=args.keep)
+    print(f"{scenario.name}: {div.text()}")
+    return 0 if div.deterministic else 1
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from burnin.harness.preflight import check_scenario
     from burnin.scenarios import load_scenario
@@ -663,14 +690,23 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _golden_progress(ev: dict[str, Any]) -> None:
+    if ev.get("event") == "golden_started":
+        print(f"golden run {ev['key']}: computing the fault-free reference", file=sys.stderr)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from burnin.harness.runner import rebuild_reports
     from burnin.reports.writers import passed, render_plain
 
+    from burnin.harness.torchrun import is_torchrun_run
+
     run_dir = Path(args.run_dir)
-    if not (run_dir / "events.jsonl").is_file() or not (run_dir / "scenario.json").is_file():
-        raise UserError(f"{run_dir}: not a burnin run directory (needs events.jsonl and scenario.json)")
-    result = rebuild_reports(run_dir)
+    torchrun = is_torchrun_run(run_dir) and (run_dir / "scenario.json").is_file()
+    if not torchrun and (not (run_dir / "events.jsonl").is_file() or not (run_dir / "scenario.json").is_file()):
+        raise UserError(f"{run_dir}: not a burnin run directory (needs events.jsonl and scenario.json, or the "
+                        f"torchrun.json of a torchrun run)")
+    result = rebuild_reports(run_dir, on_event=_golden_progress if torchrun else None)
     print(render_plain(result))
     return 0 if passed(result) else 1
 
@@ -696,7 +732,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "burn-in": _cmd_burn_in, "history": _cmd_history, "compare": _cmd_compare, "triage": _cmd_triage, "bisect": _cmd_bisect, "shrink": _cmd_shrink, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
-             "cleanup": _cmd_cleanup, "report": _cmd_report, "rules": _cmd_rules, "doctor": _cmd_doctor}
+             "cleanup": _cmd_cleanup, "report": _cmd_report, "check-determinism": _cmd_check_determinism, "rules": _cmd_rules, "doctor": _cmd_doctor}
 
 
 def _terminated(signum: int, frame: Any) -> None:

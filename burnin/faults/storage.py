@@ -44,7 +44,7 @@ class CheckpointCorrupt(Fault):
             raise HarnessError(f"no committed checkpoint in {ctx.checkpoint_dir} to damage at step {ctx.step}")
         ckpt = newest[-1]
         p = self.params
-        target: Path = ckpt.path / (checkpoint.MODEL_FILE if p.file == "model" else checkpoint.rank_file(ctx.rank))
+        target: Path = ckpt.path / (checkpoint.model_file(ckpt.path) if p.file == "model" else checkpoint.rank_file(ctx.rank))
         size = target.stat().st_size
         out = {"checkpoint_step": ckpt.step, "file": target.name, "mode": p.mode}
         if p.mode == "truncate":

@@ -58,6 +58,7 @@ class GoldenRecord:
     final_loss: float | None
     loss_floor: float | None
     wall_s: float
+    state_norms: dict[str, float] | None = None  # rank 0's final tensors' L2 norms (tolerance comparisons)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -101,7 +102,29 @@ def _code_fingerprint() -> str:
 
 
 def golden_key(scenario: Scenario) -> str:
-    return scenario.golden_key(extra={"env": _environment()})
+    extra: dict[str, Any] = {"env": _environment()}
+    if scenario.workload.entry is not None:
+        extra["entry"] = entry_fingerprint(scenario.workload.entry)
+    return scenario.golden_key(extra=extra)
+
+
+def entry_fingerprint(entry: str) -> str:
+    """Hash of the file a loop's entry runs (the script, or the module of `module:function`): an edited
+    loop gets a new golden run. What that file imports is not followed: `--refresh-golden` after editing it."""
+    import hashlib
+    import importlib.util
+
+    path: str | None = entry if entry.endswith(".py") else None
+    if path is None:
+        try:
+            found = importlib.util.find_spec(entry.partition(":")[0])
+            path = found.origin if found is not None else None
+        except (ImportError, ValueError):
+            path = None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else "unknown"
+    except OSError:
+        return "unknown"
 
 
 def record_from_events(events: list[dict[str, Any]], key: str) -> GoldenRecord:
@@ -109,6 +132,7 @@ def record_from_events(events: list[dict[str, Any]], key: str) -> GoldenRecord:
     loss: dict[str, dict[str, str]] = {}
     ckpts: dict[str, str] = {}
     final: dict[int, str] = {}
+    norms = None
     final_loss = floor = None
     t0 = t1 = None
     for ev in events:
@@ -125,12 +149,14 @@ def record_from_events(events: list[dict[str, Any]], key: str) -> GoldenRecord:
             ckpts[str(ev["checkpoint_step"])] = ev["state_hash"]
         elif kind == "rank_finished":
             final[ev["rank"]] = ev["state_hash"]
+            if ev["rank"] == 0:
+                norms = ev.get("state_norms")
         elif kind == "resumed" and ev.get("rank") == 0:
             floor = ev.get("loss_floor")
     if not final or len(set(final.values())) != 1:
         raise HarnessError(f"golden run did not finish with agreeing replicas: {final}")
     return GoldenRecord(key=key, state_hash=final[0], loss_bits=loss, checkpoint_hashes=ckpts,
-                        final_loss=final_loss, loss_floor=floor, wall_s=(t1 or 0) - (t0 or 0))
+                        final_loss=final_loss, loss_floor=floor, wall_s=(t1 or 0) - (t0 or 0), state_norms=norms)
 
 
 def get_golden(scenario: Scenario, *, refresh: bool = False,

@@ -197,14 +197,23 @@ def _finish(scenario: Scenario, run_dir: Path, run_id: str, key: str, golden: Go
     return result
 
 
-def rebuild_reports(run_dir: str | Path) -> RunResult:
-    """Judge a run again from its event log, scenario and golden record, and rewrite its reports."""
+def rebuild_reports(run_dir: str | Path, on_event: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    """Judge a run again from its event log, scenario and golden record, and rewrite its reports. A torchrun
+    run (burnin/harness/torchrun.py) has its event log assembled from its ranks' streams first, and its
+    golden run made (or taken from the cache) the first time."""
+    from burnin.harness import torchrun
     from burnin.reports.metrics import Metrics
     from burnin.reports.writers import write_reports
 
     run_dir = Path(run_dir)
     scenario = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
     golden_path = run_dir / "golden.json"
+    if torchrun.is_torchrun_run(run_dir):
+        torchrun.assemble(run_dir, scenario)
+        if not golden_path.exists():
+            if on_event:
+                on_event({"event": "golden_started", "key": golden_key(scenario), "t": time.time()})
+            golden_path.write_text(get_golden(scenario, on_event=on_event)[0].to_json())
     golden = GoldenRecord.from_json(golden_path.read_text()) if golden_path.exists() else None
     events = read_events(run_dir / "events.jsonl")
     end = [e for e in events if e.get("event") == "run_finished"]

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from burnin.errors import CheckpointError
 
 __all__ = ["MODEL_FILE", "MANIFEST", "Checkpoint", "rank_file", "committed", "verify", "newest_valid",
-           "save", "load", "atomic_write"]
+           "save", "load", "load_rank", "model_file", "atomic_write"]
 
 MODEL_FILE = "model.pt"
 MANIFEST = "manifest.json"
@@ -106,7 +106,8 @@ def verify(ckpt: Checkpoint, world_size: int | None = None) -> dict[str, Any]:
     if world_size is not None and manifest.get("world_size") != world_size:
         raise CheckpointError(f"written by {manifest.get('world_size')} ranks, this run has {world_size}")
     ranks = manifest.get("world_size")
-    unlisted = [n for n in [MODEL_FILE, *map(rank_file, range(ranks if isinstance(ranks, int) else 0))]
+    needed = [] if manifest.get("writer") == "loop" else [MODEL_FILE]
+    unlisted = [n for n in [*needed, *map(rank_file, range(ranks if isinstance(ranks, int) else 0))]
                 if n not in files]
     if unlisted:  # a file the manifest does not cover would be loaded unchecked
         raise CheckpointError(f"the manifest does not list {', '.join(unlisted)}")
@@ -148,10 +149,13 @@ def _torch_bytes(obj: Any) -> bytes:
 
 
 def save(root: str | Path, step: int, rank: int, world_size: int, rank_state: dict[str, Any],
-         model_state: dict[str, Any] | None, keep: int) -> Checkpoint | None:
+         model_state: dict[str, Any] | None, keep: int,
+         writer: Callable[[Path], None] | None = None) -> Checkpoint | None:
     """Write this rank's part of checkpoint `step`; rank 0 also writes the model and commits.
 
-    Collective: every rank of the default process group must call it at the same step.
+    With `writer` (a training loop's own checkpoint writer), every rank calls it with the checkpoint's
+    directory instead, and the manifest covers whatever files it wrote there (model.pt is then not
+    required). Collective: every rank of the default process group must call it at the same step.
     Returns the committed checkpoint on rank 0, None elsewhere.
     """
     import torch.distributed as dist
@@ -160,17 +164,26 @@ def save(root: str | Path, step: int, rank: int, world_size: int, rank_state: di
     path.mkdir(parents=True, exist_ok=True)
     mine: dict[str, dict[str, Any]] = {}
     parts = [(rank_file(rank), rank_state)]
-    if rank == 0:
+    if rank == 0 and writer is None:
         parts.append((MODEL_FILE, model_state))
     for name, obj in parts:
         data = _torch_bytes(obj)
         atomic_write(path / name, data)
         mine[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    if writer is not None:
+        writer(path)
     gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, mine)  # (also: every rank's writer has returned)
     if rank == 0:
         files = {name: meta for part in gathered for name, meta in part.items()}
-        manifest = {"step": step, "world_size": world_size, "files": dict(sorted(files.items()))}
+        if writer is not None:  # the loop's own files: whatever its writer left in the directory
+            for p in sorted(path.rglob("*")):
+                name = str(p.relative_to(path))
+                if p.is_file() and name not in files and name != MANIFEST and not p.name.startswith("."):
+                    digest, size = _sha256_file(p)
+                    files[name] = {"sha256": digest, "bytes": size}
+        manifest = {"step": step, "world_size": world_size, "files": dict(sorted(files.items())),
+                    "writer": "loop" if writer is not None else "burnin"}
         atomic_write(path / MANIFEST, json.dumps(manifest, indent=1).encode())
         _prune(Path(root), keep)
     # No rank goes on before the checkpoint is committed: whatever happens next on any rank (an
@@ -199,3 +212,26 @@ def load(ckpt: Checkpoint, rank: int, device: Any = "cpu") -> tuple[dict[str, An
     except Exception as exc:  # verified files that still fail to unpickle: treat as corrupt
         raise CheckpointError(f"{ckpt.path.name} does not load: {exc}") from None
     return model_state, rank_state
+
+
+def load_rank(ckpt: Checkpoint, rank: int) -> dict[str, Any]:
+    """A verified checkpoint's rank state alone (the loop reads its own files)."""
+    import torch
+
+    try:
+        return torch.load(ckpt.path / rank_file(rank), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{ckpt.path.name} does not load: {exc}") from None
+
+
+def model_file(ckpt_path: Path) -> str:
+    """The checkpoint's model file: model.pt, or (written by a loop's own writer) its largest file."""
+    try:
+        manifest = json.loads((ckpt_path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return MODEL_FILE
+    if manifest.get("writer") != "loop":
+        return MODEL_FILE
+    ranks = {rank_file(r) for r in range(int(manifest.get("world_size") or 0))}
+    theirs = [(meta["bytes"], name) for name, meta in manifest["files"].items() if name not in ranks]
+    return max(theirs)[1] if theirs else MODEL_FILE

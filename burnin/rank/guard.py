@@ -34,11 +34,12 @@ class _Snapshot:
     optimizer: dict[str, Any]
     rng: dict[str, Any]
     detectors: list[Any]
+    extra: dict[str, Any]        # the loop's own state objects (attach(state=...)), by name
 
 
 class Guard:
     def __init__(self, scenario: dict[str, Any], rank: int, world_size: int, events: Any,
-                 model: Any, optimizer: Any):
+                 model: Any, optimizer: Any, extra: dict[str, Any] | None = None):
         cfg = {k: v for k, v in scenario["detectors"].items() if v is not None}
         self.detectors = build_detectors(cfg)
         self.local = [d for d in self.detectors if not d.collective]
@@ -50,12 +51,14 @@ class Guard:
         self.snapshot_every = scenario["checkpoint"]["every"]
         self.rank, self.world_size, self.events = rank, world_size, events
         self.model, self.optimizer = model, optimizer
+        self.extra = extra or {}
         self.rollbacks = 0
         self.log: list[dict[str, Any]] = []   # every finding of this rank (a campaign reads it per trial)
         self.quiet = False                    # campaigns summarise findings per trial instead of per event
         self.snap: _Snapshot | None = None
         self._pre: _Snapshot | None = None
         self._first_bits: dict[int, str] = {}   # loss bits of a suspicious step's first execution
+        self._pending: tuple[int, list[Finding], tuple[str, str]] | None = None  # a step to execute again
         self.active = bool(self.detectors) or self.recompute_every > 0
         self.needs_grad_norm = any(d.name in ("nonfinite", "grad_norm_spike") for d in self.local)
 
@@ -66,7 +69,8 @@ class Guard:
 
         return _Snapshot(next_step, copy.deepcopy(self.model.state_dict()),
                          copy.deepcopy(self.optimizer.state_dict()), capture_rank_state(next_step),
-                         [d.snapshot() for d in self.detectors])
+                         [d.snapshot() for d in self.detectors],
+                         {name: copy.deepcopy(obj.state_dict()) for name, obj in self.extra.items()})
 
     def _restore(self, snap: _Snapshot) -> None:
         from burnin.rank.state import restore_rank_state
@@ -76,6 +80,8 @@ class Guard:
         restore_rank_state(snap.rng)
         for d, s in zip(self.detectors, snap.detectors):
             d.restore(s)
+        for name, obj in self.extra.items():
+            obj.load_state_dict(copy.deepcopy(snap.extra[name]))
 
     def start(self, step: int) -> None:
         """The state at `step` (fresh or loaded from a checkpoint) is the first verified snapshot."""
@@ -88,25 +94,46 @@ class Guard:
 
     # -- after each step -------------------------------------------------------------------
 
+    def _recomputed(self, step: int, first: tuple[str, str], bits: str) -> list[Finding]:
+        if (bits, state_digest(self.model, self.optimizer)) == first:
+            return []
+        return [Finding("recompute", step, {"verdict": "transient", "loss_bits_differ": bits != first[0]},
+                        odd_ranks=[self.rank] if bits != first[0] else None)]
+
+    @property
+    def rerun_pending(self) -> bool:
+        """after_step asked for the step it was given to be executed once more (sampled recomputation):
+        the state before it is restored; the caller runs it again and calls after_step with the result."""
+        return self._pending is not None
+
     def after_step(self, step: int, loss: float, bits: str, grad_norm: float,
-                   rerun: Callable[[int], tuple[float, str, float]]) -> tuple[int, float, str]:
+                   rerun: Callable[[int], tuple[float, str, float]] | None = None) -> tuple[int, float, str]:
         """Check the step that just ran. Returns (next step to run, loss, loss bits): the next step is
-        `step + 1`, or an earlier one after a rollback; loss and bits are those of the kept execution."""
+        `step + 1`, or an earlier one after a rollback; loss and bits are those of the kept execution.
+        Without `rerun`, a step due for recomputation comes back as `rerun_pending` instead."""
         if not self.active:
             return step + 1, loss, bits
-        findings: list[Finding] = []
-        for d in self.local:
-            f = d.check(step, loss=loss, grad_norm=grad_norm)
-            if f:
-                findings.append(f)
-        if self._pre is not None:  # sampled recomputation: run the step again from the state before it
-            first = (bits, state_digest(self.model, self.optimizer))
-            self._restore(self._pre)
-            self._pre = None
-            loss, bits, grad_norm = rerun(step)
-            if (bits, state_digest(self.model, self.optimizer)) != first:
-                findings.append(Finding("recompute", step, {"verdict": "transient", "loss_bits_differ": bits != first[0]},
-                                        odd_ranks=[self.rank] if bits != first[0] else None))
+        if self._pending is not None:  # the second execution of a recomputed step
+            pending_step, findings, first = self._pending
+            self._pending = None
+            if pending_step != step:
+                raise RuntimeError(f"recomputation of step {pending_step} answered with step {step}")
+            findings = findings + self._recomputed(step, first, bits)
+        else:
+            findings = []
+            for d in self.local:
+                f = d.check(step, loss=loss, grad_norm=grad_norm)
+                if f:
+                    findings.append(f)
+            if self._pre is not None:  # sampled recomputation: run the step again from the state before it
+                first = (bits, state_digest(self.model, self.optimizer))
+                self._restore(self._pre)
+                self._pre = None
+                if rerun is None:
+                    self._pending = (step, findings, first)
+                    return step, loss, bits
+                loss, bits, grad_norm = rerun(step)
+                findings += self._recomputed(step, first, bits)
         # Replaying a step that was suspicious the first time: did the anomaly come back?
         if step in self._first_bits:
             verdict = "persistent" if self._first_bits.pop(step) == bits and findings else "transient"

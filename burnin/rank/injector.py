@@ -20,7 +20,7 @@ from typing import Any
 from burnin.errors import HarnessError
 from burnin.harness.events import EventWriter
 
-__all__ = ["RankContext", "Injector", "Position", "read_position"]
+__all__ = ["RankContext", "SelfContext", "Injector", "Position", "read_position"]
 
 
 @dataclass
@@ -38,6 +38,25 @@ class RankContext:
 
 #: Step points by number, for the position word (see Position).
 _POINTS = ("before_forward", "after_backward", "after_allreduce", "after_optimizer_step", "between_steps")
+
+
+@dataclass
+class SelfContext:
+    """The context of an out-of-rank fault a rank applies to itself (torchrun runs): the fields of the
+    supervisor's context that make sense inside the rank; nothing can be scheduled for later."""
+
+    rank: int
+    step: int
+    point: str
+    pid: int
+    run_dir: Any
+    checkpoint_dir: Any
+    fabric: Any
+    fault_index: int
+    snapshot_dir: Any = None
+
+    def schedule(self, delay_s: float, label: str, fn: Any) -> None:
+        raise HarnessError("this fault undoes itself later and needs the burnin supervisor (not torchrun)")
 
 
 class Position:
@@ -72,11 +91,15 @@ def read_position(path: str) -> tuple[int, str] | None:
 class Injector:
     def __init__(self, faults: list[dict[str, Any]], rank: int, world_size: int, events: EventWriter,
                  fired: set[int], go_timeout_s: float, supervised: bool = True, clock0: float | None = None,
-                 position: str | None = None):
+                 position: str | None = None, self_inflicted: bool = False, checkpoint_dir: str | None = None,
+                 snapshot_dir: str | None = None):
         from burnin.faults import registry
 
         self.rank, self.world_size, self.events = rank, world_size, events
         self.go_timeout_s, self.supervised = go_timeout_s, supervised
+        # torchrun: no supervisor; the rank applies its out-of-rank faults to itself (a kill is the rank
+        # SIGKILLing itself at the point, a hang SIGSTOP, a damaged checkpoint damaged by the rank)
+        self.self_inflicted, self.checkpoint_dir, self.snapshot_dir = self_inflicted, checkpoint_dir, snapshot_dir
         self.fired = set(fired)
         self.quiet = False  # campaigns report injections per trial instead of per event
         self.injected: list[tuple[int, int, dict[str, Any]]] = []  # (fault index, step, details) fired here
@@ -108,7 +131,10 @@ class Injector:
             first = index not in self.fired
             if fault.where == "out_of_rank":
                 self.fired.add(index)
-                self._hand_to_supervisor(index, fault, step, point)
+                if self.self_inflicted:
+                    self._inflict(index, fault, step, point)
+                else:
+                    self._hand_to_supervisor(index, fault, step, point)
                 continue
             tensors = {k: v for k, v in ctx.items() if k not in ("model", "optimizer")}
             context = RankContext(self.rank, self.world_size, step, point, model=ctx.get("model"),
@@ -147,6 +173,22 @@ class Injector:
             return False
         # A repeating fault keeps firing across its span; a one-shot fault never fires twice.
         return span > 1 or index not in self.fired
+
+    def _inflict(self, index: int, fault: Any, step: int, point: str) -> None:
+        """Apply an out-of-rank fault from inside the rank. The event is written first: the fault may end
+        this process."""
+        self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=point,
+                         where="self_inflicted", simulated=fault.simulated)
+        ctx = SelfContext(self.rank, step, point, os.getpid(), None, self.checkpoint_dir, None, index,
+                          snapshot_dir=self.snapshot_dir)
+        try:
+            details = fault.inject(ctx) or {}
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            self.events.emit("fault_error", fault_index=index, fault=fault.name, step=step, point=point, error=error)
+            raise HarnessError(f"fault[{index}] {fault.name} could not be applied at step {step} ({point}): "
+                               f"{error}") from exc
+        self.events.emit("fault_applied", fault_index=index, details=details)
 
     def _hand_to_supervisor(self, index: int, fault: Any, step: int, point: str) -> None:
         if not self.supervised:

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-__all__ = ["capture_rank_state", "restore_rank_state", "state_hash", "loss_bits"]
+__all__ = ["capture_rank_state", "restore_rank_state", "state_hash", "state_norms", "state_digests", "loss_bits"]
 
 
 def capture_rank_state(step: int) -> dict[str, Any]:
@@ -64,6 +64,50 @@ def state_hash(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
             for key in sorted(osd["state"][pid]):
                 _update(h, f"optim.{pid}.{key}", osd["state"][pid][key])
     return h.hexdigest()
+
+
+def state_norms(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+    """The L2 norm (float64) of every floating-point parameter, buffer and optimizer tensor, by name: what
+    a tolerance comparison of two final states looks at when their bits cannot agree."""
+    norms: dict[str, float] = {}
+
+    def add(name: str, t: Any) -> None:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            norms[name] = float(torch.linalg.vector_norm(t.detach().to("cpu", torch.float64)))
+
+    for name, t in model.state_dict().items():
+        add(f"model.{name}", t)
+    if optimizer is not None:
+        osd = optimizer.state_dict()
+        for pid in sorted(osd["state"]):
+            for key in sorted(osd["state"][pid]):
+                add(f"optim.{pid}.{key}", osd["state"][pid][key])
+    return norms
+
+
+def state_digests(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, str]:
+    """A short digest of each tensor of the state and of each RNG, by name (`burnin check-determinism`)."""
+    out: dict[str, str] = {}
+
+    def add(name: str, value: Any) -> None:
+        h = hashlib.sha256()
+        _update(h, name, value)
+        out[name] = h.hexdigest()[:12]
+
+    for name, t in model.state_dict().items():
+        add(f"model.{name}", t)
+    if optimizer is not None:
+        osd = optimizer.state_dict()
+        for pid in sorted(osd["state"]):
+            for key in sorted(osd["state"][pid]):
+                add(f"optim.{pid}.{key}", osd["state"][pid][key])
+    rng = capture_rank_state(0)
+    add("rng.torch", rng["torch_rng"])
+    add("rng.numpy", rng["numpy_rng"][1])
+    add("rng.python", repr(rng["python_rng"]))
+    if "cuda_rng" in rng:
+        add("rng.cuda", repr([t.tolist() for t in rng["cuda_rng"]]))
+    return out
 
 
 def _update(h: "hashlib._Hash", name: str, value: Any) -> None:

@@ -16,10 +16,12 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["main"]
+from burnin.errors import UserError
+from burnin.rank.session import RunContext
+
+__all__ = ["main", "run_rank", "run_entry", "train"]
 
 
 def _heartbeat(path: Path, period_s: float) -> None:
@@ -34,24 +36,21 @@ def _heartbeat(path: Path, period_s: float) -> None:
     threading.Thread(target=beat, name="burnin-heartbeat", daemon=True).start()
 
 
-def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
-    """Train to the last step (or run a campaign's trials). Returns the DDP module, which must not be
+def train(spec: dict[str, Any], ctx: Any) -> Any:
+    """Train burnin's own workload to the last step (or run a campaign's trials), through the public
+    rank API (`burnin.rank.session`) as a user's loop would. Returns the DDP module, which must not be
     freed before the process exits: freeing DDP's reducer joins a gloo thread that can wait forever
     for the GIL (seen at exit in benchmark runs), so `main` holds it until `os._exit`."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from burnin.rank import checkpoint
-    from burnin.rank.guard import CorruptionDetected, Guard
-    from burnin.rank.snapshot import SnapshotError
-    from burnin.rank.injector import Injector
-    from burnin.rank.state import capture_rank_state, loss_bits, restore_rank_state, state_hash
+    from burnin.rank.session import Session
     from burnin.rank.workload import GPT, MarkovData, gpt_config, make_optimizer
 
     sc = spec["scenario"]
-    w, ck, to = sc["workload"], sc["checkpoint"], sc["timeouts"]
-    ckpt_dir = Path(spec["checkpoint_dir"])
+    w, to = sc["workload"], sc["timeouts"]
+    rank, world_size = ctx.rank, ctx.world_size
 
     # -- Triton kernels run compiled on CUDA, interpreted on CPU; the mode is fixed when triton is
     # first imported, and use_deterministic_algorithms imports it: choose before.
@@ -82,7 +81,7 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
         _wait_for_store(to["connect_s"])
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=to["collective_s"]))
-    events.emit("pg_ready", backend=backend, device=str(device))
+    ctx.announce_pg(device)
 
     # -- model, optimizer, data (identical init on every rank: seed before building)
     cfg = gpt_config(w["model"], w["seq_len"], w["dropout"], w["kernels"])
@@ -90,170 +89,58 @@ def train(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
     model = GPT(cfg).to(device)
     optimizer = make_optimizer(model, w["lr"], w["weight_decay"])
     data = MarkovData(w["seed"], cfg.vocab_size)
-
-    # -- resume: rank 0 picks the newest state that every rank has and that verifies, from the memory
-    # snapshots (shared memory, the supervisor's) or the disk checkpoints, and tells the others
-    t0 = time.time()
-    snaps = _open_snapshots(spec, rank, world_size, events)
-    tier, start_step = _choose_resume(ckpt_dir, snaps, rank, world_size, events)
-    if tier is not None:
-        if tier == "memory":
-            model_state, rank_state = snaps.load(start_step, device)
-        else:
-            ckpt = checkpoint.Checkpoint(start_step, checkpoint._dir(ckpt_dir, start_step))
-            model_state, rank_state = checkpoint.load(ckpt, rank, device)
-        skip = spec["scenario"]["debug"]["skip_restore"]
-        if "model" not in skip:
-            model.load_state_dict(model_state["model"])
-        if "optimizer" not in skip:
-            optimizer.load_state_dict(model_state["optimizer"])
-        restore_rank_state(rank_state, skip)
-    else:
-        # Each rank draws its own dropout masks, as real data-parallel training does.
-        torch.manual_seed(w["seed"] * 1_000_003 + 1 + rank)
-    if snaps is not None:  # snapshots after the resume point are of another history now
-        snaps.discard(newer_than=start_step)
-    events.emit("resumed", from_step=start_step if tier is not None else None, tier=tier,
-                load_s=time.time() - t0, loss_floor=data.entropy_rate, params=model.num_params())
-
+    # Each rank draws its own dropout masks, as real data-parallel training does (a resume puts back
+    # the saved RNG over this).
+    torch.manual_seed(w["seed"] * 1_000_003 + 1 + rank)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # The injector and guard in use (a campaign swaps the injector per trial); `step` is the step the
-    # comm hook belongs to.
-    # (a burn-in's clock: the instant its timed faults count from, and where this rank says its position)
-    position = str(Path(spec["run_dir"]) / "ranks" / f"rank{rank}.pos") if spec.get("clock0") else None
-    run = SimpleNamespace(step=start_step, guard=Guard(sc, rank, world_size, events, model, optimizer),
-                          injector=Injector(sc["faults"], rank, world_size, events, set(spec["fired"]),
-                                            go_timeout_s=to["connect_s"], clock0=spec.get("clock0"),
-                                            position=position),
-                          t_compute=None)
-    ddp.register_comm_hook(run, _allreduce_hook)
-    if start_step > 0:
-        _prime_buckets(ddp, data, start_step, rank, w, device, optimizer)
+    ctx.extra["resumed"] = {"loss_floor": data.entropy_rate}
+    session = Session(ddp, optimizer, state={}, save=None, load=None, ddp_hook=True, ctx=ctx)
 
-    def one_step(step: int) -> tuple[float, str, float]:
-        run.step, injector = step, run.injector
-        run.t_compute = None
-        # data
+    def one_step(step: int) -> Any:
         x, y = data.batch(step, rank, w["batch_size"], w["seq_len"], device)
-        injector.fire("before_forward", step, batch=x, model=model, optimizer=optimizer)
-        # forward
-        _, loss = ddp(x, y)
-        # backward: the comm hook fires after_backward on each local bucket, then all-reduces it
+        _, loss = ddp(x, y)                    # before_forward: the forward pre-hook
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        injector.fire("after_allreduce", step, model=model, optimizer=optimizer)
-        grad_norm = _grad_norm(model) if run.guard.needs_grad_norm else 0.0
-        # optimizer
-        optimizer.step()
-        injector.fire("after_optimizer_step", step, model=model, optimizer=optimizer)
-        return float(loss.item()), loss_bits(loss), grad_norm
+        loss.backward()                        # after_backward: the comm hook, on each local bucket
+        optimizer.step()                       # after_allreduce and after_optimizer_step: the optimizer's hooks
+        return loss
 
     if "campaign" in spec:
         from burnin.rank.campaign_worker import run_trials
+        from burnin.rank.state import state_hash
 
-        run_trials(spec["campaign"], run, one_step, sc, rank, world_size, events)
-        events.emit("rank_finished", final_step=None, state_hash=state_hash(model, optimizer))
+        session.resume()
+        run_trials(spec["campaign"], session, lambda step: session.run_step(step, one_step), sc, rank, world_size,
+                   ctx.events)
+        ctx.events.emit("rank_finished", final_step=None, state_hash=state_hash(model, optimizer))
         dist.destroy_process_group()
         return ddp
 
-    guard, injector = run.guard, run.injector
-    guard.start(start_step)
-    memory_every = ck.get("memory_every", 0) if snaps is not None else 0
-
-    # A burn-in ends at a step the supervisor writes to this file once its time is up (ahead of every
-    # rank's position, so all ranks stop at the same step).
-    stop_file, stop_at = spec.get("stop_file"), None
-    step = start_step
-    while step < w["steps"]:
-        if stop_file is not None and stop_at is None and os.path.exists(stop_file):
-            stop_at = int(Path(stop_file).read_text())
-        if stop_at is not None and step >= stop_at:
-            break
-        t_step = time.perf_counter()
-        guard.before_step(step)
-        loss, bits, grad_norm = one_step(step)
-        # detect: detectors, agreement across ranks, and rollback or recomputation when they find something
-        try:
-            next_step, loss, bits = guard.after_step(step, loss, bits, grad_norm, rerun=one_step)
-        except CorruptionDetected:
-            # The corruption may predate the finding, so a memory snapshot may hold it: restart from
-            # the disk checkpoints, as without snapshots.
-            if snaps is not None:
-                snaps.discard()
-            raise
-        if next_step <= step:
-            if snaps is not None:  # rolled back in process: later snapshots hold the undone steps
-                snaps.discard(newer_than=next_step)
-            step = next_step
-            continue
-        # log
-        # compute_s: from the step's start to its first gradient bucket ready for the all-reduce, the part of
-        # the step no peer waits in (a burn-in's straggler score)
-        events.emit("step_done", step=step, loss=loss, loss_bits=bits, dt=time.perf_counter() - t_step,
-                    compute_s=(run.t_compute - t_step) if run.t_compute is not None else None)
-        # checkpoint
-        done = step + 1
-        if done % ck["every"] == 0 or done == w["steps"] or done == stop_at:
-            t_ck = time.time()
-            saved = checkpoint.save(ckpt_dir, done, rank, world_size, capture_rank_state(done),
-                                    {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-                                    if rank == 0 else None, keep=ck["keep"])
-            if saved is not None:
-                events.emit("checkpoint_saved", checkpoint_step=done, state_hash=state_hash(model, optimizer),
-                            seconds=time.time() - t_ck)
-        # memory snapshot: committed before the out-of-rank point, so a kill there loses nothing
-        if memory_every and done % memory_every == 0:
-            try:
-                snaps.save(done, model, optimizer, capture_rank_state(done))
-            except SnapshotError as exc:  # shared memory full: go on without; the disk tier remains
-                events.emit("snapshot_failed", step=done, reason=str(exc))
-                memory_every = 0
-        injector.fire("between_steps", step, model=model, optimizer=optimizer)
-        step = done
-
-    events.emit("rank_finished", final_step=step - 1, state_hash=state_hash(model, optimizer))
+    for step in session.steps():
+        session.step_done(one_step(step))
     dist.destroy_process_group()
     return ddp
 
 
-def _open_snapshots(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
-    """This rank's memory snapshot store, its slots verified (each bad one reported); None when the
-    run keeps none (no directory from the supervisor: golden runs; `memory_every: 0`; campaigns)."""
-    if not spec.get("snapshot_dir") or not spec["scenario"]["checkpoint"].get("memory_every") or "campaign" in spec:
-        return None
-    from burnin.rank.snapshot import RankSnapshots
+def run_entry(workload: dict[str, Any]) -> Any:
+    """Run the loop a scenario names (`workload.entry`): a script, run as `python SCRIPT ARGS...` would
+    run it (as `__main__`, its directory first on sys.path), or `module:function`, called with no
+    arguments after `sys.argv` is set to the module name and the args. Returns what the function
+    returned (a script: its globals), so nothing the loop built is freed before the process exits."""
+    import importlib
+    import runpy
 
-    return RankSnapshots(spec["snapshot_dir"], rank, world_size,
-                         on_reject=lambda path, step, why: events.emit("snapshot_rejected", snapshot_step=step,
-                                                                       file=path.name, reason=why))
+    import torch
 
-
-def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, events: Any) -> tuple[str | None, int]:
-    """(tier, step) to resume from, the same on every rank: ("memory", s), ("disk", s) or (None, 0).
-
-    Collective. Each rank offers the steps of its verified snapshots; rank 0 takes the newest one
-    every rank has, verifies only the disk checkpoints newer than it (the newer tier wins; memory
-    wins a tie: the same state, cheaper to load), and broadcasts the choice."""
-    import torch.distributed as dist
-
-    from burnin.rank import checkpoint
-    from burnin.rank.snapshot import common_step
-
-    offered: list[Any] = [None] * world_size
-    if snaps is not None:
-        dist.all_gather_object(offered, snaps.steps())
-    choice: list[Any] = [(None, 0)]
-    if rank == 0:
-        memory = common_step(offered) if snaps is not None else None
-        ckpt = checkpoint.newest_valid(
-            ckpt_dir, world_size, above=memory,
-            on_reject=lambda c, why: events.emit("checkpoint_rejected", checkpoint_step=c.step, reason=why))
-        if ckpt is not None:
-            choice = [("disk", ckpt.step)]
-        elif memory is not None:
-            choice = [("memory", memory)]
-    dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+    entry, args = workload["entry"], list(workload.get("args") or [])
+    # A spare was warmed up by burnin's own workload: put back what a fresh process would have.
+    torch.use_deterministic_algorithms(False)
+    if entry.endswith(".py"):
+        sys.argv = [entry, *args]
+        sys.path.insert(0, str(Path(entry).parent))
+        return runpy.run_path(entry, run_name="__main__")
+    module, _, func = entry.partition(":")
+    sys.argv = [module, *args]
+    return getattr(importlib.import_module(module), func)()
 
 
 def _wait_for_store(limit_s: float) -> None:
@@ -273,55 +160,6 @@ def _wait_for_store(limit_s: float) -> None:
             time.sleep(0.005)
 
 
-def _allreduce_hook(run, bucket):  # noqa: ANN001 -- DDP inspects the annotation: none, or a real GradBucket
-    """DDP comm hook: the `after_backward` point on each local bucket, then the usual averaging.
-
-    Always registered (golden runs too), so faulted and fault-free runs reduce the same way.
-    """
-    import torch.distributed as dist
-
-    if run.t_compute is None:
-        run.t_compute = time.perf_counter()
-    run.injector.fire("after_backward", run.step, bucket=bucket, model=run.guard.model,
-                      optimizer=run.guard.optimizer)
-    buf = bucket.buffer().div_(dist.get_world_size())
-    return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-
-def _grad_norm(model: Any) -> float:
-    import torch
-
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
-                                                      for g in grads])))
-
-
-def _prime_buckets(ddp: Any, data: Any, step: int, rank: int, w: dict[str, Any], device: Any,
-                   optimizer: Any) -> None:
-    """Make a resumed group all-reduce with the bucket layout of an uninterrupted run.
-
-    DDP rebuilds its gradient buckets once, after the first backward of each DDP instance. An
-    uninterrupted run reduces step 0 with the initial layout and every later step with the
-    rebuilt one; a group resumed at step k would reduce step k with the initial layout. With
-    three or more ranks the ring all-reduce sums an element in an order that depends on its
-    position in the bucket, so that one step would differ in its last bits (measured: 3 ranks,
-    resume at 10, loss bits differ from step 11 on). One throwaway backward, with every RNG put
-    back and the gradients dropped, triggers the rebuild first; parameters are not touched.
-    """
-    import torch
-
-    from burnin.rank.state import capture_rank_state, restore_rank_state
-
-    saved = capture_rank_state(step)
-    x, y = data.batch(step, rank, w["batch_size"], w["seq_len"], device)
-    _, loss = ddp(x, y)
-    loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    restore_rank_state(saved)
-    del x, y, loss
-    torch.distributed.barrier()
-
-
 def warm_up(device: str, threads: int, kernels: str) -> None:
     """Pay, ahead of need, every import and first-call cost a rank pays before its first step: torch,
     determinism (which imports torch._dynamo), the first AdamW step (the rest of dynamo), torch.distributed
@@ -336,7 +174,7 @@ def warm_up(device: str, threads: int, kernels: str) -> None:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     from burnin.faults import registry
-    from burnin.rank import checkpoint, guard, injector, state  # noqa: F401
+    from burnin.rank import checkpoint, guard, injector, session, state  # noqa: F401
     from burnin.rank.workload import make_optimizer
 
     registry.all_faults()
@@ -461,16 +299,37 @@ def main(argv: list[str] | None = None) -> int:
     _heartbeat(rank_dir / f"rank{rank}.heartbeat", spec["heartbeat_period_s"])
     events.emit("rank_started", pid=os.getpid(), spare=warm_s is not None,
                 **({"warm_s": warm_s} if warm_s is not None else {}))
+    run_rank(spec, RunContext(spec, rank, world_size, events))
+
+
+def run_rank(spec: dict[str, Any], ctx: Any) -> None:
+    """Be rank `ctx.rank` of the run until the end: burnin's workload, or the scenario's own entry
+    (`workload.entry`). Never returns: the process ends with os._exit (0 once the rank finished)."""
+    from burnin.rank.session import _set_current
+
+    _set_current(ctx)
     try:
-        keep = train(spec, rank, world_size, events)  # noqa: F841 -- freed only by os._exit
+        if spec["scenario"]["workload"].get("entry"):
+            keep = run_entry(spec["scenario"]["workload"])  # noqa: F841 -- freed only by os._exit
+            if not ctx.finished:
+                raise UserError(f"{spec['scenario']['workload']['entry']} returned without finishing its steps: "
+                                "loop over burnin.rank.attach(...).steps() to the end")
+        else:
+            keep = train(spec, ctx)  # noqa: F841 -- freed only by os._exit
     except BaseException as exc:  # report, then die: the supervisor decides what happens next
-        tb = traceback.format_exception(exc)
-        events.emit("rank_error", error_type=type(exc).__name__, message=str(exc)[:2000],
-                    traceback="".join(tb[-6:])[-4000:])
-        sys.stderr.write("".join(tb))
-        sys.stderr.flush()
-        os._exit(1)  # skip interpreter teardown: a broken process group can hang it
-    events.close()
+        if isinstance(exc, SystemExit) and exc.code in (0, None) and ctx.finished:
+            pass  # the loop's script ended with sys.exit(0) after its last step
+        else:
+            tb = traceback.format_exception(exc)
+            if ctx.events is None:  # torchrun, before the group formed: stderr is all there is
+                sys.stderr.write("".join(tb))
+                os._exit(1)
+            ctx.events.emit("rank_error", error_type=type(exc).__name__, message=str(exc)[:2000],
+                        traceback="".join(tb[-6:])[-4000:])
+            sys.stderr.write("".join(tb))
+            sys.stderr.flush()
+            os._exit(1)  # skip interpreter teardown: a broken process group can hang it
+    ctx.events.close()
     sys.stdout.flush()
     sys.stderr.flush()
     # Everything is written and the group is destroyed: interpreter teardown (DDP, gloo and torch

@@ -131,11 +131,18 @@ class RunResult:
     false_alarms: int = 0      # detections that no injected fault explains
     simulated: bool = False    # some fault was a simulation of the real thing
     error: str | None = None   # a harness error that ended the run
+    comparison: str = "exact"  # how the run was judged: "exact" (bits), or "tolerance" (a loop that is not deterministic)
+    tolerance: dict[str, Any] | None = None  # tolerance mode: the bounds, the largest differences, within or not
     schema_version: int = SCHEMA_VERSION
 
     @property
     def ok(self) -> bool:
         return all(e.ok for e in self.expectations)
+
+    @property
+    def matched(self) -> bool:
+        """The final state is the golden run's: bit for bit, or (tolerance mode) within the bounds."""
+        return self.exact or bool(self.tolerance and self.tolerance.get("within"))
 
     @property
     def wall_s(self) -> float:

@@ -2,11 +2,15 @@
 
 Everything is derived from `events.jsonl` (plus the golden record), so a run's reports can be
 rebuilt at any time, also after its supervisor died. A fault counts as recovered only when the
-run finished and its final state hash equals the golden run's, bit for bit.
+run finished and its final state hash equals the golden run's, bit for bit; a loop that is not
+deterministic can be judged in tolerance mode instead (`workload.compare: tolerance`), and is then
+never called exact.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from collections import defaultdict
 from typing import Any
 
@@ -52,6 +56,12 @@ def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: s
     golden_hash = golden.state_hash if golden else None
     exact = bool(finished and replicas_agree and final_hash is not None and final_hash == golden_hash)
 
+    finals_ev = {ev["rank"]: ev for ev in by_kind["rank_finished"] if ev.get("attempt") == _last_attempt(by_kind)}
+    tolerance = None
+    if scenario.workload.compare == "tolerance":
+        tolerance = _tolerance(scenario.workload.tolerance, losses, finals_ev.get(0), golden, finished)
+    matched = exact or bool(tolerance and tolerance["within"])
+
     diverged = None
     if golden:
         for rank, steps in sorted(losses.items()):
@@ -75,7 +85,7 @@ def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: s
         error = "; ".join(([error] if error else []) + fault_errors)
 
     detections, false_alarms = _attribute_detections(by_kind, scenario)
-    faults = [_fault_result(i, spec, by_kind, failures, finished, exact, detections.get(i, []))
+    faults = [_fault_result(i, spec, by_kind, failures, finished, matched, detections.get(i, []))
               for i, spec in enumerate(scenario.faults)]
     for ev in by_kind["fault_error"]:
         f = faults[ev["fault_index"]]
@@ -90,10 +100,65 @@ def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: s
         exact=exact, diverged_at_step=diverged, restarts=restarts, steps_executed=steps_executed,
         final_loss=final_loss, loss_floor=floor, failures=failures, faults=faults, simulated=simulated,
         rollbacks=len(by_kind["rollback"]), false_alarms=len(false_alarms),
-        error=error,
+        error=error, comparison=scenario.workload.compare, tolerance=tolerance,
     )
     result.expectations = _expectations(result, scenario, replicas_agree, finals)
     return result
+
+
+def _bits_float(bits: str) -> float:
+    return struct.unpack(">f", bytes.fromhex(bits))[0]
+
+
+def _rdiff(a: float, b: float) -> float:
+    if a == b:
+        return 0.0
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _tolerance(tol: Any, losses: dict[int, dict[int, str]], final: dict[str, Any] | None, golden: Any,
+               finished: bool) -> dict[str, Any]:
+    """Tolerance mode: the largest relative difference of any step's loss (every rank) and of any final
+    tensor's L2 norm (rank 0) from the golden run's; within when both are inside the scenario's bounds."""
+    out: dict[str, Any] = {"loss_rtol": tol.loss_rtol, "state_rtol": tol.state_rtol, "loss_max_rdiff": None,
+                           "loss_worst_step": None, "state_max_rdiff": None, "state_worst_tensor": None,
+                           "within": False, "why": None}
+    if golden is None:
+        out["why"] = "no golden run"
+        return out
+    diffs = [(_rdiff(_bits_float(bits), _bits_float(golden.loss_bits[str(rank)][str(step)])), step)
+             for rank, steps in losses.items() for step, bits in steps.items()
+             if str(step) in golden.loss_bits.get(str(rank), {})]
+    out["loss_max_rdiff"], out["loss_worst_step"] = max(diffs, default=(0.0, None))
+    mine, theirs = (final or {}).get("state_norms"), golden.state_norms
+    if not mine or not theirs:
+        out["why"] = "no final state to compare" if finished else "the run did not finish"
+        return out
+    missing = sorted(set(theirs) ^ set(mine))
+    if missing:
+        out["why"] = f"the final states hold different tensors ({missing[0]}, ...)"
+        return out
+    name = max(theirs, key=lambda n: _rdiff(mine[n], theirs[n]))
+    out["state_max_rdiff"], out["state_worst_tensor"] = _rdiff(mine[name], theirs[name]), name
+    out["within"] = bool(finished and out["loss_max_rdiff"] <= tol.loss_rtol and out["state_max_rdiff"] <= tol.state_rtol)
+    if not out["within"]:
+        out["why"] = ("the run did not finish" if not finished else
+                      f"loss differs by {out['loss_max_rdiff']:.3g} at step {out['loss_worst_step']}"
+                      if out["loss_max_rdiff"] > tol.loss_rtol else
+                      f"{name} differs by {out['state_max_rdiff']:.3g}")
+    return out
+
+
+def tolerance_text(t: dict[str, Any]) -> str:
+    """One line for every report: tolerance mode is never called exact."""
+    if t.get("loss_max_rdiff") is None or t.get("state_max_rdiff") is None:
+        return f"not exact (tolerance mode): cannot compare, {t.get('why')}"
+    verdict = "within tolerance" if t["within"] else f"OUTSIDE tolerance ({t['why']})"
+    return (f"not exact (tolerance mode): {verdict}: loss max rel. diff {t['loss_max_rdiff']:.2e} "
+            f"(bound {t['loss_rtol']:g}), final tensors max rel. diff {t['state_max_rdiff']:.2e} "
+            f"(bound {t['state_rtol']:g}, {t['state_worst_tensor']})")
 
 
 def _last_attempt(by_kind: dict[str, list[dict[str, Any]]]) -> int:
@@ -227,6 +292,8 @@ def _new_ranks(by_kind: dict[str, list[dict[str, Any]]], attempt: int) -> str:
     used = [ev for ev in by_kind["spare_used"] if ev.get("attempt") == attempt]
     missing = [ev for ev in by_kind["spare_missing"] if ev.get("attempt") == attempt]
     if not used and not missing:
+        if any(ev.get("launcher") == "torchrun" for ev in by_kind["run_started"]):
+            return "restarted by torchrun"
         return "cold start (no spare pool)"
     late = [ev for ev in used if not ev.get("ready")]
     if not late and not missing:
@@ -250,7 +317,10 @@ def _expectations(r: RunResult, scenario: Any, replicas_agree: bool, finals: dic
     if e.finish:
         ex.append(Expectation("run finishes", r.finished,
                               f"completed step {r.final_step} of {r.steps - 1}" if not r.finished else "finished"))
-    if e.exact:
+    if e.exact and r.tolerance is not None:
+        ex.append(Expectation("final state within tolerance (not exact)", r.tolerance["within"],
+                              tolerance_text(r.tolerance)))
+    elif e.exact:
         if r.exact:
             msg = f"final state {r.final_state_hash[:16]} equals the golden run's"
         elif not replicas_agree:

@@ -189,6 +189,10 @@ def _fault_label(f: FaultResult) -> str:
 
 
 def _exactness(result: RunResult) -> str:
+    if result.tolerance is not None and not result.exact:
+        from burnin.reports.verdict import tolerance_text
+
+        return tolerance_text(result.tolerance)
     if result.golden_state_hash is None:
         return "no golden run to compare with"
     if result.final_state_hash is None:
@@ -293,9 +297,13 @@ def render_plain(result: RunResult) -> str:
             extra.append("not injected")
         lines.append(f"{_fault_label(f)} {f.point} -> {f.outcome} (expected {'|'.join(f.expected)}) "
                      f"{'ok' if f.ok else 'UNEXPECTED'}" + (f" [{', '.join(extra)}]" if extra else ""))
+    if result.tolerance is not None and not result.exact:
+        lines.append(_exactness(result))
     if result.error:
         lines.append(f"harness error: {result.error.splitlines()[0] if result.error.strip() else result.error}")
     tail = " (simulated)" if _is_simulated(result) else ""
+    if result.tolerance is not None and not result.exact:
+        tail += " (not exact: tolerance mode)"
     lines.append(f"{'PASS' if passed(result) else 'FAIL'} {result.scenario} {result.run_dir}{tail}")
     return "\n".join(lines)
 

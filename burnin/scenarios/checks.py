@@ -314,7 +314,7 @@ def _workload_problem(sc: "Scenario", cls: Any, f: FaultSpec, rank: Any, step: A
                                        f"(workload.ranks={w.ranks}); name some ranks, not all")
     from burnin.faults.corruption import NaN, Bitflip, workload_problem
 
-    if cls.name in (Bitflip.name, NaN.name):
+    if cls.name in (Bitflip.name, NaN.name) and w.entry is None:  # a loop's own model: checked when it fires
         return workload_problem(cls.name, params, point=f.point, step=step, model=w.model,
                                 batch_size=w.batch_size, seq_len=w.seq_len)
     return None

@@ -122,8 +122,10 @@ def load_scenario(source: str | Path, overrides: dict[str, Any] | None = None) -
 
 
 def parse_scenario(raw: bytes | str, file: str = "<scenario>",
-                   overrides: dict[str, Any] | None = None) -> Scenario:
-    """Validate scenario text already in memory; `file` is the name errors are reported under."""
+                   overrides: dict[str, Any] | None = None, base: str | Path | None = None) -> Scenario:
+    """Validate scenario text already in memory; `file` is the name errors are reported under. A loop's
+    script (`workload.entry: train.py`) is looked for in `base`, else beside `file` when it is a real file,
+    else in the current directory."""
     text = _decode(raw, file) if isinstance(raw, bytes) else raw
     if len(text) > MAX_BYTES:
         raise _error(_TOO_BIG, file=file)
@@ -137,11 +139,42 @@ def parse_scenario(raw: bytes | str, file: str = "<scenario>",
     data = _Builder(file, lines).build(root, (), 0)
     applied = _apply_overrides(data, overrides or {})
     try:
-        return Scenario.model_validate(data)
+        scenario = Scenario.model_validate(data)
     except ValidationError as exc:
         raise _from_validation(exc, data, file, lines, applied) from None
     except RecursionError:
         raise _error("nested too deeply to validate", file=file) from None
+    if scenario.workload.entry is not None:
+        scenario = _locate_entry(scenario, file, lines.get(("workload", "entry")), base)
+    return scenario
+
+
+def _locate_entry(scenario: Scenario, file: str, line: int | None, base: str | Path | None) -> Scenario:
+    """The scenario with `workload.entry` made absolute (a script: relative to the scenario file's folder),
+    once the script exists or the module can be found; a one-line error otherwise."""
+    import importlib.util
+
+    entry = scenario.workload.entry
+    where = {"file": file, "line": line, "field": "workload.entry"}
+    if entry.endswith(".py"):
+        if base is None:
+            base = Path(file).parent if not file.startswith("<") and Path(file).is_file() else Path.cwd()
+        path = (Path(base) / entry).resolve()
+        if not path.is_file():
+            raise _error(f"no script {entry} (looked for {path}); give the loop's path relative to the "
+                         f"scenario file", **where)
+        workload = scenario.workload.model_copy(update={"entry": str(path)})
+        return scenario.model_copy(update={"workload": workload})
+    module = entry.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        raise _error(f"cannot look up module {module} ({exc}); check the name and that it is importable",
+                     **where) from None
+    if found is None:
+        raise _error(f"no module {module} on the Python path; install the loop's package, or name a script "
+                     f"(train.py)", **where)
+    return scenario
 
 
 _TOO_BIG = f"the file is larger than {MAX_BYTES >> 20} MiB; a scenario is a few hundred lines at most"

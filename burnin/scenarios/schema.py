@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -68,8 +69,39 @@ class _Model(BaseModel):
         return data
 
 
+class Tolerance(_Model):
+    """How close a run of a non-deterministic loop must come to its golden run (`workload.compare: tolerance`)."""
+
+    loss_rtol: float = Field(0.05, gt=0, le=10, description="each step's loss within this relative difference "
+                                                            "of the golden run's loss at that step")
+    state_rtol: float = Field(0.01, gt=0, le=10, description="each final tensor's L2 norm within this relative "
+                                                             "difference of the golden run's")
+
+
+_ENTRY = r"^(?:[^\x00]*\.py|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*)$"
+
+
 class Workload(_Model):
     """What trains: everything here changes the bits, so all of it goes into the golden hash."""
+
+    entry: str | None = Field(
+        None, max_length=4096,
+        description="the training loop to run instead of burnin's own: a script (`train.py`, relative to the "
+                    "scenario file) or `package.module:function`; it attaches with burnin.rank.attach. The model, "
+                    "batch, optimizer and device fields below are then the loop's business and unused")
+    args: list[str] = Field(default_factory=list, max_length=1000, description="the loop's command-line arguments")
+    compare: Literal["exact", "tolerance"] = Field(
+        "exact", description="exact: the final state must equal the golden run's bit for bit; tolerance: for a "
+                             "loop that is not deterministic, the loss curve and final state within `tolerance` "
+                             "(every report then says `not exact`)")
+    tolerance: Tolerance = Field(default_factory=Tolerance)
+
+    @field_validator("entry")
+    @classmethod
+    def _entry_form(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(_ENTRY, v):
+            raise ValueError("give a script path ending in .py (`train.py`) or `package.module:function`")
+        return v
 
     model: Literal["tiny", "small", "gpt2-124m"] = Field("tiny", description="model preset")
     ranks: int = Field(2, ge=1, le=MAX_RANKS, description="number of data-parallel ranks")
@@ -393,7 +425,17 @@ class Scenario(_Model):
             if c.warmup + c.window > self.workload.steps:
                 raise ValueError(f"campaign.window: warmup {c.warmup} + window {c.window} is more than "
                                  f"workload.steps={self.workload.steps}; raise workload.steps")
+        if self.workload.args and self.workload.entry is None:
+            raise ValueError("workload.args: arguments are for a loop named by workload.entry; name the entry, "
+                             "or drop args")
+        if self.workload.entry is not None and self.campaign is not None and not any(
+                f.fault.startswith(("process.", "storage.")) for f in self.faults):
+            raise ValueError("campaign: a data-fault campaign steps burnin's own workload trial by trial; with "
+                             "workload.entry, use `burnin run` (or a campaign of process and storage faults)")
         for i, f in enumerate(self.faults):
+            if f.fault.startswith("memory.") and self.workload.entry is not None:
+                raise ValueError(f"faults.{i}.fault: {f.fault} acts on burnin's own Triton loss kernel, which "
+                                 f"a loop named by workload.entry does not run; drop the fault")
             if f.fault.startswith("memory.") and self.workload.kernels != "triton":
                 raise ValueError(f"faults.{i}.fault: {f.fault} acts on the Triton loss kernel; "
                                  f"set workload.kernels: triton (it is {self.workload.kernels!r})")

@@ -1,0 +1,460 @@
+"""The public rank-side API: what a training loop calls to be run, disturbed and judged by burnin.
+
+A few lines attach burnin to a loop; the loop stays the loop::
+
+    import burnin.rank
+
+    session = burnin.rank.attach(ddp_model, optimizer)      # after init_process_group and DDP
+    for step in session.steps(total_steps):                 # resumes first; a range without burnin
+        x, y = batch(step)
+        loss = loss_fn(ddp_model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        session.step_done(loss)
+
+`attach` hooks the step points into the modules the loop already has: `before_forward` is a forward
+pre-hook on the model (its first argument is the batch), `after_backward` a DDP communication hook
+(each gradient bucket, then the usual averaging all-reduce), `after_allreduce` and
+`after_optimizer_step` the optimizer's step pre- and post-hooks; `between_steps` fires in `steps()`
+after the step's checkpoint. `steps()` does the rest between two steps: it resumes from the newest
+valid state (a memory snapshot or a checkpoint, model + optimizer + every RNG + the loop's own
+`state=` objects), runs the detectors, rolls back or recomputes a step when they say so, writes the
+checkpoints the scenario asks for (atomic, SHA-256 manifest; through the loop's own `save=`/`load=`
+when it has them), and reports each step on the rank's event stream.
+
+Outside burnin (no run started this process: plain `python train.py`, or `torchrun` without burnin's
+entry) the session is inactive: `steps(n)` is `range(n)` and `step_done` does nothing, so one
+script serves both.
+
+burnin's own workload (`burnin.rank.worker`) is the first user of this API.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from burnin.errors import UserError
+
+__all__ = ["attach", "Session", "RunContext", "current"]
+
+
+@dataclass
+class RunContext:
+    """What the entry that started this process as a burnin rank knows: the run's spec, this rank, its
+    event stream. Set by `burnin.rank.worker` (under the supervisor) or `burnin.rank.__main__` (torchrun)."""
+
+    spec: dict[str, Any]
+    rank: int
+    world_size: int
+    events: Any
+    pg_announced: bool = False
+    finished: bool = False
+    # torchrun: no supervisor acts on out-of-rank faults, the rank applies them to itself
+    self_inflicted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def announce_pg(self, device: Any = None) -> None:
+        """The `pg_ready` event, once: the process group is formed."""
+        if self.pg_announced:
+            return
+        import torch.distributed as dist
+
+        self.pg_announced = True
+        if "on_pg" in self.extra:  # torchrun: the event stream opens once the group agreed on the attempt
+            self.extra["on_pg"]()
+        self.events.emit("pg_ready", backend=dist.get_backend(), device=str(device) if device is not None else None)
+
+
+_CURRENT: RunContext | None = None
+
+
+def current() -> RunContext | None:
+    """The run this process is a rank of; None outside burnin."""
+    return _CURRENT
+
+
+def _set_current(ctx: RunContext | None) -> None:
+    global _CURRENT
+    _CURRENT = ctx
+
+
+def attach(model: Any, optimizer: Any, *, state: Mapping[str, Any] | None = None,
+           save: Callable[[Path], None] | None = None, load: Callable[[Path], None] | None = None,
+           ddp_hook: bool = True) -> "Session":
+    """Attach burnin to a loop's model (a DistributedDataParallel module, or a plain one) and optimizer.
+
+    - `state`: more objects the step changes, whose `state_dict()`/`load_state_dict()` a checkpoint and an
+      in-process rollback keep (an LR scheduler, a data loader's position), saved per rank. A rollback
+      restores the model, the optimizer, every RNG and these; anything else the step changes is not
+      put back, so name it here (even when the loop's own `save`/`load` keep it on disk).
+    - `save(directory)` / `load(directory)`: the loop's own checkpoint writer and reader. burnin hands them a
+      fresh directory, then commits what was written with a SHA-256 manifest (so a damaged file is refused
+      and the previous checkpoint loaded), times it, and adds each rank's RNG state beside it. Without them,
+      burnin saves the model's and optimizer's state dicts itself.
+    - `ddp_hook=False`: leave the DDP communication hook alone (the loop has its own); the `after_backward`
+      point then never fires.
+
+    Call it after `init_process_group` and after wrapping the model in DDP."""
+    return Session(model, optimizer, state=dict(state or {}), save=save, load=load, ddp_hook=ddp_hook,
+                   ctx=current())
+
+
+class Session:
+    """One rank's link to the run. See the module docstring; made by `attach`."""
+
+    def __init__(self, model: Any, optimizer: Any, *, state: dict[str, Any], save: Callable[[Path], None] | None,
+                 load: Callable[[Path], None] | None, ddp_hook: bool, ctx: RunContext | None):
+        if (save is None) != (load is None):
+            raise UserError("burnin.rank.attach: give both save= and load= (a checkpoint burnin writes through "
+                            "the loop's writer must be read back through its reader), or neither")
+        self.ctx = ctx
+        self.active = ctx is not None
+        self.ddp = model if hasattr(model, "register_comm_hook") and hasattr(model, "module") else None
+        self.model = self.ddp.module if self.ddp is not None else model
+        self.optimizer = optimizer
+        self.extra = state
+        self.save_fn, self.load_fn = save, load
+        self.step = 0
+        self.start_step: int | None = None
+        self.grad_norm = 0.0
+        self.t_compute: float | None = None
+        self._loss: Any = None
+        self._forwarded = False
+        self._priming = False
+        self._resumed = False
+        self._tier: str | None = None
+        self.guard: Any = None
+        self.injector: Any = None
+        self.snaps: Any = None
+        if not self.active:
+            return
+        import torch
+
+        ctx.announce_pg(next(iter(self.model.parameters()), torch.empty(0)).device)
+        self._build(ddp_hook)
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _build(self, ddp_hook: bool) -> None:
+        from burnin.rank.guard import Guard
+        from burnin.rank.injector import Injector
+
+        ctx, spec = self.ctx, self.ctx.spec
+        sc = spec["scenario"]
+        self.scenario = sc
+        self.ckpt_dir = Path(spec["checkpoint_dir"])
+        rank, world = ctx.rank, ctx.world_size
+        position = str(Path(spec["run_dir"]) / "ranks" / f"rank{rank}.pos") if spec.get("clock0") else None
+        self.guard = Guard(sc, rank, world, ctx.events, self.model, self.optimizer, self.extra)
+        self.injector = Injector(sc["faults"], rank, world, ctx.events, set(spec["fired"]),
+                                 go_timeout_s=sc["timeouts"]["connect_s"], clock0=spec.get("clock0"),
+                                 position=position, self_inflicted=ctx.self_inflicted,
+                                 checkpoint_dir=str(self.ckpt_dir), snapshot_dir=spec.get("snapshot_dir"))
+        outer = self.ddp if self.ddp is not None else self.model
+        outer.register_forward_pre_hook(self._before_forward)
+        if self.ddp is not None and ddp_hook:
+            self.ddp.register_comm_hook(self, _allreduce_hook)
+        self.optimizer.register_step_pre_hook(self._before_optimizer)
+        self.optimizer.register_step_post_hook(self._after_optimizer)
+
+    # -- the step points, from the hooks -------------------------------------------------------
+
+    def point(self, name: str, **tensors: Any) -> None:
+        """Fire step point `name` of the current step by hand (the hooks fire the usual ones)."""
+        if self.active and not self._priming:
+            self.injector.fire(name, self.step, model=self.model, optimizer=self.optimizer, **tensors)
+
+    def _before_forward(self, module: Any, args: tuple[Any, ...]) -> None:
+        if self._forwarded or not module.training:
+            return
+        self._forwarded = True
+        batch = args[0] if args and hasattr(args[0], "data_ptr") else None
+        self.point("before_forward", **({"batch": batch} if batch is not None else {}))
+
+    def _before_optimizer(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.point("after_allreduce")
+        if self.guard is not None and self.guard.needs_grad_norm:
+            self.grad_norm = _grad_norm(self.model)
+
+    def _after_optimizer(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.point("after_optimizer_step")
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def step_done(self, loss: Any) -> None:
+        """The step's loss (a tensor): the last call of a step's body."""
+        self._loss = loss
+
+    def begin(self, step: int) -> None:
+        """Start executing `step` (steps() does it; a campaign's trials call it by hand)."""
+        self.step, self.t_compute, self._forwarded, self._loss = step, None, False, None
+
+    def steps(self, total: int | None = None) -> Iterator[int]:
+        """The steps to run: from the resume point to the scenario's last step (`workload.steps`; `total` is
+        what runs without burnin), again after a rollback, twice for a recomputed one. Inactive: `range(total)`."""
+        if not self.active:
+            if total is None:
+                raise UserError("session.steps(): give the number of steps (no burnin run to take it from)")
+            yield from range(total)
+            return
+        # Under burnin the scenario's workload.steps rules (faults are placed and validated against it, and
+        # `--steps` overrides it); the loop's own number is what it runs alone.
+        want = self.scenario["workload"]["steps"]
+        if total is not None and total != want and self.ctx.rank == 0:
+            self.ctx.events.emit("note", text=f"the loop asked for {total} steps; the scenario's workload.steps={want} "
+                                              "rules under burnin")
+        yield from self._loop(want)
+
+    def resume(self) -> int:
+        """Load the newest state every rank has that verifies (memory snapshot or checkpoint); the step to
+        run next. Collective; steps() calls it."""
+        if not self.active:
+            return 0
+        if self._resumed:
+            return self.start_step
+
+        ctx, spec = self.ctx, self.ctx.spec
+        t0 = time.time()
+        if self.save_fn is None:
+            self.snaps = _open_snapshots(spec, ctx.rank, ctx.world_size, ctx.events)
+        tier, start = _choose_resume(self.ckpt_dir, self.snaps, ctx.rank, ctx.world_size, ctx.events)
+        if tier is not None:
+            self._load(tier, start)
+        self._tier = tier
+        info = ctx.extra.get("resumed", {})
+        ctx.events.emit("resumed", from_step=start if tier is not None else None, tier=tier, load_s=time.time() - t0,
+                        params=sum(p.numel() for p in self.model.parameters()), **info)
+        self.start_step, self._resumed = start, True
+        return start
+
+    def _load(self, tier: str, start: int) -> None:
+        """Put back the state of `start` from a memory snapshot or a verified checkpoint."""
+        from burnin.rank import checkpoint
+        from burnin.rank.state import restore_rank_state
+
+        ctx = self.ctx
+        device = next(iter(self.model.parameters())).device
+        skip = self.scenario["debug"]["skip_restore"]
+        if tier == "memory":
+            model_state, rank_state = self.snaps.load(start, device)
+        else:
+            ckpt = checkpoint.Checkpoint(start, checkpoint._dir(self.ckpt_dir, start))
+            if self.load_fn is not None:
+                model_state, rank_state = None, checkpoint.load_rank(ckpt, ctx.rank)
+                self.load_fn(ckpt.path)
+            else:
+                model_state, rank_state = checkpoint.load(ckpt, ctx.rank, device)
+        if model_state is not None:
+            if "model" not in skip:
+                self.model.load_state_dict(model_state["model"])
+            if "optimizer" not in skip:
+                self.optimizer.load_state_dict(model_state["optimizer"])
+        for name, obj in self.extra.items():
+            obj.load_state_dict(rank_state["extra"][name])
+        restore_rank_state(rank_state, skip)
+
+    def _loop(self, total: int) -> Iterator[int]:
+        from burnin.rank.guard import CorruptionDetected
+        from burnin.rank.snapshot import SnapshotError
+        from burnin.rank.state import loss_bits, state_digests
+
+        spec, events, guard, injector = self.ctx.spec, self.ctx.events, self.guard, self.injector
+        ck = self.scenario["checkpoint"]
+        step = self.resume()
+        if step > 0 and self.ddp is not None and self.ctx.world_size >= 3:
+            yield from self._prime(step)
+        if self.snaps is not None:  # snapshots after the resume point are of another history now
+            self.snaps.discard(newer_than=step)
+        guard.start(step)
+        memory_every = ck.get("memory_every", 0) if self.snaps is not None else 0
+        # A burn-in ends at a step the supervisor writes to this file once its time is up (ahead of every
+        # rank's position, so all ranks stop at the same step).
+        stop_file, stop_at = spec.get("stop_file"), None
+        trace_state = bool(spec.get("trace_state"))  # check-determinism: a digest of every state at each step
+        again = False  # the guard asked for the same step once more (recomputation)
+        t_step, t_compute = 0.0, None
+        while step < total:
+            if stop_file is not None and stop_at is None and os.path.exists(stop_file):
+                stop_at = int(Path(stop_file).read_text())
+            if stop_at is not None and step >= stop_at:
+                break
+            if not again:  # a recomputed step is timed from its first execution
+                t_step, t_compute = time.perf_counter(), None
+                guard.before_step(step)
+            self.begin(step)
+            yield step
+            loss = self._kept_loss(step)
+            t_compute = self.t_compute if t_compute is None else t_compute
+            # detect: detectors, agreement across ranks, and rollback or recomputation when they find something
+            try:
+                next_step, lossf, bits = guard.after_step(step, float(loss.item()), loss_bits(loss), self.grad_norm)
+            except CorruptionDetected:
+                # The corruption may predate the finding, so a memory snapshot may hold it: restart from
+                # the disk checkpoints, as without snapshots.
+                if self.snaps is not None:
+                    self.snaps.discard()
+                raise
+            again = guard.rerun_pending
+            if again:
+                continue
+            if next_step <= step:
+                if self.snaps is not None:  # rolled back in process: later snapshots hold the undone steps
+                    self.snaps.discard(newer_than=next_step)
+                step = next_step
+                continue
+            # compute_s: from the step's start to its first gradient bucket ready for the all-reduce, the part
+            # of the step no peer waits in (a burn-in's straggler score)
+            trace = {"digests": state_digests(self.model, self.optimizer)} if trace_state else {}
+            events.emit("step_done", step=step, loss=lossf, loss_bits=bits, dt=time.perf_counter() - t_step,
+                        compute_s=(t_compute - t_step) if t_compute is not None else None, **trace)
+            done = step + 1
+            if done % ck["every"] == 0 or done == total or done == stop_at:
+                self._checkpoint(done, ck["keep"])
+            # memory snapshot: committed before the out-of-rank point, so a kill there loses nothing
+            if memory_every and done % memory_every == 0:
+                try:
+                    self.snaps.save(done, self.model, self.optimizer, self._rank_state(done))
+                except SnapshotError as exc:  # shared memory full: go on without; the disk tier remains
+                    events.emit("snapshot_failed", step=done, reason=str(exc))
+                    memory_every = 0
+            injector.fire("between_steps", step, model=self.model, optimizer=self.optimizer)
+            step = done
+        self.finish(step - 1)
+
+    def finish(self, final_step: int | None) -> None:
+        """The `rank_finished` event: this rank's final state hash (steps() calls it at the end)."""
+        from burnin.rank.state import state_hash, state_norms
+
+        self.ctx.finished = True
+        self.ctx.events.emit("rank_finished", final_step=final_step, state_hash=state_hash(self.model, self.optimizer),
+                             state_norms=state_norms(self.model, self.optimizer))
+
+    def _kept_loss(self, step: int) -> Any:
+        if self._loss is None:
+            raise UserError(f"step {step} ended without session.step_done(loss): call it at the end of each step")
+        return self._loss
+
+    def _rank_state(self, step: int) -> dict[str, Any]:
+        from burnin.rank.state import capture_rank_state
+
+        state = capture_rank_state(step)
+        if self.extra:
+            state["extra"] = {name: obj.state_dict() for name, obj in self.extra.items()}
+        return state
+
+    def _checkpoint(self, done: int, keep: int) -> None:
+        from burnin.rank import checkpoint
+        from burnin.rank.state import state_hash
+
+        t_ck = time.time()
+        ctx = self.ctx
+        model_state = None
+        if self.save_fn is None and ctx.rank == 0:
+            model_state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        saved = checkpoint.save(self.ckpt_dir, done, ctx.rank, ctx.world_size, self._rank_state(done), model_state,
+                                keep=keep, writer=self.save_fn)
+        if saved is not None:
+            ctx.events.emit("checkpoint_saved", checkpoint_step=done, state_hash=state_hash(self.model, self.optimizer),
+                            seconds=time.time() - t_ck)
+
+    def _prime(self, step: int) -> Iterator[int]:
+        """Make a resumed group all-reduce with the bucket layout of an uninterrupted run.
+
+        DDP rebuilds its gradient buckets once, after the first backward of each DDP instance. An
+        uninterrupted run reduces step 0 with the initial layout and every later step with the rebuilt
+        one; a group resumed at step k would reduce step k with the initial layout. With three or more
+        ranks the ring all-reduce sums an element in an order that depends on its position in the bucket,
+        so that one step would differ in its last bits (measured: 3 ranks, resume at 10, loss bits differ
+        from step 11 on; with two, a + b is b + a). So the loop runs step k once as a throwaway, with no
+        fault, detector or event, and then loads the state of step k again, whatever the step changed
+        (the loop's scheduler, say) put back by the same load as the resume's."""
+        import torch.distributed as dist
+
+        self._priming = True
+        try:
+            self.begin(step)
+            yield step
+            self._kept_loss(step)
+        finally:
+            self._priming = False
+        self.optimizer.zero_grad(set_to_none=True)
+        self._load(self._tier, step)
+        dist.barrier()
+
+    # -- campaigns -------------------------------------------------------------------------------
+
+    def run_step(self, step: int, body: Callable[[int], Any]) -> tuple[float, str, float]:
+        """Execute one step outside steps() (a data-fault campaign's trials): (loss, loss bits, grad norm)."""
+        from burnin.rank.state import loss_bits
+
+        self.begin(step)
+        loss = body(step)
+        return float(loss.item()), loss_bits(loss), self.grad_norm
+
+
+def _allreduce_hook(session: Session, bucket):  # noqa: ANN001 -- DDP inspects the annotation: none, or a real GradBucket
+    """DDP comm hook: the `after_backward` point on each local bucket, then the usual averaging.
+
+    Always registered (golden runs too), so faulted and fault-free runs reduce the same way."""
+    import torch.distributed as dist
+
+    if session.t_compute is None:
+        session.t_compute = time.perf_counter()
+    session.point("after_backward", bucket=bucket)
+    buf = bucket.buffer().div_(dist.get_world_size())
+    return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def _grad_norm(model: Any) -> float:
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                      for g in grads])))
+
+
+def _open_snapshots(spec: dict[str, Any], rank: int, world_size: int, events: Any) -> Any:
+    """This rank's memory snapshot store, its slots verified (each bad one reported); None when the
+    run keeps none (no directory from the supervisor: golden runs, torchrun; `memory_every: 0`; campaigns)."""
+    if not spec.get("snapshot_dir") or not spec["scenario"]["checkpoint"].get("memory_every") or "campaign" in spec:
+        return None
+    from burnin.rank.snapshot import RankSnapshots
+
+    return RankSnapshots(spec["snapshot_dir"], rank, world_size,
+                         on_reject=lambda path, step, why: events.emit("snapshot_rejected", snapshot_step=step,
+                                                                       file=path.name, reason=why))
+
+
+def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, events: Any) -> tuple[str | None, int]:
+    """(tier, step) to resume from, the same on every rank: ("memory", s), ("disk", s) or (None, 0).
+
+    Collective. Each rank offers the steps of its verified snapshots; rank 0 takes the newest one
+    every rank has, verifies only the disk checkpoints newer than it (the newer tier wins; memory
+    wins a tie: the same state, cheaper to load), and broadcasts the choice."""
+    import torch.distributed as dist
+
+    from burnin.rank import checkpoint
+    from burnin.rank.snapshot import common_step
+
+    offered: list[Any] = [None] * world_size
+    if snaps is not None:
+        dist.all_gather_object(offered, snaps.steps())
+    choice: list[Any] = [(None, 0)]
+    if rank == 0:
+        memory = common_step(offered) if snaps is not None else None
+        ckpt = checkpoint.newest_valid(
+            ckpt_dir, world_size, above=memory,
+            on_reject=lambda c, why: events.emit("checkpoint_rejected", checkpoint_step=c.step, reason=why))
+        if ckpt is not None:
+            choice = [("disk", ckpt.step)]
+        elif memory is not None:
+            choice = [("memory", memory)]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
