@@ -92,7 +92,7 @@ def _code_fingerprint() -> str:
 
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for rel in ("rank/worker.py", "rank/workload.py", "rank/state.py", "rank/guard.py",
+    for rel in ("rank/worker.py", "rank/session.py", "rank/workload.py", "rank/state.py", "rank/guard.py",
                 "rank/campaign_worker.py", *sorted(str(p.relative_to(root)) for p in (root / "kernels").glob("*.py"))):
         path = root / rel
         if path.is_file():

@@ -259,77 +259,120 @@ class Session:
         restore_rank_state(rank_state, skip)
 
     def _loop(self, total: int) -> Iterator[int]:
+        step = self.resume()
+        if step > 0 and self.ddp is not None and self.ctx.world_size >= 3:
+            yield from self._prime(step)
+        self._start(step, total)
+        while step < total and not self._stopping(step):
+            self._open(step)
+            yield step
+            step = self._close(step, self._kept_loss(step))
+        self.finish(step - 1)
+
+    # -- the same, for a loop someone else runs (a framework's callbacks) --------------------------
+
+    def start(self, total: int | None = None) -> int:
+        """Resume and get ready; the step to run first. For a loop driven by callbacks (a framework's):
+        then `begin_step(step)` and `end_step(loss)` around each step, `finish()` at the end."""
+        if not self.active:
+            return 0
+        step = self.resume()
+        self._start(step, total if total is not None else self.scenario["workload"]["steps"])
+        return step
+
+    def begin_step(self, step: int) -> None:
+        if self.active:
+            self._open(step)
+
+    def end_step(self, loss: Any) -> None:
+        """The step's loss: detectors, the step's event, its checkpoint and snapshot, between_steps. A
+        callback-driven loop cannot run a step again, so a rollback or recomputation is refused."""
+        if not self.active:
+            return
+        step = self.step
+        nxt = self._close(step, loss)
+        if nxt != step + 1:
+            raise UserError("the detectors asked to run a step again (recovery.mode: rollback, or recompute), which "
+                            "a loop driven by callbacks cannot do; use recovery.mode: restart")
+
+    # -- between two steps ---------------------------------------------------------------------
+
+    def _start(self, step: int, total: int) -> None:
+        if self.snaps is not None:  # snapshots after the resume point are of another history now
+            self.snaps.discard(newer_than=step)
+        self.guard.start(step)
+        spec = self.ctx.spec
+        self._total = total
+        self._memory_every = self.scenario["checkpoint"].get("memory_every", 0) if self.snaps is not None else 0
+        # A burn-in ends at a step the supervisor writes to this file once its time is up (ahead of every
+        # rank's position, so all ranks stop at the same step).
+        self._stop_file, self._stop_at = spec.get("stop_file"), None
+        self._trace = bool(spec.get("trace_state"))  # check-determinism: a digest of every state at each step
+        self._again = False  # the guard asked for the same step once more (recomputation)
+        self._t_step, self._t_compute = 0.0, None
+
+    def _stopping(self, step: int) -> bool:
+        if self._stop_file is not None and self._stop_at is None and os.path.exists(self._stop_file):
+            self._stop_at = int(Path(self._stop_file).read_text())
+        return self._stop_at is not None and step >= self._stop_at
+
+    def _open(self, step: int) -> None:
+        if not self._again:  # a recomputed step is timed from its first execution
+            self._t_step, self._t_compute = time.perf_counter(), None
+            self.guard.before_step(step)
+        self.begin(step)
+
+    def _close(self, step: int, loss: Any) -> int:
+        """After the step's body: the next step to run (step + 1; the same step again, or an earlier one)."""
         from burnin.rank.guard import CorruptionDetected
         from burnin.rank.snapshot import SnapshotError
         from burnin.rank.state import loss_bits, state_digests
 
-        spec, events, guard, injector = self.ctx.spec, self.ctx.events, self.guard, self.injector
-        ck = self.scenario["checkpoint"]
-        step = self.resume()
-        if step > 0 and self.ddp is not None and self.ctx.world_size >= 3:
-            yield from self._prime(step)
-        if self.snaps is not None:  # snapshots after the resume point are of another history now
-            self.snaps.discard(newer_than=step)
-        guard.start(step)
-        memory_every = ck.get("memory_every", 0) if self.snaps is not None else 0
-        # A burn-in ends at a step the supervisor writes to this file once its time is up (ahead of every
-        # rank's position, so all ranks stop at the same step).
-        stop_file, stop_at = spec.get("stop_file"), None
-        trace_state = bool(spec.get("trace_state"))  # check-determinism: a digest of every state at each step
-        again = False  # the guard asked for the same step once more (recomputation)
-        t_step, t_compute = 0.0, None
-        while step < total:
-            if stop_file is not None and stop_at is None and os.path.exists(stop_file):
-                stop_at = int(Path(stop_file).read_text())
-            if stop_at is not None and step >= stop_at:
-                break
-            if not again:  # a recomputed step is timed from its first execution
-                t_step, t_compute = time.perf_counter(), None
-                guard.before_step(step)
-            self.begin(step)
-            yield step
-            loss = self._kept_loss(step)
-            t_compute = self.t_compute if t_compute is None else t_compute
-            # detect: detectors, agreement across ranks, and rollback or recomputation when they find something
+        events, ck = self.ctx.events, self.scenario["checkpoint"]
+        self._t_compute = self.t_compute if self._t_compute is None else self._t_compute
+        # detect: detectors, agreement across ranks, and rollback or recomputation when they find something
+        try:
+            next_step, lossf, bits = self.guard.after_step(step, float(loss.item()), loss_bits(loss), self.grad_norm)
+        except CorruptionDetected:
+            # The corruption may predate the finding, so a memory snapshot may hold it: restart from
+            # the disk checkpoints, as without snapshots.
+            if self.snaps is not None:
+                self.snaps.discard()
+            raise
+        self._again = self.guard.rerun_pending
+        if self._again:
+            return step
+        if next_step <= step:
+            if self.snaps is not None:  # rolled back in process: later snapshots hold the undone steps
+                self.snaps.discard(newer_than=next_step)
+            return next_step
+        # compute_s: from the step's start to its first gradient bucket ready for the all-reduce, the part
+        # of the step no peer waits in (a burn-in's straggler score)
+        t_step, t_compute = self._t_step, self._t_compute
+        trace = {"digests": state_digests(self.model, self.optimizer)} if self._trace else {}
+        events.emit("step_done", step=step, loss=lossf, loss_bits=bits, dt=time.perf_counter() - t_step,
+                    compute_s=(t_compute - t_step) if t_compute is not None else None, **trace)
+        done = step + 1
+        if done % ck["every"] == 0 or done == self._total or done == self._stop_at:
+            self._checkpoint(done, ck["keep"])
+        # memory snapshot: committed before the out-of-rank point, so a kill there loses nothing
+        if self._memory_every and done % self._memory_every == 0:
             try:
-                next_step, lossf, bits = guard.after_step(step, float(loss.item()), loss_bits(loss), self.grad_norm)
-            except CorruptionDetected:
-                # The corruption may predate the finding, so a memory snapshot may hold it: restart from
-                # the disk checkpoints, as without snapshots.
-                if self.snaps is not None:
-                    self.snaps.discard()
-                raise
-            again = guard.rerun_pending
-            if again:
-                continue
-            if next_step <= step:
-                if self.snaps is not None:  # rolled back in process: later snapshots hold the undone steps
-                    self.snaps.discard(newer_than=next_step)
-                step = next_step
-                continue
-            # compute_s: from the step's start to its first gradient bucket ready for the all-reduce, the part
-            # of the step no peer waits in (a burn-in's straggler score)
-            trace = {"digests": state_digests(self.model, self.optimizer)} if trace_state else {}
-            events.emit("step_done", step=step, loss=lossf, loss_bits=bits, dt=time.perf_counter() - t_step,
-                        compute_s=(t_compute - t_step) if t_compute is not None else None, **trace)
-            done = step + 1
-            if done % ck["every"] == 0 or done == total or done == stop_at:
-                self._checkpoint(done, ck["keep"])
-            # memory snapshot: committed before the out-of-rank point, so a kill there loses nothing
-            if memory_every and done % memory_every == 0:
-                try:
-                    self.snaps.save(done, self.model, self.optimizer, self._rank_state(done))
-                except SnapshotError as exc:  # shared memory full: go on without; the disk tier remains
-                    events.emit("snapshot_failed", step=done, reason=str(exc))
-                    memory_every = 0
-            injector.fire("between_steps", step, model=self.model, optimizer=self.optimizer)
-            step = done
-        self.finish(step - 1)
+                self.snaps.save(done, self.model, self.optimizer, self._rank_state(done))
+            except SnapshotError as exc:  # shared memory full: go on without; the disk tier remains
+                events.emit("snapshot_failed", step=done, reason=str(exc))
+                self._memory_every = 0
+        self.injector.fire("between_steps", step, model=self.model, optimizer=self.optimizer)
+        return done
 
-    def finish(self, final_step: int | None) -> None:
+    def finish(self, final_step: int | None = None) -> None:
         """The `rank_finished` event: this rank's final state hash (steps() calls it at the end)."""
         from burnin.rank.state import state_hash, state_norms
 
+        if not self.active:
+            return
+        if final_step is None:
+            final_step = self.step
         self.ctx.finished = True
         self.ctx.events.emit("rank_finished", final_step=final_step, state_hash=state_hash(self.model, self.optimizer),
                              state_norms=state_norms(self.model, self.optimizer))
