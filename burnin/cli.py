@@ -598,7 +598,8 @@ def _cmd_check_determinism(args: argparse.Namespace) -> int:
     from burnin.scenarios import load_scenario
 
     overrides = {p: v for p, v in (("workload.ranks", args.ranks), ("workload.steps", args.steps)) if v is not None}
-    scenario = load_scenario(args.scenario, overrides=overrides)
+    # The two runs have no faults: the scenario's must not stop a shorter or smaller run.
+    scenario = load_scenario(args.scenario, overrides={**overrides, "faults": [], "campaign": None, "burn_in": None})
     preflight.check_device(scenario, args.scenario, overrides)
     out = preflight.check_out_dir(args.out)
 

@@ -47,7 +47,9 @@ def torchrun_nodes(scenario: Path, run_dir: Path, endpoint: str, *, wrap: tuple[
         cmd = [*wrap[node], sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_dir.name,
                "--max-restarts", "3", "--monitor-interval", "0.1",
-               *(["--rdzv-conf", "is_host=1"] if node == 0 else []),
+               # Both "nodes" are this machine: torchrun would take each for the rendezvous host (the
+               # endpoint is local), and the second to bind the port fails. Say which one is.
+               "--rdzv-conf", f"is_host={1 if node == 0 else 0}",
                "-m", "burnin.rank", str(scenario), "--run-dir", str(run_dir)]
         agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
     done = []

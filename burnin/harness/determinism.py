@@ -31,14 +31,17 @@ class Divergence:
     loss_differs: bool = False
     tensors: list[str] = field(default_factory=list)   # the states that differ at that step, by name
     final_equal: bool = True
+    rngs: list[str] = field(default_factory=list)      # RNGs that differed (from the first step on): unseeded
 
     @property
     def deterministic(self) -> bool:
         return self.step is None and self.final_equal
 
     def text(self) -> str:
+        rng = (f"; note: {', '.join(self.rngs)} started from different states in each run (unseeded): harmless "
+               f"unless the loop draws from them" if self.rngs else "")
         if self.deterministic:
-            return f"deterministic: two fault-free runs agree bit for bit at every step ({self.steps} steps)"
+            return f"deterministic: two fault-free runs agree bit for bit at every step ({self.steps} steps){rng}"
         if self.step is None:
             return "not deterministic: every step agrees but the final states differ"
         what = []
@@ -49,7 +52,7 @@ class Divergence:
             what.append("the loss")
         return (f"not deterministic: the runs part at step {self.step} on rank {self.rank}: "
                 f"{' and '.join(what) or 'the step'} differ; judge it with workload.compare: tolerance, "
-                f"or make the loop deterministic (seeds, torch.use_deterministic_algorithms, threads)")
+                f"or make the loop deterministic (seeds, torch.use_deterministic_algorithms, threads){rng}")
 
 
 def _trace(run_dir: Path) -> tuple[dict[tuple[int, int], dict[str, Any]], dict[int, str]]:
@@ -67,14 +70,20 @@ def compare_traces(a: Path, b: Path) -> Divergence:
     sa, fa = _trace(a)
     sb, fb = _trace(b)
     div = Divergence(steps=len({s for s, _ in sa}), final_equal=bool(fa) and fa == fb)
+    # The verdict compares the loss, the parameters and the optimizer state; an RNG the loop never draws
+    # from may differ forever without changing a bit of those (Python's and numpy's, unseeded), so RNGs
+    # are reported beside the divergence, not as one.
+    rngs: set[str] = set()
     for key in sorted(set(sa) & set(sb)):
         x, y = sa[key], sb[key]
         dx, dy = x.get("digests") or {}, y.get("digests") or {}
-        tensors = sorted(n for n in set(dx) | set(dy) if dx.get(n) != dy.get(n))
+        differ = {n for n in set(dx) | set(dy) if dx.get(n) != dy.get(n)}
+        rngs |= {n for n in differ if n.startswith("rng.")}
+        tensors = sorted(n for n in differ if not n.startswith("rng."))
         loss = x["loss_bits"] != y["loss_bits"]
-        if tensors or loss:
+        if (tensors or loss) and div.step is None:
             div.step, div.rank, div.loss_differs, div.tensors = key[0], key[1], loss, tensors
-            break
+    div.rngs = sorted(rngs)
     return div
 
 

@@ -187,7 +187,8 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
         sup = Supervisor(clean, run_dir, run_id=f"golden-{key}-{os.getpid()}", golden=True, on_event=on_event)
         if not sup.run():
             failed = True
-            raise HarnessError(f"the golden (fault-free) run failed; see {run_dir}/events.jsonl and {run_dir}/ranks/")
+            raise HarnessError(f"the golden (fault-free) run failed{_why(run_dir)}; see {run_dir}/events.jsonl and "
+                               f"{run_dir}/ranks/")
         record = record_from_events(read_events(run_dir / "events.jsonl"), key)
         tmp.write_text(record.to_json())
         os.replace(tmp, path)
@@ -202,6 +203,19 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
         _remove_tree(run_dir / "checkpoints" if failed else run_dir)
     _prune_quietly()
     return record, False
+
+
+def _why(run_dir: Path) -> str:
+    """What the first rank that failed said, for the error message (empty when none said anything)."""
+    try:
+        events = read_events(run_dir / "events.jsonl")
+    except OSError:
+        return ""
+    err = next((e for e in events if e.get("event") == "rank_error"), None)
+    if err is None:
+        return ""
+    text = f"{err.get('error_type')}: {err.get('message', '')}".splitlines()[0][:300]
+    return f" (rank {err.get('rank')}: {text})"
 
 
 # -- the cache: in use, kept; the rest, pruned ------------------------------------------------------
