@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import CI, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,10 @@ def _free_port() -> int:
 
 
 def torchrun_nodes(scenario: Path, run_dir: Path, endpoint: str, *, wrap: tuple[list[str], list[str]] = ([], []),
+                   extra: tuple[list[str], list[str]] = ([], []), rank_args: tuple[list[str], list[str]] = ([], []),
                    timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
     """Start two torchrun agents (node 0 hosts the c10d rendezvous), wait for both; `wrap` prefixes each
-    agent's command (e.g. `ip netns exec NS`)."""
+    agent's command (e.g. `ip netns exec NS`), `extra` adds to its torchrun flags, `rank_args` to its ranks'."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     agents = []
     for node in (0, 1):
@@ -49,8 +50,8 @@ def torchrun_nodes(scenario: Path, run_dir: Path, endpoint: str, *, wrap: tuple[
                "--max-restarts", "3", "--monitor-interval", "0.1",
                # Both "nodes" are this machine: torchrun would take each for the rendezvous host (the
                # endpoint is local), and the second to bind the port fails. Say which one is.
-               "--rdzv-conf", f"is_host={1 if node == 0 else 0}",
-               "-m", "burnin.rank", str(scenario), "--run-dir", str(run_dir)]
+               "--rdzv-conf", f"is_host={1 if node == 0 else 0}", *extra[node],
+               "-m", "burnin.rank", str(scenario), "--run-dir", str(run_dir), *rank_args[node]]
         agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
     done = []
     try:
@@ -97,7 +98,7 @@ def test_two_torchrun_nodes_restart_a_killed_rank_and_end_bit_exact(tmp_path: Pa
 def test_the_rank_entry_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     scenario = tmp_path / "s.yaml"
     scenario.write_text(SCENARIO.replace("process.kill, rank: 3, step: 6",
-                                         "network.link_down, rank: 1, step: 6"))
+                                         "network.partition, rank: 1, step: 6"))
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     proc = subprocess.run([sys.executable, "-m", "burnin.rank", str(scenario), "--run-dir", str(tmp_path / "r")],
                           capture_output=True, text=True, env=env, timeout=60)
@@ -110,5 +111,69 @@ def test_the_rank_entry_refuses_what_it_cannot_do(tmp_path: Path) -> None:
                           capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "RANK"},
                           timeout=60)
     assert proc.returncode == 2 and "start this module with torchrun" in proc.stderr, proc.stderr
+    scenario.write_text(SCENARIO.replace("process.kill, rank: 3, step: 6", "network.link_down, rank: 1, step: 6"))
+    env["WORLD_SIZE"] = "4"
+    proc = subprocess.run([sys.executable, "-m", "burnin.rank", str(scenario), "--run-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "name it with --node-interface NAME" in proc.stderr, proc.stderr
+    for bad in ("../../etc", "no-such-nic0"):
+        proc = subprocess.run([sys.executable, "-m", "burnin.rank", str(scenario), "--run-dir", str(tmp_path / "r"),
+                               "--node-interface", bad], capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 2 and "--node-interface: no interface" in proc.stderr, proc.stderr
     assert not (tmp_path / "r").exists()
     assert "Traceback" not in proc.stderr
+
+
+NIC_SCENARIO = """\
+name: torchrun-nic
+workload: {model: tiny, ranks: 4, steps: 12, threads: 1, kernels: torch}
+checkpoint: {every: 4, keep: 3}
+timeouts: {collective_s: 4}
+faults:
+  - {fault: network.link_down, rank: 2, step: 6, params: {duration_s: 8}, expect: recovered}
+"""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+def test_a_node_cut_off_by_its_nic_is_restarted_by_torchrun(tmp_path: Path) -> None:
+    """Each "node" in its own network namespace, joined by a veth pair: a rank of node 1 takes its node's
+    interface down for longer than a collective may wait; the group fails, torchrun re-forms it once the
+    link is back, and the run still ends bit-exact."""
+    if os.geteuid() != 0:
+        if CI:
+            pytest.fail("needs root for network namespaces (BURNIN_CI=1)")
+        pytest.skip("needs root for network namespaces")
+    tag = f"{os.getpid() % 100000}"
+    ns, dev = [f"burnin-tr{tag}-{n}" for n in "ab"], [f"btr{tag}{n}" for n in "ab"]
+    net = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    addr = [f"{net}.1", f"{net}.2"]
+    try:
+        for n in ns:
+            _ip("netns", "add", n)
+        _ip("link", "add", dev[0], "type", "veth", "peer", "name", dev[1])
+        for i in (0, 1):
+            _ip("link", "set", dev[i], "netns", ns[i])
+            _ip("-n", ns[i], "addr", "add", f"{addr[i]}/24", "dev", dev[i])
+            _ip("-n", ns[i], "link", "set", "lo", "up")
+            _ip("-n", ns[i], "link", "set", dev[i], "up")
+        scenario = tmp_path / "s.yaml"
+        scenario.write_text(NIC_SCENARIO)
+        run_dir = tmp_path / "run"
+        wrap = [["ip", "netns", "exec", ns[i]] for i in (0, 1)]
+        agents = torchrun_nodes(scenario, run_dir, f"{addr[0]}:29500", wrap=(wrap[0], wrap[1]),
+                                extra=(["--local-addr", addr[0]], ["--local-addr", addr[1]]),
+                                rank_args=(["--node-interface", dev[0]], ["--node-interface", dev[1]]))
+        for a in agents:
+            assert a.returncode == 0, a.stdout[-4000:]
+    finally:
+        for n in ns:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=30)
+    s = _judge(run_dir)
+    assert s["finished"] and s["exact"] and s["restarts"] >= 1
+    (f,) = s["faults"]
+    assert f["outcome"] == "recovered" and f["cause"] in ("network", "timeout", "hang")
+    assert f["details"]["interface"] == dev[1] and f["details"]["scope"] == "node"
+

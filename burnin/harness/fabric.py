@@ -112,6 +112,27 @@ def _subnet(run_id: str) -> str:
     return f"10.{128 + h % 64}.{(h >> 6) % 256}"
 
 
+class NodeInterface:
+    """Under torchrun: this node's network interface, named by the operator (`python -m burnin.rank
+    --node-interface NAME`, the opt-in by name), acted on from inside the node's own namespace. A NIC fault
+    on any rank of the node takes the whole node's link down, as a failed NIC or cable would."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def set_link(self, rank: int, up: bool) -> dict[str, Any]:
+        _ip("link", "set", "dev", self.name, "up" if up else "down")
+        return {"interface": self.name, "link": "up" if up else "down", "scope": "node"}
+
+    def set_qdisc(self, rank: int, args: list[str]) -> dict[str, Any]:
+        _run(["tc", "qdisc", "replace", "dev", self.name, "root", *args])
+        return {"interface": self.name, "qdisc": " ".join(args), "scope": "node"}
+
+    def clear_qdisc(self, rank: int) -> dict[str, Any]:
+        _run(["tc", "qdisc", "del", "dev", self.name, "root"], check=False)
+        return {"interface": self.name, "qdisc": "default", "scope": "node"}
+
+
 class NetnsFabric:
     """Per-rank network namespaces behind one bridge: real links that faults can take down."""
 

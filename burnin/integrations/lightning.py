@@ -16,7 +16,7 @@ the rank API (`burnin.rank.session`):
 | Lightning hook | burnin |
 |---|---|
 | `on_fit_start` | `attach(ddp, optimizer, save=, load=)` and `start()`: resume, every RNG put back |
-| `on_train_start` | checks: the checkpoint Lightning loaded is burnin's; checkpoints fall on epoch ends |
+| `on_train_start` | checks (the checkpoint Lightning loaded is burnin's; checkpoints fall on epoch ends); a resumed epoch starts as a fresh one |
 | `on_train_batch_start` | `begin_step(trainer.global_step)` |
 | `on_train_batch_end` | `end_step(loss)`: detectors, the step's event, burnin's checkpoint, `between_steps` |
 | `on_fit_end` | `finish()` |
@@ -44,10 +44,16 @@ from pathlib import Path
 from typing import Any
 
 try:
+    import lightning
     from lightning.pytorch.callbacks import Callback
 except ImportError as exc:  # the optional extra
-    raise ImportError("burnin.integrations.lightning needs Lightning 2.4 or later: "
+    raise ImportError("burnin.integrations.lightning needs Lightning 2.5 or later: "
                       "pip install 'burnin[lightning]'") from exc
+
+# Measured: Lightning 2.4 resumes a checkpoint taken after an epoch's last batch by running that batch again.
+if tuple(int(p) for p in lightning.__version__.split(".")[:2] if p.isdigit()) < (2, 5):
+    raise ImportError(f"burnin.integrations.lightning needs Lightning 2.5 or later (found {lightning.__version__}): "
+                      "2.4 resumes from the end of an epoch by running its last batch again")
 
 from burnin.errors import UserError
 from burnin.rank import checkpoint
@@ -114,6 +120,7 @@ class BurninCallback(Callback):
             raise UserError(f"Lightning resumed from {given or 'no checkpoint'}, burnin from {loaded or 'none'}: give "
                             "trainer.fit ckpt_path=callback.resume_path()")
         _check_epochs(trainer, self.session.scenario["checkpoint"]["every"], trainer.max_steps)
+        _close_restart(trainer.fit_loop)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.session is not None:
@@ -155,6 +162,20 @@ def _check_trainer(trainer: Any, ctx: Any) -> None:
                         "per batch; leave it at 1")
     if len(trainer.optimizers) != 1:
         raise UserError(f"configure_optimizers gave {len(trainer.optimizers)} optimizers; burnin attaches to one")
+
+
+def _close_restart(fit_loop: Any) -> None:
+    """Start the epoch after a checkpoint taken at the end of the one before as a fresh epoch.
+
+    Resuming from a checkpoint written after an epoch's last batch, Lightning (2.5, 2.6) counts that epoch
+    done but still takes the run as restarted inside it: the next epoch then runs without
+    `on_train_epoch_start` and without being counted as started, so the checkpoint at its end resumes
+    the epoch after it with the sampler's order of the one before (`set_epoch` takes the count).
+    Measured: a second resume diverged at its first step. Forgetting the restart stage makes the next
+    epoch start as in the uninterrupted run."""
+    if (getattr(fit_loop, "restarted_mid_epoch", False) and fit_loop.epoch_loop.restarted_on_train_batch_end
+            and fit_loop.epoch_loop.batch_progress.is_last_batch):
+        fit_loop.reset_restart_stage()
 
 
 def _check_epochs(trainer: Any, every: int, total: int) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -30,7 +31,8 @@ from typing import Any
 
 from burnin.errors import BurninError
 
-SUPERVISOR_ONLY = ("network.", "storage.snapshot_corrupt")
+SUPERVISOR_ONLY = ("network.partition", "network.throttle", ".simulated", "storage.snapshot_corrupt")
+NODE_NIC = ("network.link_down", "network.blackhole")  # with --node-interface: the whole node's link
 
 
 def _fail(message: str) -> None:
@@ -43,6 +45,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                                 description="a burnin rank under torchrun (see docs/torchrun.md)")
     p.add_argument("scenario", help="scenario file or bundled name")
     p.add_argument("--run-dir", required=True, help="the run's directory, seen by every node (checkpoints, events)")
+    p.add_argument("--node-interface", metavar="NAME",
+                   help="this node's network interface, for NIC faults (network.link_down, network.blackhole): "
+                        "a fault on any of the node's ranks acts on it (needs root; name it to opt in)")
     return p.parse_args(argv)
 
 
@@ -81,9 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"{args.scenario}: workload.ranks is {scenario.workload.ranks} but torchrun started {world} ranks "
               f"(--nnodes x --nproc-per-node); make them equal")
     for i, f in enumerate(scenario.faults):
-        if f.fault.startswith(SUPERVISOR_ONLY) or f.at_s is not None:
+        if any(part in f.fault for part in SUPERVISOR_ONLY) or f.at_s is not None:
             _fail(f"{args.scenario}: faults.{i}: {f.fault} needs the burnin supervisor (`burnin run`); under "
                   f"torchrun the ranks apply only their own faults")
+        if f.fault in NODE_NIC and not args.node_interface:
+            _fail(f"{args.scenario}: faults.{i}: {f.fault} acts on this node's network interface: name it with "
+                  f"--node-interface NAME")
+    if args.node_interface is not None and (not re.fullmatch(r"[A-Za-z0-9_.:-]{1,15}", args.node_interface)
+                                            or args.node_interface in (".", "..")
+                                            or not (Path("/sys/class/net") / args.node_interface).exists()):
+        _fail(f"--node-interface: no interface {args.node_interface!r} in this node's network namespace; "
+              f"see `ip link`")
     if scenario.campaign is not None:
         _fail(f"{args.scenario}: campaign: a campaign runs under `burnin campaign`, not torchrun")
     run_dir = Path(args.run_dir).resolve()
@@ -94,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             "launcher": "torchrun", "scenario": scenario.name, "ranks": world,
             "run_id": os.environ.get("TORCHELASTIC_RUN_ID"), "started": t_start}, indent=1))
 
+    if args.node_interface is not None:  # the ranks talk over the NIC the faults act on
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", args.node_interface)
     spec: dict[str, Any] = {
         "scenario": scenario.model_dump(mode="json"), "run_dir": str(run_dir),
         "checkpoint_dir": str(run_dir / "checkpoints"), "attempt": None, "fired": [],
-        "heartbeat_period_s": 0.5, "snapshot_dir": None,
+        "heartbeat_period_s": 0.5, "snapshot_dir": None, "node_interface": args.node_interface,
     }
     ctx = RunContext(spec, rank, world, events=None, self_inflicted=True)
     ctx.extra["on_pg"] = lambda: _open_stream(ctx, run_dir, node, t_start)

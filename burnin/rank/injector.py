@@ -43,7 +43,7 @@ _POINTS = ("before_forward", "after_backward", "after_allreduce", "after_optimiz
 @dataclass
 class SelfContext:
     """The context of an out-of-rank fault a rank applies to itself (torchrun runs): the fields of the
-    supervisor's context that make sense inside the rank; nothing can be scheduled for later."""
+    supervisor's context that make sense inside the rank; the fabric is the node's interface, if named."""
 
     rank: int
     step: int
@@ -56,7 +56,15 @@ class SelfContext:
     snapshot_dir: Any = None
 
     def schedule(self, delay_s: float, label: str, fn: Any) -> None:
-        raise HarnessError("this fault undoes itself later and needs the burnin supervisor (not torchrun)")
+        """Undo the fault after `delay_s` from a forked process of its own session, so the undo happens
+        on time even when the fault brings this rank down (a link taken down must come back up)."""
+        if os.fork() == 0:
+            try:
+                os.setsid()
+                time.sleep(delay_s)
+                fn()
+            finally:
+                os._exit(0)
 
 
 class Position:
@@ -92,7 +100,7 @@ class Injector:
     def __init__(self, faults: list[dict[str, Any]], rank: int, world_size: int, events: EventWriter,
                  fired: set[int], go_timeout_s: float, supervised: bool = True, clock0: float | None = None,
                  position: str | None = None, self_inflicted: bool = False, checkpoint_dir: str | None = None,
-                 snapshot_dir: str | None = None):
+                 snapshot_dir: str | None = None, fabric: Any = None):
         from burnin.faults import registry
 
         self.rank, self.world_size, self.events = rank, world_size, events
@@ -100,6 +108,7 @@ class Injector:
         # torchrun: no supervisor; the rank applies its out-of-rank faults to itself (a kill is the rank
         # SIGKILLing itself at the point, a hang SIGSTOP, a damaged checkpoint damaged by the rank)
         self.self_inflicted, self.checkpoint_dir, self.snapshot_dir = self_inflicted, checkpoint_dir, snapshot_dir
+        self.fabric = fabric
         self.fired = set(fired)
         self.quiet = False  # campaigns report injections per trial instead of per event
         self.injected: list[tuple[int, int, dict[str, Any]]] = []  # (fault index, step, details) fired here
@@ -179,7 +188,7 @@ class Injector:
         this process."""
         self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=point,
                          where="self_inflicted", simulated=fault.simulated)
-        ctx = SelfContext(self.rank, step, point, os.getpid(), None, self.checkpoint_dir, None, index,
+        ctx = SelfContext(self.rank, step, point, os.getpid(), None, self.checkpoint_dir, self.fabric, index,
                           snapshot_dir=self.snapshot_dir)
         try:
             details = fault.inject(ctx) or {}

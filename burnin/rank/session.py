@@ -154,7 +154,8 @@ class Session:
         self.injector = Injector(sc["faults"], rank, world, ctx.events, set(spec["fired"]),
                                  go_timeout_s=sc["timeouts"]["connect_s"], clock0=spec.get("clock0"),
                                  position=position, self_inflicted=ctx.self_inflicted,
-                                 checkpoint_dir=str(self.ckpt_dir), snapshot_dir=spec.get("snapshot_dir"))
+                                 checkpoint_dir=str(self.ckpt_dir), snapshot_dir=spec.get("snapshot_dir"),
+                                 fabric=_node_interface(spec))
         outer = self.ddp if self.ddp is not None else self.model
         outer.register_forward_pre_hook(self._before_forward)
         if self.ddp is not None and ddp_hook:
@@ -438,6 +439,15 @@ class Session:
         self.begin(step)
         loss = body(step)
         return float(loss.item()), loss_bits(loss), self.grad_norm
+
+
+def _node_interface(spec: dict[str, Any]) -> Any:
+    """Under torchrun, the node's interface the operator named for NIC faults (else None)."""
+    if not spec.get("node_interface"):
+        return None
+    from burnin.harness.fabric import NodeInterface
+
+    return NodeInterface(spec["node_interface"])
 
 
 def _allreduce_hook(session: Session, bucket):  # noqa: ANN001 -- DDP inspects the annotation: none, or a real GradBucket
