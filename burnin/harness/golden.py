@@ -72,13 +72,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BURNIN_CACHE_DIR") or Path.home() / ".cache" / "burnin")
 
 
-def _environment() -> dict[str, Any]:
-    def ver(pkg: str) -> str:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return "none"
+def _version(pkg: str) -> str:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "none"
 
+
+def _environment() -> dict[str, Any]:
+    ver = _version
     from burnin.hunt.history import cpu_model
 
     cpu = cpu_model()
@@ -93,7 +95,8 @@ def _code_fingerprint() -> str:
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for rel in ("rank/worker.py", "rank/session.py", "rank/workload.py", "rank/state.py", "rank/guard.py",
-                "rank/campaign_worker.py", *sorted(str(p.relative_to(root)) for p in (root / "kernels").glob("*.py"))):
+                "rank/campaign_worker.py", *sorted(str(p.relative_to(root)) for p in (root / "kernels").glob("*.py")),
+                *sorted(str(p.relative_to(root)) for p in (root / "integrations").glob("*.py"))):
         path = root / rel
         if path.is_file():
             h.update(rel.encode())
@@ -105,6 +108,8 @@ def golden_key(scenario: Scenario) -> str:
     extra: dict[str, Any] = {"env": _environment()}
     if scenario.workload.entry is not None:
         extra["entry"] = entry_fingerprint(scenario.workload.entry)
+        # a framework's loop: its version decides bits too (Lightning's resume changed between 2.4 and 2.5)
+        extra["frameworks"] = {pkg: _version(pkg) for pkg in ("lightning", "pytorch-lightning")}
     return scenario.golden_key(extra=extra)
 
 

@@ -134,6 +134,8 @@ class BurninCallback(Callback):
             raise UserError(f"step {self.session.step}: training_step returned no loss (got {type(outputs).__name__}); "
                             "burnin judges each step by its loss: return it, or a dict with 'loss'")
         self.session.end_step(loss)
+        if self.session.should_stop(trainer.global_step):  # a burn-in's time is up
+            trainer.should_stop = True
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         # on_fit_end, not on_train_end: a fit resumed at its last step skips the training loop and its hooks

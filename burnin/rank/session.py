@@ -296,6 +296,10 @@ class Session:
             raise UserError("the detectors asked to run a step again (recovery.mode: rollback, or recompute), which "
                             "a loop driven by callbacks cannot do; use recovery.mode: restart")
 
+    def should_stop(self, step: int) -> bool:
+        """Whether the loop must stop before `step` (a burn-in's time is up: every rank stops at the same step)."""
+        return self.active and self._stopping(step)
+
     # -- between two steps ---------------------------------------------------------------------
 
     def _start(self, step: int, total: int) -> None:
