@@ -17,6 +17,10 @@ from burnin.harness.burn_in import draw_schedule, parse_duration
 from burnin.harness.events import EventWriter, Tail, read_events
 from burnin.scenarios import load_scenario
 
+# health.slowdown_ratio: the slowdown check compares a rank with its own best period, so a test machine
+# busy with other work in the run's last third slows every rank "down" (measured: 2.7x beside a parallel
+# test run): load from outside, not the hardware under test. These tests check recovery, exactness and
+# the verdict's other reasons; the threshold is raised out of their way.
 MIX = """\
 name: mix
 workload: {{model: tiny, ranks: 2, threads: 1}}
@@ -28,6 +32,7 @@ burn_in:
   seed: {seed}
   quiet_start_s: 4
   quiet_end_s: 3
+  health: {{slowdown_ratio: 20}}
   faults:
 {faults}
 """
