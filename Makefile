@@ -18,24 +18,26 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/burnin run smoke
 
-# Prometheus, promtool and the Pushgateway, for tests/test_prometheus.py: Debian's packages, installed
-# only when missing and only as root with apt-get. Their services must not start (policy-rc.d says
-# no for the install; stopped and disabled after it in case they did), so no port stays taken.
-PROM_BINS := prometheus promtool prometheus-pushgateway
+# System packages the tests need: Prometheus, promtool and the Pushgateway (tests/test_prometheus.py) and
+# Chromium (tests/test_browser.py opens the HTML reports in it, headless). Debian's packages, installed
+# only when missing and only as root with apt-get. Their services must not start (policy-rc.d says no
+# for the install; stopped and disabled after it in case they did), so no port stays taken.
+SYS_BINS := prometheus promtool prometheus-pushgateway chromium
+SYS_PKGS := prometheus prometheus-pushgateway chromium
 
 sysdeps:
-	@missing=""; for b in $(PROM_BINS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	@missing=""; for b in $(SYS_BINS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
 	[ -z "$$missing" ] && exit 0; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "sysdeps:$$missing missing (needs root and apt-get to install): the Prometheus tests will be skipped"; exit 0; \
+	  echo "sysdeps:$$missing missing (needs root and apt-get to install): the tests that need them will be skipped"; exit 0; \
 	fi; \
 	guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	  guard=/usr/sbin/policy-rc.d; printf '#!/bin/sh\nexit 101\n' >$$guard; chmod 755 $$guard; trap 'rm -f $$guard' EXIT; \
 	fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
-	echo "sysdeps: apt-get install prometheus prometheus-pushgateway"; \
-	{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway >/dev/null; } \
-	  || echo "sysdeps: apt-get failed: the Prometheus tests will be skipped"; \
+	echo "sysdeps: apt-get install $(SYS_PKGS)"; \
+	{ apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SYS_PKGS) >/dev/null; } \
+	  || echo "sysdeps: apt-get failed: the tests that need them will be skipped"; \
 	for svc in prometheus prometheus-pushgateway; do \
 	  if [ -d /run/systemd/system ]; then systemctl disable --now $$svc >/dev/null 2>&1 || true; \
 	  elif [ -x /etc/init.d/$$svc ]; then /etc/init.d/$$svc stop >/dev/null 2>&1 || true; fi; \

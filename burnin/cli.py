@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--fail-on", choices=["worse", "not-comparable", "never"], default="never",
                       help="exit 1 when a metric is worse (or worse or not comparable); default: never")
     cmp_.add_argument("--json", action="store_true", help="JSON instead of Markdown")
+    cmp_.add_argument("--html", metavar="PATH", help="also write the comparison as a self-contained page with "
+                                                     "plots (both sides with their intervals) to PATH")
     cmp_.add_argument("--history", metavar="PATH", help="the SQLite history for history: selections")
 
     tri = sub.add_parser("triage", help="failures grouped by signature across runs, against a baseline")
@@ -157,13 +159,30 @@ def _parser() -> argparse.ArgumentParser:
                        help="the golden cache: `all` (the default) removes every cached golden record and its "
                             "directories; `prune` only what is not needed (plain cleanup prunes too)")
 
-    rep = sub.add_parser("report", help="rebuild a run's reports from its event log")
+    rep = sub.add_parser("report", help="rebuild a run's reports (report.html too) from its event log, or a campaign's or burn-in's report.html; judge a torchrun run")
     rep.add_argument("run_dir")
 
     sub.add_parser("doctor", help="what this machine offers burnin: root, namespaces, qdiscs, GPU, Triton, Prometheus")
 
     rules = sub.add_parser("rules", help="the shipped Prometheus rules, their unit tests and the Grafana dashboard")
     rules.add_argument("--dir", help="copy them into this directory (default: print where they are installed)")
+
+    fc = sub.add_parser("forecast", help="expected goodput at 1k-100k GPUs per recovery tier, from a run's measured "
+                                         "recovery and a failure model; a table and a page with the plot")
+    fc.add_argument("source", metavar="DIR", help="a run, campaign or burn-in directory")
+    fc.add_argument("--gpus", default="1000,10000,100000", metavar="N,N,...",
+                    help="GPU counts, comma-separated; k and M suffixes work (default: 1000,10000,100000)")
+    fc.add_argument("--failure-model", default="llama3", metavar="NAME|FILE",
+                    help="a bundled failure model (llama3: Meta's 54 days on 16,384 GPUs) or a YAML/JSON file "
+                         "(docs/forecast.md; default: llama3)")
+    fc.add_argument("--checkpoint-seconds", type=float, metavar="S",
+                    help="the cost of one checkpoint (default: the mean save time the input measured)")
+    fc.add_argument("--step-seconds", type=float, metavar="S",
+                    help="the time of one training step (default: measured); converts lost steps to time")
+    fc.add_argument("--snapshot-seconds", type=float, metavar="S",
+                    help="the in-memory snapshot's cost per step (default: measured between steps)")
+    fc.add_argument("--json", action="store_true", help="print the forecast as JSON instead of the table")
+    fc.add_argument("--out", metavar="FILE", help="the HTML page with the plot (default: DIR/forecast.html)")
     return p
 
 
@@ -437,9 +456,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not 0 < args.margin < 1:
         raise UserError(f"--margin: {args.margin} is not a rate difference; use a number between 0 and 1, e.g. 0.05")
     _check_history_flag(args.history)
+    if args.html is not None:
+        from burnin.harness.preflight import check_out_dir
+
+        try:
+            is_dir = "\x00" in args.html or Path(args.html).is_dir()
+        except (OSError, ValueError):
+            is_dir = True
+        if not args.html.strip() or is_dir:
+            raise UserError(f"--html: {oneline(args.html)!r} is not a file path; give the path of the page to write, "
+                            "e.g. compare.html")
+        check_out_dir(Path(args.html).absolute().parent, "--html")
     a, b = load_side(args.a, args.history), load_side(args.b, args.history)
     result = compare(a, b, alpha=args.alpha, margin=args.margin)
     print(json.dumps(result, indent=1) if args.json else markdown(result), end="" if not args.json else "\n")
+    if args.html is not None:
+        from burnin.reports.html import write_compare_report
+
+        try:
+            Path(args.html).absolute().parent.mkdir(parents=True, exist_ok=True)
+            write_compare_report(result, Path(args.html).absolute())
+        except OSError as exc:
+            raise UserError(f"--html: cannot write {oneline(args.html)}: {exc.strerror or exc}") from None
     bad = {"worse"} if args.fail_on == "worse" else {"worse", "not comparable"} if args.fail_on == "not-comparable" \
         else set()
     return 1 if any(m["verdict"] in bad for m in result["metrics"]) else 0
@@ -683,7 +721,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
                         "no nvidia-smi, no /proc/driver/nvidia (CPU only)")
     triton = importlib.util.find_spec("triton")  # found, not imported: importing it costs seconds
     lines["Triton"] = have(triton is not None, f"installed ({triton.origin if triton else ''})", "not installed")
-    for tool in ("prometheus", "pushgateway", "promtool"):
+    for tool in ("prometheus", "pushgateway", "promtool", "chromium"):
         path = shutil.which(tool) or (shutil.which("prometheus-pushgateway") if tool == "pushgateway" else None)
         lines[tool] = have(path is not None, str(path), "not on PATH")
     for name, value in lines.items():
@@ -703,6 +741,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from burnin.harness.torchrun import is_torchrun_run
 
     run_dir = Path(args.run_dir)
+    if (run_dir / "campaign.json").is_file() or (run_dir / "burn-in.json").is_file():
+        from burnin.reports import html
+
+        print(f"rebuilt {html.rebuild(run_dir)}")  # their summaries are written as they go; the page is rebuilt
+        return 0
     torchrun = is_torchrun_run(run_dir) and (run_dir / "scenario.json").is_file()
     if not torchrun and (not (run_dir / "events.jsonl").is_file() or not (run_dir / "scenario.json").is_file()):
         raise UserError(f"{run_dir}: not a burnin run directory (needs events.jsonl and scenario.json, or the "
@@ -710,6 +753,38 @@ def _cmd_report(args: argparse.Namespace) -> int:
     result = rebuild_reports(run_dir, on_event=_golden_progress if torchrun else None)
     print(render_plain(result))
     return 0 if passed(result) else 1
+
+
+def _cmd_forecast(args: argparse.Namespace) -> int:
+    import math
+
+    from burnin.reports import forecast as fc
+    from burnin.reports.failure_models import load as load_failure_model
+
+    gpus = fc.parse_gpus(args.gpus)
+    for flag, value, zero in (("--checkpoint-seconds", args.checkpoint_seconds, False),
+                              ("--step-seconds", args.step_seconds, False),
+                              ("--snapshot-seconds", args.snapshot_seconds, True)):
+        if value is not None and not ((zero and value == 0) or (math.isfinite(value) and 1e-6 <= value <= 1e7)):
+            raise UserError(f"{flag}: {value:g} is out of range; give seconds from 1e-6 to 1e7"
+                            + (" (or 0)" if zero else ""))
+    out = Path(args.out) if args.out else Path(args.source) / "forecast.html"
+    if args.out is not None and ("\x00" in args.out or out.is_dir() or not out.parent.is_dir()):
+        raise UserError(f"--out: {oneline(args.out)!r} is not a file path in an existing directory; give the path of "
+                        "the page to write, e.g. forecast.html")
+    model = load_failure_model(args.failure_model)
+    measured = fc.read_source(args.source)
+    result = fc.forecast(measured, model, gpus, checkpoint_s=args.checkpoint_seconds, step_s=args.step_seconds,
+                         snapshot_s=args.snapshot_seconds)
+    if getattr(args, "prepare_only", False):
+        return 0
+    fc.write_html(out, fc.render_html(result, fc.plot_svg(result)))
+    if args.json:
+        print(json.dumps({**result, "page": str(out)}, indent=1, allow_nan=False))
+    else:
+        print(fc.render_text(result))
+        print(f"plot and page: {out}")
+    return 0
 
 
 def _cmd_rules(args: argparse.Namespace) -> int:
@@ -733,7 +808,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "burn-in": _cmd_burn_in, "history": _cmd_history, "compare": _cmd_compare, "triage": _cmd_triage, "bisect": _cmd_bisect, "shrink": _cmd_shrink, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
-             "cleanup": _cmd_cleanup, "report": _cmd_report, "check-determinism": _cmd_check_determinism, "rules": _cmd_rules, "doctor": _cmd_doctor}
+             "cleanup": _cmd_cleanup, "report": _cmd_report, "check-determinism": _cmd_check_determinism, "rules": _cmd_rules, "doctor": _cmd_doctor, "forecast": _cmd_forecast}
 
 
 def _terminated(signum: int, frame: Any) -> None:

@@ -771,3 +771,8 @@ def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
                     properties={"run_dir": run_dir, "seed": summary["seed"], "duration_s": summary["duration_s"]},
                     system_out=(run_dir / "burn-in.md").read_text())
     atomic_write(run_dir / "junit.xml", xml.encode())
+    # report.html, last: a failure to draw it costs a warning, never the reports above
+    from burnin.reports.html import write_burn_in_report
+    from burnin.reports.writers import write_html_safely
+
+    write_html_safely(lambda: write_burn_in_report(run_dir, summary), run_dir / "report.html")

@@ -262,6 +262,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
 
         atomic_write(run_dir / "campaign.json", json.dumps(summary, indent=1).encode())
         atomic_write(run_dir / "campaign.md", recovery_campaign.markdown(summary, run_dir).encode())
+        _write_html(run_dir, summary)
         metrics.write_textfile(run_dir / "metrics.prom")
         summary["run_dir"] = str(run_dir)
         _record(summary, done, history, t0)
@@ -337,3 +338,12 @@ def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
     lines += ["", f"False alarms: {sum(fa['reference'].values())} in {fa['reference_window_steps']} fault-free "
                   f"reference steps; {fa['in_trials_before_fault']} in trial steps before the fault.", ""]
     atomic_write(run_dir / "campaign.md", "\n".join(lines).encode())
+    _write_html(run_dir, summary)
+
+
+def _write_html(run_dir: Path, summary: dict[str, Any]) -> None:
+    """report.html, last: a failure to draw it costs a warning, never campaign.json or campaign.md."""
+    from burnin.reports.html import write_campaign_report
+    from burnin.reports.writers import write_html_safely
+
+    write_html_safely(lambda: write_campaign_report(run_dir, summary), run_dir / "report.html")

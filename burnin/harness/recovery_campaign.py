@@ -11,8 +11,9 @@ Python's and torch's start-up, neither for its first attempt nor for its restart
 
 Each finished trial is one line of `trials.jsonl` (an interrupted campaign resumes after the last
 one), and keeps its own directory under `trials/` with its event log and reports (its checkpoints
-are removed once it is judged). The summary gives outcome rates with Wilson intervals, the exact
-rate, recovery time per fault and phase as p50/p90/p99, and lost steps.
+are removed once it is judged; a report.html with plots only when the trial failed). The summary
+gives outcome rates with Wilson intervals, the exact rate, recovery time per fault and phase as
+p50/p90/p99, and lost steps.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[s
             wall = time.time() - t0
             if metrics is not None:
                 metrics.from_result(result)
-            write_reports(result, tdir)
+            # a page of plots per trial would double a trial's cost: only a trial that failed gets one
+            write_reports(result, tdir, html=not (result.ok and result.error is None), events=events, golden=golden)
             shutil.rmtree(tdir / "checkpoints", ignore_errors=True)
             rec = _trial_record(trial, result, events, wall)
             record(rec)

@@ -191,7 +191,7 @@ def _finish(scenario: Scenario, run_dir: Path, run_id: str, key: str, golden: Go
     events = read_events(events_path) if events_path.exists() else []
     result = judge(events, scenario, golden, run_id=run_id, run_dir=str(run_dir), config_hash=key, error=error)
     metrics.from_result(result)
-    write_reports(result, run_dir)
+    write_reports(result, run_dir, html=True, events=events, golden=golden)
     metrics.write_textfile(run_dir / "metrics.prom")
     hist.record_run(result, hist.history_path(history))
     return result
@@ -225,7 +225,7 @@ def rebuild_reports(run_dir: str | Path, on_event: Callable[[dict[str, Any]], No
     for ev in events:
         metrics.observe(ev)
     metrics.from_result(result)
-    write_reports(result, run_dir)
+    write_reports(result, run_dir, html=True, events=events, golden=golden)
     metrics.write_textfile(run_dir / "metrics.prom")
     return result
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from burnin.reports.result import SCHEMA_VERSION, FaultResult, RunResult
 
-__all__ = ["write_reports", "render_console", "render_plain", "passed", "failure_groups"]
+__all__ = ["write_reports", "write_html_safely", "render_console", "render_plain", "passed", "failure_groups"]
 
 _PHASES = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
 
@@ -28,8 +28,15 @@ def passed(result: RunResult) -> bool:
     return result.ok and result.error is None
 
 
-def write_reports(result: RunResult, run_dir: Path) -> dict[str, Path]:
-    """Write summary.json, junit.xml and summary.md into run_dir; returns {"json"|"junit"|"markdown": path}."""
+def write_reports(result: RunResult, run_dir: Path, *, html: bool = False, events: list[dict[str, Any]] | None = None,
+                  golden: Any = None) -> dict[str, Path]:
+    """Write summary.json, junit.xml, summary.md and (with `html`: a run's own directory) report.html into
+    run_dir; returns {"json"|"junit"|"markdown"|"html": path}.
+
+    report.html is written last, from the run directory's event log and golden record (or `events` and
+    `golden` when given), and cannot cost the others: a plot that fails leaves a note in the page, and a
+    page that fails altogether leaves a one-line warning on stderr and no "html" entry.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = {
@@ -40,7 +47,30 @@ def write_reports(result: RunResult, run_dir: Path) -> dict[str, Path]:
     _write_atomic(out["json"], _summary_json(result))
     _write_atomic(out["junit"], _junit_xml(result))
     _write_atomic(out["markdown"], _summary_md(result))
+    if html:
+        page = write_html_safely(lambda: _run_html(result, run_dir, events, golden), run_dir / "report.html")
+        if page is not None:
+            out["html"] = page
     return out
+
+
+def _run_html(result: RunResult, run_dir: Path, events: list[dict[str, Any]] | None, golden: Any) -> Path:
+    from burnin.reports.html import write_run_report  # matplotlib comes with it: only here, after the run
+
+    return write_run_report(result, run_dir, events=events, golden=golden)
+
+
+def write_html_safely(write: Any, where: Path) -> Path | None:
+    """Run `write` (which writes a report.html) so that nothing it raises costs the caller's other reports:
+    a failure is one warning line on stderr."""
+    import sys
+
+    try:
+        return write()
+    except Exception as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        print(f"burnin: warning: {where} not written: {reason}", file=sys.stderr)
+        return None
 
 
 def _write_atomic(path: Path, text: str) -> None:
