@@ -759,6 +759,7 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
     import math
 
     from burnin.reports import forecast as fc
+    from burnin.reports import forecast_page as fp
     from burnin.reports.failure_models import load as load_failure_model
 
     gpus = fc.parse_gpus(args.gpus)
@@ -778,11 +779,11 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
                          snapshot_s=args.snapshot_seconds)
     if getattr(args, "prepare_only", False):
         return 0
-    fc.write_html(out, fc.render_html(result, fc.plot_svg(result)))
+    fp.write_html(out, fp.render_html(result, fp.plot_svg(result)))
     if args.json:
         print(json.dumps({**result, "page": str(out)}, indent=1, allow_nan=False))
     else:
-        print(fc.render_text(result))
+        print(fp.render_text(result))
         print(f"plot and page: {out}")
     return 0
 
