@@ -53,16 +53,22 @@ def _flatten_py_state(st: tuple) -> Iterable[Any]:
     yield gauss
 
 
-def state_hash(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:
-    """SHA-256 of every parameter, buffer and optimizer tensor: names, dtypes, shapes and bits."""
-    h = hashlib.sha256()
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterable[tuple[str, Any]]:
+    """(name, value) of every parameter, buffer and optimizer state entry, in a fixed order."""
     for name, t in model.state_dict().items():
-        _update(h, f"model.{name}", t)
+        yield f"model.{name}", t
     if optimizer is not None:
         osd = optimizer.state_dict()
         for pid in sorted(osd["state"]):
             for key in sorted(osd["state"][pid]):
-                _update(h, f"optim.{pid}.{key}", osd["state"][pid][key])
+                yield f"optim.{pid}.{key}", osd["state"][pid][key]
+
+
+def state_hash(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:
+    """SHA-256 of every parameter, buffer and optimizer tensor: names, dtypes, shapes and bits."""
+    h = hashlib.sha256()
+    for name, value in _state(model, optimizer):
+        _update(h, name, value)
     return h.hexdigest()
 
 
@@ -75,13 +81,8 @@ def state_norms(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
             norms[name] = float(torch.linalg.vector_norm(t.detach().to("cpu", torch.float64)))
 
-    for name, t in model.state_dict().items():
-        add(f"model.{name}", t)
-    if optimizer is not None:
-        osd = optimizer.state_dict()
-        for pid in sorted(osd["state"]):
-            for key in sorted(osd["state"][pid]):
-                add(f"optim.{pid}.{key}", osd["state"][pid][key])
+    for name, t in _state(model, optimizer):
+        add(name, t)
     return norms
 
 
@@ -94,13 +95,8 @@ def state_digests(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
         _update(h, name, value)
         out[name] = h.hexdigest()[:12]
 
-    for name, t in model.state_dict().items():
-        add(f"model.{name}", t)
-    if optimizer is not None:
-        osd = optimizer.state_dict()
-        for pid in sorted(osd["state"]):
-            for key in sorted(osd["state"][pid]):
-                add(f"optim.{pid}.{key}", osd["state"][pid][key])
+    for name, t in _state(model, optimizer):
+        add(name, t)
     rng = capture_rank_state(0)
     add("rng.torch", rng["torch_rng"])
     add("rng.numpy", rng["numpy_rng"][1])

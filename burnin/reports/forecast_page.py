@@ -48,6 +48,15 @@ _PHASE_WORDS = {"detection_s": "detection", "teardown_s": "teardown", "restart_s
                 "checkpoint_load_s": "load", "first_step_s": "first step"}
 
 
+def _recoveries(tiers: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each recovery kind once (tiers share them), in the order the tiers name them."""
+    seen: dict[str, dict[str, Any]] = {}
+    for t in tiers.values():
+        for kind, r in t["recovery"].items():
+            seen.setdefault(kind, r)
+    return list(seen.items())
+
+
 def render_text(f: dict[str, Any]) -> str:
     """The console report: goodput and the best intervals per tier and GPU count, then the inputs and where
     each came from."""
@@ -80,19 +89,14 @@ def render_text(f: dict[str, Any]) -> str:
         lines.append(f"  {label}: {_dur(v['value'])}, {v['how']}: {v['where']}")
     lines.append(f"  restarts measured: {src['restarts']} ("
                  + ", ".join(f"{n} {k}" for k, n in src["restarts_by_kind"].items()) + ")")
-    shown = set()
-    for t in tiers.values():
-        for kind, r in t["recovery"].items():
-            if kind in shown:
-                continue
-            shown.add(kind)
-            parts = " + ".join(f"{_PHASE_WORDS[p]} {_dur(v['value'])}" for p, v in r["phases"].items())
-            lost = (f"; {r['lost_steps']['value']:.2g} steps lost beyond the snapshot interval"
-                    if r["lost_steps"] else "")
-            lines.append(f"  recovery, {kind}: {_dur(r['downtime_s'])}, {r['how']} ({parts}){lost}")
-            for p, v in r["phases"].items():
-                if v["how"] != "measured":
-                    lines.append(f"      {_PHASE_WORDS[p]}: {v['where']}")
+    for kind, r in _recoveries(tiers):
+        parts = " + ".join(f"{_PHASE_WORDS[p]} {_dur(v['value'])}" for p, v in r["phases"].items())
+        lost = (f"; {r['lost_steps']['value']:.2g} steps lost beyond the snapshot interval"
+                if r["lost_steps"] else "")
+        lines.append(f"  recovery, {kind}: {_dur(r['downtime_s'])}, {r['how']} ({parts}){lost}")
+        for p, v in r["phases"].items():
+            if v["how"] != "measured":
+                lines.append(f"      {_PHASE_WORDS[p]}: {v['where']}")
     if any(t["how"] != "measured" for t in tiers.values()):
         lines.append("  * a part of this tier's recovery was not measured by the input: assumed as stated")
     lines.append(f"  failure model: {oneline(fm['source'])}")
@@ -155,19 +159,14 @@ def render_html(f: dict[str, Any], svg: str) -> str:
     rows = [row(label, [e(_dur(inp[k]["value"])), e(inp[k]["how"]), e(inp[k]["where"])])
             for k, label in (("checkpoint_s", "checkpoint cost δ"), ("step_s", "step time"),
                              ("snapshot_s", "snapshot cost δ<sub>m</sub>"))]
-    shown = set()
-    for t in tiers.values():
-        for kind, r in t["recovery"].items():
-            if kind in shown:
-                continue
-            shown.add(kind)
-            rows.append(row(f"recovery, {e(kind)}", [f"<b>{e(_dur(r['downtime_s']))}</b>", e(r["how"]),
-                                                     "the sum of:"]))
-            rows += [row(f"&nbsp;&nbsp;{_PHASE_WORDS[p]}", [e(_dur(v["value"])), e(v["how"]), e(v["where"])])
-                     for p, v in r["phases"].items()]
-            if r["lost_steps"]:
-                v = r["lost_steps"]
-                rows.append(row("&nbsp;&nbsp;lost steps", [f"{v['value']:.3g}", e(v["how"]), e(v["where"])]))
+    for kind, r in _recoveries(tiers):
+        rows.append(row(f"recovery, {e(kind)}", [f"<b>{e(_dur(r['downtime_s']))}</b>", e(r["how"]),
+                                                 "the sum of:"]))
+        rows += [row(f"&nbsp;&nbsp;{_PHASE_WORDS[p]}", [e(_dur(v["value"])), e(v["how"]), e(v["where"])])
+                 for p, v in r["phases"].items()]
+        if r["lost_steps"]:
+            v = r["lost_steps"]
+            rows.append(row("&nbsp;&nbsp;lost steps", [f"{v['value']:.3g}", e(v["how"]), e(v["where"])]))
     tier_list = "".join(f"<li><b>{e(n)}</b>: {e(t['what'])}.</li>" for n, t in tiers.items())
     cats = "".join(row(e(c["name"]), [e(c["group"]), str(c["count"]), f"{100 * c['count'] / fm['total']:.1f} %",
                                       e(c["scope"]), "disk" if c["scope"] == "machine" else "memory", e(c["why"])])
