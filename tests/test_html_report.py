@@ -304,6 +304,12 @@ def test_a_campaign_page_shows_outcome_rates_and_the_scorecard_heat_map(campaign
     # the interval of each rate is on the page as well as in the plot
     for o, v in summary["outcomes"].items():
         assert f"{v['ci95'][0]:.3f} – {v['ci95'][1]:.3f}" in text
+    # `burnin report` rebuilds a campaign's page from its summary
+    (campaign / "report.html").unlink()
+    proc = run_cli("report", str(campaign))
+    assert proc.returncode == 0 and "rebuilt" in proc.stdout, proc.stdout + proc.stderr
+    # the same page; its footer links the files beside it, and metrics.prom came after the first page
+    assert (campaign / "report.html").read_text().split("<footer")[0] == text.split("<footer")[0]
 
 
 @pytest.mark.slow
