@@ -57,6 +57,28 @@ def gloo(tmp_path_factory: pytest.TempPathFactory):
     dist.destroy_process_group()
 
 
+def main_in(directory: Path, argv: list[str]) -> tuple[int, str]:
+    """`burnin ARGV` in this process, from `directory`, stopping after the checks that come before any
+    work (`prepare_only`): (exit status, what it wrote to stderr)."""
+    import contextlib
+    import io
+
+    from burnin.cli import main
+
+    err = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                rc = main(argv, prepare_only=True)
+            except SystemExit as exc:  # argparse's own errors
+                rc = exc.code
+    finally:
+        os.chdir(cwd)
+    return rc, err.getvalue()
+
+
 def burnin_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "burnin", *args]
 

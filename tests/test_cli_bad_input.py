@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import CI, run_cli
+from conftest import CI, main_in, run_cli
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -323,21 +323,8 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory):
 @given(argv=_argv())
 def test_fuzz_cli_flags(argv: list[str], fuzz_dir: Path) -> None:
     """In process, through the same checks `run`, `campaign` and `burn-in` make before they start anything."""
-    from burnin.cli import main
-
     before = _files_under(fuzz_dir)
-    err = io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(fuzz_dir)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                rc = main(argv, prepare_only=True)
-            except SystemExit as exc:  # argparse's own errors
-                rc = exc.code
-    finally:
-        os.chdir(cwd)
-    text = err.getvalue()
+    rc, text = main_in(fuzz_dir, argv)
     event(f"exit {rc}")
     assert rc in (0, 2), (argv, rc, text)
     if rc == 2:

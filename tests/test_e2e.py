@@ -253,6 +253,6 @@ def test_report_rebuild_is_identical(tmp_path: Path) -> None:
 
 def test_kill_rank_recovers_exactly_with_three_ranks(tmp_path: Path) -> None:
     """Three ranks: the ring all-reduce's sum order depends on DDP's bucket layout, which a
-    resumed group must reproduce (see `_prime_buckets` in the worker)."""
+    resumed group must reproduce (see `Session._prime` in burnin/rank/session.py)."""
     proc = run_cli("run", "kill-rank", "--ranks", "3", "--steps", "16", "--out", str(tmp_path))
     _check_recovered(tmp_path, proc, 1)

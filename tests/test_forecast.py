@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, run_dir_of
+from conftest import main_in, run_cli, run_dir_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -368,23 +368,8 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @given(flags=st.lists(st.sampled_from(sorted(_flag_values)), unique=True, max_size=4), data=st.data())
 def test_fuzz_forecast_flags(fuzz_dir: Path, flags: list[str], data: st.DataObject) -> None:
     """Any mix of flag values: exit 0, or 2 with one line naming what is wrong; never a traceback."""
-    import os
-
-    from burnin.cli import main
-
     argv = ["forecast", "run"] + [f"{f}={data.draw(_flag_values[f])}" for f in flags]
-    err = io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(fuzz_dir)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                rc = main(argv, prepare_only=True)
-            except SystemExit as exc:
-                rc = exc.code
-    finally:
-        os.chdir(cwd)
-    text = err.getvalue()
+    rc, text = main_in(fuzz_dir, argv)
     assert rc in (0, 2), (argv, rc, text)
     assert "Traceback" not in text
     if rc == 2:
