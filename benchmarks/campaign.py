@@ -20,7 +20,7 @@ from pathlib import Path
 from _common import cpu_stall_us, machine, pressure  # benchmarks/ is on sys.path when run as a script
 
 from burnin.harness.campaign import run_campaign
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 from burnin.harness.supervisor import Supervisor
 from burnin.scenarios import load_scenario
 from burnin.scenarios.schema import Scenario

@@ -192,7 +192,7 @@ class _Harness(_Group):
 
     def __init__(self, name: str, workload: dict[str, Any], every: int, memory_every: int, work: Path):
         super().__init__()
-        from burnin.harness.events import Tail
+        from burnin.core.events import Tail
 
         self.name = name
         self.run_dir = work / name
@@ -223,7 +223,7 @@ class _Harness(_Group):
         return self._last
 
     def finish(self) -> dict[str, Any]:
-        from burnin.harness.events import read_events
+        from burnin.core.events import read_events
 
         self.resume(measured=False)
         self.proc.join(WAIT_S)

@@ -70,7 +70,7 @@ _GLOG = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)(\.\d+) ")
 # -- burnin ----------------------------------------------------------------------------------
 
 def run_burnin(work: Path, spares: bool, ranks: int) -> dict[str, Any]:
-    from burnin.harness.events import read_events
+    from burnin.core.events import read_events
     from burnin.harness.runner import run_scenario
     from burnin.scenarios.loader import load_scenario
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import run_cli, run_dir_of, summary_of
 
 from burnin.faults import registry
-from burnin.harness.attribution import Candidate, Evidence, explained_by, pin_detection
-from burnin.harness.events import read_events
+from burnin.reports.attribution import Candidate, Evidence, explained_by, pin_detection
+from burnin.core.events import read_events
 
 T = 1000.0
 

@@ -14,7 +14,7 @@ from conftest import burnin_cmd, processes_of_run, run_cli, run_dir_of
 
 from burnin.errors import UserError
 from burnin.harness.burn_in import draw_schedule, parse_duration
-from burnin.harness.events import EventWriter, Tail, read_events
+from burnin.core.events import EventWriter, Tail, read_events
 from burnin.scenarios import load_scenario
 
 # health.slowdown_ratio: the slowdown check compares a rank with its own best period, so a test machine

@@ -15,7 +15,7 @@ import pytest
 from conftest import burnin_cmd, processes_of_run, run_cli, run_dir_of, summary_of
 from prometheus_client.parser import text_string_to_metric_families
 
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 
 pytestmark = pytest.mark.slow
 

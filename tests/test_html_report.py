@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import CI, run_cli, run_dir_of
 
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 from burnin.reports.result import FaultResult
 
 SDC = """\

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import CI, burnin_cmd, processes_of_run, run_cli, run_dir_of, summary_of
 
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 from burnin.harness.fabric import NetnsFabric, privilege_problem, short_id
 from burnin.harness.netwatch import slow_rank
 

@@ -29,7 +29,7 @@ import pytest
 from conftest import CI, burnin_cmd, processes_of_run, run_cli, run_dir_of
 from prometheus_client.parser import text_string_to_metric_families
 
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 from burnin.reports.metrics import DETECTORS, RECOVERY_BUCKETS, Metrics
 from burnin.reports.result import FaultResult, RunResult
 

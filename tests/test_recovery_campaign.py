@@ -10,7 +10,7 @@ from conftest import processes_of_run, run_cli, run_dir_of
 
 from burnin.rank import snapshot
 from burnin.harness.campaign import draw_trials
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 from burnin.scenarios import load_scenario
 
 MIX = """\

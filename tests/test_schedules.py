@@ -30,7 +30,7 @@ from conftest import CI, run_cli
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

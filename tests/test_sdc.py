@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import burnin_cmd, run_cli, run_dir_of, summary_of
 
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 
 pytestmark = pytest.mark.slow
 

@@ -406,7 +406,7 @@ def test_snapshot_corrupt_without_a_snapshot_cannot_be_applied(tmp_path: Path) -
 
 
 def _events(out: Path) -> list[dict]:
-    from burnin.harness.events import read_events
+    from burnin.core.events import read_events
 
     return read_events(run_dir_of(out) / "events.jsonl")
 

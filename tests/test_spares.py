@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import burnin_cmd, processes_of_run, run_cli, run_dir_of, summary_of
 
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from burnin.errors import InjectedFault
 from burnin.harness import cleanup
-from burnin.harness.events import EventWriter, Tail, read_events
+from burnin.core.events import EventWriter, Tail, read_events
 from burnin.harness.supervisor import classify_error, classify_exit, signature
 
 CAUSES = ("killed", "hang", "exception", "illegal_memory_access", "network", "signal", "timeout", "exit")
@@ -215,7 +215,7 @@ def test_writer_appending_after_a_torn_line_loses_nothing(tmp_path: Path) -> Non
 
 _TICKER = """
 import sys
-from burnin.harness.events import EventWriter
+from burnin.core.events import EventWriter
 w = EventWriter(sys.argv[1], rank=0)
 i = 0
 while True:

@@ -337,7 +337,7 @@ def windows(events: list[dict[str, Any]], kept: list[int], hashes: dict[int, str
 def replay(scenario: Scenario, run_dir: Path, run_id: str, window: dict[str, Any], pool: Any, k: int) -> dict[str, Any]:
     """Run `window` without faults from its first checkpoint (a golden run of that stretch only)."""
     from burnin.rank import checkpoint
-    from burnin.harness.events import read_events
+    from burnin.core.events import read_events
     from burnin.harness.supervisor import Supervisor
 
     wdir = run_dir / "verify" / f"window{k:03d}"
@@ -475,7 +475,7 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
                 resume: str | Path | None = None, history: str | None = None) -> dict[str, Any]:
     """Run a burn-in (or, with `resume`, continue one whose supervisor died); returns the summary."""
     from burnin.harness import cleanup
-    from burnin.harness.events import EventWriter, read_events
+    from burnin.core.events import EventWriter, read_events
     from burnin.harness.preflight import check_device, check_out_dir
     from burnin.harness.runner import choose_fabric, make_run_dir, new_run_id
     from burnin.harness.supervisor import Supervisor
@@ -565,7 +565,7 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
 def read_resume_state(run_dir: Path) -> tuple[Scenario, float, int, list[dict[str, Any]], dict[str, Any]]:
     """What a burn-in whose supervisor died had done: its scenario, its drawn schedule, how far its
     timeline got, which faults fired, its attempts. A one-line UserError when it cannot be resumed."""
-    from burnin.harness.events import read_events
+    from burnin.core.events import read_events
 
     try:
         scenario = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.errors import ScenarioError
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 from burnin.harness.supervisor import Supervisor
 from burnin.scenarios.schema import FaultSpec, Scenario
 

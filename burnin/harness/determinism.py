@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.errors import HarnessError
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 
 __all__ = ["Divergence", "check_determinism"]
 

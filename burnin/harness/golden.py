@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from burnin.errors import HarnessError
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 from burnin.scenarios.schema import Debug, Expect, Scenario
 
 __all__ = ["GoldenRecord", "cache_dir", "golden_key", "record_from_events", "get_golden", "cache_max",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 from burnin.harness.golden import GoldenRecord, get_golden, golden_key
 from burnin.harness.supervisor import Supervisor
 from burnin.reports.result import RunResult

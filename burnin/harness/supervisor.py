@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 from burnin.harness import cleanup
 from burnin.rank import snapshot
-from burnin.harness.attribution import Candidate, Evidence, explained_by, pin_detection
+from burnin.reports.attribution import Candidate, Evidence, explained_by, pin_detection
 from burnin.harness.classify import classify_error, classify_exit, signature
-from burnin.harness.events import EventWriter, Tail
+from burnin.core.events import EventWriter, Tail
 from burnin.harness.netwatch import NetworkWatch
 from burnin.harness.spares import SparePool, open_pool
 from burnin.scenarios.schema import HEARTBEAT_PERIOD_S, Scenario

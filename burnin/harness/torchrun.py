@@ -22,9 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from burnin.harness.attribution import Candidate, Evidence, explained_by
+from burnin.reports.attribution import Candidate, Evidence, explained_by
 from burnin.harness.classify import classify_error, signature
-from burnin.harness.events import read_events
+from burnin.core.events import read_events
 
 __all__ = ["is_torchrun_run", "assemble"]
 

@@ -66,7 +66,7 @@ def load_side(spec: str, history: str | None = None) -> dict[str, Any]:
 
 def _from_campaign(path: Path) -> dict[str, Any]:
     from burnin.harness.campaign import _judge_trial
-    from burnin.harness.events import read_events
+    from burnin.core.events import read_events
 
     summary = json.loads((path / "campaign.json").read_text())
     rows = []

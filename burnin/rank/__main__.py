@@ -53,7 +53,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def prior_attempts(run_dir: Path) -> tuple[int, list[int]]:
     """(next attempt number, faults fired in earlier attempts) from the run's event streams."""
-    from burnin.harness.events import read_events
+    from burnin.core.events import read_events
 
     last, fired = -1, set()
     for path in sorted((run_dir / "ranks").glob("rank*.node*.jsonl")):
@@ -128,7 +128,7 @@ def _open_stream(ctx: Any, run_dir: Path, node: int, t_start: float) -> None:
     event stream, and say when this process started."""
     import torch.distributed as dist
 
-    from burnin.harness.events import EventWriter
+    from burnin.core.events import EventWriter
 
     choice: list[Any] = [prior_attempts(run_dir) if ctx.rank == 0 else None]
     dist.broadcast_object_list(choice, src=0)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from burnin.errors import HarnessError
-from burnin.harness.events import EventWriter
+from burnin.core.events import EventWriter
 
 __all__ = ["RankContext", "SelfContext", "Injector", "Position", "read_position"]
 

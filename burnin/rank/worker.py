@@ -282,7 +282,7 @@ def _spare(argv: list[str]) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     from burnin.harness.cleanup import set_parent_death_signal
-    from burnin.harness.events import EventWriter
+    from burnin.core.events import EventWriter
 
     set_parent_death_signal()
     argv = sys.argv[1:] if argv is None else argv

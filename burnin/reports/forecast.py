@@ -236,7 +236,7 @@ def _load_json(path: Path) -> Any:
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
-    from burnin.harness.events import read_events
+    from burnin.core.events import read_events
 
     try:
         return read_events(path) if path.is_file() else []

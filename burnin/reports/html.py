@@ -171,7 +171,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_events(run_dir: Path) -> list[dict[str, Any]]:
-    from burnin.harness.events import read_events
+    from burnin.core.events import read_events
 
     path = run_dir / "events.jsonl"
     return read_events(path) if path.exists() else []

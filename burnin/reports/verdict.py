@@ -14,7 +14,7 @@ import struct
 from collections import defaultdict
 from typing import Any
 
-from burnin.harness.attribution import pin_detection
+from burnin.reports.attribution import pin_detection
 from burnin.reports.result import Expectation, Failure, FaultResult, RecoveryBreakdown, RunResult
 
 __all__ = ["judge"]
