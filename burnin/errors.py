@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "short",
     "oneline",
+    "reason",
     "BurninError",
     "UserError",
     "ScenarioError",
@@ -32,6 +33,11 @@ def short(value: object, limit: int = 60) -> str:
 def oneline(value: object) -> str:
     """`value` as one printable line, whatever characters it holds."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
+
+
+def reason(exc: BaseException) -> str:
+    """Why an operation failed, in a few printable words (an OSError's strerror, else its text)."""
+    return oneline(getattr(exc, "strerror", None) or exc or type(exc).__name__)
 
 
 class BurninError(Exception):

@@ -210,7 +210,7 @@ def test_ranks_die_with_their_supervisor(tmp_path: Path) -> None:
         time.sleep(0.1)
     assert processes_of_run(run_id) == []
     # Shared memory is no process: its snapshots stay until `burnin cleanup` (or the next run) sweeps them.
-    from burnin.rank import snapshot
+    from burnin.core import snapshots as snapshot
 
     assert [p for p, owner in snapshot.leftovers() if owner.get("run_id") == run_id]
     clean = run_cli("cleanup")

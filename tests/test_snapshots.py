@@ -23,9 +23,9 @@ import torch
 from conftest import run_cli, run_dir_of, summary_of
 
 from burnin.errors import HarnessError
-from burnin.rank import snapshot
-from burnin.rank.snapshot import (HEADER_SIZE, RankSnapshots, SnapshotError, _layout, common_step, rank_steps,
-                                     read_slot, slot_path)
+from burnin.core import snapshots as snapshot
+from burnin.core.snapshots import HEADER_SIZE, SnapshotError, common_step, rank_steps, read_slot, slot_path
+from burnin.rank.snapshot import RankSnapshots, _layout
 from burnin.rank.state import capture_rank_state, restore_rank_state, state_hash
 from burnin.harness.supervisor import OutOfRankContext
 from burnin.scenarios.schema import FaultSpec
@@ -121,7 +121,7 @@ def _damage(path: Path, how: str) -> None:
     elif how == "flip_header":
         raw[16] ^= 0x01  # the step's low byte
     elif how == "torn":  # what a rank killed between the two header writes leaves
-        raw[:HEADER_SIZE] = snapshot._header(snapshot.WRITING, step)
+        raw[:HEADER_SIZE] = snapshot.encode_header(snapshot.WRITING, step)
     path.write_bytes(bytes(raw))
 
 
@@ -299,7 +299,7 @@ def test_the_meta_loads_no_code(tmp_path: Path) -> None:
     import pickle
 
     with pytest.raises(pickle.UnpicklingError, match="not allowed"):
-        snapshot._loads(pickle.dumps({"x": os.getcwd, "static": b""}))
+        snapshot.load_meta(pickle.dumps({"x": os.getcwd, "static": b""}))
 
 
 # -- the directory: created, found, swept (no torch) ---------------------------------------------------------
@@ -332,7 +332,7 @@ def test_directory_lifecycle_and_sweep(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_supervisor_side_imports_no_torch() -> None:
-    code = ("import sys, burnin.rank.snapshot as s, burnin.harness.supervisor, burnin.faults.storage; "
+    code = ("import sys, burnin.core.snapshots as s, burnin.harness.supervisor, burnin.faults.storage; "
             "s.sweep(alive=lambda *a: True); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
@@ -501,6 +501,6 @@ def test_a_corruption_finding_restarts_from_disk(tmp_path: Path) -> None:
 
 def test_header_layout_is_fixed() -> None:
     """The header is read by processes that never import torch (the fault, `burnin cleanup`)."""
-    head = snapshot._header(snapshot.COMMITTED, 12, 100, 20, 7)
+    head = snapshot.encode_header(snapshot.COMMITTED, 12, 100, 20, 7)
     assert len(head) == HEADER_SIZE and snapshot._parse_header(head) == (snapshot.COMMITTED, 12, 100, 20, 7)
     assert struct.unpack_from("<8sIIq", head)[0:4] == (snapshot.MAGIC, snapshot.VERSION, snapshot.COMMITTED, 12)

@@ -140,6 +140,6 @@ def test_cleanup_removes_the_spares_of_a_sigkilled_supervisor(tmp_path: Path) ->
     while processes_of_run(run_id) and time.time() < deadline:
         time.sleep(0.1)
     assert processes_of_run(run_id) == []
-    from burnin.rank import snapshot
+    from burnin.core import snapshots as snapshot
 
     assert not [p for p, owner in snapshot.leftovers() if owner.get("run_id") == run_id]

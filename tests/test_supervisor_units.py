@@ -18,9 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from burnin.core import procs
+from burnin.core.events import EventWriter, Tail, read_events
 from burnin.errors import InjectedFault
 from burnin.harness import cleanup
-from burnin.core.events import EventWriter, Tail, read_events
 from burnin.harness.supervisor import classify_error, classify_exit, signature
 
 CAUSES = ("killed", "hang", "exception", "illegal_memory_access", "network", "signal", "timeout", "exit")
@@ -282,7 +283,7 @@ def _run_id() -> str:
 
 
 def _entry(run_id: str) -> Path:
-    return cleanup.state_dir() / "runs" / f"{run_id}.json"
+    return procs.state_dir() / "runs" / f"{run_id}.json"
 
 
 def _register_from_dead_supervisor(run_id: str, run_dir: Path, pids: list[int]) -> int:
@@ -290,7 +291,7 @@ def _register_from_dead_supervisor(run_id: str, run_dir: Path, pids: list[int]) 
     code = "import json, sys; from burnin.harness import cleanup; cleanup.register(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))"
     sup = subprocess.Popen([sys.executable, "-c", code, run_id, str(run_dir), json.dumps(pids)])
     assert sup.wait(timeout=30) == 0
-    assert not cleanup._alive(sup.pid)
+    assert not procs.alive(sup.pid)
     return sup.pid
 
 
@@ -300,11 +301,11 @@ def _alive(p: subprocess.Popen) -> bool:
 
 def test_register_and_unregister(tmp_path: Path) -> None:
     run_id = _run_id()
-    assert cleanup.state_dir() == Path(os.environ["BURNIN_STATE_DIR"])
+    assert procs.state_dir() == Path(os.environ["BURNIN_STATE_DIR"])
     cleanup.register(run_id, tmp_path, [11, 12])
     assert json.loads(_entry(run_id).read_text()) == {"run_id": run_id, "run_dir": str(tmp_path),
                                                      "supervisor_pid": os.getpid(), "pids": [11, 12]}
-    assert not list((cleanup.state_dir() / "runs").glob("*.tmp"))
+    assert not list((procs.state_dir() / "runs").glob("*.tmp"))
     cleanup.unregister(run_id)
     assert not _entry(run_id).exists()
     cleanup.unregister(run_id)  # already gone: fine
@@ -349,7 +350,7 @@ def test_sweep_kills_no_process_without_the_run_id(tmp_path: Path, spawned, env_
 
 
 def test_sweep_drops_an_unreadable_registry_file() -> None:
-    bad = cleanup.state_dir() / "runs" / f"{_run_id()}.json"
+    bad = procs.state_dir() / "runs" / f"{_run_id()}.json"
     bad.write_text('{"run_id": "x", "pi')
     cleanup.sweep()
     assert not bad.exists()
@@ -362,14 +363,14 @@ def test_kill_group_kills_the_whole_process_group() -> None:
     leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         child = int(leader.stdout.readline())
-        assert cleanup._alive(child)
-        cleanup.kill_group(leader.pid)
+        assert procs.alive(child)
+        procs.kill_group(leader.pid)
         assert leader.wait(timeout=10) == -signal.SIGKILL
         deadline = time.time() + 10
-        while cleanup._alive(child) and time.time() < deadline:
+        while procs.alive(child) and time.time() < deadline:
             time.sleep(0.02)
-        assert not cleanup._alive(child)
-        cleanup.kill_group(leader.pid)  # already gone: no error
+        assert not procs.alive(child)
+        procs.kill_group(leader.pid)  # already gone: no error
     finally:
         if leader.poll() is None:
             leader.kill()

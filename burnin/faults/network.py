@@ -18,11 +18,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from burnin.core.procs import run_tool
 from burnin.errors import HarnessError
 from burnin.faults.base import Fault
 from burnin.faults.registry import register
 
-__all__ = ["LinkDown", "Blackhole", "Throttle", "Partition", "SIMULATED", "simulate", "rate_bits"]
+__all__ = ["LinkDown", "Blackhole", "Throttle", "Partition", "SIMULATED", "simulate", "rate_bits", "NodeInterface"]
 
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}  # tc's units: SI, bits per second
@@ -268,3 +269,24 @@ def simulate(scenario: Any) -> Any:
     faults = [f.model_copy(update={"fault": SIMULATED[f.fault]}) if f.fault in SIMULATED else f
               for f in scenario.faults]
     return scenario.model_copy(update={"faults": faults})
+
+
+class NodeInterface:
+    """Under torchrun: this node's network interface, named by the operator (`python -m burnin.rank
+    --node-interface NAME`, the opt-in by name), acted on from inside the node's own namespace. A NIC fault
+    on any rank of the node takes the whole node's link down, as a failed NIC or cable would."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def set_link(self, rank: int, up: bool) -> dict[str, Any]:
+        run_tool(["ip", "link", "set", "dev", self.name, "up" if up else "down"])
+        return {"interface": self.name, "link": "up" if up else "down", "scope": "node"}
+
+    def set_qdisc(self, rank: int, args: list[str]) -> dict[str, Any]:
+        run_tool(["tc", "qdisc", "replace", "dev", self.name, "root", *args])
+        return {"interface": self.name, "qdisc": " ".join(args), "scope": "node"}
+
+    def clear_qdisc(self, rank: int) -> dict[str, Any]:
+        run_tool(["tc", "qdisc", "del", "dev", self.name, "root"], check=False)
+        return {"interface": self.name, "qdisc": "default", "scope": "node"}

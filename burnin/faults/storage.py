@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from burnin.core import checkpoints as checkpoint
+from burnin.core import snapshots as snapshot
 from burnin.errors import HarnessError
 from burnin.faults.base import Fault
 from burnin.faults.registry import register
@@ -37,7 +39,6 @@ class CheckpointCorrupt(Fault):
     disruptive = False  # harmless until a restart loads the damaged checkpoint
 
     def inject(self, ctx: Any) -> dict[str, Any]:
-        from burnin.rank import checkpoint
 
         newest = checkpoint.committed(ctx.checkpoint_dir)
         if not newest:  # validation refuses a step before the first checkpoint: this is a harness error
@@ -87,7 +88,6 @@ class SnapshotCorrupt(Fault):
     effects = ()
 
     def inject(self, ctx: Any) -> dict[str, Any]:
-        from burnin.rank import snapshot
 
         root = _snapshot_dir(ctx)
         slots = snapshot.newest_slot(root, ctx.rank) if root is not None else []

@@ -42,8 +42,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from burnin.core import procs
+from burnin.core import checkpoints as checkpoint
+from burnin.core.files import atomic_write
 from burnin.errors import UserError
-from burnin.scenarios.schema import MAX_STEPS, Scenario
+from burnin.harness import cleanup
+from burnin.scenarios.burn_in import runtime_scenario
+from burnin.scenarios.schema import Scenario
 
 __all__ = ["LEVELS", "draw_schedule", "parse_duration", "run_burn_in", "assess", "SCHEMA_VERSION"]
 
@@ -111,18 +116,6 @@ def draw_schedule(scenario: Scenario, duration_s: float, seed: int) -> list[dict
     return out
 
 
-def runtime_scenario(scenario: Scenario, schedule: list[dict[str, Any]], duration_s: float) -> Scenario:
-    """The run the burn-in is: its workload for as many steps as the time allows, the drawn faults."""
-    data = scenario.model_dump(mode="json")
-    data["workload"] = {**data["workload"], "steps": MAX_STEPS}
-    data["faults"] = [{k: v for k, v in f.items() if k != "kind"} for f in schedule]
-    data["campaign"] = None
-    t = data["timeouts"]
-    data["timeouts"] = {**t, "run_s": min(7 * 86400, duration_s + max(300.0, t["connect_s"] * 2))}
-    data["recovery"] = {**data["recovery"], "max_restarts": max(data["recovery"]["max_restarts"], len(schedule) + 10)}
-    return Scenario.model_validate(data)
-
-
 class Clock:
     """The supervisor's side of a burn-in, polled every round: fires timed out-of-rank faults when due
     (and allowed), keeps the disk checkpoints a fault's window starts from, rolls step events up, and
@@ -157,7 +150,6 @@ class Clock:
         self.faults_fired = 0
         self._last_progress = 0.0
         # a resumed burn-in: what the earlier sessions saw
-        from burnin.rank import checkpoint
 
         self.windows_kept = [c.step for c in checkpoint.committed(run_dir / "verify" / "checkpoints")]
         for ev in events or []:
@@ -211,7 +203,6 @@ class Clock:
         damaged checkpoint is damaged in place (this runs before the fault acts, from its `fault_injected`
         event). One copy per window start, at most KEEP_LIMIT of them; removed once the windows are
         replayed."""
-        from burnin.rank import checkpoint
 
         keep = self.run_dir / "verify" / "checkpoints"
         for c in reversed(checkpoint.committed(self.run_dir / "checkpoints")):
@@ -236,8 +227,6 @@ class Clock:
     # -- every round of the supervisor's loop ------------------------------------------------------
 
     def poll(self, sup: Any, ranks: list[Any], now: float) -> None:
-        from burnin.rank import checkpoint
-        from burnin.harness import cleanup
 
         end = self.clock0 + self.duration_s
         if now >= end and self.stopping_at is None:
@@ -246,7 +235,7 @@ class Clock:
             if not self.attempt_progressed or len(self.in_flight) >= self.max_in_flight:
                 break  # a recovery in progress, or enough faults in flight: the arrival waits
             if any(r.proc.poll() is not None or r.error is not None
-                   or cleanup.proc_state(r.proc.pid) in (None, "Z", "X") for r in ranks):
+                   or procs.proc_state(r.proc.pid) in (None, "Z", "X") for r in ranks):
                 break  # a rank is already failing: the failure is being decided
             _, index = self.pending.pop(0)
             spec = self.sc.faults[index]
@@ -336,7 +325,6 @@ def windows(events: list[dict[str, Any]], kept: list[int], hashes: dict[int, str
 
 def replay(scenario: Scenario, run_dir: Path, run_id: str, window: dict[str, Any], pool: Any, k: int) -> dict[str, Any]:
     """Run `window` without faults from its first checkpoint (a golden run of that stretch only)."""
-    from burnin.rank import checkpoint
     from burnin.core.events import read_events
     from burnin.harness.supervisor import Supervisor
 
@@ -368,7 +356,6 @@ def replay(scenario: Scenario, run_dir: Path, run_id: str, window: dict[str, Any
 
 
 def _verifies(ckpt: Any, world_size: int) -> bool:
-    from burnin.rank import checkpoint
 
     try:
         checkpoint.verify(ckpt, world_size)
@@ -474,7 +461,6 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
                 on_event: Callable[[dict[str, Any]], None] | None = None,
                 resume: str | Path | None = None, history: str | None = None) -> dict[str, Any]:
     """Run a burn-in (or, with `resume`, continue one whose supervisor died); returns the summary."""
-    from burnin.harness import cleanup
     from burnin.core.events import EventWriter, read_events
     from burnin.harness.preflight import check_device, check_out_dir
     from burnin.harness.runner import choose_fabric, make_run_dir, new_run_id
@@ -702,7 +688,6 @@ def _usage_trend(rollups: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
-    from burnin.rank.checkpoint import atomic_write
 
     atomic_write(run_dir / "burn-in.json", json.dumps(summary, indent=1, default=str).encode())
     # the realised schedule as a scenario `burnin run` takes: each fault at the step and point it hit (a

@@ -17,8 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.errors import ScenarioError
 from burnin.core.events import read_events
+from burnin.core.files import atomic_write
+from burnin.errors import ScenarioError
 from burnin.harness.supervisor import Supervisor
 from burnin.scenarios.schema import FaultSpec, Scenario
 
@@ -258,7 +259,6 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
         summary = recovery_campaign.summarize(scenario, list(done.values()))
         summary["complete"] = len(done) == trials
         summary["timing"] = {"wall_s": time.time() - t0}
-        from burnin.rank.checkpoint import atomic_write
 
         atomic_write(run_dir / "campaign.json", json.dumps(summary, indent=1).encode())
         atomic_write(run_dir / "campaign.md", recovery_campaign.markdown(summary, run_dir).encode())
@@ -312,7 +312,6 @@ def read_campaign_meta(run_dir: str | Path) -> tuple[int, int]:
 
 
 def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
-    from burnin.rank.checkpoint import atomic_write
 
     atomic_write(run_dir / "campaign.json", json.dumps(summary, indent=1).encode())
     lines = [f"# Campaign {summary['scenario']}: {summary['trials']} trials (seed {summary['seed']})", ""]

@@ -13,20 +13,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["state_dir", "register", "unregister", "register_network", "unregister_network", "kill_group",
-           "sweep", "set_parent_death_signal", "process_start_time", "proc_state"]
+from burnin.core import snapshots as snapshot
+from burnin.core.procs import alive, kill_group, process_start_time, run_id_of, state_dir
 
-
-def state_dir() -> Path:
-    d = Path(os.environ.get("BURNIN_STATE_DIR") or Path(tempfile.gettempdir()) / f"burnin-{os.getuid()}")
-    (d / "runs").mkdir(parents=True, exist_ok=True)
-    return d
+__all__ = ["register", "unregister", "register_network", "unregister_network", "sweep"]
 
 
 def register(run_id: str, run_dir: Path, pids: list[int]) -> None:
@@ -50,14 +44,6 @@ _MARK = re.compile(r"burnin run=(\S+) supervisor=(\d+):(\S+)")
 _PROBE_NS = re.compile(r"bn-(?:check|doctor)-(\d+)")
 
 
-def process_start_time(pid: int) -> str:
-    """When `pid` started, in clock ticks since boot: with the pid, it names one process for good."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
 def register_network(run_id: str, namespaces: list[str]) -> None:
     d = state_dir() / "net"
     d.mkdir(exist_ok=True)
@@ -76,7 +62,7 @@ def _ip(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _supervisor_alive(pid: int, start: str | None) -> bool:
-    return _alive(pid) and (start in (None, "?") or process_start_time(pid) == start)
+    return alive(pid) and (start in (None, "?") or process_start_time(pid) == start)
 
 
 def _remove_namespace(ns: str) -> list[int]:
@@ -117,7 +103,7 @@ def _sweep_networks(force: bool) -> list[dict[str, Any]]:
         if not ns.startswith("bn-") or ns in done:
             continue
         probe = _PROBE_NS.fullmatch(ns)  # a throwaway namespace of a privilege check or `burnin doctor`
-        if probe and not _alive(int(probe.group(1))):
+        if probe and not alive(int(probe.group(1))):
             _remove_namespace(ns)
             continue
         m = _MARK.search(_ip("-n", ns, "-o", "link", "show", "lo").stdout)
@@ -127,49 +113,6 @@ def _sweep_networks(force: bool) -> list[dict[str, Any]]:
         killed = [pid for ns in names for pid in _remove_namespace(ns)]
         report.append({"run_id": run_id, "action": "cleaned", "killed": killed, "namespaces": names, "orphan": True})
     return report
-
-
-def kill_group(pid: int) -> None:
-    """SIGKILL the process group led by `pid` (ranks start their own session), then `pid` itself."""
-    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-        try:
-            kill()
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def proc_state(pid: int) -> str | None:
-    """The one-letter state of a process (R, S, D, T, Z, ...), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b") ", 1)[1][:1].decode()
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _run_id_of(pid: int) -> str | None:
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    for item in env:
-        if item.startswith(b"BURNIN_RUN_ID="):
-            return item.split(b"=", 1)[1].decode(errors="replace")
-    return None
 
 
 def sweep(force: bool = False) -> list[dict[str, Any]]:
@@ -185,12 +128,12 @@ def sweep(force: bool = False) -> list[dict[str, Any]]:
             path.unlink(missing_ok=True)
             continue
         run_id = entry["run_id"]
-        if _alive(entry["supervisor_pid"]) and not force:
+        if alive(entry["supervisor_pid"]) and not force:
             report.append({"run_id": run_id, "action": "skipped", "why": "its supervisor is still running"})
             continue
         killed = []
         for pid in entry["pids"]:
-            if _alive(pid) and _run_id_of(pid) == run_id:
+            if alive(pid) and run_id_of(pid) == run_id:
                 kill_group(pid)
                 killed.append(pid)
         path.unlink(missing_ok=True)
@@ -201,7 +144,7 @@ def sweep(force: bool = False) -> list[dict[str, Any]]:
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         pid = int(proc.name)
-        rid = _run_id_of(pid)
+        rid = run_id_of(pid)
         if rid is None or not _is_worker(pid):
             continue
         try:
@@ -212,8 +155,6 @@ def sweep(force: bool = False) -> list[dict[str, Any]]:
             kill_group(pid)
             report.append({"run_id": rid, "action": "cleaned", "killed": [pid], "orphan": True})
     # Memory snapshots (/dev/shm/burnin-<run id>) of runs whose supervisor is gone.
-    from burnin.rank import snapshot
-
     for item in snapshot.sweep(force=force):
         if item["action"] == "cleaned":
             report.append({"run_id": item["run_id"], "action": "cleaned", "killed": [],
@@ -227,19 +168,3 @@ def _is_worker(pid: int) -> bool:
     except OSError:
         return False
 
-
-def set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
-    if os.environ.get("BURNIN_WORKER_PDEATHSIG", "1") == "0":
-        return  # tests turn it off to show that `burnin cleanup` alone removes leftovers
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    expected = os.environ.get("BURNIN_SUPERVISOR_PID")
-    if expected and os.getppid() != int(expected):  # the parent died before the prctl took hold
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -26,13 +26,13 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from burnin.core import procs
 from burnin.errors import HarnessError
 from burnin.harness import cleanup
 
 __all__ = ["NetnsFabric", "privilege_problem", "short_id", "network_capabilities"]
 
 PREFIX = "bn-"
-_CMD_TIMEOUT_S = 10.0
 _CAP_NET_ADMIN, _CAP_SYS_ADMIN = 12, 21
 PROBE_BYTES = 256 * 1024  # a chunk: ~2 ms through a healthy veth, ~0.1 s through 20 Mbit/s
 PROBE_CHUNKS = 5
@@ -64,7 +64,7 @@ def privilege_problem() -> str | None:
     name = f"{PREFIX}check-{os.getpid()}"
     made = _ip("netns", "add", name, check=False)
     if made.returncode != 0:
-        return f"cannot create a network namespace: {_first_line(made.stderr)}"
+        return f"cannot create a network namespace: {procs.first_line(made.stderr)}"
     _ip("netns", "del", name, check=False)
     return None
 
@@ -81,56 +81,21 @@ def network_capabilities() -> dict[str, str]:
     _ip("netns", "add", name)
     try:
         for kind, args in trials.items():
-            r = _run(["tc", "-n", name, "qdisc", "replace", "dev", "lo", "root", *args], check=False)
-            out[f"tc qdisc {kind}"] = "ok" if r.returncode == 0 else f"no: {_first_line(r.stderr)}"
+            r = procs.run_tool(["tc", "-n", name, "qdisc", "replace", "dev", "lo", "root", *args], check=False)
+            out[f"tc qdisc {kind}"] = "ok" if r.returncode == 0 else f"no: {procs.first_line(r.stderr)}"
     finally:
         _ip("netns", "del", name, check=False)
     return out
 
 
-def _first_line(text: str) -> str:
-    return (text.strip().splitlines() or ["no error text"])[0]
-
-
-def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=_CMD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise HarnessError(f"`{' '.join(argv)}` did not return within {_CMD_TIMEOUT_S:g} s") from None
-    if check and r.returncode != 0:
-        raise HarnessError(f"`{' '.join(argv)}` failed: {_first_line(r.stderr)}")
-    return r
-
-
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return _run(["ip", *args], check=check)
+    return procs.run_tool(["ip", *args], check=check)
 
 
 def _subnet(run_id: str) -> str:
     """A /24 of 10/8 picked by the run id: only ever used inside this run's namespaces."""
     h = int(hashlib.sha1(run_id.encode()).hexdigest()[6:12], 16)
     return f"10.{128 + h % 64}.{(h >> 6) % 256}"
-
-
-class NodeInterface:
-    """Under torchrun: this node's network interface, named by the operator (`python -m burnin.rank
-    --node-interface NAME`, the opt-in by name), acted on from inside the node's own namespace. A NIC fault
-    on any rank of the node takes the whole node's link down, as a failed NIC or cable would."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def set_link(self, rank: int, up: bool) -> dict[str, Any]:
-        _ip("link", "set", "dev", self.name, "up" if up else "down")
-        return {"interface": self.name, "link": "up" if up else "down", "scope": "node"}
-
-    def set_qdisc(self, rank: int, args: list[str]) -> dict[str, Any]:
-        _run(["tc", "qdisc", "replace", "dev", self.name, "root", *args])
-        return {"interface": self.name, "qdisc": " ".join(args), "scope": "node"}
-
-    def clear_qdisc(self, rank: int) -> dict[str, Any]:
-        _run(["tc", "qdisc", "del", "dev", self.name, "root"], check=False)
-        return {"interface": self.name, "qdisc": "default", "scope": "node"}
 
 
 class NetnsFabric:
@@ -175,7 +140,7 @@ class NetnsFabric:
         self.ranks = ranks
         # Recorded before anything exists, so a supervisor killed half-way still leaves a trace.
         cleanup.register_network(self.run_id, self.namespaces())
-        mark = f"burnin run={self.run_id} supervisor={os.getpid()}:{cleanup.process_start_time(os.getpid())}"
+        mark = f"burnin run={self.run_id} supervisor={os.getpid()}:{procs.process_start_time(os.getpid())}"
         try:
             self._make_namespace(self.hub, mark)
             _ip("-n", self.hub, "link", "add", self.bridge, "type", "bridge")
@@ -239,13 +204,13 @@ class NetnsFabric:
     def set_qdisc(self, rank: int, args: list[str]) -> dict[str, Any]:
         """Replace the root qdisc on the rank's egress, e.g. ["pfifo", "limit", "0"] or ["tbf", "rate", ...]."""
         self._check_rank(rank)
-        _run(["tc", "-n", self.namespace(rank), "qdisc", "replace", "dev", self.interface(rank), "root", *args])
+        procs.run_tool(["tc", "-n", self.namespace(rank), "qdisc", "replace", "dev", self.interface(rank), "root", *args])
         return {"interface": self.interface(rank), "namespace": self.namespace(rank), "qdisc": " ".join(args)}
 
     def clear_qdisc(self, rank: int) -> dict[str, Any]:
         self._check_rank(rank)
         stats = self.qdisc_stats(rank)
-        _run(["tc", "-n", self.namespace(rank), "qdisc", "del", "dev", self.interface(rank), "root"], check=False)
+        procs.run_tool(["tc", "-n", self.namespace(rank), "qdisc", "del", "dev", self.interface(rank), "root"], check=False)
         return {"interface": self.interface(rank), "qdisc": "default", "before_removal": stats}
 
     def partition(self, ranks: list[int], cut: bool) -> dict[str, Any]:
@@ -271,7 +236,7 @@ class NetnsFabric:
 
     def qdisc_stats(self, rank: int) -> dict[str, Any]:
         """Counters of the root qdisc on the rank's egress (`tc -s qdisc`): sent, dropped, overlimits, backlog."""
-        r = _run(["tc", "-n", self.namespace(rank), "-s", "qdisc", "show", "dev", self.interface(rank)], check=False)
+        r = procs.run_tool(["tc", "-n", self.namespace(rank), "-s", "qdisc", "show", "dev", self.interface(rank)], check=False)
         return _parse_qdisc(r.stdout)
 
     def probe(self, nbytes: int = PROBE_BYTES, timeout_s: float = 2.0) -> dict[int, dict[str, float | None]]:

@@ -41,8 +41,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from burnin.errors import HarnessError
 from burnin.core.events import read_events
+from burnin.core.procs import alive, process_start_time
+from burnin.errors import HarnessError
 from burnin.scenarios.schema import Debug, Expect, Scenario
 
 __all__ = ["GoldenRecord", "cache_dir", "golden_key", "record_from_events", "get_golden", "cache_max",
@@ -276,7 +277,6 @@ def _touch(path: Path) -> None:
 
 def _start_epoch(pid: int) -> float | None:
     """When `pid` started, in seconds since the epoch (None when unknown)."""
-    from burnin.harness.cleanup import process_start_time
 
     ticks = process_start_time(pid)
     try:
@@ -289,9 +289,8 @@ def _start_epoch(pid: int) -> float | None:
 
 def _owner_alive(pid: int, since: float | None = None) -> bool:
     """Whether process `pid` lives and (given `since`, when its file was made) is the one that made it."""
-    from burnin.harness.cleanup import _alive
 
-    if not _alive(pid):
+    if not alive(pid):
         return False
     started = _start_epoch(pid) if since is not None else None
     # A process that started after the directory was made is a recycled pid (a few seconds' slack

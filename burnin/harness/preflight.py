@@ -13,7 +13,6 @@ present at all.
 
 from __future__ import annotations
 
-import errno
 import functools
 import glob
 import os
@@ -26,13 +25,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from burnin.errors import ScenarioError, UserError
+from burnin.errors import ScenarioError, UserError, reason
 from burnin.errors import oneline as _show
+from burnin.reports.endpoint import endpoint_error
 
 __all__ = [
     "check_out_dir",
     "check_metrics_endpoint",
-    "endpoint_error",
     "cuda_device_count",
     "check_device",
     "check_network",
@@ -68,7 +67,7 @@ def check_out_dir(out: str | Path, flag: str = "--out", *, must_exist: bool = Fa
     try:
         path = Path(os.path.realpath(text))
     except (OSError, ValueError) as exc:
-        raise UserError(f"{flag}: {_show(text)} is not a usable path ({_reason(exc)}); {fix}") from None
+        raise UserError(f"{flag}: {_show(text)} is not a usable path ({reason(exc)}); {fix}") from None
     probe = path
     while True:
         try:
@@ -81,7 +80,7 @@ def check_out_dir(out: str | Path, flag: str = "--out", *, must_exist: bool = Fa
                 raise UserError(f"{flag}: nothing of {_show(text)} exists; {fix}") from None
             probe = probe.parent
         except (OSError, ValueError) as exc:  # too long a name, a symlink loop, a NUL byte, no permission
-            raise UserError(f"{flag}: cannot use {_show(text)} ({_reason(exc)}); {fix}") from None
+            raise UserError(f"{flag}: cannot use {_show(text)} ({reason(exc)}); {fix}") from None
     if not stat.S_ISDIR(st.st_mode):
         if probe == path:
             raise UserError(f"{flag}: {_show(text)} is {_kind(st.st_mode)}, not a directory; {fix}")
@@ -91,37 +90,11 @@ def check_out_dir(out: str | Path, flag: str = "--out", *, must_exist: bool = Fa
         os.rmdir(tempfile.mkdtemp(prefix=".burnin-write-check-", dir=probe))
     except OSError as exc:
         where = "" if probe == path else f" (the nearest existing part of {_show(text)})"
-        raise UserError(f"{flag}: cannot create anything in {_show(probe)}{where}: {_reason(exc)}; {fix}") from None
+        raise UserError(f"{flag}: cannot create anything in {_show(probe)}{where}: {reason(exc)}; {fix}") from None
     return path
 
 
-def _reason(exc: BaseException) -> str:
-    return _show(getattr(exc, "strerror", None) or exc or type(exc).__name__)
-
-
 # --- the metrics endpoint -----------------------------------------------------------------------
-
-def endpoint_error(exc: BaseException, addr: str, port: int) -> UserError:
-    """The one-line error for a failure to listen on addr:port, blaming the flag at fault."""
-    where, reason = f"{_show(addr)}:{port}", _reason(exc)
-    if isinstance(exc, OverflowError) or not 0 <= port <= 65535:
-        return UserError(f"--metrics-port: {port} is not a port; use 0-65535 (0 picks a free one)")
-    if isinstance(exc, (socket.gaierror, ValueError)):  # ValueError: a NUL byte, IDNA (a label too long)
-        return UserError(f"--metrics-addr: cannot resolve {_show(repr(addr))} ({reason}); give an address or host "
-                         "name of this machine, e.g. 127.0.0.1 or 0.0.0.0")
-    code = getattr(exc, "errno", None)
-    if code == errno.EADDRINUSE:
-        return UserError(f"--metrics-port: port {port} is already in use on {_show(addr)}; pick another port, "
-                         "or 0 for a free one")
-    if code == errno.EADDRNOTAVAIL:
-        return UserError(f"--metrics-addr: {_show(addr)} is not an address of this machine ({reason}); use e.g. "
-                         "127.0.0.1 or 0.0.0.0")
-    if code in (errno.EACCES, errno.EPERM):
-        return UserError(f"--metrics-port: not allowed to listen on {where} ({reason}); use a port above 1023, "
-                         "or 0 for a free one")
-    return UserError(f"--metrics-addr/--metrics-port: cannot listen on {where} ({reason}); "
-                     "pick another address or port")
-
 
 def check_metrics_endpoint(port: int, addr: str = "127.0.0.1") -> None:
     """Prove addr:port can be listened on, as the metrics server will (SO_REUSEADDR), and let it go.
@@ -159,7 +132,7 @@ def cuda_device_count() -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         return 0, "torch did not say how many CUDA devices it sees within 300 s"
     except OSError as exc:
-        return 0, f"cannot ask torch how many CUDA devices it sees: {_reason(exc)}"
+        return 0, f"cannot ask torch how many CUDA devices it sees: {reason(exc)}"
     answer = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and answer and answer[-1].isdigit():
         return int(answer[-1]), "torch sees no CUDA device (a CPU-only torch? CUDA_VISIBLE_DEVICES?)"

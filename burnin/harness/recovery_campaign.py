@@ -25,16 +25,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.errors import ScenarioError
+from burnin.harness import cleanup
+from burnin.scenarios.checks import RECOVERY_FAULTS
 from burnin.scenarios.schema import Scenario
 
-__all__ = ["RECOVERY_FAULTS", "is_recovery_campaign", "check_templates", "companion_faults", "run_trials",
+__all__ = ["is_recovery_campaign", "check_templates", "companion_faults", "run_trials",
            "summarize", "PHASES"]
 
-#: The faults a recovery campaign draws from, and what each trial adds to make the fault matter: a
-#: damaged checkpoint (or snapshot) only costs something when a restart has to read it, so its trial
-#: kills the same rank right after, at the same step point.
-RECOVERY_FAULTS = ("process.kill", "process.hang", "process.exception", "storage.checkpoint_corrupt",
-                   "storage.snapshot_corrupt")
+#: What a trial adds to make its fault matter: a damaged checkpoint (or snapshot) only costs something
+#: when a restart has to read it, so its trial kills the same rank right after, at the same step point.
 _NEEDS_KILL = ("storage.checkpoint_corrupt", "storage.snapshot_corrupt")
 
 PHASES = ("detection_s", "teardown_s", "restart_s", "checkpoint_load_s", "first_step_s", "total_s")
@@ -119,7 +118,6 @@ def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[s
     finally:
         if pool is not None:
             pool.close()
-        from burnin.harness import cleanup
 
         cleanup.unregister(run_id)
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from burnin.core import procs
+
 __all__ = ["ForkedProc", "Spare", "SparePool", "become_subreaper", "open_pool", "spare_memory_ok"]
 
 #: What one slot of the pool costs in memory (the zygote's resident set after the warm-up, measured on
@@ -79,9 +81,7 @@ class ForkedProc:
         except ChildProcessError:
             # Not (yet) this process's child: the middle process of the zygote's double fork has not
             # exited yet, or the process is gone and was reaped elsewhere.
-            from burnin.harness.cleanup import proc_state
-
-            if proc_state(self.pid) not in (None, "Z", "X"):
+            if procs.proc_state(self.pid) not in (None, "Z", "X"):
                 return None
             self.returncode = -9
             return self.returncode
@@ -262,7 +262,6 @@ class SparePool:
 
     def close(self) -> None:
         """Stop the pool: closing its stdin ends a zygote, closing its FIFO a spare; a kill the rest."""
-        from burnin.harness import cleanup
 
         self.closed = True
         procs: list[Any] = []
@@ -278,7 +277,7 @@ class SparePool:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                cleanup.kill_group(proc.pid)
+                procs.kill_group(proc.pid)
                 proc.wait(timeout=30)
         for spare in self.spares.values():
             self._drop(spare)

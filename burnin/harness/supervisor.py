@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.harness import cleanup
-from burnin.rank import snapshot
-from burnin.reports.attribution import Candidate, Evidence, explained_by, pin_detection
-from burnin.harness.classify import classify_error, classify_exit, signature
+from burnin.core import procs
+from burnin.core import snapshots as snapshot
 from burnin.core.events import EventWriter, Tail
+from burnin.core.position import read_position
+from burnin.harness import cleanup
+from burnin.harness.classify import classify_error, classify_exit, signature
 from burnin.harness.netwatch import NetworkWatch
 from burnin.harness.spares import SparePool, open_pool
+from burnin.reports.attribution import Candidate, Evidence, explained_by, pin_detection
 from burnin.scenarios.schema import HEARTBEAT_PERIOD_S, Scenario
 
 __all__ = ["Supervisor", "OutOfRankContext", "LocalFabric", "classify_exit", "classify_error", "signature"]
@@ -421,7 +423,6 @@ class Supervisor:
         """Fire out-of-rank fault `index` on rank `r` at this instant, wherever the rank is (a burn-in's timed
         fault: in the middle of a step, say); the step and the last point it passed are read from the rank's
         position file and recorded. Returns the `fault_injected` event, None when the fault failed to apply."""
-        from burnin.rank.injector import read_position
 
         fault = self._faults[index]
         where = read_position(str(self.run_dir / "ranks" / f"rank{r.rank}.pos"))
@@ -492,7 +493,7 @@ class Supervisor:
         another fault is seen here, long before its heartbeat goes stale."""
         found = []
         for r in ranks:
-            if r.proc.poll() is None and cleanup.proc_state(r.proc.pid) in ("T", "t"):
+            if r.proc.poll() is None and procs.proc_state(r.proc.pid) in ("T", "t"):
                 found.append(Evidence("stopped", r.rank, "hang", "process stopped (state T)", now))
         return found
 
@@ -529,12 +530,12 @@ class Supervisor:
         """SIGKILL every process group of the attempt that is still there; wait for all to go."""
         for r in ranks:
             if r.proc.poll() is None:
-                cleanup.kill_group(r.proc.pid)
+                procs.kill_group(r.proc.pid)
         for r in ranks:
             try:
                 r.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:  # only a process in uninterruptible sleep gets here
-                cleanup.kill_group(r.proc.pid)
+                procs.kill_group(r.proc.pid)
             if r.proc.stdin:
                 try:
                     r.proc.stdin.close()

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from burnin.errors import UserError
+from burnin.faults.network import NodeInterface
 
 __all__ = ["attach", "Session", "RunContext", "current"]
 
@@ -244,7 +245,7 @@ class Session:
         if tier == "memory":
             model_state, rank_state = self.snaps.load(start, device)
         else:
-            ckpt = checkpoint.Checkpoint(start, checkpoint._dir(self.ckpt_dir, start))
+            ckpt = checkpoint.Checkpoint(start, checkpoint.step_dir(self.ckpt_dir, start))
             if self.load_fn is not None:
                 model_state, rank_state = None, checkpoint.load_rank(ckpt, ctx.rank)
                 self.load_fn(ckpt.path)
@@ -330,7 +331,7 @@ class Session:
     def _close(self, step: int, loss: Any) -> int:
         """After the step's body: the next step to run (step + 1; the same step again, or an earlier one)."""
         from burnin.rank.guard import CorruptionDetected
-        from burnin.rank.snapshot import SnapshotError
+        from burnin.core.snapshots import SnapshotError
         from burnin.rank.state import loss_bits, state_digests
 
         events, ck = self.ctx.events, self.scenario["checkpoint"]
@@ -449,8 +450,6 @@ def _node_interface(spec: dict[str, Any]) -> Any:
     """Under torchrun, the node's interface the operator named for NIC faults (else None)."""
     if not spec.get("node_interface"):
         return None
-    from burnin.harness.fabric import NodeInterface
-
     return NodeInterface(spec["node_interface"])
 
 
@@ -498,7 +497,7 @@ def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, event
     import torch.distributed as dist
 
     from burnin.rank import checkpoint
-    from burnin.rank.snapshot import common_step
+    from burnin.core.snapshots import common_step
 
     offered: list[Any] = [None] * world_size
     if snaps is not None:

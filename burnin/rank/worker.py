@@ -240,7 +240,7 @@ def _zygote(argv: list[str]) -> float | None:
 def _become_spare(cmd: dict[str, str], supervisor: int) -> None:
     """In the zygote's grandchild: lead a process group, say the pid, wait to be the supervisor's child
     (it is a subreaper), take its parent-death signal, read the FIFO as stdin, write to the slot's log."""
-    from burnin.harness.cleanup import set_parent_death_signal
+    from burnin.core.procs import set_parent_death_signal
 
     os.setsid()
     tmp = cmd["pid_file"] + ".tmp"
@@ -281,7 +281,7 @@ def _spare(argv: list[str]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from burnin.harness.cleanup import set_parent_death_signal
+    from burnin.core.procs import set_parent_death_signal
     from burnin.core.events import EventWriter
 
     set_parent_death_signal()

@@ -339,15 +339,12 @@ def _from_campaign(d: Path) -> Measured:
 
 def _from_burn_in(d: Path) -> Measured:
     """A burn-in keeps no per-fault breakdown: its event log is judged again, as the burn-in judged it."""
-    from burnin.harness.burn_in import runtime_scenario
-    from burnin.reports.verdict import judge
-    from burnin.scenarios.schema import Scenario
+    from burnin.reports.verdict import judge_burn_in
 
     events = _events(d / "events.jsonl")
-    drawn = _load_json(d / "schedule-drawn.json")
-    sc = runtime_scenario(Scenario.model_validate(_load_json(d / "scenario.json")), drawn["faults"],
-                          float(drawn["duration_s"]))
-    result = judge(events, sc, None, run_id=d.name, run_dir=str(d), config_hash="burn-in")
+    for name in ("scenario.json", "schedule-drawn.json"):
+        _load_json(d / name)  # a damaged file: the one-line error that names it
+    result = judge_burn_in(d, events)
     attempt_of = {i: f.attempt for f in result.failures for i in f.fault_indices}
     recs = _once_per_failure([(f.index, f.fault, f.recovery.to_dict() if f.recovery else None, f.lost_steps)
                               for f in result.faults], attempt_of, _tiers(events))

@@ -19,6 +19,8 @@ from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
+from burnin.reports.verdict import judge_burn_in
+
 __all__ = ["write_run_report", "write_campaign_report", "write_burn_in_report", "write_compare_report",
            "run_page", "campaign_page", "burn_in_page", "compare_page", "rebuild"]
 
@@ -527,18 +529,6 @@ class _Fault:
         self.injected_at = None
 
 
-def _burn_in_judged(run_dir: Path, events: list[dict[str, Any]]) -> Any:
-    """The burn-in's run judged again from its event log (the timeline's recovery phases), or None."""
-    from burnin.harness.burn_in import runtime_scenario
-    from burnin.reports.verdict import judge
-    from burnin.scenarios.schema import Scenario
-
-    scenario = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
-    drawn = json.loads((run_dir / "schedule-drawn.json").read_text())
-    sc = runtime_scenario(scenario, list(drawn["faults"]), float(drawn["duration_s"]))
-    return judge(events, sc, None, run_id=run_dir.name, run_dir=str(run_dir), config_hash="burn-in")
-
-
 def burn_in_page(summary: dict[str, Any], *, events: list[dict[str, Any]], run_dir: str | Path = "",
                  judged: Any = None) -> str:
     """The page of a burn-in: the verdict, each rank's health over time and at the end, the faults, the timeline."""
@@ -627,7 +617,7 @@ def write_burn_in_report(run_dir: str | Path, summary: dict[str, Any] | None = N
     summary = summary if summary is not None else json.loads((run_dir / "burn-in.json").read_text())
     events = events if events is not None else _read_events(run_dir)
     try:
-        judged = _burn_in_judged(run_dir, events)
+        judged = judge_burn_in(run_dir, events)
     except Exception:  # the timeline then goes without recovery phases
         judged = None
     return _write(run_dir / REPORT, burn_in_page(summary, events=events, run_dir=run_dir, judged=judged))

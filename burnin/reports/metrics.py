@@ -25,6 +25,7 @@ from prometheus_client import (
     write_to_textfile,
 )
 
+from burnin.reports.endpoint import endpoint_error
 from burnin.reports.result import RecoveryBreakdown, RunResult
 
 __all__ = ["Metrics", "MetricsServer", "CAUSES", "OUTCOMES", "PHASES", "DETECTORS", "PUSH_JOB"]
@@ -391,8 +392,6 @@ class Metrics:
 
         An address that does not resolve or is not this machine's, or a port in use, raises a one-line
         UserError naming --metrics-addr or --metrics-port (nothing is left listening)."""
-        from burnin.harness.preflight import endpoint_error
-
         try:
             httpd, thread = start_http_server(port, addr=addr, registry=self.registry)
         except (OSError, ValueError, OverflowError) as exc:

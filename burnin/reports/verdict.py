@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 import struct
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from burnin.reports.attribution import pin_detection
 from burnin.reports.result import Expectation, Failure, FaultResult, RecoveryBreakdown, RunResult
+from burnin.scenarios.burn_in import burn_in_run
 
 __all__ = ["judge"]
 
@@ -339,3 +341,10 @@ def _expectations(r: RunResult, scenario: Any, replicas_agree: bool, finals: dic
     if r.error:
         ex.append(Expectation("harness", False, r.error))
     return ex
+
+
+def judge_burn_in(run_dir: str | Path, events: list[dict[str, Any]]) -> RunResult:
+    """A finished burn-in's run judged again from its event log, as the burn-in judged it (its drawn
+    faults as a plain scenario, no golden record: the burn-in's windows were verified by replays)."""
+    return judge(events, burn_in_run(run_dir), None, run_id=Path(run_dir).name, run_dir=str(run_dir),
+                 config_hash="burn-in")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from burnin.scenarios.schema import FaultSpec, Scenario
 
 __all__ = ["NOT_A_BOOLEAN", "MAX_VARY_COMBINATIONS", "boolean_for_number", "params_model", "check_fault",
-           "invalid", "short", "rank_problem", "step_problem"]
+           "invalid", "short", "rank_problem", "step_problem", "RECOVERY_FAULTS"]
 
 #: `vary:` is checked by validating every combination of its choices (a range counts as its two
 #: ends); a fault whose choices make more combinations than this is refused.
@@ -39,6 +39,11 @@ MAX_VARY_COMBINATIONS = 20_000
 
 Loc = tuple[str | int, ...]
 NOT_A_BOOLEAN = "must be a number, not a boolean"
+
+#: The faults a process-fault (recovery) campaign draws from; a campaign draws these or in-rank data
+#: faults, not both.
+RECOVERY_FAULTS = ("process.kill", "process.hang", "process.exception", "storage.checkpoint_corrupt",
+                   "storage.snapshot_corrupt")
 
 
 # --- numbers are not booleans ---------------------------------------------------------
@@ -180,8 +185,6 @@ def check_fault(sc: "Scenario", i: int, f: FaultSpec) -> None:
     except Exception:  # e.g. binary data that is not UTF-8, in a value no model field types
         raise invalid(at, "holds a value that cannot be written as JSON (binary data that is not UTF-8 "
                            "text?); the run directory keeps the scenario as JSON") from None
-    from burnin.harness.recovery_campaign import RECOVERY_FAULTS
-
     recovery = c is not None and any(g.fault in RECOVERY_FAULTS for g in sc.faults)
     if recovery and f.fault not in RECOVERY_FAULTS:
         raise invalid(at + ("fault",), f"a campaign draws either process faults ({', '.join(RECOVERY_FAULTS)}) or "
