@@ -3,7 +3,7 @@
 
 Each kind of bad input has a case below (a small YAML text, the line, the field, a fragment of the
 message). The model's tensor names and sizes that the checks use are worked out without torch
-(`burnin.rank.model_shapes`); they are compared here with the real model of every preset, and the
+(`burnin.core.model_shapes`); they are compared here with the real model of every preset, and the
 bounds with real injections into the tiny model. A property test checks that every fault a campaign
 can draw from a scenario that loads is one the real model can take.
 """
@@ -26,7 +26,7 @@ import burnin.faults.registry as registry
 from burnin.errors import ScenarioError
 from burnin.faults import Fault, register
 from burnin.faults.corruption import TARGET_AT, TARGET_POINTS
-from burnin.rank import model_shapes
+from burnin.core import model_shapes
 from burnin.scenarios import bundled_names, load_scenario
 from burnin.scenarios.loader import parse_scenario
 from burnin.scenarios.schema import (HEARTBEAT_PERIOD_S, MIN_HEARTBEAT_S, FaultSpec, Scenario,
@@ -428,7 +428,7 @@ def test_bundled_scenarios_validate(name):
 
 def test_validation_imports_no_torch():
     code = ("import sys\nfrom burnin.scenarios import load_scenario, bundled_names\n"
-            "from burnin.rank import model_shapes\n"
+            "from burnin.core import model_shapes\n"
             "for n in bundled_names(): load_scenario(n)\n"
             "model_shapes.layout('gpt2-124m', 8, 1024)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")

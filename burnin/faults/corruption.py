@@ -199,14 +199,14 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
                      batch_size: int, seq_len: int) -> tuple[tuple[str, ...], str] | None:
     """Why this corruption would fail inside the rank of this workload, or None when it would not.
 
-    Checked at load time from the model preset alone (`burnin.rank.model_shapes`, no torch): the
+    Checked at load time from the model preset alone (`burnin.core.model_shapes`, no torch): the
     target is at hand at the step point, the named tensor exists, the element index is inside it,
     the bit is inside the element. Returns the fields to blame, the one to change first first
     ("point" and "step" are the FaultSpec's own, the others are params), and a message.
     """
     from difflib import get_close_matches
 
-    from burnin.rank.model_shapes import FLOAT_BITS, TOKEN_BITS, layout
+    from burnin.core.model_shapes import FLOAT_BITS, TOKEN_BITS, layout
 
     p = params
     target = p.target

@@ -3,7 +3,7 @@
 - No boolean is taken for a number, in the scenario's models and in every fault's Params (a plug-in's
   too): pydantic's lax mode reads `keep: true` as 1.
 - A fault fits the workload it runs in: the tensor and element it names exist in the preset's model
-  (known without building it, `burnin.rank.model_shapes`), the ranks it cuts off leave a side,
+  (known without building it, `burnin.core.model_shapes`), the ranks it cuts off leave a side,
   a checkpoint exists for it to damage.
 - Every fault a campaign's `vary:` can draw is valid (each combination of the choices, a range by
   its two ends), and a campaign can run it.
