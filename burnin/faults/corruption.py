@@ -23,7 +23,6 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from burnin.faults.base import Fault
-from burnin.faults.registry import register
 
 __all__ = ["Bitflip", "NaN", "TARGET_POINTS", "TARGET_AT", "NOT_HERE", "workload_problem"]
 
@@ -149,7 +148,6 @@ class _TensorCorruption(Fault):
         return record
 
 
-@register
 class Bitflip(_TensorCorruption):
     """Flip one bit of one element: the silent data corruption of a bad DIMM, SRAM cell or link."""
 
@@ -168,7 +166,6 @@ class Bitflip(_TensorCorruption):
                 "before": f"{before:#x}", "after": f"{after:#x}"}
 
 
-@register
 class NaN(_TensorCorruption):
     """Write NaN or Inf into one element: what an overflow or an uninitialised read leaves behind."""
 
@@ -272,3 +269,7 @@ def _num(value: int) -> str:
     except ValueError:  # more digits than Python converts
         return "(a number too long to show)"
     return text if len(text) <= 24 else text[:10] + "..." + text[-4:]
+
+
+#: The faults this module adds to the built-in catalogue (`burnin.faults.registry` registers them).
+FAULTS = (Bitflip, NaN)

@@ -18,7 +18,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from burnin.faults.base import Fault
-from burnin.faults.registry import register
 
 __all__ = ["IllegalAccess", "LatentKernelBug", "OobWrite"]
 
@@ -59,7 +58,6 @@ class IllegalAccessParams(BaseModel):
     row: int = Field(0, ge=0, description="which row of the reduction goes wrong (modulo the row count)")
 
 
-@register
 class IllegalAccess(Fault):
     """One launch of the reduction kernel reads at a wild offset: the rank dies of an illegal memory access."""
 
@@ -95,7 +93,6 @@ def _unit(*parts: bytes) -> float:
     return int.from_bytes(h, "little") / 2.0**64
 
 
-@register
 class LatentKernelBug(Fault):
     """A latent offset bug in the reduction kernel: it crashes on a rare data pattern, at irregular steps.
 
@@ -159,7 +156,6 @@ class OobWriteParams(BaseModel):
     elements: int = Field(4, ge=1, le=64, description="how many elements are stored past the end")
 
 
-@register
 class OobWrite(Fault):
     """One launch of the reduction kernel stores a few elements past the end of its output.
 
@@ -182,3 +178,7 @@ class OobWrite(Fault):
         reduction = _reduction(ctx, self.name)
         reduction.arm(overrun=self.params.elements)
         return {"kernel": "reduction", "elements_past_end": self.params.elements, "lands_in": "lse[0:n]"}
+
+
+#: The faults this module adds to the built-in catalogue (`burnin.faults.registry` registers them).
+FAULTS = (IllegalAccess, LatentKernelBug, OobWrite)

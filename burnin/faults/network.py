@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from burnin.core.procs import run_tool
 from burnin.errors import HarnessError
 from burnin.faults.base import Fault
-from burnin.faults.registry import register
 
 __all__ = ["LinkDown", "Blackhole", "Throttle", "Partition", "SIMULATED", "simulate", "rate_bits", "NodeInterface"]
 
@@ -98,7 +97,6 @@ def _fabric(ctx: Any, name: str) -> Any:
 
 # -- real faults ---------------------------------------------------------------------------------------
 
-@register
 class LinkDown(_NetworkEffect, Fault):
     """Take the rank's interface down, and up again after `duration_s`: a flap, or an outage if long."""
 
@@ -114,7 +112,6 @@ class LinkDown(_NetworkEffect, Fault):
         return {**details, "duration_s": self.params.duration_s}
 
 
-@register
 class Blackhole(_NetworkEffect, Fault):
     """Drop every packet the rank sends (`pfifo limit 0` on its egress): the link looks up but nothing arrives."""
 
@@ -130,7 +127,6 @@ class Blackhole(_NetworkEffect, Fault):
         return {**details, "duration_s": self.params.duration_s}
 
 
-@register
 class Throttle(_NetworkEffect, Fault):
     """Limit the rank's egress rate with a token bucket (`tbf`): a degraded link makes one slow rank."""
 
@@ -150,7 +146,6 @@ class Throttle(_NetworkEffect, Fault):
         return {**details, "duration_s": p.duration_s, "rate": p.rate}
 
 
-@register
 class Partition(_NetworkEffect, Fault):
     """Cut a set of ranks off from the others for `duration_s`; ranks on one side still reach each other."""
 
@@ -202,28 +197,24 @@ class _Silence(_NetworkEffect, Fault):
                     f"past the {timeout:g} s collective timeout")
 
 
-@register
 class SimulatedLinkDown(_Silence):
     name = "network.link_down.simulated"
     summary = "network.link_down without namespaces: the rank goes silent for duration_s"
     Params = _Params
 
 
-@register
 class SimulatedBlackhole(_Silence):
     name = "network.blackhole.simulated"
     summary = "network.blackhole without namespaces: the rank goes silent for duration_s"
     Params = BlackholeParams
 
 
-@register
 class SimulatedPartition(_Silence):
     name = "network.partition.simulated"
     summary = "network.partition without namespaces: the target rank alone goes silent for duration_s"
     Params = PartitionParams
 
 
-@register
 class SimulatedThrottle(_NetworkEffect, Fault):
     """Each step while the throttle lasts, the rank sleeps as long as its share of the all-reduce would
     take at `rate` (a ring all-reduce sends 2(n-1)/n of the gradient bytes per rank)."""
@@ -290,3 +281,7 @@ class NodeInterface:
     def clear_qdisc(self, rank: int) -> dict[str, Any]:
         run_tool(["tc", "qdisc", "del", "dev", self.name, "root"], check=False)
         return {"interface": self.name, "qdisc": "default", "scope": "node"}
+
+
+#: The faults this module adds to the built-in catalogue (`burnin.faults.registry` registers them).
+FAULTS = (LinkDown, Blackhole, Throttle, Partition, SimulatedLinkDown, SimulatedBlackhole, SimulatedPartition, SimulatedThrottle)

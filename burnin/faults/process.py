@@ -11,12 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from burnin.errors import InjectedFault
 from burnin.faults.base import STEP_POINTS, Fault
-from burnin.faults.registry import register
 
 __all__ = ["Kill", "Hang", "Exception_", "Straggler"]
 
 
-@register
 class Kill(Fault):
     """SIGKILL the rank: what a node loss or an OOM killer looks like to the job."""
 
@@ -30,7 +28,6 @@ class Kill(Fault):
         return {"signal": "SIGKILL", "pid": ctx.pid}
 
 
-@register
 class Hang(Fault):
     """SIGSTOP the rank: every thread freezes, heartbeats stop, peers block in the next collective."""
 
@@ -44,7 +41,6 @@ class Hang(Fault):
         return {"signal": "SIGSTOP", "pid": ctx.pid}
 
 
-@register
 class Exception_(Fault):
     """Raise inside the training step, as a software bug would."""
 
@@ -65,7 +61,6 @@ class StragglerParams(BaseModel):
     steps: int = Field(1, ge=1, le=1_000_000, description="how many consecutive steps are slowed")
 
 
-@register
 class Straggler(Fault):
     """Sleep inside the step so one rank runs late and the others wait for it in the all-reduce."""
 
@@ -90,3 +85,7 @@ class Straggler(Fault):
     def inject(self, ctx: Any) -> dict[str, Any]:
         time.sleep(self.params.delay_s)
         return {"delay_s": self.params.delay_s}
+
+
+#: The faults this module adds to the built-in catalogue (`burnin.faults.registry` registers them).
+FAULTS = (Kill, Hang, Exception_, Straggler)

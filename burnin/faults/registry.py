@@ -8,6 +8,7 @@ from importlib.metadata import entry_points
 
 from burnin.errors import UserError
 from burnin.errors import short as _short
+from burnin.faults import corruption, memory, network, process, storage
 from burnin.faults.base import STEP_POINTS, Fault
 
 __all__ = ["register", "get", "names", "all_faults", "UnknownFault"]
@@ -39,12 +40,6 @@ def register(cls: type[Fault]) -> type[Fault]:
 
 def _load() -> None:
     global _plugins_loaded
-    import burnin.faults.corruption  # noqa: F401  (registers the built-in catalogue)
-    import burnin.faults.memory  # noqa: F401
-    import burnin.faults.network  # noqa: F401
-    import burnin.faults.process  # noqa: F401
-    import burnin.faults.storage  # noqa: F401
-
     if _plugins_loaded:
         return
     _plugins_loaded = True
@@ -56,6 +51,13 @@ def _load() -> None:
             raise UserError(f"fault plug-in {ep.name!r} ({ep.value}) failed to load: {exc}") from None
         if isinstance(obj, type) and issubclass(obj, Fault):
             register(obj)
+
+
+#: The built-in catalogue. Each fault module lists its faults and imports nothing of this registry, so
+#: the registry depends on the catalogue and never the other way round.
+for _cls in (*corruption.FAULTS, *memory.FAULTS, *network.FAULTS, *process.FAULTS, *storage.FAULTS):
+    register(_cls)
+del _cls
 
 
 def get(name: str) -> type[Fault]:

@@ -14,7 +14,6 @@ from burnin.core import checkpoints as checkpoint
 from burnin.core import snapshots as snapshot
 from burnin.errors import HarnessError
 from burnin.faults.base import Fault
-from burnin.faults.registry import register
 
 __all__ = ["CheckpointCorrupt", "SnapshotCorrupt"]
 
@@ -28,7 +27,6 @@ class CheckpointCorruptParams(BaseModel):
     seed: int = Field(0, ge=0, description="chooses which bytes are flipped")
 
 
-@register
 class CheckpointCorrupt(Fault):
     """Flip bytes in, or truncate, a file of the newest committed checkpoint."""
 
@@ -76,7 +74,6 @@ def _snapshot_dir(ctx: Any) -> Path | None:
     return Path(spec["snapshot_dir"]) if spec.get("snapshot_dir") else None
 
 
-@register
 class SnapshotCorrupt(Fault):
     """Flip bytes in, or truncate, the target rank's newest memory snapshot (or both of its slots)."""
 
@@ -121,3 +118,7 @@ def _damage(path: Path, size: int, p: Any) -> Any:
         fh.flush()
         os.fsync(fh.fileno())
     return offsets[:16]
+
+
+#: The faults this module adds to the built-in catalogue (`burnin.faults.registry` registers them).
+FAULTS = (CheckpointCorrupt, SnapshotCorrupt)
