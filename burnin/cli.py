@@ -585,7 +585,7 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
 def _cmd_history(args: argparse.Namespace) -> int:
     import datetime
 
-    from burnin.hunt import history as hist
+    from burnin.reports import history as hist
 
     _check_history_flag(args.history)
     if args.limit < 0:

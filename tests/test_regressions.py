@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import burnin_cmd, run_cli, run_dir_of
 
-from burnin.hunt import history as hist
+from burnin.reports import history as hist
 from burnin.hunt.compare import compare, load_side
 from burnin.reports.result import Expectation, Failure, FaultResult, RunResult
 

@@ -542,7 +542,7 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
     _write(run_dir, summary, sc)
     metrics.burn_in(summary)
     metrics.write_textfile(run_dir / "metrics.prom")
-    from burnin.hunt import history as hist
+    from burnin.reports import history as hist
 
     hist.record_burn_in(summary, result, hist.history_path(history), clock.clock0)
     return summary

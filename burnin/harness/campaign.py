@@ -10,7 +10,6 @@ trial is appended to `trials.jsonl` at once, so an interrupted campaign resumes 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import defaultdict
@@ -21,35 +20,12 @@ from burnin.core.events import read_events
 from burnin.core.files import atomic_write
 from burnin.errors import ScenarioError
 from burnin.harness.supervisor import Supervisor
+from burnin.reports.trials import judge_trial, outcome_rates, wilson
 from burnin.scenarios.schema import FaultSpec, Scenario
 
-__all__ = ["draw_trials", "outcome_rates", "run_campaign", "summarize", "wilson"]
+__all__ = ["draw_trials", "run_campaign", "summarize"]
 
 SCHEMA_VERSION = 1
-Z95 = 1.959963984540054
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion k/n (sound at k=0 and k=n, unlike the normal one)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def outcome_rates(outcomes: list[str]) -> dict[str, dict[str, Any]]:
-    """Per outcome: count, rate and its 95 % Wilson interval."""
-    n = len(outcomes)
-    out = {}
-    for o in ("recovered", "masked", "detected", "sdc", "failed"):
-        k = outcomes.count(o)
-        out[o] = {"count": k, "rate": k / n if n else 0.0, "ci95": list(wilson(k, n))}
-    return out
-
-
 def draw_trials(scenario: Scenario, trials: int, seed: int) -> list[dict[str, Any]]:
     """The campaign's trials: each picks one fault of the scenario and draws what `vary` names."""
     c = scenario.campaign
@@ -94,38 +70,9 @@ def draw_trials(scenario: Scenario, trials: int, seed: int) -> list[dict[str, An
     return out
 
 
-def _judge_trial(rec: dict[str, Any]) -> dict[str, Any]:
-    """One trial's outcome from its `trial_done` record (or a crash record)."""
-    fault = rec["fault"]
-    if rec.get("crash"):
-        return {"trial": rec["trial"], "fault": fault["fault"], "target": fault["params"].get("target"),
-                "bit_class": fault["params"].get("bit_class") or fault["params"].get("value"), "outcome": "detected",
-                "detectors": ["crash"], "latency_steps": {}, "false_alarms": 0, "crash": rec["crash"]}
-    inj = rec["injected"][0] if rec["injected"] else None
-    details = inj["details"] if inj else {}
-    step = inj["step"] if inj else fault["step"]
-    before = [f for f in rec["findings"] if f["step"] < step]
-    after = [f for f in rec["findings"] if f["step"] >= step]
-    latency: dict[str, int] = {}
-    for f in after:
-        latency.setdefault(f["detector"], f["step"] - step)
-    detected = bool(after)
-    if not inj:
-        outcome = "failed"
-    elif detected:
-        outcome = "recovered" if rec["exact"] else "detected"
-    else:
-        outcome = "masked" if rec["exact"] else "sdc"
-    return {"trial": rec["trial"], "fault": fault["fault"], "target": details.get("target", fault["params"].get("target")),
-            "bit_class": details.get("bit_class") or details.get("value") or "n/a", "tensor": details.get("tensor"),
-            "bit": details.get("bit"), "outcome": outcome, "detectors": sorted(latency), "latency_steps": latency,
-            "false_alarms": len(before), "rollbacks": rec.get("rollbacks", 0), "exact": rec["exact"],
-            "diverged_at_step": rec.get("diverged_at_step")}
-
-
 def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[str, Any] | None) -> dict[str, Any]:
     """Outcome rates with Wilson intervals and the detector scorecard. Deterministic for a seed."""
-    judged = sorted((_judge_trial(t) for t in trials), key=lambda t: t["trial"])
+    judged = sorted((judge_trial(t) for t in trials), key=lambda t: t["trial"])
     n = len(judged)
     outcomes = outcome_rates([t["outcome"] for t in judged])
     detectors = sorted({d for t in judged for d in t["detectors"]} |
@@ -206,7 +153,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
         done[rec["trial"]] = rec
         log.write(json.dumps(rec, separators=(",", ":")) + "\n")
         if metrics is not None and rec.get("kind") != "recovery":  # a recovery trial's run records its own
-            j = _judge_trial(rec)
+            j = judge_trial(rec)
             metrics.fault_injected(j["fault"])
             metrics.outcome(j["fault"], j["outcome"])
             first = min(j["latency_steps"].items(), key=lambda kv: kv[1]) if j["latency_steps"] else (None, None)
@@ -286,7 +233,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
 
 
 def _record(summary: dict[str, Any], done: dict[int, Any], history: str | None, t0: float) -> None:
-    from burnin.hunt import history as hist
+    from burnin.reports import history as hist
 
     hist.record_campaign(summary, [done[k] for k in sorted(done)], hist.history_path(history), t0)
 

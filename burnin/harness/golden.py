@@ -82,7 +82,7 @@ def _version(pkg: str) -> str:
 
 def _environment() -> dict[str, Any]:
     ver = _version
-    from burnin.hunt.history import cpu_model
+    from burnin.reports.history import cpu_model
 
     cpu = cpu_model()
     return {"torch": ver("torch"), "triton": ver("triton"), "burnin": ver("burnin"),

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from burnin.errors import ScenarioError
 from burnin.harness import cleanup
+from burnin.reports.trials import outcome_rates, wilson
 from burnin.scenarios.checks import RECOVERY_FAULTS
 from burnin.scenarios.schema import Scenario
 
@@ -151,7 +152,7 @@ def _percentiles(xs: list[float]) -> dict[str, float | None]:
 
 def summarize(scenario: Scenario, trials: list[dict[str, Any]]) -> dict[str, Any]:
     """Outcome and exact rates with Wilson intervals, recovery percentiles per fault and phase, lost steps."""
-    from burnin.harness.campaign import SCHEMA_VERSION, outcome_rates, wilson
+    from burnin.harness.campaign import SCHEMA_VERSION
 
     trials = sorted(trials, key=lambda t: t["trial"])
 

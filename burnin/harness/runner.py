@@ -185,7 +185,7 @@ def choose_fabric(scenario: Scenario, run_id: str) -> tuple[Scenario, Any]:
 def _finish(scenario: Scenario, run_dir: Path, run_id: str, key: str, golden: GoldenRecord | None,
             error: str | None, metrics: Any, write_reports: Callable[..., Any],
             history: str | None = None) -> RunResult:
-    from burnin.hunt import history as hist
+    from burnin.reports import history as hist
 
     events_path = run_dir / "events.jsonl"
     events = read_events(events_path) if events_path.exists() else []

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from burnin.errors import UserError
-from burnin.harness.campaign import wilson
+from burnin.reports.trials import Z95, judge_trial, wilson
 
 __all__ = ["load_side", "compare", "markdown"]
 
-Z95 = 1.959963984540054
 #: +1: higher is better; -1: higher is worse; 0: neither (a difference is reported, not judged)
 POLARITY = {"recovered": 1, "masked": 0, "detected": -1, "sdc": -1, "failed": -1, "detection": 1, "exact": 1}
 TIME_SAME = 0.10
@@ -65,7 +64,6 @@ def load_side(spec: str, history: str | None = None) -> dict[str, Any]:
 
 
 def _from_campaign(path: Path) -> dict[str, Any]:
-    from burnin.harness.campaign import _judge_trial
     from burnin.core.events import read_events
 
     summary = json.loads((path / "campaign.json").read_text())
@@ -78,7 +76,7 @@ def _from_campaign(path: Path) -> dict[str, Any]:
                          "exact": t.get("exact"), "recovery_s": rec.get("total_s"), "lost_steps": t.get("lost_steps"),
                          "key": key})
         else:
-            j = _judge_trial(t)
+            j = judge_trial(t)
             rows.append({"trial": t["trial"], "outcome": j["outcome"], "detected": bool(j["detectors"]),
                          "exact": t.get("exact"), "recovery_s": None, "lost_steps": None, "key": key})
     return {"label": path.name, "kind": "campaign", "rows": rows, "seed": summary.get("seed"),
@@ -86,7 +84,7 @@ def _from_campaign(path: Path) -> dict[str, Any]:
 
 
 def _from_history(selector: str, history: str | None) -> dict[str, Any]:
-    from burnin.hunt import history as hist
+    from burnin.reports import history as hist
 
     scenario, _, commit = selector.partition("@")
     path = hist.history_path(history)

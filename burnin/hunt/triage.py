@@ -47,7 +47,7 @@ def collect_dirs(dirs: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, 
 
 def collect_history(history: str | None, *, scenario: str | None = None, commit: str | None = None,
                     since: float | None = None, until: float | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from burnin.hunt import history as hist
+    from burnin.reports import history as hist
 
     path = hist.history_path(history)
     if path is None or not path.exists():

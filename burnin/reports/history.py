@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from burnin.reports.trials import judge_trial
+
 __all__ = ["history_path", "connect", "record_run", "record_campaign", "record_burn_in", "select_runs",
            "machine_info", "git_info", "cpu_model"]
 
@@ -194,9 +196,7 @@ def record_campaign(summary: dict[str, Any], trials: list[dict[str, Any]], path:
         rec = t.get("recovery") or {}
         outcome = t.get("outcome")
         if outcome is None:  # a data-fault trial: judged by the campaign's own rule
-            from burnin.harness.campaign import _judge_trial
-
-            j = _judge_trial(t)
+            j = judge_trial(t)
             outcome, detected = j["outcome"], (j["detectors"][0] if j["detectors"] else None)
         else:
             detected = t.get("detected_by")
