@@ -21,8 +21,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
-    # One golden cache for the whole session: scenarios with the same workload share a golden run.
-    os.environ["BURNIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("burnin-cache"))
+    # One golden cache for the whole session, shared by the xdist workers (the cache is safe under
+    # concurrent writers): scenarios with the same workload share a golden run.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = shared / "burnin-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["BURNIN_CACHE_DIR"] = str(cache)
     os.environ["BURNIN_STATE_DIR"] = str(tmp_path_factory.mktemp("burnin-state"))
     # The run history of the whole session, away from the user's (tests that read it set their own).
     os.environ["BURNIN_HISTORY"] = str(tmp_path_factory.mktemp("burnin-history") / "history.sqlite")
