@@ -215,7 +215,8 @@ def _prepare_run(args: argparse.Namespace) -> Any:
 def _cmd_run(args: argparse.Namespace) -> int:
     from burnin.harness.runner import run_scenario
     from burnin.reports.console import make_progress
-    from burnin.reports.writers import passed, render_console, render_plain
+    from burnin.reports.result import passed
+    from burnin.reports.writers import render_console, render_plain
 
     scenario = _prepare_run(args)
     if getattr(args, "prepare_only", False):
@@ -517,7 +518,7 @@ def _cmd_bisect(args: argparse.Namespace) -> int:
     import tempfile
 
     from burnin.harness.runner import run_scenario
-    from burnin.reports.writers import passed
+    from burnin.reports.result import passed
     from burnin.scenarios import load_scenario
 
     problem = None
@@ -736,7 +737,8 @@ def _golden_progress(ev: dict[str, Any]) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from burnin.harness.runner import rebuild_reports
-    from burnin.reports.writers import passed, render_plain
+    from burnin.reports.result import passed
+    from burnin.reports.writers import render_plain
 
     from burnin.harness.torchrun import is_torchrun_run
 

@@ -271,7 +271,7 @@ def test_doctor_reports_one_line_each(netns: None) -> None:
 
 def test_golden_runs_on_loopback_and_network_runs_on_namespaces() -> None:
     from burnin.errors import UserError
-    from burnin.harness.runner import choose_fabric
+    from burnin.harness.fabric import choose_fabric
     from burnin.scenarios import load_scenario
 
     kill = load_scenario("kill-rank")

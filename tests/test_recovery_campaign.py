@@ -9,7 +9,7 @@ import pytest
 from conftest import processes_of_run, run_cli, run_dir_of
 
 from burnin.core import snapshots as snapshot
-from burnin.harness.campaign import draw_trials
+from burnin.scenarios.campaign import draw_trials
 from burnin.core.events import read_events
 from burnin.scenarios import load_scenario
 

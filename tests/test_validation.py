@@ -690,7 +690,7 @@ def _drawable(spec: dict) -> list[dict]:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=_campaign_doc(), seed=st.integers(0, 2**16))
 def test_what_validate_accepts_every_campaign_trial_can_run(doc, seed):
-    from burnin.harness.campaign import draw_trials
+    from burnin.scenarios.campaign import draw_trials
 
     try:
         sc = parse_scenario(yaml.safe_dump(doc), file=FILE)

@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write", "sha256_file"]
+__all__ = ["atomic_write", "atomic_write_text", "sha256_file"]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -26,6 +26,11 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of UTF-8 text."""
+    atomic_write(path, text.encode("utf-8"))
 
 
 def sha256_file(path: Path) -> tuple[str, int]:

@@ -463,7 +463,8 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
     """Run a burn-in (or, with `resume`, continue one whose supervisor died); returns the summary."""
     from burnin.core.events import EventWriter, read_events
     from burnin.harness.preflight import check_device, check_out_dir
-    from burnin.harness.runner import choose_fabric, make_run_dir, new_run_id
+    from burnin.harness.fabric import choose_fabric
+    from burnin.harness.runner import make_run_dir, new_run_id
     from burnin.harness.supervisor import Supervisor
     from burnin.reports.metrics import Metrics
     from burnin.reports.verdict import judge

@@ -10,7 +10,6 @@ trial is appended to `trials.jsonl` at once, so an interrupted campaign resumes 
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -18,57 +17,13 @@ from typing import Any, Callable
 
 from burnin.core.events import read_events
 from burnin.core.files import atomic_write
-from burnin.errors import ScenarioError
+from burnin.harness import recovery_campaign
 from burnin.harness.supervisor import Supervisor
-from burnin.reports.trials import judge_trial, outcome_rates, wilson
-from burnin.scenarios.schema import FaultSpec, Scenario
+from burnin.reports.trials import CAMPAIGN_SCHEMA_VERSION, judge_trial, outcome_rates, wilson
+from burnin.scenarios.campaign import draw_trials, is_recovery_campaign
+from burnin.scenarios.schema import Scenario
 
-__all__ = ["draw_trials", "run_campaign", "summarize"]
-
-SCHEMA_VERSION = 1
-def draw_trials(scenario: Scenario, trials: int, seed: int) -> list[dict[str, Any]]:
-    """The campaign's trials: each picks one fault of the scenario and draws what `vary` names."""
-    c = scenario.campaign
-    if c is None:
-        raise ScenarioError("campaign: this scenario has no `campaign:` section; add one (trials, warmup, window)")
-    if not scenario.faults:
-        raise ScenarioError("faults: a campaign needs at least one fault to draw trials from")
-    from burnin.harness import recovery_campaign
-
-    recovery = recovery_campaign.is_recovery_campaign(scenario)
-    if recovery:
-        recovery_campaign.check_templates(scenario)
-    for i, f in enumerate(scenario.faults):
-        if not recovery and f.build().where != "in_rank":
-            raise ScenarioError(f"faults.{i}.fault: a data-fault campaign runs in-rank faults only; {f.fault} acts "
-                                f"from outside the rank (use `burnin run` for it)")
-    out = []
-    for k in range(trials):
-        rng = random.Random(f"burnin-campaign:{seed}:{k}")
-        template = rng.randrange(len(scenario.faults))
-        spec = scenario.faults[template].model_dump(mode="json")
-        params = dict(spec["params"])
-        for key in sorted(spec["vary"]):
-            v = spec["vary"][key]
-            value = rng.choice(v) if isinstance(v, list) else rng.randint(v["min"], v["max"])
-            if key in ("rank", "step"):
-                spec[key] = value
-            else:
-                params[key] = value
-        if "seed" not in spec["vary"] and "seed" in scenario.faults[template].build().Params.model_fields:
-            params["seed"] = rng.randrange(2**31)  # what the fault draws itself (tensor, element, bit)
-        spec.update(params=params, vary={})
-        if not c.warmup <= spec["step"] < c.warmup + c.window:
-            raise ScenarioError(f"faults.{template}.step: step {spec['step']} (trial {k}) is outside the campaign "
-                                f"window {c.warmup}..{c.warmup + c.window - 1}; set step or vary.step inside it")
-        if spec["rank"] >= scenario.workload.ranks:
-            raise ScenarioError(f"faults.{template}.rank: rank {spec['rank']} (trial {k}) does not exist with "
-                                f"workload.ranks={scenario.workload.ranks}")
-        FaultSpec.model_validate(spec)  # the drawn parameters must be valid too
-        extra = recovery_campaign.companion_faults(spec) if recovery else []
-        out.append({"trial": k, "template": template, "faults": [spec, *extra]})
-    return out
-
+__all__ = ["run_campaign", "summarize"]
 
 def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[str, Any] | None) -> dict[str, Any]:
     """Outcome rates with Wilson intervals and the detector scorecard. Deterministic for a seed."""
@@ -98,7 +53,7 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[
     for a in ref_alarms:
         alarms_by_detector[a["detector"]] += 1
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": CAMPAIGN_SCHEMA_VERSION,
         "scenario": scenario.name,
         "seed": scenario.campaign.seed if scenario.campaign else None,
         "trials": n,
@@ -187,9 +142,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
 
         metrics = Metrics()
     metrics.set_run(scenario.name, run_dir.name)
-    from burnin.harness import recovery_campaign
-
-    recovery = recovery_campaign.is_recovery_campaign(scenario)
+    recovery = is_recovery_campaign(scenario)
     try:
         if len(done) < trials and recovery:
             def on_trial(ev: dict[str, Any]) -> None:

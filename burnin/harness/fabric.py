@@ -27,10 +27,12 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from burnin.core import procs
-from burnin.errors import HarnessError
+from burnin.errors import HarnessError, PrivilegeError, UserError
+from burnin.faults.network import SIMULATED, simulate
 from burnin.harness import cleanup
+from burnin.scenarios.schema import Scenario
 
-__all__ = ["NetnsFabric", "privilege_problem", "short_id", "network_capabilities"]
+__all__ = ["choose_fabric", "LocalFabric", "NetnsFabric", "privilege_problem", "short_id", "network_capabilities"]
 
 PREFIX = "bn-"
 _CAP_NET_ADMIN, _CAP_SYS_ADMIN = 12, 21
@@ -96,6 +98,28 @@ def _subnet(run_id: str) -> str:
     """A /24 of 10/8 picked by the run id: only ever used inside this run's namespaces."""
     h = int(hashlib.sha1(run_id.encode()).hexdigest()[6:12], 16)
     return f"10.{128 + h % 64}.{(h >> 6) % 256}"
+
+
+class LocalFabric:
+    """How ranks reach each other: here, all on the host's loopback.
+
+    The network fabric (per-rank network namespaces) implements the same methods, so the
+    supervisor launches and addresses ranks the same way whatever carries their traffic.
+    """
+
+    master_addr = "127.0.0.1"
+
+    def setup(self, ranks: int) -> None:
+        pass
+
+    def rank_command(self, rank: int, argv: list[str]) -> list[str]:
+        return argv
+
+    def rank_env(self, rank: int) -> dict[str, str]:
+        return {}
+
+    def teardown(self) -> None:
+        pass
 
 
 class NetnsFabric:
@@ -367,3 +391,30 @@ def _send_on_request(sock: socket.socket, nbytes: int) -> None:
             sock.sendall(payload)
     except OSError:
         pass
+
+
+def choose_fabric(scenario: Scenario, run_id: str) -> tuple[Scenario, Any]:
+    """The fabric the ranks of this run talk over (None: the host's loopback), and the scenario as it runs.
+
+    Per-rank network namespaces when a network fault is asked for or `network.isolate` is true.
+    Golden runs always use loopback: which fabric carries the bytes does not change the bits. Without
+    the privilege for namespaces: a one-line PrivilegeError, or with `network.fallback: simulate`,
+    the network faults are swapped for their simulated variants and the reports say `simulated`.
+    """
+    real = [i for i, f in enumerate(scenario.faults) if f.fault in SIMULATED]
+    isolate, fallback = scenario.network.isolate, scenario.network.fallback
+    if not real and not isolate:
+        return scenario, None
+    what = f"faults.{real[0]} ({scenario.faults[real[0]].fault})" if real else "network.isolate: true"
+    if isolate is False:
+        if fallback == "simulate":
+            return simulate(scenario), None
+        raise UserError(f"scenario {scenario.name}: {what} needs per-rank network namespaces, but network.isolate "
+                        "is false; drop it, or set network.fallback: simulate")
+    problem = privilege_problem()
+    if problem is None:
+        return scenario, NetnsFabric(run_id)
+    if fallback == "simulate":
+        return simulate(scenario), None
+    raise PrivilegeError(f"scenario {scenario.name}: {what} needs per-rank network namespaces, but {problem}; "
+                         "run as root, or set network.fallback: simulate")

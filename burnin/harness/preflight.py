@@ -27,7 +27,9 @@ from typing import Any
 
 from burnin.errors import ScenarioError, UserError, reason
 from burnin.errors import oneline as _show
+from burnin.harness.fabric import choose_fabric
 from burnin.reports.endpoint import endpoint_error
+from burnin.scenarios.campaign import draw_trials
 
 __all__ = [
     "check_out_dir",
@@ -163,8 +165,6 @@ _FIELD = re.compile(r"\b(faults\.\d+(?:\.[a-z_]+)*|network\.[a-z_]+|campaign(?:\
 def check_network(scenario: Any, source: str | Path | None = None, overrides: dict[str, Any] | None = None) -> None:
     """What `choose_fabric` refuses (a network fault without the privilege for namespaces and without
     `network.fallback: simulate`, a partition of all ranks), with the file and line of the field."""
-    from burnin.harness.runner import choose_fabric
-
     try:
         choose_fabric(scenario, "preflight")
     except ScenarioError:
@@ -185,8 +185,6 @@ def check_network(scenario: Any, source: str | Path | None = None, overrides: di
 def check_campaign(scenario: Any, source: str | Path | None = None, *, trials: int | None = None,
                    seed: int | None = None) -> list[dict[str, Any]]:
     """The campaign's trials, drawn as `run_campaign` will; a bad one fails with the file and line."""
-    from burnin.harness.campaign import draw_trials
-
     c = scenario.campaign
     trials = trials if trials is not None else (c.trials if c else 0)
     seed = seed if seed is not None else (c.seed if c else 0)

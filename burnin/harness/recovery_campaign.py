@@ -24,54 +24,16 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.errors import ScenarioError
 from burnin.harness import cleanup
-from burnin.reports.trials import outcome_rates, wilson
-from burnin.scenarios.checks import RECOVERY_FAULTS
+from burnin.reports.trials import CAMPAIGN_SCHEMA_VERSION, outcome_rates, wilson
+from burnin.scenarios.campaign import trial_scenario
 from burnin.scenarios.schema import Scenario
 
-__all__ = ["is_recovery_campaign", "check_templates", "companion_faults", "run_trials",
+__all__ = ["run_trials",
            "summarize", "PHASES"]
-
-#: What a trial adds to make its fault matter: a damaged checkpoint (or snapshot) only costs something
-#: when a restart has to read it, so its trial kills the same rank right after, at the same step point.
-_NEEDS_KILL = ("storage.checkpoint_corrupt", "storage.snapshot_corrupt")
 
 PHASES = ("detection_s", "teardown_s", "restart_s", "checkpoint_load_s", "first_step_s", "total_s")
 OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed")
-
-
-def is_recovery_campaign(scenario: Scenario) -> bool:
-    return any(f.fault in RECOVERY_FAULTS for f in scenario.faults)
-
-
-def check_templates(scenario: Scenario) -> None:
-    """What a recovery campaign needs of its scenario, as one-line ScenarioErrors naming the field."""
-    for i, f in enumerate(scenario.faults):
-        if f.fault not in RECOVERY_FAULTS:
-            raise ScenarioError(f"faults.{i}.fault: a campaign draws either process faults ({', '.join(RECOVERY_FAULTS)}) "
-                                f"or in-rank data faults, not both; {f.fault} is the other kind (split the campaign)")
-    if scenario.recovery.mode == "none" or scenario.recovery.max_restarts < 1:
-        raise ScenarioError("recovery.max_restarts: a process-fault campaign studies recoveries; allow at least one "
-                            "restart (recovery.mode: restart, max_restarts >= 1)")
-
-
-def companion_faults(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """What a trial of `spec` adds: the kill that makes a damaged checkpoint or snapshot be read."""
-    if spec["fault"] not in _NEEDS_KILL:
-        return []
-    return [{"fault": "process.kill", "rank": spec["rank"], "step": spec["step"], "point": "between_steps",
-             "params": {}, "vary": {}, "expect": "recovered"}]
-
-
-def trial_scenario(scenario: Scenario, trial: dict[str, Any]) -> Scenario:
-    """The run a trial is: the scenario's workload, the trial's faults, no campaign. A damaged disk
-    checkpoint is only read when no memory snapshot is newer, so its trials keep none."""
-    data = scenario.model_dump(mode="json")
-    data.update(campaign=None, faults=trial["faults"])
-    if trial["faults"][0]["fault"] == "storage.checkpoint_corrupt":
-        data["checkpoint"] = {**data["checkpoint"], "memory_every": 0}
-    return Scenario.model_validate(data)
 
 
 def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[str, Any]], done: dict[int, Any],
@@ -152,8 +114,6 @@ def _percentiles(xs: list[float]) -> dict[str, float | None]:
 
 def summarize(scenario: Scenario, trials: list[dict[str, Any]]) -> dict[str, Any]:
     """Outcome and exact rates with Wilson intervals, recovery percentiles per fault and phase, lost steps."""
-    from burnin.harness.campaign import SCHEMA_VERSION
-
     trials = sorted(trials, key=lambda t: t["trial"])
 
     def block(ts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,7 +139,7 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]]) -> dict[str, Any
     for t in trials:
         by_fault[t["fault"]["fault"]].append(t)
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": CAMPAIGN_SCHEMA_VERSION,
         "kind": "recovery",
         "scenario": scenario.name,
         "seed": scenario.campaign.seed if scenario.campaign else None,

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.core.events import read_events
+from burnin.harness.fabric import choose_fabric
 from burnin.harness.golden import GoldenRecord, get_golden, golden_key
 from burnin.harness.supervisor import Supervisor
 from burnin.reports.result import RunResult
 from burnin.reports.verdict import judge
 from burnin.scenarios.schema import Scenario
 
-__all__ = ["run_scenario", "run_judged", "rebuild_reports", "new_run_id", "choose_fabric"]
+__all__ = ["run_scenario", "run_judged", "rebuild_reports", "new_run_id"]
 
 
 def new_run_id(name: str) -> str:
@@ -149,37 +150,6 @@ def _export_metrics(metrics: Any, scenario: str, textfile: str | Path | None, pu
         except Exception as exc:  # urllib's errors, timeouts, a refused connection: all just a warning
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             print(f"burnin: warning: metrics not pushed to {pushgateway}: {reason}", file=sys.stderr)
-
-
-def choose_fabric(scenario: Scenario, run_id: str) -> tuple[Scenario, Any]:
-    """The fabric the ranks of this run talk over (None: the host's loopback), and the scenario as it runs.
-
-    Per-rank network namespaces when a network fault is asked for or `network.isolate` is true.
-    Golden runs always use loopback: which fabric carries the bytes does not change the bits. Without
-    the privilege for namespaces: a one-line PrivilegeError, or with `network.fallback: simulate`,
-    the network faults are swapped for their simulated variants and the reports say `simulated`.
-    """
-    from burnin.errors import PrivilegeError, UserError
-    from burnin.faults.network import SIMULATED, simulate
-    from burnin.harness.fabric import NetnsFabric, privilege_problem
-
-    real = [i for i, f in enumerate(scenario.faults) if f.fault in SIMULATED]
-    isolate, fallback = scenario.network.isolate, scenario.network.fallback
-    if not real and not isolate:
-        return scenario, None
-    what = f"faults.{real[0]} ({scenario.faults[real[0]].fault})" if real else "network.isolate: true"
-    if isolate is False:
-        if fallback == "simulate":
-            return simulate(scenario), None
-        raise UserError(f"scenario {scenario.name}: {what} needs per-rank network namespaces, but network.isolate "
-                        "is false; drop it, or set network.fallback: simulate")
-    problem = privilege_problem()
-    if problem is None:
-        return scenario, NetnsFabric(run_id)
-    if fallback == "simulate":
-        return simulate(scenario), None
-    raise PrivilegeError(f"scenario {scenario.name}: {what} needs per-rank network namespaces, but {problem}; "
-                         "run as root, or set network.fallback: simulate")
 
 
 def _finish(scenario: Scenario, run_dir: Path, run_id: str, key: str, golden: GoldenRecord | None,

@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.core import procs
+from burnin.harness.fabric import LocalFabric
 
-__all__ = ["ForkedProc", "Spare", "SparePool", "become_subreaper", "open_pool", "spare_memory_ok"]
+__all__ = ["ForkedProc", "Spare", "SparePool", "become_subreaper", "open_pool", "spare_memory_ok", "rank_base_env"]
 
 #: What one slot of the pool costs in memory (the zygote's resident set after the warm-up, measured on
 #: the tiny model on CPU: ~380 MiB; its forks share most of it), with a margin: the pool is on by
@@ -163,13 +164,19 @@ def spare_memory_ok(ranks: int) -> bool:
     return False
 
 
+def rank_base_env(scenario: Any, run_id: str) -> dict[str, str]:
+    """The environment every rank process starts with; a rank's own variables come on top."""
+    threads = str(scenario.workload.threads)
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+            "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "BURNIN_RUN_ID": run_id,
+            "BURNIN_SUPERVISOR_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+
+
 def open_pool(scenario: Any, run_dir: Path, run_id: str, fabric: Any = None, emit: Callable[..., Any] | None = None,
               python: str | None = None) -> tuple[SparePool | None, str | None]:
     """A started pool (one zygote per rank slot, each with a spare forked) for `scenario`'s ranks, or None
     and why not: `recovery.spares: false`; by default, too little memory; a kernel without child subreapers."""
     import sys
-
-    from burnin.harness.supervisor import LocalFabric, rank_base_env
 
     w = scenario.workload
     want = scenario.recovery.spares

@@ -25,8 +25,9 @@ from burnin.core.events import EventWriter, Tail
 from burnin.core.position import read_position
 from burnin.harness import cleanup
 from burnin.harness.classify import classify_error, classify_exit, signature
+from burnin.harness.fabric import LocalFabric
 from burnin.harness.netwatch import NetworkWatch
-from burnin.harness.spares import SparePool, open_pool
+from burnin.harness.spares import SparePool, open_pool, rank_base_env
 from burnin.reports.attribution import Candidate, Evidence, explained_by, pin_detection
 from burnin.scenarios.schema import HEARTBEAT_PERIOD_S, Scenario
 
@@ -58,28 +59,6 @@ class _Rank:
     pg_ready: bool = False
     finished: bool = False
     error: dict[str, Any] | None = None
-
-
-class LocalFabric:
-    """How ranks reach each other: here, all on the host's loopback.
-
-    The network fabric (per-rank network namespaces) implements the same methods, so the
-    supervisor launches and addresses ranks the same way whatever carries their traffic.
-    """
-
-    master_addr = "127.0.0.1"
-
-    def setup(self, ranks: int) -> None:
-        pass
-
-    def rank_command(self, rank: int, argv: list[str]) -> list[str]:
-        return argv
-
-    def rank_env(self, rank: int) -> dict[str, str]:
-        return {}
-
-    def teardown(self) -> None:
-        pass
 
 
 @dataclass
@@ -587,14 +566,6 @@ class Supervisor:
             self.metrics.observe(ev)
         if self.on_event:
             self.on_event(ev)
-
-
-def rank_base_env(scenario: Scenario, run_id: str) -> dict[str, str]:
-    """The environment every rank process starts with; a rank's own variables come on top."""
-    threads = str(scenario.workload.threads)
-    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-            "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "BURNIN_RUN_ID": run_id,
-            "BURNIN_SUPERVISOR_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
 
 
 def _free_port() -> int:

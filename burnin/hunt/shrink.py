@@ -70,7 +70,8 @@ class Runner:
 
     def fails_same(self, data: dict[str, Any], key0: set[str], what: str) -> bool | None:
         """True/False; None when the budget is spent."""
-        from burnin.harness.runner import choose_fabric, run_judged
+        from burnin.harness.fabric import choose_fabric
+        from burnin.harness.runner import run_judged
 
         if self.runs >= self.max_runs:
             return None

@@ -19,7 +19,9 @@ from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.reports.verdict import judge_burn_in
+from burnin.core.files import atomic_write_text
+from burnin.reports.result import is_simulated, passed
+from burnin.reports.verdict import exactness, judge_burn_in
 
 __all__ = ["write_run_report", "write_campaign_report", "write_burn_in_report", "write_compare_report",
            "run_page", "campaign_page", "burn_in_page", "compare_page", "rebuild"]
@@ -159,9 +161,7 @@ def _utc(t: float | None) -> str:
 
 
 def _write(path: Path, text: str) -> Path:
-    from burnin.reports.writers import _write_atomic
-
-    _write_atomic(path, text)
+    atomic_write_text(path, text)
     return path
 
 
@@ -211,8 +211,6 @@ def _fault_params(scenario: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
 def run_page(result: Any, *, events: list[dict[str, Any]], golden: Any = None,
              scenario: dict[str, Any] | None = None, files: list[tuple[str, str]] = ()) -> str:
     """The page of one run: verdict, key figures, expectations, faults, failures, loss and timeline plots."""
-    from burnin.reports.writers import _exactness, _is_simulated, passed
-
     ok = passed(result)
     desc = (scenario or {}).get("description") or ""
     outcomes: dict[str, int] = {}
@@ -225,7 +223,7 @@ def run_page(result: Any, *, events: list[dict[str, Any]], golden: Any = None,
         body.append(f'<p id="description">{_e(desc)}</p>')
     body.append(f'<p class="sub">run <code>{_e(result.run_id)}</code> · started {_e(_utc(result.started_at))} · '
                 f"{_e(result.ranks)} ranks on {_e(result.device)} · config <code>{_e(result.config_hash)}</code></p>")
-    if _is_simulated(result):
+    if is_simulated(result):
         sims = ", ".join(f"fault[{f.index}] {f.fault}" for f in result.faults if f.simulated)
         body.append(f'<div class="banner warn"><b>simulated</b>: some faults in this run were simulated, not real'
                     f"{': ' + _e(sims) if sims else ''}.</div>")
@@ -246,7 +244,7 @@ def run_page(result: Any, *, events: list[dict[str, Any]], golden: Any = None,
          if _finite(result.final_loss) and _finite(result.loss_floor) else _num(result.final_loss, ".3f")),
         ("wall time", f"{result.wall_s:.1f} s"),
     ]))
-    body.append(f'<p id="exactness" class="sub">{_e(_exactness(result).replace("**", "").replace("`", ""))}</p>')
+    body.append(f'<p id="exactness" class="sub">{_e(exactness(result).replace("**", "").replace("`", ""))}</p>')
     body.append("</header>")
 
     body.append("<h2>Expectations</h2>")

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "RecoveryBreakdown", "Failure", "FaultResult", "Expectation", "RunResult"]
+__all__ = ["SCHEMA_VERSION", "RecoveryBreakdown", "Failure", "FaultResult", "Expectation", "RunResult", "passed",
+           "is_simulated"]
 
 #: Bumped whenever a field of summary.json changes meaning or disappears.
 SCHEMA_VERSION = 1
@@ -154,3 +155,13 @@ class RunResult:
         d["ok"] = self.ok
         d["wall_s"] = self.wall_s
         return d
+
+
+def passed(result: RunResult) -> bool:
+    """The run's verdict: every expectation held and no harness error ended it."""
+    return result.ok and result.error is None
+
+
+def is_simulated(result: RunResult) -> bool:
+    """Whether any part of the run was a simulation (the report says so in so many words)."""
+    return result.simulated or any(f.simulated for f in result.faults)

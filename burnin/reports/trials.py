@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["Z95", "wilson", "outcome_rates", "judge_trial"]
+__all__ = ["CAMPAIGN_SCHEMA_VERSION", "Z95", "wilson", "outcome_rates", "judge_trial"]
 
+#: campaign.json's schema version (data-fault and recovery campaigns alike).
+CAMPAIGN_SCHEMA_VERSION = 1
 Z95 = 1.959963984540054
 
 

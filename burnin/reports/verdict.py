@@ -348,3 +348,21 @@ def judge_burn_in(run_dir: str | Path, events: list[dict[str, Any]]) -> RunResul
     faults as a plain scenario, no golden record: the burn-in's windows were verified by replays)."""
     return judge(events, burn_in_run(run_dir), None, run_id=Path(run_dir).name, run_dir=str(run_dir),
                  config_hash="burn-in")
+
+
+def exactness(result: RunResult) -> str:
+    """The run's final state against the golden run's, in one line (Markdown)."""
+    if result.tolerance is not None and not result.exact:
+        return tolerance_text(result.tolerance)
+    if result.golden_state_hash is None:
+        return "no golden run to compare with"
+    if result.final_state_hash is None:
+        return f"no final state (golden {_hash(result.golden_state_hash)})"
+    if result.exact:
+        return f"exact: final {_hash(result.final_state_hash)} == golden {_hash(result.golden_state_hash)}"
+    where = f", loss diverged at step {result.diverged_at_step}" if result.diverged_at_step is not None else ""
+    return f"**differs**: final {_hash(result.final_state_hash)} != golden {_hash(result.golden_state_hash)}{where}"
+
+
+def _hash(h: str | None) -> str:
+    return "-" if h is None else f"`{h[:16]}`"

@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from burnin.reports.result import SCHEMA_VERSION, FaultResult, RunResult
+from burnin.core.files import atomic_write_text
+from burnin.reports.result import SCHEMA_VERSION, FaultResult, RunResult, is_simulated, passed
+from burnin.reports.verdict import exactness
 
-__all__ = ["write_reports", "write_html_safely", "render_console", "render_plain", "passed", "failure_groups"]
+__all__ = ["write_reports", "write_html_safely", "render_console", "render_plain", "failure_groups"]
 
 _PHASES = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
-
-
-def passed(result: RunResult) -> bool:
-    """The run's verdict: every expectation held and no harness error ended it."""
-    return result.ok and result.error is None
 
 
 def write_reports(result: RunResult, run_dir: Path, *, html: bool = False, events: list[dict[str, Any]] | None = None,
@@ -44,9 +39,9 @@ def write_reports(result: RunResult, run_dir: Path, *, html: bool = False, event
         "junit": run_dir / "junit.xml",
         "markdown": run_dir / "summary.md",
     }
-    _write_atomic(out["json"], _summary_json(result))
-    _write_atomic(out["junit"], _junit_xml(result))
-    _write_atomic(out["markdown"], _summary_md(result))
+    atomic_write_text(out["json"], _summary_json(result))
+    atomic_write_text(out["junit"], _junit_xml(result))
+    atomic_write_text(out["markdown"], _summary_md(result))
     if html:
         page = write_html_safely(lambda: _run_html(result, run_dir, events, golden), run_dir / "report.html")
         if page is not None:
@@ -72,21 +67,6 @@ def write_html_safely(write: Any, where: Path) -> Path | None:
         print(f"burnin: warning: {where} not written: {reason}", file=sys.stderr)
         return None
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # -- summary.json ---------------------------------------------------------------------------------
@@ -184,17 +164,13 @@ def junit_xml(suite_name: str, cases: list[tuple[str, bool, str]], *, wall_s: fl
 def _junit_xml(result: RunResult) -> str:
     props = {key: getattr(result, key) for key in ("run_id", "config_hash", "final_state_hash", "golden_state_hash",
                                                    "device")}
-    props["simulated"] = str(_is_simulated(result)).lower()
+    props["simulated"] = str(is_simulated(result)).lower()
     return junit_xml(f"burnin.{result.scenario}", [(e.name, e.ok, e.message) for e in result.expectations],
                      wall_s=result.wall_s, started_at=result.started_at, properties=props, error=result.error,
                      system_out=render_plain(result))
 
 
 # -- summary.md -----------------------------------------------------------------------------------
-
-def _is_simulated(result: RunResult) -> bool:
-    return result.simulated or any(f.simulated for f in result.faults)
-
 
 def _cell(value: Any) -> str:
     if value is None:
@@ -210,27 +186,14 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def _short(h: str | None) -> str:
-    return "-" if h is None else f"`{h[:16]}`"
+
 
 
 def _fault_label(f: FaultResult) -> str:
     return f"fault[{f.index}] {f.fault}@rank{f.rank}:step{f.step}"
 
 
-def _exactness(result: RunResult) -> str:
-    if result.tolerance is not None and not result.exact:
-        from burnin.reports.verdict import tolerance_text
 
-        return tolerance_text(result.tolerance)
-    if result.golden_state_hash is None:
-        return "no golden run to compare with"
-    if result.final_state_hash is None:
-        return f"no final state (golden {_short(result.golden_state_hash)})"
-    if result.exact:
-        return f"exact: final {_short(result.final_state_hash)} == golden {_short(result.golden_state_hash)}"
-    where = f", loss diverged at step {result.diverged_at_step}" if result.diverged_at_step is not None else ""
-    return f"**differs**: final {_short(result.final_state_hash)} != golden {_short(result.golden_state_hash)}{where}"
 
 
 def _loss_line(result: RunResult) -> str:
@@ -244,8 +207,8 @@ def _loss_line(result: RunResult) -> str:
 
 def _summary_md(result: RunResult) -> str:
     verdict = "PASS" if passed(result) else "FAIL"
-    lines = [f"# burnin {result.scenario}: {verdict}" + (" (simulated)" if _is_simulated(result) else ""), ""]
-    if _is_simulated(result):
+    lines = [f"# burnin {result.scenario}: {verdict}" + (" (simulated)" if is_simulated(result) else ""), ""]
+    if is_simulated(result):
         sims = [_fault_label(f) for f in result.faults if f.simulated]
         which = f": {', '.join(sims)}" if sims else ""
         lines += [f"> **simulated**: some faults in this run were simulated, not real{which}.", ""]
@@ -256,7 +219,7 @@ def _summary_md(result: RunResult) -> str:
         f"- {result.ranks} ranks on {result.device}, {result.steps} steps "
         f"(reached {result.final_step if result.final_step is not None else '-'}), wall {result.wall_s:.1f} s",
         f"- config hash `{result.config_hash}`",
-        f"- exactness: {_exactness(result)}",
+        f"- exactness: {exactness(result)}",
         f"- loss: {_loss_line(result)}",
         f"- restarts: {result.restarts}; steps executed by rank 0: {result.steps_executed}",
         "",
@@ -328,10 +291,10 @@ def render_plain(result: RunResult) -> str:
         lines.append(f"{_fault_label(f)} {f.point} -> {f.outcome} (expected {'|'.join(f.expected)}) "
                      f"{'ok' if f.ok else 'UNEXPECTED'}" + (f" [{', '.join(extra)}]" if extra else ""))
     if result.tolerance is not None and not result.exact:
-        lines.append(_exactness(result))
+        lines.append(exactness(result))
     if result.error:
         lines.append(f"harness error: {result.error.splitlines()[0] if result.error.strip() else result.error}")
-    tail = " (simulated)" if _is_simulated(result) else ""
+    tail = " (simulated)" if is_simulated(result) else ""
     if result.tolerance is not None and not result.exact:
         tail += " (not exact: tolerance mode)"
     lines.append(f"{'PASS' if passed(result) else 'FAIL'} {result.scenario} {result.run_dir}{tail}")
@@ -362,13 +325,13 @@ def render_console(result: RunResult):
                       Text("-" if f.lost_steps is None else str(f.lost_steps)))
 
     parts: list[Any] = []
-    if _is_simulated(result):
+    if is_simulated(result):
         parts.append(Text("simulated: some faults were simulated, not real", style="bold yellow"))
     if result.error:
         parts.append(Text(f"harness error: {result.error}", style="bold red"))
     if result.faults:
         parts.append(table)
-    exact = _exactness(result).replace("**", "").replace("`", "")
+    exact = exactness(result).replace("**", "").replace("`", "")
     parts.append(Text(f"exactness: {exact}"))
     parts.append(Text(f"loss: {_loss_line(result)}"))
     parts.append(Text(f"restarts: {result.restarts}, failures: {len(result.failures)}, "

@@ -175,7 +175,6 @@ def check_fault(sc: "Scenario", i: int, f: FaultSpec) -> None:
     element it names, the ranks it cuts off, a checkpoint there to damage), every fault its `vary:`
     can draw is valid, and a campaign can run it. Raises a ValidationError at the field to fix."""
     from burnin.faults import registry
-    from burnin.scenarios.schema import VaryRange
 
     cls = registry.get(f.fault)
     at: Loc = ("faults", i)
@@ -217,7 +216,7 @@ def check_fault(sc: "Scenario", i: int, f: FaultSpec) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise invalid(loc, f"unknown key{hint}; vary draws one of: {', '.join(allowed)}")
         value = dumped["vary"][key]
-        if isinstance(spec, VaryRange):
+        if not isinstance(spec, list):  # a VaryRange: vary takes a list of choices or a range
             ends = [(loc + ("VaryRange", "min"), spec.min)]
             if spec.max != spec.min:
                 ends.append((loc + ("VaryRange", "max"), spec.max))
