@@ -51,6 +51,7 @@ import os
 import pickle
 import shutil
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,8 +330,6 @@ def status(root: str | Path, world_size: int) -> dict[str, Any] | None:
     """The memory tier as the supervisor's metrics see it, from the slot headers alone: the newest step
     every rank has committed, its bytes over all ranks, and its age (seconds since its newest slot
     was written). None while some rank has no committed slot."""
-    import time
-
     newest = [newest_slot(root, r) for r in range(world_size)]
     if not all(newest):
         return None

@@ -18,10 +18,12 @@ Tensor, element and bit are given or drawn from `seed`, so a campaign draws one 
 from __future__ import annotations
 
 import random
+from difflib import get_close_matches
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from burnin.core.model_shapes import FLOAT_BITS, TOKEN_BITS, layout
 from burnin.faults.base import Fault
 
 __all__ = ["Bitflip", "NaN", "TARGET_POINTS", "TARGET_AT", "NOT_HERE", "workload_problem"]
@@ -201,9 +203,7 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
     the bit is inside the element. Returns the fields to blame, the one to change first first
     ("point" and "step" are the FaultSpec's own, the others are params), and a message.
     """
-    from difflib import get_close_matches
 
-    from burnin.core.model_shapes import FLOAT_BITS, TOKEN_BITS, layout
 
     p = params
     target = p.target

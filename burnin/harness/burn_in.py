@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import time
@@ -42,11 +43,24 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.core import procs
-from burnin.core import checkpoints as checkpoint
+import yaml
+
+from burnin.core import checkpoints as checkpoint, procs
+from burnin.core.events import EventWriter, read_events
 from burnin.core.files import atomic_write
 from burnin.errors import UserError
+from burnin.faults import registry
 from burnin.harness import cleanup
+from burnin.harness.fabric import choose_fabric
+from burnin.harness.preflight import check_device, check_out_dir
+from burnin.harness.runner import make_run_dir, new_run_id
+from burnin.harness.spares import open_pool
+from burnin.harness.supervisor import Supervisor
+from burnin.reports import history as hist
+from burnin.reports.html import write_burn_in_report
+from burnin.reports.metrics import Metrics
+from burnin.reports.verdict import judge
+from burnin.reports.writers import junit_xml, write_html_safely
 from burnin.scenarios.burn_in import runtime_scenario
 from burnin.scenarios.schema import Scenario
 
@@ -77,8 +91,6 @@ PHASE = {"before_forward": "forward/backward", "after_backward": "all-reduce", "
 
 def parse_duration(text: str) -> float:
     """'90', '90s', '10m', '2h', '1h30m' -> seconds; a one-line UserError naming --duration otherwise."""
-    import re
-
     t = str(text).strip().lower()
     m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", t)
     if not t or not m or not any(m.groups()):
@@ -124,8 +136,6 @@ class Clock:
     def __init__(self, scenario: Scenario, run_dir: Path, duration_s: float, clock0: float,
                  on_progress: Callable[[dict[str, Any]], None] | None = None, metrics: Any = None,
                  fired: set[int] | None = None, events: list[dict[str, Any]] | None = None):
-        from burnin.faults import registry
-
         self.sc, self.run_dir, self.duration_s, self.clock0 = scenario, run_dir, duration_s, clock0
         self.metrics = metrics
         self.stop_file = run_dir / "ranks" / "stop"
@@ -289,8 +299,6 @@ def windows(events: list[dict[str, Any]], kept: list[int], hashes: dict[int, str
     """The stretches to replay: for each injected fault, from the newest kept checkpoint at or before
     its step to the first checkpoint saved after the group trained past it (its state hash is what
     the replay must reach); overlapping stretches merged."""
-    from burnin.faults import registry
-
     brought_down = {i for e in events if e.get("event") == "failure_detected" for i in e.get("fault_indices") or []}
     out: list[list[int]] = []
     for ev in events:
@@ -325,9 +333,6 @@ def windows(events: list[dict[str, Any]], kept: list[int], hashes: dict[int, str
 
 def replay(scenario: Scenario, run_dir: Path, run_id: str, window: dict[str, Any], pool: Any, k: int) -> dict[str, Any]:
     """Run `window` without faults from its first checkpoint (a golden run of that stretch only)."""
-    from burnin.core.events import read_events
-    from burnin.harness.supervisor import Supervisor
-
     wdir = run_dir / "verify" / f"window{k:03d}"
     shutil.rmtree(wdir, ignore_errors=True)
     (wdir / "checkpoints").mkdir(parents=True)
@@ -461,14 +466,6 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
                 on_event: Callable[[dict[str, Any]], None] | None = None,
                 resume: str | Path | None = None, history: str | None = None) -> dict[str, Any]:
     """Run a burn-in (or, with `resume`, continue one whose supervisor died); returns the summary."""
-    from burnin.core.events import EventWriter, read_events
-    from burnin.harness.preflight import check_device, check_out_dir
-    from burnin.harness.fabric import choose_fabric
-    from burnin.harness.runner import make_run_dir, new_run_id
-    from burnin.harness.supervisor import Supervisor
-    from burnin.reports.metrics import Metrics
-    from burnin.reports.verdict import judge
-
     before: dict[str, Any] = {"elapsed_s": 0.0, "fired": set(), "first_attempt": 0, "events": []}
     if resume is not None:
         run_dir = check_out_dir(resume, "--resume", must_exist=True, fix="give the run directory of a burn-in")
@@ -543,7 +540,6 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
     _write(run_dir, summary, sc)
     metrics.burn_in(summary)
     metrics.write_textfile(run_dir / "metrics.prom")
-    from burnin.reports import history as hist
 
     hist.record_burn_in(summary, result, hist.history_path(history), clock.clock0)
     return summary
@@ -552,8 +548,6 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
 def read_resume_state(run_dir: Path) -> tuple[Scenario, float, int, list[dict[str, Any]], dict[str, Any]]:
     """What a burn-in whose supervisor died had done: its scenario, its drawn schedule, how far its
     timeline got, which faults fired, its attempts. A one-line UserError when it cannot be resumed."""
-    from burnin.core.events import read_events
-
     try:
         scenario = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
         drawn = json.loads((run_dir / "schedule-drawn.json").read_text())
@@ -613,8 +607,6 @@ def _own_usage() -> dict[str, float]:
 
 
 def _local_pool(sc: Scenario, run_dir: Path, session: str) -> Any:
-    from burnin.harness.spares import open_pool
-
     return open_pool(sc, run_dir, session)[0]
 
 
@@ -671,8 +663,6 @@ def _summary(scenario: Scenario, sc: Scenario, result: Any, events: list[dict[st
 
 
 def spec_changes_state(sc: Scenario, index: int) -> bool:
-    from burnin.faults import registry
-
     return registry.get(sc.faults[index].fault).changes_state
 
 
@@ -694,7 +684,6 @@ def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
     # the realised schedule as a scenario `burnin run` takes: each fault at the step and point it hit (a
     # scenario names only the points where a fault can wait for the supervisor: one that landed mid-step
     # replays at its step's nearest such point; burn-in.json keeps where it really landed)
-    from burnin.faults import registry
 
     realised = []
     for f in summary["faults"]["list"]:
@@ -709,7 +698,6 @@ def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
     data["workload"]["steps"] = max(summary["steps"]["useful"], last + 2)
     data["faults"] = realised
     data["name"] = (sc.name + "-replay")[:64]
-    import yaml
 
     head = (f"# The faults burn-in {summary['scenario']} (seed {summary['seed']}) fired, at the steps they hit:\n"
             f"# `burnin run schedule.yaml` replays them (mid-step landings at their step's nearest point).\n")
@@ -747,7 +735,6 @@ def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
     for wdw in summary["recovery"]["windows"]:
         lines.append(f"| {wdw['start']} | {wdw['end']} | {', '.join(map(str, wdw['faults']))} | {wdw['exact']} |")
     atomic_write(run_dir / "burn-in.md", ("\n".join(lines) + "\n").encode())
-    from burnin.reports.writers import junit_xml
 
     cases = [(f"rank {r['rank']}", r["verdict"] == "healthy", f"{r['verdict']}: " + "; ".join(r["reasons"]))
              for r in h["ranks"]]
@@ -758,7 +745,4 @@ def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
                     system_out=(run_dir / "burn-in.md").read_text())
     atomic_write(run_dir / "junit.xml", xml.encode())
     # report.html, last: a failure to draw it costs a warning, never the reports above
-    from burnin.reports.html import write_burn_in_report
-    from burnin.reports.writers import write_html_safely
-
     write_html_safely(lambda: write_burn_in_report(run_dir, summary), run_dir / "report.html")

@@ -17,9 +17,15 @@ from typing import Any, Callable
 
 from burnin.core.events import read_events
 from burnin.core.files import atomic_write
+from burnin.errors import UserError, oneline as _show
 from burnin.harness import recovery_campaign
+from burnin.harness.preflight import check_device, check_out_dir
+from burnin.harness.runner import make_run_dir, new_run_id
 from burnin.harness.supervisor import Supervisor
+from burnin.reports import history as hist
+from burnin.reports.html import write_campaign_report
 from burnin.reports.trials import CAMPAIGN_SCHEMA_VERSION, judge_trial, outcome_rates, wilson
+from burnin.reports.writers import write_html_safely
 from burnin.scenarios.campaign import draw_trials, is_recovery_campaign
 from burnin.scenarios.schema import Scenario
 
@@ -70,9 +76,6 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
                  on_event: Callable[[dict[str, Any]], None] | None = None, metrics: Any = None,
                  history: str | None = None) -> dict[str, Any]:
     """Run (or resume) a campaign; returns the summary (also written to campaign.json)."""
-    from burnin.harness.preflight import check_device, check_out_dir
-    from burnin.harness.runner import make_run_dir, new_run_id
-
     # Bad input stops here, before the run directory exists and before any rank starts.
     if resume is not None:
         run_dir = check_out_dir(resume, "--resume", must_exist=True,
@@ -186,16 +189,11 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
 
 
 def _record(summary: dict[str, Any], done: dict[int, Any], history: str | None, t0: float) -> None:
-    from burnin.reports import history as hist
-
     hist.record_campaign(summary, [done[k] for k in sorted(done)], hist.history_path(history), t0)
 
 
 def read_campaign_meta(run_dir: str | Path) -> tuple[int, int]:
     """(trials, seed) of the campaign in run_dir, or a one-line UserError naming --resume."""
-    from burnin.errors import UserError
-    from burnin.errors import oneline as _show
-
     shown = _show(run_dir)
     try:
         meta = json.loads((Path(run_dir) / "campaign-meta.json").read_text())
@@ -242,7 +240,4 @@ def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
 
 def _write_html(run_dir: Path, summary: dict[str, Any]) -> None:
     """report.html, last: a failure to draw it costs a warning, never campaign.json or campaign.md."""
-    from burnin.reports.html import write_campaign_report
-    from burnin.reports.writers import write_html_safely
-
     write_html_safely(lambda: write_campaign_report(run_dir, summary), run_dir / "report.html")

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.errors import HarnessError
 from burnin.core.events import read_events
+from burnin.errors import HarnessError
+from burnin.harness.runner import new_run_id
+from burnin.harness.supervisor import Supervisor
+from burnin.scenarios.schema import Debug, Expect
 
 __all__ = ["Divergence", "check_determinism"]
 
@@ -90,10 +93,6 @@ def compare_traces(a: Path, b: Path) -> Divergence:
 def check_determinism(scenario: Any, out_dir: Path, on_event: Callable[[dict[str, Any]], None] | None = None,
                       keep: bool = False) -> Divergence:
     """Run the scenario's workload twice without faults and compare them step by step."""
-    from burnin.harness.runner import new_run_id
-    from burnin.harness.supervisor import Supervisor
-    from burnin.scenarios.schema import Debug, Expect
-
     clean = scenario.model_copy(update={"faults": [], "debug": Debug(), "expect": Expect(), "campaign": None,
                                         "burn_in": None,
                                         "recovery": scenario.recovery.model_copy(update={"max_restarts": 0})})

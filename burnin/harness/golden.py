@@ -27,6 +27,8 @@ recomputed. `clear_cache` (`burnin cleanup --golden`) removes every record.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -44,6 +46,8 @@ from typing import Any, Callable, Iterator
 from burnin.core.events import read_events
 from burnin.core.procs import alive, process_start_time
 from burnin.errors import HarnessError
+from burnin.harness.supervisor import Supervisor
+from burnin.reports.history import cpu_model
 from burnin.scenarios.schema import Debug, Expect, Scenario
 
 __all__ = ["GoldenRecord", "cache_dir", "golden_key", "record_from_events", "get_golden", "cache_max",
@@ -82,7 +86,6 @@ def _version(pkg: str) -> str:
 
 def _environment() -> dict[str, Any]:
     ver = _version
-    from burnin.reports.history import cpu_model
 
     cpu = cpu_model()
     return {"torch": ver("torch"), "triton": ver("triton"), "burnin": ver("burnin"),
@@ -91,8 +94,6 @@ def _environment() -> dict[str, Any]:
 
 def _code_fingerprint() -> str:
     """Hash of the sources that decide a run's bits, so a cache written by other code is not trusted."""
-    import hashlib
-
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for rel in ("rank/worker.py", "rank/session.py", "rank/workload.py", "rank/state.py", "rank/guard.py",
@@ -117,9 +118,6 @@ def golden_key(scenario: Scenario) -> str:
 def entry_fingerprint(entry: str) -> str:
     """Hash of the file a loop's entry runs (the script, or the module of `module:function`): an edited
     loop gets a new golden run. What that file imports is not followed: `--refresh-golden` after editing it."""
-    import hashlib
-    import importlib.util
-
     path: str | None = entry if entry.endswith(".py") else None
     if path is None:
         try:
@@ -168,8 +166,6 @@ def record_from_events(events: list[dict[str, Any]], key: str) -> GoldenRecord:
 def get_golden(scenario: Scenario, *, refresh: bool = False,
                on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[GoldenRecord, bool]:
     """The golden record for this scenario's workload, and whether it came from the cache."""
-    from burnin.harness.supervisor import Supervisor
-
     key = golden_key(scenario)
     path = cache_dir() / "golden" / key / "golden.json"
     if path.is_file() and not refresh:

@@ -25,11 +25,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from burnin.errors import ScenarioError, UserError, reason
-from burnin.errors import oneline as _show
+from burnin.errors import ScenarioError, UserError, oneline as _show, reason
 from burnin.harness.fabric import choose_fabric
 from burnin.reports.endpoint import endpoint_error
 from burnin.scenarios.campaign import draw_trials
+from burnin.scenarios.loader import field_line, resolve
 
 __all__ = [
     "check_out_dir",
@@ -215,7 +215,6 @@ def _where(source: str | Path | None, field: str) -> tuple[str, int | None]:
     """The file a scenario came from and the line of `field` in it (or of its nearest parent)."""
     if source is None:
         return "<scenario>", None
-    from burnin.scenarios.loader import field_line, resolve
 
     try:
         file = str(resolve(source))

@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.harness import cleanup
+from burnin.harness.golden import get_golden, golden_key
+from burnin.harness.runner import run_judged
+from burnin.harness.spares import open_pool
 from burnin.reports.trials import CAMPAIGN_SCHEMA_VERSION, outcome_rates, wilson
+from burnin.reports.writers import write_reports
 from burnin.scenarios.campaign import trial_scenario
 from burnin.scenarios.schema import Scenario
 
@@ -40,11 +44,6 @@ def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[s
                record: Callable[[dict[str, Any]], None], on_event: Callable[[dict[str, Any]], None] | None,
                metrics: Any) -> None:
     """Run the trials of `plan` not in `done`, one supervised run each, over one spare pool."""
-    from burnin.harness.golden import get_golden, golden_key
-    from burnin.harness.runner import run_judged
-    from burnin.harness.spares import open_pool
-    from burnin.reports.writers import write_reports
-
     pool, _ = open_pool(scenario, run_dir, run_id)
     goldens: dict[str, Any] = {}
     try:

@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import signal
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from burnin.core.events import read_events
+from burnin.errors import UserError
+from burnin.harness import torchrun
 from burnin.harness.fabric import choose_fabric
 from burnin.harness.golden import GoldenRecord, get_golden, golden_key
+from burnin.harness.preflight import check_device, check_out_dir
 from burnin.harness.supervisor import Supervisor
+from burnin.reports import history as hist
+from burnin.reports.metrics import Metrics
 from burnin.reports.result import RunResult
 from burnin.reports.verdict import judge
+from burnin.reports.writers import write_reports
 from burnin.scenarios.schema import Scenario
 
 __all__ = ["run_scenario", "run_judged", "rebuild_reports", "new_run_id"]
@@ -42,10 +52,6 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
                  refresh_golden: bool = False, run_id: str | None = None, metrics_linger_s: float = 0.0,
                  metrics_textfile: str | Path | None = None, pushgateway: str | None = None,
                  push_instance: str | None = None, history: str | None = None) -> RunResult:
-    from burnin.harness.preflight import check_device, check_out_dir
-    from burnin.reports.metrics import Metrics
-    from burnin.reports.writers import write_reports
-
     # Bad input stops here, before anything starts and before the run directory exists: a missing
     # privilege, no CUDA device, an --out that cannot hold a run directory, a metrics port in use.
     run_id = run_id or new_run_id(scenario.name)
@@ -109,9 +115,7 @@ def run_judged(scenario: Scenario, run_dir: Path, run_id: str, *, golden: Golden
 def make_run_dir(out: Path, run_id: str, scenario_json: str, metrics: Any = None) -> Path:
     """Create out/run_id (and out, if missing) with scenario.json in it; on failure remove what was
     made, stop `metrics`' server, and raise a one-line UserError."""
-    import shutil
 
-    from burnin.errors import UserError
 
     run_dir = out / run_id
     # The outermost directory this call creates; None if run_dir is there already (never removed).
@@ -136,9 +140,6 @@ def _export_metrics(metrics: Any, scenario: str, textfile: str | Path | None, pu
     Neither is part of the verdict: a failure is one warning line on stderr, and the run's exit
     status stands (a CI job must not fail because its monitoring is down).
     """
-    import socket
-    import sys
-
     if textfile is not None:
         try:
             metrics.write_textfile(textfile)
@@ -155,8 +156,6 @@ def _export_metrics(metrics: Any, scenario: str, textfile: str | Path | None, pu
 def _finish(scenario: Scenario, run_dir: Path, run_id: str, key: str, golden: GoldenRecord | None,
             error: str | None, metrics: Any, write_reports: Callable[..., Any],
             history: str | None = None) -> RunResult:
-    from burnin.reports import history as hist
-
     events_path = run_dir / "events.jsonl"
     events = read_events(events_path) if events_path.exists() else []
     result = judge(events, scenario, golden, run_id=run_id, run_dir=str(run_dir), config_hash=key, error=error)
@@ -171,10 +170,6 @@ def rebuild_reports(run_dir: str | Path, on_event: Callable[[dict[str, Any]], No
     """Judge a run again from its event log, scenario and golden record, and rewrite its reports. A torchrun
     run (burnin/harness/torchrun.py) has its event log assembled from its ranks' streams first, and its
     golden run made (or taken from the cache) the first time."""
-    from burnin.harness import torchrun
-    from burnin.reports.metrics import Metrics
-    from burnin.reports.writers import write_reports
-
     run_dir = Path(run_dir)
     scenario = Scenario.model_validate(json.loads((run_dir / "scenario.json").read_text()))
     golden_path = run_dir / "golden.json"
@@ -201,6 +196,4 @@ def rebuild_reports(run_dir: str | Path, on_event: Callable[[dict[str, Any]], No
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

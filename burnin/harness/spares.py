@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +177,6 @@ def open_pool(scenario: Any, run_dir: Path, run_id: str, fabric: Any = None, emi
               python: str | None = None) -> tuple[SparePool | None, str | None]:
     """A started pool (one zygote per rank slot, each with a spare forked) for `scenario`'s ranks, or None
     and why not: `recovery.spares: false`; by default, too little memory; a kernel without child subreapers."""
-    import sys
-
     w = scenario.workload
     want = scenario.recovery.spares
     if want is False:

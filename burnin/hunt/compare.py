@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
+from burnin.core.events import read_events
 from burnin.errors import UserError
+from burnin.reports import history as hist
 from burnin.reports.trials import Z95, judge_trial, wilson
 
 __all__ = ["load_side", "compare", "markdown"]
@@ -64,8 +67,6 @@ def load_side(spec: str, history: str | None = None) -> dict[str, Any]:
 
 
 def _from_campaign(path: Path) -> dict[str, Any]:
-    from burnin.core.events import read_events
-
     summary = json.loads((path / "campaign.json").read_text())
     rows = []
     for t in sorted(read_events(path / "trials.jsonl"), key=lambda t: t["trial"]):
@@ -84,8 +85,6 @@ def _from_campaign(path: Path) -> dict[str, Any]:
 
 
 def _from_history(selector: str, history: str | None) -> dict[str, Any]:
-    from burnin.reports import history as hist
-
     scenario, _, commit = selector.partition("@")
     path = hist.history_path(history)
     if path is None or not path.exists():
@@ -164,7 +163,6 @@ def _rate_metric(name: str, a: list[bool], b: list[bool], paired: bool, alpha: f
 
 
 def _time_metric(name: str, a: list[float], b: list[float], alpha: float) -> dict[str, Any]:
-    import statistics
 
     from scipy import stats
 

@@ -14,6 +14,7 @@ smallest failing scenario as YAML that `burnin run` takes.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,9 @@ from typing import Any, Callable
 import yaml
 
 from burnin.errors import UserError
+from burnin.harness.fabric import choose_fabric
+from burnin.harness.runner import rebuild_reports, run_judged
+from burnin.harness.spares import open_pool
 from burnin.scenarios.schema import Scenario
 
 __all__ = ["failure_key", "shrink"]
@@ -61,8 +65,6 @@ class Runner:
 
     def _pool(self, sc: Scenario) -> Any:
         """The pool, made for the first candidate; None for a candidate with another number of ranks."""
-        from burnin.harness.spares import open_pool
-
         if self.pool is None:
             self.pool, _ = open_pool(sc, self.out, "shrink")
             self.ranks = sc.workload.ranks
@@ -70,9 +72,6 @@ class Runner:
 
     def fails_same(self, data: dict[str, Any], key0: set[str], what: str) -> bool | None:
         """True/False; None when the budget is spent."""
-        from burnin.harness.fabric import choose_fabric
-        from burnin.harness.runner import run_judged
-
         if self.runs >= self.max_runs:
             return None
         self.runs += 1
@@ -126,9 +125,7 @@ def ddmin(items: list[Any], test: Callable[[list[Any]], bool | None]) -> list[An
 
 def shrink(run_dir: str | Path, *, max_runs: int = 40, out_file: str | Path | None = None,
            say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
-    import shutil
 
-    from burnin.harness.runner import rebuild_reports
 
     run_dir = Path(run_dir)
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from burnin.errors import UserError
+from burnin.reports import history as hist
 
 __all__ = ["collect_dirs", "collect_history", "triage", "markdown"]
 
@@ -47,8 +48,6 @@ def collect_dirs(dirs: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, 
 
 def collect_history(history: str | None, *, scenario: str | None = None, commit: str | None = None,
                     since: float | None = None, until: float | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from burnin.reports import history as hist
-
     path = hist.history_path(history)
     if path is None or not path.exists():
         raise UserError(f"triage: no history at {path}; record runs first (or give --history PATH)")

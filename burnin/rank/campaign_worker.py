@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 from burnin.errors import HarnessError
+from burnin.rank.injector import Injector
 
 __all__ = ["run_trials"]
 
@@ -21,7 +22,6 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
                scenario: dict[str, Any], rank: int, world_size: int, events: Any) -> None:
     import torch.distributed as dist
 
-    from burnin.rank.injector import Injector
     from burnin.rank.state import state_hash
 
     guard = run.guard

@@ -11,6 +11,7 @@ policy (roll back in process, or restart from a checkpoint) decides what happens
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -146,7 +147,6 @@ def state_digest(model: Any, optimizer: Any) -> bytes:
     nothing large crosses to the host. On the CPU, SHA-256 over the bytes is ~20x cheaper than the
     kernel in the Triton interpreter (1.7 ms against 35 ms for the tiny model's parameters).
     """
-    import hashlib
 
     from burnin.rank.state import state_hash
 

@@ -18,6 +18,7 @@ from typing import Any
 from burnin.core.events import EventWriter
 from burnin.core.position import Position
 from burnin.errors import HarnessError
+from burnin.faults import registry
 
 __all__ = ["RankContext", "SelfContext", "Injector"]
 
@@ -67,8 +68,6 @@ class Injector:
                  fired: set[int], go_timeout_s: float, supervised: bool = True, clock0: float | None = None,
                  position: str | None = None, self_inflicted: bool = False, checkpoint_dir: str | None = None,
                  snapshot_dir: str | None = None, fabric: Any = None):
-        from burnin.faults import registry
-
         self.rank, self.world_size, self.events = rank, world_size, events
         self.go_timeout_s, self.supervised = go_timeout_s, supervised
         # torchrun: no supervisor; the rank applies its out-of-rank faults to itself (a kill is the rank

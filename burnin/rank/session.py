@@ -38,8 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from burnin.core.snapshots import SnapshotError, common_step
 from burnin.errors import UserError
 from burnin.faults.network import NodeInterface
+from burnin.rank import checkpoint
+from burnin.rank.guard import CorruptionDetected, Guard
+from burnin.rank.injector import Injector
+from burnin.rank.snapshot import RankSnapshots
 
 __all__ = ["attach", "Session", "RunContext", "current"]
 
@@ -142,9 +147,6 @@ class Session:
     # -- set-up ------------------------------------------------------------------------------
 
     def _build(self, ddp_hook: bool) -> None:
-        from burnin.rank.guard import Guard
-        from burnin.rank.injector import Injector
-
         ctx, spec = self.ctx, self.ctx.spec
         sc = spec["scenario"]
         self.scenario = sc
@@ -236,7 +238,6 @@ class Session:
 
     def _load(self, tier: str, start: int) -> None:
         """Put back the state of `start` from a memory snapshot or a verified checkpoint."""
-        from burnin.rank import checkpoint
         from burnin.rank.state import restore_rank_state
 
         ctx = self.ctx
@@ -330,8 +331,6 @@ class Session:
 
     def _close(self, step: int, loss: Any) -> int:
         """After the step's body: the next step to run (step + 1; the same step again, or an earlier one)."""
-        from burnin.rank.guard import CorruptionDetected
-        from burnin.core.snapshots import SnapshotError
         from burnin.rank.state import loss_bits, state_digests
 
         events, ck = self.ctx.events, self.scenario["checkpoint"]
@@ -397,7 +396,6 @@ class Session:
         return state
 
     def _checkpoint(self, done: int, keep: int) -> None:
-        from burnin.rank import checkpoint
         from burnin.rank.state import state_hash
 
         t_ck = time.time()
@@ -481,7 +479,6 @@ def _open_snapshots(spec: dict[str, Any], rank: int, world_size: int, events: An
     run keeps none (no directory from the supervisor: golden runs, torchrun; `memory_every: 0`; campaigns)."""
     if not spec.get("snapshot_dir") or not spec["scenario"]["checkpoint"].get("memory_every") or "campaign" in spec:
         return None
-    from burnin.rank.snapshot import RankSnapshots
 
     return RankSnapshots(spec["snapshot_dir"], rank, world_size,
                          on_reject=lambda path, step, why: events.emit("snapshot_rejected", snapshot_step=step,
@@ -495,9 +492,6 @@ def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, event
     every rank has, verifies only the disk checkpoints newer than it (the newer tier wins; memory
     wins a tie: the same state, cheaper to load), and broadcasts the choice."""
     import torch.distributed as dist
-
-    from burnin.rank import checkpoint
-    from burnin.core.snapshots import common_step
 
     offered: list[Any] = [None] * world_size
     if snaps is not None:

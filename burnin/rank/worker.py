@@ -8,8 +8,11 @@ writes every event to its own stream. The loop reads top to bottom, nanoGPT styl
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import runpy
+import socket
 import sys
 import threading
 import time
@@ -18,8 +21,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from burnin.core.events import EventWriter
+from burnin.core.procs import set_parent_death_signal
 from burnin.errors import UserError
-from burnin.rank.session import RunContext
+from burnin.faults import registry
+from burnin.kernels import _runtime
+from burnin.rank.session import RunContext, Session, _set_current
 
 __all__ = ["main", "run_rank", "run_entry", "train"]
 
@@ -45,7 +52,6 @@ def train(spec: dict[str, Any], ctx: Any) -> Any:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from burnin.rank.session import Session
     from burnin.rank.workload import GPT, MarkovData, gpt_config, make_optimizer
 
     sc = spec["scenario"]
@@ -54,7 +60,6 @@ def train(spec: dict[str, Any], ctx: Any) -> Any:
 
     # -- Triton kernels run compiled on CUDA, interpreted on CPU; the mode is fixed when triton is
     # first imported, and use_deterministic_algorithms imports it: choose before.
-    from burnin.kernels import _runtime
     _runtime.prepare(w["device"])
 
     # -- determinism: pinned threads, deterministic kernels (measured: the thread count changes the bits)
@@ -126,8 +131,6 @@ def run_entry(workload: dict[str, Any]) -> Any:
     run it (as `__main__`, its directory first on sys.path), or `module:function`, called with no
     arguments after `sys.argv` is set to the module name and the args. Returns what the function
     returned (a script: its globals), so nothing the loop built is freed before the process exits."""
-    import importlib
-    import runpy
 
     import torch
 
@@ -148,8 +151,6 @@ def _wait_for_store(limit_s: float) -> None:
     backs off for about half a second before it tries again; warm spares reach this point within a
     few ms of each other, and a rank that came a moment before rank 0 lost that half second (seen in
     benchmarks/recovery.py as a bimodal restart time). Bounded: init_process_group has its own say after."""
-    import socket
-
     addr = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
@@ -165,7 +166,6 @@ def warm_up(device: str, threads: int, kernels: str) -> None:
     determinism (which imports torch._dynamo), the first AdamW step (the rest of dynamo), torch.distributed
     and DDP, the workload, the fault registry, and the Triton kernel in the loss (interpreter or compiler).
     Touches no RNG and no state that a run's bits depend on: a spare must train exactly as a new process."""
-    from burnin.kernels import _runtime
     _runtime.prepare(device)
     import torch
     import torch.distributed  # noqa: F401
@@ -173,7 +173,6 @@ def warm_up(device: str, threads: int, kernels: str) -> None:
 
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
-    from burnin.faults import registry
     from burnin.rank import checkpoint, guard, injector, session, state  # noqa: F401
     from burnin.rank.workload import make_optimizer
 
@@ -240,8 +239,6 @@ def _zygote(argv: list[str]) -> float | None:
 def _become_spare(cmd: dict[str, str], supervisor: int) -> None:
     """In the zygote's grandchild: lead a process group, say the pid, wait to be the supervisor's child
     (it is a subreaper), take its parent-death signal, read the FIFO as stdin, write to the slot's log."""
-    from burnin.core.procs import set_parent_death_signal
-
     os.setsid()
     tmp = cmd["pid_file"] + ".tmp"
     Path(tmp).write_text(f"{os.getpid()}\n")
@@ -281,9 +278,6 @@ def _spare(argv: list[str]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from burnin.core.procs import set_parent_death_signal
-    from burnin.core.events import EventWriter
-
     set_parent_death_signal()
     argv = sys.argv[1:] if argv is None else argv
     warm_s = None
@@ -305,8 +299,6 @@ def main(argv: list[str] | None = None) -> int:
 def run_rank(spec: dict[str, Any], ctx: Any) -> None:
     """Be rank `ctx.rank` of the run until the end: burnin's workload, or the scenario's own entry
     (`workload.entry`). Never returns: the process ends with os._exit (0 once the rank finished)."""
-    from burnin.rank.session import _set_current
-
     _set_current(ctx)
     try:
         if spec["scenario"]["workload"].get("entry"):

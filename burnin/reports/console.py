@@ -9,6 +9,9 @@ import sys
 import time
 from typing import Any, TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 __all__ = ["make_progress", "PlainProgress", "RichProgress"]
 
 # Events worth a line of their own, and how to say them.
@@ -81,9 +84,6 @@ class RichProgress:
     """A progress bar with the run's counters, and the notable events scrolling above it."""
 
     def __init__(self, steps: int, title: str):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.console = Console(stderr=True)
         self.steps = steps
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -30,11 +30,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from burnin.core.events import read_events
 from burnin.errors import UserError, oneline
+from burnin.reports.verdict import judge_burn_in
 
 if TYPE_CHECKING:
     from burnin.reports.failure_models import FailureModel
@@ -236,8 +239,6 @@ def _load_json(path: Path) -> Any:
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
-    from burnin.core.events import read_events
-
     try:
         return read_events(path) if path.is_file() else []
     except OSError as exc:
@@ -339,8 +340,6 @@ def _from_campaign(d: Path) -> Measured:
 
 def _from_burn_in(d: Path) -> Measured:
     """A burn-in keeps no per-fault breakdown: its event log is judged again, as the burn-in judged it."""
-    from burnin.reports.verdict import judge_burn_in
-
     events = _events(d / "events.jsonl")
     for name in ("scenario.json", "schedule-drawn.json"):
         _load_json(d / name)  # a damaged file: the one-line error that names it
@@ -468,8 +467,6 @@ def compose(m: Measured, warm: bool, state: str, step_s: float, checkpoint_s: fl
 # -- the forecast ---------------------------------------------------------------------------------------
 
 def _bykind(rs: list[Recovery]) -> dict[str, int]:
-    from collections import Counter
-
     warm = {True: "warm", False: "cold", None: "partly warm"}
     return dict(Counter(f"{warm[r.warm]} from {r.tier or 'unrecorded'}" for r in rs).most_common())
 

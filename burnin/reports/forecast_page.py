@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import html
 import io
+import os
 from pathlib import Path
 from typing import Any
 
 from burnin.errors import UserError, oneline
-from burnin.reports.forecast import TIERS, evaluate
-from burnin.reports.forecast import kind as policy_kind
+from burnin.reports.forecast import TIERS, evaluate, kind as policy_kind
 
 __all__ = ["render_text", "plot_svg", "render_html", "write_html"]
 
@@ -225,8 +225,6 @@ Goodput is the product of the two levels' U: to first order their wastes add.</p
 def write_html(path: Path, text: str) -> None:
     """Write the page atomically (a temporary file beside it, renamed over it); a one-line UserError
     naming --out when it cannot be written."""
-    import os
-
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         try:

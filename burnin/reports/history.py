@@ -19,8 +19,10 @@ import os
 import platform
 import sqlite3
 import subprocess
+import sys
 import time
-from pathlib import Path
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path, Path as _P
 from typing import Any
 
 from burnin.reports.trials import judge_trial
@@ -107,8 +109,6 @@ def git_info(cwd: str | Path | None = None) -> tuple[str | None, bool | None]:
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in ("burnin", "torch", "triton"):
         try:
@@ -122,7 +122,6 @@ def _write(path: Path | None, run: dict[str, Any], faults: list[tuple], failures
     """One record, in one transaction. A history that cannot be written is a warning, never a failed run."""
     if path is None:
         return
-    import sys
 
     v = _versions()
     commit, dirty = git_info(os.getcwd())
@@ -179,8 +178,6 @@ def _explained(result: Any, failure: Any) -> str | None:
 def record_campaign(summary: dict[str, Any], trials: list[dict[str, Any]], path: Path | None,
                     started_at: float) -> None:
     """A campaign: its summary's figures, and each trial as a fault row (with its failures for process trials)."""
-    from pathlib import Path as _P
-
     run_id = _P(summary["run_dir"]).name
     figures = {k: summary.get(k) for k in ("kind", "trials", "outcomes", "exact", "seed", "complete")}
     if summary.get("kind") == "recovery":
@@ -211,8 +208,6 @@ def record_campaign(summary: dict[str, Any], trials: list[dict[str, Any]], path:
 
 
 def record_burn_in(summary: dict[str, Any], result: Any, path: Path | None, started_at: float) -> None:
-    from pathlib import Path as _P
-
     run_id = _P(summary["run_dir"]).name
     figures = {"health": {str(r["rank"]): r["verdict"] for r in summary["health"]["ranks"]},
                "faults": summary["faults"]["by_outcome"], "goodput_steps": summary["steps"]["goodput_steps"],

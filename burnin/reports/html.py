@@ -19,7 +19,10 @@ from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
+from burnin.core.events import read_events
 from burnin.core.files import atomic_write_text
+from burnin.reports import plots
+from burnin.reports.plots import OUTCOME_COLORS, PHASE_COLORS, PHASES
 from burnin.reports.result import is_simulated, passed
 from burnin.reports.verdict import exactness, judge_burn_in
 
@@ -173,16 +176,12 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_events(run_dir: Path) -> list[dict[str, Any]]:
-    from burnin.core.events import read_events
-
     path = run_dir / "events.jsonl"
     return read_events(path) if path.exists() else []
 
 
 def _phase_bar(rec: dict[str, Any], scale: float) -> _Raw:
     """A recovery breakdown as a small stacked bar (its width: the total against the slowest shown) and numbers."""
-    from burnin.reports.plots import PHASE_COLORS, PHASES
-
     total = rec.get("total_s") or sum(rec.get(f"{p}_s") or 0 for p in PHASES)
     segs = "".join(f'<i style="width:{100 * (rec.get(f"{p}_s") or 0) / total if total else 0:.2f}%;'
                    f'background:{PHASE_COLORS[p]}" title="{_PHASE_LABELS[p]} {rec.get(f"{p}_s") or 0:.3f} s"></i>'
@@ -195,8 +194,6 @@ def _phase_bar(rec: dict[str, Any], scale: float) -> _Raw:
 
 
 def _phase_legend() -> str:
-    from burnin.reports.plots import PHASE_COLORS, PHASES
-
     return ('<p class="small legend">Recovery phases, in this order:' +
             "".join(f'<i style="background:{PHASE_COLORS[p]}"></i>{_PHASE_LABELS[p]}' for p in PHASES) + "</p>")
 
@@ -305,8 +302,6 @@ def _finite(x: Any) -> bool:
 
 
 def _loss_figure(result: Any, events: list[dict[str, Any]], golden: Any, scenario: dict[str, Any] | None) -> str:
-    from burnin.reports import plots
-
     loss_bits = getattr(golden, "loss_bits", None) if golden is not None and not isinstance(golden, dict) \
         else (golden or {}).get("loss_bits")
     drawn: dict[str, Any] = {}
@@ -344,8 +339,6 @@ def _loss_figure(result: Any, events: list[dict[str, Any]], golden: Any, scenari
 
 
 def _timeline_figure(faults: list[Any], failures: list[Any], events: list[dict[str, Any]], ranks: int, lead: str) -> str:
-    from burnin.reports import plots
-
     drawn: dict[str, Any] = {}
 
     def draw() -> str:
@@ -385,8 +378,6 @@ def write_run_report(result: Any, run_dir: str | Path, *, events: list[dict[str,
 # -- campaigns -------------------------------------------------------------------------------------
 
 def _rate_rows(outcomes: dict[str, dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    from burnin.reports.plots import OUTCOME_COLORS
-
     return [{"label": o, "rate": v["rate"], "ci95": v["ci95"], "k": v["count"], "n": n,
              "color": OUTCOME_COLORS.get(o, "#0072B2")} for o, v in outcomes.items()]
 
@@ -400,8 +391,6 @@ def _outcomes_table(outcomes: dict[str, dict[str, Any]]) -> str:
 def campaign_page(summary: dict[str, Any], run_dir: str | Path = "") -> str:
     """The page of a campaign: outcome rates with their intervals, and the detector scorecard (data
     faults) or the recovery times per phase (process faults)."""
-    from burnin.reports import plots
-
     recovery = summary.get("kind") == "recovery"
     n = summary.get("trials", 0)
     body = [f"<header><h1><span>{'Recovery campaign' if recovery else 'Campaign'} · {_e(summary.get('scenario'))}"
@@ -445,8 +434,6 @@ def campaign_page(summary: dict[str, Any], run_dir: str | Path = "") -> str:
 
 
 def _scorecard_section(summary: dict[str, Any]) -> str:
-    from burnin.reports import plots
-
     card = summary.get("scorecard") or []
     dets = sorted({d for row in card for d in row["detectors"]})
     parts = ["<h2>Detector scorecard</h2>",
@@ -475,8 +462,6 @@ def _scorecard_section(summary: dict[str, Any]) -> str:
 
 
 def _recovery_sections(summary: dict[str, Any]) -> str:
-    from burnin.reports import plots
-
     by_fault = summary.get("by_fault") or {}
     parts = ["<h2>By fault</h2>"]
     rows = []
@@ -530,8 +515,6 @@ class _Fault:
 def burn_in_page(summary: dict[str, Any], *, events: list[dict[str, Any]], run_dir: str | Path = "",
                  judged: Any = None) -> str:
     """The page of a burn-in: the verdict, each rank's health over time and at the end, the faults, the timeline."""
-    from burnin.reports import plots
-
     h = summary.get("health") or {"ranks": [], "thresholds": {}, "unexplained_failures": []}
     faults = (summary.get("faults") or {}).get("list") or []
     steps = summary.get("steps") or {}
@@ -625,8 +608,6 @@ def write_burn_in_report(run_dir: str | Path, summary: dict[str, Any] | None = N
 
 def compare_page(c: dict[str, Any]) -> str:
     """`burnin compare` as a page: both sides of every rate with their intervals, the difference and the verdict."""
-    from burnin.reports import plots
-
     worse = c.get("worse") or []
     body = [f"<header><h1><span>{_e(c['b'])} against {_e(c['a'])}</span></h1>",
             f'<p class="sub">A: <code>{_e(c["a"])}</code> · B: <code>{_e(c["b"])}</code> · '

@@ -9,10 +9,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
 
 from burnin.core.files import atomic_write_text
 from burnin.reports.result import SCHEMA_VERSION, FaultResult, RunResult, is_simulated, passed
@@ -58,8 +64,6 @@ def _run_html(result: RunResult, run_dir: Path, events: list[dict[str, Any]] | N
 def write_html_safely(write: Any, where: Path) -> Path | None:
     """Run `write` (which writes a report.html) so that nothing it raises costs the caller's other reports:
     a failure is one warning line on stderr."""
-    import sys
-
     try:
         return write()
     except Exception as exc:
@@ -303,11 +307,6 @@ def render_plain(result: RunResult) -> str:
 
 def render_console(result: RunResult):
     """A rich Panel summarising the run for the terminal."""
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
-
     ok = passed(result)
     table = Table(box=None, pad_edge=False, show_edge=False)
     for col, justify in (("#", "right"), ("fault", "left"), ("rank", "right"), ("step", "right"),

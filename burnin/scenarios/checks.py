@@ -14,6 +14,7 @@ Each raises a pydantic ValidationError located at the field to fix, so the loade
 
 from __future__ import annotations
 
+import decimal
 import difflib
 import itertools
 import json
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from burnin.errors import short
+from burnin.faults import registry
+from burnin.faults.corruption import Bitflip, NaN, workload_problem
 
 if TYPE_CHECKING:
     from burnin.scenarios.schema import FaultSpec, Scenario
@@ -136,8 +139,6 @@ def _takes_bool(tp: Any) -> bool:
 
 
 def _takes_number(tp: Any) -> bool:
-    import decimal
-
     return isinstance(tp, type) and issubclass(tp, (int, float, decimal.Decimal)) and not issubclass(tp, bool)
 
 
@@ -174,8 +175,6 @@ def check_fault(sc: "Scenario", i: int, f: FaultSpec) -> None:
     """What only the whole scenario can say about fault i: it fits the workload (the tensor and
     element it names, the ranks it cuts off, a checkpoint there to damage), every fault its `vary:`
     can draw is valid, and a campaign can run it. Raises a ValidationError at the field to fix."""
-    from burnin.faults import registry
-
     cls = registry.get(f.fault)
     at: Loc = ("faults", i)
     c = sc.campaign
@@ -314,7 +313,6 @@ def _workload_problem(sc: "Scenario", cls: Any, f: FaultSpec, rank: Any, step: A
             what = f"rank {side[0]}" if len(set(side)) == 1 else f"ranks {short(sorted(set(side)))}"
             return ("ranks", "rank"), (f"cutting off {what} leaves no rank on the other side "
                                        f"(workload.ranks={w.ranks}); name some ranks, not all")
-    from burnin.faults.corruption import NaN, Bitflip, workload_problem
 
     if cls.name in (Bitflip.name, NaN.name) and w.entry is None:  # a loop's own model: checked when it fires
         return workload_problem(cls.name, params, point=f.point, step=step, model=w.model,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import json
 import re
 import types
@@ -23,9 +24,8 @@ from pydantic import BaseModel, ValidationError
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from burnin.errors import ScenarioError
-from burnin.errors import oneline as _oneline
-from burnin.errors import short as _short
+from burnin.errors import ScenarioError, oneline as _oneline, short as _short
+from burnin.faults import registry
 from burnin.scenarios.schema import FaultSpec, Scenario, scenario_json_schema
 
 __all__ = [
@@ -152,8 +152,6 @@ def parse_scenario(raw: bytes | str, file: str = "<scenario>",
 def _locate_entry(scenario: Scenario, file: str, line: int | None, base: str | Path | None) -> Scenario:
     """The scenario with `workload.entry` made absolute (a script: relative to the scenario file's folder),
     once the script exists or the module can be found; a one-line error otherwise."""
-    import importlib.util
-
     entry = scenario.workload.entry
     where = {"file": file, "line": line, "field": "workload.entry"}
     if entry.endswith(".py"):
@@ -473,8 +471,6 @@ def _tag(tp: Any) -> str:
 
 
 def _params_model(spec: Any) -> Any:
-    from burnin.faults import registry
-
     try:
         return registry.get(spec["fault"]).Params
     except (registry.UnknownFault, KeyError, TypeError):

@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from burnin.faults import registry
 from burnin.faults.base import STEP_POINTS
-from burnin.scenarios.checks import (MAX_VARY_COMBINATIONS, NOT_A_BOOLEAN, boolean_for_number, check_fault,
-                                     invalid, params_model, rank_problem, short, step_problem)
+from burnin.scenarios.checks import (MAX_VARY_COMBINATIONS, NOT_A_BOOLEAN, boolean_for_number, check_fault, invalid,
+                                     params_model, rank_problem, short, step_problem)
 
 __all__ = [
     "OUTCOMES",
@@ -213,8 +214,6 @@ class VaryRange(_Model):
 
 
 def _known_fault(name: str) -> str:
-    from burnin.faults import registry
-
     try:
         registry.get(name)
     except registry.UnknownFault as exc:
@@ -224,8 +223,6 @@ def _known_fault(name: str) -> str:
 
 
 def _valid_params(params: dict[str, Any], fault: str | None) -> dict[str, Any]:
-    from burnin.faults import registry
-
     if fault is not None:
         # A ValidationError raised in a validator keeps its locations: faults.N.params.<field>
         params_model(registry.get(fault).Params, params)
@@ -234,8 +231,6 @@ def _valid_params(params: dict[str, Any], fault: str | None) -> dict[str, Any]:
 
 def _known_point(point: str, fault: str | None) -> None:
     """A step point that exists, and at which `fault` (when known) can act."""
-    from burnin.faults import registry
-
     if point not in STEP_POINTS:
         raise ValueError(f"unknown step point {short(point)}; expected one of: {', '.join(STEP_POINTS)}")
     if fault is not None:
@@ -292,8 +287,6 @@ class FaultSpec(_Model):
 
     def build(self):
         """The fault instance with validated parameters."""
-        from burnin.faults import registry
-
         cls = registry.get(self.fault)
         return cls(cls.Params.model_validate(self.params))
 
@@ -464,8 +457,6 @@ class Scenario(_Model):
 
 def scenario_json_schema() -> dict[str, Any]:
     """JSON Schema for scenario files, with each registered fault's parameters spelled out."""
-    from burnin.faults import registry
-
     schema = Scenario.model_json_schema()
     variants = []
     for cls in registry.all_faults():

@@ -28,6 +28,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from burnin.errors import UserError, oneline, short
@@ -120,8 +121,6 @@ def load(spec: str, flag: str = "--failure-model") -> FailureModel:
 
 
 def _parse(text: str, where: str, flag: str) -> FailureModel:
-    import yaml
-
     try:
         data = json.loads(text) if where.endswith(".json") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
