@@ -7,6 +7,7 @@ is never mistaken for the process a record names.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -83,8 +84,6 @@ def set_parent_death_signal() -> None:
     if os.environ.get("BURNIN_WORKER_PDEATHSIG", "1") == "0":
         return  # tests turn it off to show that `burnin cleanup` alone removes leftovers
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

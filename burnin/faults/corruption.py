@@ -159,7 +159,7 @@ class Bitflip(_TensorCorruption):
     disruptive = False
 
     def corrupt(self, tensor: Any, index: int, rng: random.Random) -> dict[str, Any]:
-        from burnin.faults.bits import draw_bit, flip_bit_
+        from burnin.faults.bits import draw_bit, flip_bit_  # lazy: torch, in the rank only
 
         p = self.params
         bit = p.bit if p.bit is not None else draw_bit(tensor.dtype, p.bit_class, rng)
@@ -177,7 +177,7 @@ class NaN(_TensorCorruption):
     disruptive = False
 
     def corrupt(self, tensor: Any, index: int, rng: random.Random) -> dict[str, Any]:
-        from burnin.faults.bits import set_value_
+        from burnin.faults.bits import set_value_  # lazy: torch, in the rank only
 
         if not tensor.dtype.is_floating_point:
             raise ValueError(f"{self.name}: {tensor.dtype} cannot hold {self.params.value}")
@@ -186,7 +186,7 @@ class NaN(_TensorCorruption):
 
 
 def _class_of(dtype: Any, bit: int) -> str:
-    from burnin.faults.bits import bits_of
+    from burnin.faults.bits import bits_of  # lazy: torch, in the rank only
 
     for cls in ("sign", "exponent", "mantissa_high", "mantissa_low"):
         if bit in bits_of(dtype, cls):
@@ -203,8 +203,6 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
     the bit is inside the element. Returns the fields to blame, the one to change first first
     ("point" and "step" are the FaultSpec's own, the others are params), and a message.
     """
-
-
     p = params
     target = p.target
     at = point or TARGET_POINTS[target]

@@ -31,7 +31,7 @@ def _reduction(ctx: Any, fault: str):
     if kernels != "triton":
         raise RuntimeError(f"{fault} acts on the Triton loss kernel, but this workload uses kernels={kernels!r}: "
                            "set workload.kernels: triton")
-    from burnin.kernels import reduction
+    from burnin.kernels import reduction  # lazy: torch, in the rank only
 
     return reduction
 

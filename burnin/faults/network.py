@@ -190,7 +190,7 @@ class _Silence(_NetworkEffect, Fault):
             time.sleep(d)
             return {"silent_s": d, "collective_timeout_s": timeout}
         time.sleep(max(0.0, timeout - 0.5))
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch, in the rank only
 
         error = getattr(dist, "DistNetworkError", RuntimeError)
         raise error(f"simulated {self.name.removesuffix('.simulated')}: rank {ctx.rank} cut off for {d:g} s, "
@@ -284,4 +284,5 @@ class NodeInterface:
 
 
 #: The faults this module adds to the built-in catalogue (`burnin.faults.registry` registers them).
-FAULTS = (LinkDown, Blackhole, Throttle, Partition, SimulatedLinkDown, SimulatedBlackhole, SimulatedPartition, SimulatedThrottle)
+FAULTS = (LinkDown, Blackhole, Throttle, Partition, SimulatedLinkDown, SimulatedBlackhole, SimulatedPartition,
+          SimulatedThrottle)

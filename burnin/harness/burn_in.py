@@ -237,7 +237,6 @@ class Clock:
     # -- every round of the supervisor's loop ------------------------------------------------------
 
     def poll(self, sup: Any, ranks: list[Any], now: float) -> None:
-
         end = self.clock0 + self.duration_s
         if now >= end and self.stopping_at is None:
             self._stop(ranks)
@@ -361,7 +360,6 @@ def replay(scenario: Scenario, run_dir: Path, run_id: str, window: dict[str, Any
 
 
 def _verifies(ckpt: Any, world_size: int) -> bool:
-
     try:
         checkpoint.verify(ckpt, world_size)
         return True
@@ -679,7 +677,6 @@ def _usage_trend(rollups: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
-
     atomic_write(run_dir / "burn-in.json", json.dumps(summary, indent=1, default=str).encode())
     # the realised schedule as a scenario `burnin run` takes: each fault at the step and point it hit (a
     # scenario names only the points where a fault can wait for the supervisor: one that landed mid-step

@@ -24,6 +24,7 @@ from burnin.harness.runner import make_run_dir, new_run_id
 from burnin.harness.supervisor import Supervisor
 from burnin.reports import history as hist
 from burnin.reports.html import write_campaign_report
+from burnin.reports.metrics import Metrics
 from burnin.reports.trials import CAMPAIGN_SCHEMA_VERSION, judge_trial, outcome_rates, wilson
 from burnin.reports.writers import write_html_safely
 from burnin.scenarios.campaign import draw_trials, is_recovery_campaign
@@ -141,8 +142,6 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
             on_event({**ev, "trials_done": len(done), "trials_total": trials})
 
     if metrics is None:
-        from burnin.reports.metrics import Metrics
-
         metrics = Metrics()
     metrics.set_run(scenario.name, run_dir.name)
     recovery = is_recovery_campaign(scenario)
@@ -210,7 +209,6 @@ def read_campaign_meta(run_dir: str | Path) -> tuple[int, int]:
 
 
 def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
-
     atomic_write(run_dir / "campaign.json", json.dumps(summary, indent=1).encode())
     lines = [f"# Campaign {summary['scenario']}: {summary['trials']} trials (seed {summary['seed']})", ""]
     if not summary.get("complete", True):

@@ -103,7 +103,7 @@ def _trial_record(trial: dict[str, Any], result: Any, events: list[dict[str, Any
 
 
 def _percentiles(xs: list[float]) -> dict[str, float | None]:
-    import numpy as np
+    import numpy as np  # lazy: numpy
 
     if not xs:
         return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}

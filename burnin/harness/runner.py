@@ -116,7 +116,6 @@ def make_run_dir(out: Path, run_id: str, scenario_json: str, metrics: Any = None
     """Create out/run_id (and out, if missing) with scenario.json in it; on failure remove what was
     made, stop `metrics`' server, and raise a one-line UserError."""
 
-
     run_dir = out / run_id
     # The outermost directory this call creates; None if run_dir is there already (never removed).
     first_new = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)

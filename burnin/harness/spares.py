@@ -29,6 +29,7 @@ torch here.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -57,8 +58,6 @@ def become_subreaper() -> bool:
     """Make this process the reaper of its orphaned descendants (Linux >= 3.4), so that spares forked
     by a zygote are its children. False where the kernel refuses: then the pool stays off."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_CHILD_SUBREAPER = 36
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0

@@ -106,7 +106,7 @@ def _from_history(selector: str, history: str | None) -> dict[str, Any]:
 # -- statistics ------------------------------------------------------------------------------------
 
 def _rate_metric(name: str, a: list[bool], b: list[bool], paired: bool, alpha: float, margin: float) -> dict[str, Any]:
-    from scipy import stats
+    from scipy import stats  # lazy: scipy, only for a test statistic
 
     na, nb = len(a), len(b)
     ka, kb = sum(a), sum(b)
@@ -163,8 +163,7 @@ def _rate_metric(name: str, a: list[bool], b: list[bool], paired: bool, alpha: f
 
 
 def _time_metric(name: str, a: list[float], b: list[float], alpha: float) -> dict[str, Any]:
-
-    from scipy import stats
+    from scipy import stats  # lazy: scipy, only for a test statistic
 
     out: dict[str, Any] = {"metric": name, "a": {"n": len(a), "median": statistics.median(a) if a else None},
                            "b": {"n": len(b), "median": statistics.median(b) if b else None}}

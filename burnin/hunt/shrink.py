@@ -125,8 +125,6 @@ def ddmin(items: list[Any], test: Callable[[list[Any]], bool | None]) -> list[An
 
 def shrink(run_dir: str | Path, *, max_runs: int = 40, out_file: str | Path | None = None,
            say: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, Any]:
-
-
     run_dir = Path(run_dir)
     try:
         data = json.loads((run_dir / "scenario.json").read_text())

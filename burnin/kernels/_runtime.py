@@ -32,7 +32,7 @@ def prepare(device: str) -> None:
     """
     global _INTERPRET
     if device == "auto":
-        import torch
+        import torch  # lazy: torch, in the rank only
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     want = device == "cpu"
@@ -54,8 +54,8 @@ def prepare(device: str) -> None:
 
 def _triton_interprets() -> bool:
     """Whether the imported triton runs its kernels in the interpreter."""
-    from triton.runtime.interpreter import InterpretedFunction
-    import triton.language.standard as std
+    from triton.runtime.interpreter import InterpretedFunction  # lazy: triton, only where a kernel runs
+    import triton.language.standard as std  # lazy: triton, only where a kernel runs
 
     return isinstance(std.max, InterpretedFunction)
 

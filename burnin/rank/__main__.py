@@ -29,7 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from burnin.core.events import EventWriter, read_events
 from burnin.errors import BurninError
+from burnin.rank.session import RunContext
+from burnin.rank.worker import run_rank
+from burnin.scenarios import load_scenario
 
 SUPERVISOR_ONLY = ("network.partition", "network.throttle", ".simulated", "storage.snapshot_corrupt")
 NODE_NIC = ("network.link_down", "network.blackhole")  # with --node-interface: the whole node's link
@@ -53,8 +57,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def prior_attempts(run_dir: Path) -> tuple[int, list[int]]:
     """(next attempt number, faults fired in earlier attempts) from the run's event streams."""
-    from burnin.core.events import read_events
-
     last, fired = -1, set()
     for path in sorted((run_dir / "ranks").glob("rank*.node*.jsonl")):
         for ev in read_events(path):
@@ -66,15 +68,12 @@ def prior_attempts(run_dir: Path) -> tuple[int, list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from burnin.rank.session import RunContext
-
     args = _parse(sys.argv[1:] if argv is None else argv)
     t_start = time.time()
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         _fail(f"{', '.join(missing)} not set: start this module with torchrun "
               f"(torchrun ... -m burnin.rank {args.scenario} --run-dir DIR)")
-    from burnin.scenarios import load_scenario
 
     try:
         scenario = load_scenario(args.scenario)
@@ -117,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     ctx = RunContext(spec, rank, world, events=None, self_inflicted=True)
     ctx.extra["on_pg"] = lambda: _open_stream(ctx, run_dir, node, t_start)
     _terminate_on_sigterm(ctx)
-    from burnin.rank.worker import run_rank
 
     run_rank(spec, ctx)
     return 0
@@ -126,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 def _open_stream(ctx: Any, run_dir: Path, node: int, t_start: float) -> None:
     """Once the group is formed: agree on the attempt and the faults fired before, open this rank's
     event stream, and say when this process started."""
-    import torch.distributed as dist
-
-    from burnin.core.events import EventWriter
+    import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
     choice: list[Any] = [prior_attempts(run_dir) if ctx.rank == 0 else None]
     dist.broadcast_object_list(choice, src=0)

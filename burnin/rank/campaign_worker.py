@@ -20,9 +20,9 @@ __all__ = ["run_trials"]
 
 def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tuple[float, str, float]],
                scenario: dict[str, Any], rank: int, world_size: int, events: Any) -> None:
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
-    from burnin.rank.state import state_hash
+    from burnin.rank.state import state_hash  # lazy: torch; `import burnin.rank` stays torch-free
 
     guard = run.guard
     guard.quiet = True
@@ -88,7 +88,7 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
     out: list[Any] = [None] * world_size
     dist.all_gather_object(out, obj)

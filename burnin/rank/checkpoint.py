@@ -24,7 +24,7 @@ __all__ = ["MODEL_FILE", "MANIFEST", "Checkpoint", "rank_file", "committed", "ve
 
 
 def _torch_bytes(obj: Any) -> bytes:
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -41,7 +41,7 @@ def save(root: str | Path, step: int, rank: int, world_size: int, rank_state: di
     required). Collective: every rank of the default process group must call it at the same step.
     Returns the committed checkpoint on rank 0, None elsewhere.
     """
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
     path = step_dir(Path(root), step)
     path.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def _prune(root: Path, keep: int) -> None:
 
 def load(ckpt: Checkpoint, rank: int, device: Any = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """(model_state, rank_state) of a verified checkpoint, loaded with weights_only=True."""
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     try:
         model_state = torch.load(ckpt.path / MODEL_FILE, map_location=device, weights_only=True)
@@ -99,7 +99,7 @@ def load(ckpt: Checkpoint, rank: int, device: Any = "cpu") -> tuple[dict[str, An
 
 def load_rank(ckpt: Checkpoint, rank: int) -> dict[str, Any]:
     """A verified checkpoint's rank state alone (the loop reads its own files)."""
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     try:
         return torch.load(ckpt.path / rank_file(rank), map_location="cpu", weights_only=True)

@@ -65,7 +65,7 @@ class Guard:
     # -- snapshots -------------------------------------------------------------------------
 
     def _take(self, next_step: int) -> _Snapshot:
-        from burnin.rank.state import capture_rank_state
+        from burnin.rank.state import capture_rank_state  # lazy: torch; `import burnin.rank` stays torch-free
 
         return _Snapshot(next_step, copy.deepcopy(self.model.state_dict()),
                          copy.deepcopy(self.optimizer.state_dict()), capture_rank_state(next_step),
@@ -73,7 +73,7 @@ class Guard:
                          {name: copy.deepcopy(obj.state_dict()) for name, obj in self.extra.items()})
 
     def _restore(self, snap: _Snapshot) -> None:
-        from burnin.rank.state import restore_rank_state
+        from burnin.rank.state import restore_rank_state  # lazy: torch; `import burnin.rank` stays torch-free
 
         self.model.load_state_dict(snap.model)
         self.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
@@ -178,8 +178,8 @@ class Guard:
             self.snap = self._take(step + 1)
 
     def _agree(self, level: int) -> int:
-        import torch
-        import torch.distributed as dist
+        import torch  # lazy: torch; `import burnin.rank` stays torch-free
+        import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
         t = torch.tensor([level], dtype=torch.int32)
         if next(self.model.parameters()).is_cuda:

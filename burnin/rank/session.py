@@ -68,7 +68,7 @@ class RunContext:
         """The `pg_ready` event, once: the process group is formed."""
         if self.pg_announced:
             return
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
         self.pg_announced = True
         if "on_pg" in self.extra:  # torchrun: the event stream opens once the group agreed on the attempt
@@ -139,7 +139,7 @@ class Session:
         self.snaps: Any = None
         if not self.active:
             return
-        import torch
+        import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
         ctx.announce_pg(next(iter(self.model.parameters()), torch.empty(0)).device)
         self._build(ddp_hook)
@@ -238,7 +238,7 @@ class Session:
 
     def _load(self, tier: str, start: int) -> None:
         """Put back the state of `start` from a memory snapshot or a verified checkpoint."""
-        from burnin.rank.state import restore_rank_state
+        from burnin.rank.state import restore_rank_state  # lazy: torch; `import burnin.rank` stays torch-free
 
         ctx = self.ctx
         device = next(iter(self.model.parameters())).device
@@ -331,7 +331,7 @@ class Session:
 
     def _close(self, step: int, loss: Any) -> int:
         """After the step's body: the next step to run (step + 1; the same step again, or an earlier one)."""
-        from burnin.rank.state import loss_bits, state_digests
+        from burnin.rank.state import loss_bits, state_digests  # lazy: torch; `import burnin.rank` stays torch-free
 
         events, ck = self.ctx.events, self.scenario["checkpoint"]
         self._t_compute = self.t_compute if self._t_compute is None else self._t_compute
@@ -372,7 +372,7 @@ class Session:
 
     def finish(self, final_step: int | None = None) -> None:
         """The `rank_finished` event: this rank's final state hash (steps() calls it at the end)."""
-        from burnin.rank.state import state_hash, state_norms
+        from burnin.rank.state import state_hash, state_norms  # lazy: torch; `import burnin.rank` stays torch-free
 
         if not self.active:
             return
@@ -388,7 +388,7 @@ class Session:
         return self._loss
 
     def _rank_state(self, step: int) -> dict[str, Any]:
-        from burnin.rank.state import capture_rank_state
+        from burnin.rank.state import capture_rank_state  # lazy: torch; `import burnin.rank` stays torch-free
 
         state = capture_rank_state(step)
         if self.extra:
@@ -396,7 +396,7 @@ class Session:
         return state
 
     def _checkpoint(self, done: int, keep: int) -> None:
-        from burnin.rank.state import state_hash
+        from burnin.rank.state import state_hash  # lazy: torch; `import burnin.rank` stays torch-free
 
         t_ck = time.time()
         ctx = self.ctx
@@ -420,7 +420,7 @@ class Session:
         from step 11 on; with two, a + b is b + a). So the loop runs step k once as a throwaway, with no
         fault, detector or event, and then loads the state of step k again, whatever the step changed
         (the loop's scheduler, say) put back by the same load as the resume's."""
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
         self._priming = True
         try:
@@ -437,7 +437,7 @@ class Session:
 
     def run_step(self, step: int, body: Callable[[int], Any]) -> tuple[float, str, float]:
         """Execute one step outside steps() (a data-fault campaign's trials): (loss, loss bits, grad norm)."""
-        from burnin.rank.state import loss_bits
+        from burnin.rank.state import loss_bits  # lazy: torch; `import burnin.rank` stays torch-free
 
         self.begin(step)
         loss = body(step)
@@ -455,7 +455,7 @@ def _allreduce_hook(session: Session, bucket):  # noqa: ANN001 -- DDP inspects t
     """DDP comm hook: the `after_backward` point on each local bucket, then the usual averaging.
 
     Always registered (golden runs too), so faulted and fault-free runs reduce the same way."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
     if session.t_compute is None:
         session.t_compute = time.perf_counter()
@@ -465,7 +465,7 @@ def _allreduce_hook(session: Session, bucket):  # noqa: ANN001 -- DDP inspects t
 
 
 def _grad_norm(model: Any) -> float:
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
@@ -491,7 +491,7 @@ def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, event
     Collective. Each rank offers the steps of its verified snapshots; rank 0 takes the newest one
     every rank has, verifies only the disk checkpoints newer than it (the newer tier wins; memory
     wins a tie: the same state, cheaper to load), and broadcasts the choice."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
     offered: list[Any] = [None] * world_size
     if snaps is not None:

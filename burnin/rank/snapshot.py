@@ -28,7 +28,7 @@ _SCALARS = frozenset((int, float, bool, str, type(None)))
 
 def _flatten(obj: Any, tensors: list[Any]) -> Any:
     """`obj` with every tensor replaced by a Ref into `tensors` (dicts, lists and tuples walked)."""
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     if isinstance(obj, torch.Tensor):
         tensors.append(obj)
@@ -45,7 +45,7 @@ def _flatten(obj: Any, tensors: list[Any]) -> Any:
 
 def _inline(obj: Any) -> Any:
     """`obj` with every tensor replaced by a Blob of its bytes (small states: RNGs)."""
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     if isinstance(obj, torch.Tensor):
         t = obj.detach().to("cpu").contiguous()
@@ -61,7 +61,7 @@ def _inline(obj: Any) -> Any:
 
 
 def _rebuild(obj: Any, tensors: list[Any]) -> Any:
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     if isinstance(obj, Ref):
         return tensors[obj.index]
@@ -78,7 +78,7 @@ def _rebuild(obj: Any, tensors: list[Any]) -> Any:
 
 
 def _dtype(name: str) -> Any:
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
@@ -111,7 +111,7 @@ def _structure(msd: dict[str, Any], ostate: dict[Any, Any]) -> tuple[list[Any], 
     """The tensors of a model state dict and an optimizer's state, in image order; a signature that
     changes whenever the layout would; and how to pickle the structure, with each tensor replaced
     by a reference to its place in that order (called only when the signature is new)."""
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     tensors = list(msd.values())
     for st in ostate.values():
@@ -179,8 +179,8 @@ class RankSnapshots:
         """(model/optimizer state, this rank's RNG state) of `step`, from every rank's shard.
 
         Collective: every rank calls it with the same step (one all-gather of the shards)."""
-        import torch
-        import torch.distributed as dist
+        import torch  # lazy: torch; `import burnin.rank` stays torch-free
+        import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
         slot = self._valid[step]
         meta = slot.meta
@@ -228,7 +228,7 @@ class RankSnapshots:
     def save(self, step: int, model: Any, optimizer: Any, rank_state: dict[str, Any]) -> None:
         """Commit the snapshot of `step` (= steps completed) to the slot not holding the newest one.
         SnapshotError when the slot cannot be allocated (shared memory full): nothing was written."""
-        import torch
+        import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
         msd, osd = model.state_dict(), optimizer.state_dict()
         tensors, sig, skeleton = _structure(msd, osd["state"])

@@ -26,6 +26,7 @@ from burnin.core.procs import set_parent_death_signal
 from burnin.errors import UserError
 from burnin.faults import registry
 from burnin.kernels import _runtime
+from burnin.rank.campaign_worker import run_trials
 from burnin.rank.session import RunContext, Session, _set_current
 
 __all__ = ["main", "run_rank", "run_entry", "train"]
@@ -48,11 +49,11 @@ def train(spec: dict[str, Any], ctx: Any) -> Any:
     rank API (`burnin.rank.session`) as a user's loop would. Returns the DDP module, which must not be
     freed before the process exits: freeing DDP's reducer joins a gloo thread that can wait forever
     for the GIL (seen at exit in benchmark runs), so `main` holds it until `os._exit`."""
-    import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
+    import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
+    from torch.nn.parallel import DistributedDataParallel as DDP  # lazy: torch; `import burnin.rank` stays torch-free
 
-    from burnin.rank.workload import GPT, MarkovData, gpt_config, make_optimizer
+    from burnin.rank.workload import GPT, MarkovData, gpt_config, make_optimizer  # lazy: torch
 
     sc = spec["scenario"]
     w, to = sc["workload"], sc["timeouts"]
@@ -110,8 +111,7 @@ def train(spec: dict[str, Any], ctx: Any) -> Any:
         return loss
 
     if "campaign" in spec:
-        from burnin.rank.campaign_worker import run_trials
-        from burnin.rank.state import state_hash
+        from burnin.rank.state import state_hash  # lazy: torch; `import burnin.rank` stays torch-free
 
         session.resume()
         run_trials(spec["campaign"], session, lambda step: session.run_step(step, one_step), sc, rank, world_size,
@@ -132,7 +132,7 @@ def run_entry(workload: dict[str, Any]) -> Any:
     arguments after `sys.argv` is set to the module name and the args. Returns what the function
     returned (a script: its globals), so nothing the loop built is freed before the process exits."""
 
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     entry, args = workload["entry"], list(workload.get("args") or [])
     # A spare was warmed up by burnin's own workload: put back what a fresh process would have.
@@ -167,14 +167,14 @@ def warm_up(device: str, threads: int, kernels: str) -> None:
     and DDP, the workload, the fault registry, and the Triton kernel in the loss (interpreter or compiler).
     Touches no RNG and no state that a run's bits depend on: a spare must train exactly as a new process."""
     _runtime.prepare(device)
-    import torch
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
     import torch.distributed  # noqa: F401
     from torch.nn.parallel import DistributedDataParallel  # noqa: F401
 
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     from burnin.rank import checkpoint, guard, injector, session, state  # noqa: F401
-    from burnin.rank.workload import make_optimizer
+    from burnin.rank.workload import make_optimizer  # lazy: torch; `import burnin.rank` stays torch-free
 
     registry.all_faults()
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -185,7 +185,7 @@ def warm_up(device: str, threads: int, kernels: str) -> None:
         p.grad = torch.zeros_like(p)
     opt.step()
     if kernels == "triton":
-        from burnin.kernels import reduction
+        from burnin.kernels import reduction  # lazy: torch; `import burnin.rank` stays torch-free
 
         reduction.cross_entropy(torch.zeros(4, 8, device=dev), torch.zeros(4, dtype=torch.long, device=dev))
 

@@ -110,7 +110,7 @@ class GPT(nn.Module):
         if cfg.kernels == "triton":
             # The caller has chosen how kernels run (burnin.kernels._runtime.prepare) before this import.
             try:
-                from burnin.kernels.reduction import cross_entropy
+                from burnin.kernels.reduction import cross_entropy  # lazy: torch; `import burnin.rank` stays torch-free
             except ImportError as exc:
                 raise RuntimeError(f"workload.kernels is 'triton' but triton cannot be imported ({exc}): "
                                    "install triton (Linux only), or set workload.kernels: torch") from None

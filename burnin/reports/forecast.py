@@ -82,7 +82,6 @@ def young_interval(delta: float, mtbf: float) -> float:
 
 def daly_interval(delta: float, mtbf: float) -> float:
     """Daly's higher-order optimum checkpoint interval (compute time between checkpoints):
-
     tau = sqrt(2 delta M) [1 + 1/3 sqrt(delta / 2M) + 1/9 (delta / 2M)] - delta   for delta < 2M,
     tau = M                                                                     otherwise.
 

@@ -108,9 +108,9 @@ _COLORS = {"disk restart": "#c0392b", "warm spares": "#2e86c1", "in-memory snaps
 
 def plot_svg(f: dict[str, Any]) -> str:
     """Goodput against GPU count (log x), a line per tier, as an SVG element (matplotlib, no display)."""
-    from matplotlib import rc_context
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib import rc_context  # lazy: matplotlib, only when a page is drawn
+    from matplotlib.figure import Figure  # lazy: matplotlib, only when a page is drawn
+    from matplotlib.ticker import FuncFormatter  # lazy: matplotlib, only when a page is drawn
 
     lo, hi = min([1000, *f["gpus"]]), max([100000, *f["gpus"]])
     grid = sorted({*f["gpus"], *(round(lo * (hi / lo) ** (i / 80)) for i in range(81))})

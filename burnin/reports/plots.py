@@ -48,13 +48,13 @@ _STYLE = {
 
 
 def _mpl() -> Any:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib, only when a page is drawn
 
     return matplotlib
 
 
 def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib, only when a page is drawn
 
     return Figure(figsize=(width, height), dpi=100)
 
@@ -490,7 +490,7 @@ def scorecard_plot(scorecard: list[dict[str, Any]]) -> str:
 
 
 def _draw_scorecard(fig: Any, scorecard: list[dict[str, Any]], dets: list[str]) -> None:
-    import numpy as np
+    import numpy as np  # lazy: numpy
 
     gs = fig.add_gridspec(1, 2, width_ratios=[max(len(dets), 1), 1], wspace=0.08)
     ax, ax_sdc = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from burnin.core.files import atomic_write_text
+from burnin.reports.html import write_run_report
 from burnin.reports.result import SCHEMA_VERSION, FaultResult, RunResult, is_simulated, passed
 from burnin.reports.verdict import exactness
 
@@ -56,8 +57,6 @@ def write_reports(result: RunResult, run_dir: Path, *, html: bool = False, event
 
 
 def _run_html(result: RunResult, run_dir: Path, events: list[dict[str, Any]] | None, golden: Any) -> Path:
-    from burnin.reports.html import write_run_report  # matplotlib comes with it: only here, after the run
-
     return write_run_report(result, run_dir, events=events, golden=golden)
 
 
