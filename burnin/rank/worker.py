@@ -168,12 +168,12 @@ def warm_up(device: str, threads: int, kernels: str) -> None:
     Touches no RNG and no state that a run's bits depend on: a spare must train exactly as a new process."""
     _runtime.prepare(device)
     import torch  # lazy: torch; `import burnin.rank` stays torch-free
-    import torch.distributed  # noqa: F401
-    from torch.nn.parallel import DistributedDataParallel  # noqa: F401
+    import torch.distributed  # noqa: F401  # lazy: torch, preloaded by a spare
+    from torch.nn.parallel import DistributedDataParallel  # noqa: F401  # lazy: torch, preloaded by a spare
 
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
-    from burnin.rank import checkpoint, guard, injector, session, state  # noqa: F401
+    from burnin.rank import state  # noqa: F401  # lazy: torch, preloaded by a spare
     from burnin.rank.workload import make_optimizer  # lazy: torch; `import burnin.rank` stays torch-free
 
     registry.all_faults()
