@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -433,10 +434,12 @@ def _cmd_burn_in(args: argparse.Namespace) -> int:
     return 0 if summary["ok"] else 1
 
 
-def _check_history_flag(value: str | None) -> None:
+def _check_history_flag(value: str | None, *, reading: bool = False) -> None:
+    """--history names a file: a new one, or a burnin history (commands that only read it: an existing one)."""
     if value is None or value == "off":
         return
     from burnin.harness.preflight import check_out_dir
+    from burnin.reports.history import check_history
 
     path = Path(value)
     try:
@@ -446,7 +449,13 @@ def _check_history_flag(value: str | None) -> None:
     if not value.strip() or is_dir:
         raise UserError(f"--history: {oneline(value)!r} is not a file path; give the path of a SQLite file "
                         "(created if missing), or `off`")
-    check_out_dir(path.absolute().parent, "--history")
+    if not reading:
+        check_out_dir(path.absolute().parent, "--history")
+    try:
+        check_history(path, must_exist=reading)
+    except OSError as exc:  # a path too long, a component that is a file, no permission
+        raise UserError(f"--history: cannot use {oneline(value)!r} ({oneline(exc.strerror or exc)}); give the path "
+                        "of a SQLite file") from None
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -456,7 +465,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise UserError(f"--alpha: {args.alpha} is not a significance level; use a number between 0 and 1, e.g. 0.05")
     if not 0 < args.margin < 1:
         raise UserError(f"--margin: {args.margin} is not a rate difference; use a number between 0 and 1, e.g. 0.05")
-    _check_history_flag(args.history)
+    _check_history_flag(args.history, reading=any(side.startswith("history:") for side in (args.a, args.b)))
     if args.html is not None:
         from burnin.harness.preflight import check_out_dir
 
@@ -487,7 +496,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_triage(args: argparse.Namespace) -> int:
     from burnin.hunt import triage as tr
 
-    _check_history_flag(args.history)
+    _check_history_flag(args.history, reading=not args.run_dirs)
     if args.run_dirs:
         runs, failures = tr.collect_dirs(args.run_dirs)
     else:
@@ -588,12 +597,17 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
     from burnin.reports import history as hist
 
-    _check_history_flag(args.history)
+    _check_history_flag(args.history, reading=True)
     if args.limit < 0:
         raise UserError(f"--limit: {args.limit} is negative; give 0 (all) or more")
     path = hist.history_path(args.history)
     if path is None:
         raise UserError("--history: the history is off (BURNIN_HISTORY=off); give a path")
+    if not path.exists():  # the default place (or $BURNIN_HISTORY), before anything was recorded
+        print(f"no runs recorded yet: no history at {path}")
+        return 0
+    hist.check_history(path, flag="BURNIN_HISTORY" if os.environ.get("BURNIN_HISTORY") and not args.history
+                       else "--history")
     rows = hist.select_runs(path, scenario=args.scenario, kind=args.kind, commit=args.commit, limit=args.limit or None)
     if args.json:
         for r in rows:

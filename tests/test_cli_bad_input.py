@@ -273,7 +273,8 @@ _flag_values = {
         "--trials": st.one_of(st.integers(-3, 40), st.sampled_from([1_000_000 + 1, 10**12, -10**12])).map(_as_str),
         "--seed": st.one_of(st.integers(-3, 2**64), st.sampled_from(["x", ""])).map(_as_str),
         "--resume": st.sampled_from(["afile", "/dev/null", "missing", "ro", ".", "", "/proc", "\x00"]),
-        "--history": _paths.map(lambda p: p + ".sqlite" if p and p[-1:].isalnum() else p) | st.just("off"),
+        "--history": _paths.map(lambda p: p + ".sqlite" if p and p[-1:].isalnum() else p) | _paths
+        | st.sampled_from(["off", "notadb", "other.sqlite", "empty.sqlite"]),
     },
     "burn-in": {
         "--out": _paths | st.text(max_size=12),
@@ -307,6 +308,9 @@ def _argv(draw: st.DrawFn) -> list[str]:
 def fuzz_dir(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("cli-fuzz")
     (d / "afile").write_text("x")
+    (d / "notadb").write_bytes(b"SQLite format 2\x00 and then garbage")
+    _other_database(d / "other.sqlite")
+    (d / "empty.sqlite").write_bytes(b"")
     (d / "loop").symlink_to(d / "loop")
     (d / "ro").mkdir()
     # a read-only mount where root may mount one; a plain directory elsewhere
@@ -399,3 +403,74 @@ def test_cuda_probe_asks_torch_only_when_a_driver_is_there(monkeypatch: pytest.M
     answer = (1, "", "Traceback ...\nModuleNotFoundError: No module named 'torch'\n")
     count, why = probe()
     assert count == 0 and "No module named 'torch'" in why and "\n" not in why
+
+
+# -- the history a reading command is given -------------------------------------------------------------
+
+
+def _other_database(path: Path) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE notes (x TEXT)")
+    con.commit()
+    con.close()
+
+
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    from burnin.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:
+            rc = exc.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+_READERS = [["history"], ["history", "--json"], ["triage"], ["compare", "history:smoke", "history:smoke"]]
+
+
+@pytest.mark.parametrize("command", _READERS, ids=lambda c: " ".join(c))
+@pytest.mark.parametrize("kind", ["not-a-database", "another-database", "missing", "missing-directory", "directory"])
+def test_a_history_that_is_not_one(command: list[str], kind: str, tmp_path: Path) -> None:
+    """`history`, `triage` and `compare history:` refuse a history they cannot read, in one line and exit 2,
+    and create nothing."""
+    path = {"not-a-database": tmp_path / "h.db", "another-database": tmp_path / "other.sqlite",
+            "missing": tmp_path / "none.sqlite", "missing-directory": tmp_path / "no" / "such" / "h.db",
+            "directory": tmp_path}[kind]
+    if kind == "not-a-database":
+        path.write_text("this is not an SQLite database\n")
+    elif kind == "another-database":
+        _other_database(path)
+    before = _files_under(tmp_path)
+    rc, out, err = _main([*command, "--history", str(path)])
+    assert rc == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("burnin: error: --history: "), err
+    assert "Traceback" not in err
+    assert _files_under(tmp_path) == before
+
+
+def test_history_without_a_flag_and_nothing_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BURNIN_HISTORY", str(tmp_path / "never" / "h.sqlite"))
+    rc, out, err = _main(["history"])
+    assert rc == 0 and "no runs recorded yet" in out and err == ""
+    assert not (tmp_path / "never").exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(content=st.one_of(st.binary(max_size=200), st.binary(max_size=200).map(lambda b: b"SQLite format 3\x00" + b)),
+       command=st.sampled_from(_READERS))
+def test_fuzz_history_files(content: bytes, command: list[str], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Whatever bytes the history file holds, a reading command lists it or refuses it in one line; it
+    never writes to it."""
+    path = tmp_path_factory.mktemp("fuzz-history") / "h.sqlite"
+    path.write_bytes(content)
+    rc, out, err = _main([*command, "--history", str(path)])
+    event(f"exit {rc}")
+    assert rc in (0, 2), (content, rc, err)
+    if rc == 2:
+        assert len(err.strip().splitlines()) == 1 and err.startswith("burnin: error: "), (content, err)
+    assert "Traceback" not in err
+    assert path.read_bytes() == content

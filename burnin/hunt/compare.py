@@ -92,7 +92,7 @@ def _from_history(selector: str, history: str | None) -> dict[str, Any]:
     runs = hist.select_runs(path, scenario=scenario or None, commit=commit or None)
     if not runs:
         raise UserError(f"compare: history:{selector} selects no runs in {path}; see `burnin history`")
-    con = hist.connect(path)
+    con = hist.reader(path)
     try:
         ids = [r["run_id"] for r in runs]
         q = f"SELECT outcome, detected_by, exact, recovery_s, lost_steps FROM faults WHERE run_id IN ({', '.join('?' * len(ids))})"

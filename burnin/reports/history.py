@@ -22,9 +22,11 @@ import subprocess
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path, Path as _P
+from pathlib import Path
+from urllib.parse import quote
 from typing import Any
 
+from burnin.errors import UserError, oneline
 from burnin.reports.trials import judge_trial
 
 __all__ = ["history_path", "connect", "record_run", "record_campaign", "record_burn_in", "select_runs",
@@ -76,6 +78,48 @@ def connect(path: Path) -> sqlite3.Connection:
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA busy_timeout=30000")
     con.executescript(SCHEMA)
+    return con
+
+
+def check_history(path: Path, *, flag: str = "--history", must_exist: bool = False) -> None:
+    """Bad input stops here, with one line and nothing created: a history that is a directory, a file
+    that is not an SQLite database or not burnin's, or (`must_exist`, for the commands that read it) no
+    file at all."""
+    shown = oneline(path)
+    if not path.exists():
+        if must_exist:
+            raise UserError(f"{flag}: no history at {shown}; record runs first (`burnin run` records each one), "
+                            "or give the path of an existing history")
+        return
+    if not path.is_file():
+        raise UserError(f"{flag}: {shown} is not a file; give the path of a burnin history (an SQLite file)")
+    _tables(path, flag)
+
+
+def _tables(path: Path, flag: str = "--history") -> set[str]:
+    """The tables of an existing history, read-only; a one-line UserError when it is no SQLite database,
+    or one that burnin did not write."""
+    try:
+        con = sqlite3.connect(f"file:{quote(str(path.absolute()))}?mode=ro", uri=True, timeout=30.0)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise UserError(f"{flag}: {oneline(path)} is not a burnin history ({oneline(exc)}); give the path of one, "
+                        "or of a new file") from None
+    if tables and "runs" not in tables:
+        raise UserError(f"{flag}: {oneline(path)} is an SQLite database but not a burnin history (it has no runs "
+                        "table); give the path of a history, or of a new file")
+    return tables
+
+
+def reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection to an existing history (reading never creates nor changes the file)."""
+    if "runs" not in _tables(path):
+        raise UserError(f"--history: {oneline(path)} is empty: no runs recorded yet")
+    con = sqlite3.connect(f"file:{quote(str(path.absolute()))}?mode=ro", uri=True, timeout=30.0)
+    con.row_factory = sqlite3.Row
     return con
 
 
@@ -178,7 +222,7 @@ def _explained(result: Any, failure: Any) -> str | None:
 def record_campaign(summary: dict[str, Any], trials: list[dict[str, Any]], path: Path | None,
                     started_at: float) -> None:
     """A campaign: its summary's figures, and each trial as a fault row (with its failures for process trials)."""
-    run_id = _P(summary["run_dir"]).name
+    run_id = Path(summary["run_dir"]).name
     figures = {k: summary.get(k) for k in ("kind", "trials", "outcomes", "exact", "seed", "complete")}
     if summary.get("kind") == "recovery":
         figures["recovery_s"] = summary["recovery_s"]["total_s"]
@@ -208,7 +252,7 @@ def record_campaign(summary: dict[str, Any], trials: list[dict[str, Any]], path:
 
 
 def record_burn_in(summary: dict[str, Any], result: Any, path: Path | None, started_at: float) -> None:
-    run_id = _P(summary["run_dir"]).name
+    run_id = Path(summary["run_dir"]).name
     figures = {"health": {str(r["rank"]): r["verdict"] for r in summary["health"]["ranks"]},
                "faults": summary["faults"]["by_outcome"], "goodput_steps": summary["steps"]["goodput_steps"],
                "duration_s": summary["duration_s"]}
@@ -225,10 +269,9 @@ def record_burn_in(summary: dict[str, Any], result: Any, path: Path | None, star
 def select_runs(path: Path, *, scenario: str | None = None, kind: str | None = None, commit: str | None = None,
                 limit: int | None = None) -> list[dict[str, Any]]:
     """Runs, newest first, filtered."""
-    if not path.exists():
+    if not path.exists() or "runs" not in _tables(path):
         return []
-    con = connect(path)
-    con.row_factory = sqlite3.Row
+    con = reader(path)
     try:
         where, args = [], []
         for col, val in (("scenario", scenario), ("kind", kind)):
@@ -249,8 +292,7 @@ def select_runs(path: Path, *, scenario: str | None = None, kind: str | None = N
 def failures_of(path: Path, run_ids: list[str]) -> list[dict[str, Any]]:
     if not path.exists() or not run_ids:
         return []
-    con = connect(path)
-    con.row_factory = sqlite3.Row
+    con = reader(path)
     try:
         q = f"SELECT * FROM failures WHERE run_id IN ({', '.join('?' * len(run_ids))})"
         return [dict(r) for r in con.execute(q, run_ids)]
