@@ -118,3 +118,27 @@ def processes_of_run(run_id: str) -> list[int]:
         if f"BURNIN_RUN_ID={run_id}".encode() in env.split(b"\0") and state != "Z":
             found.append(int(proc.name))
     return found
+
+
+# Where the suite's time goes: with BURNIN_TEST_CPU=FILE, one JSON line per test with its wall time and
+# the CPU seconds of this process and of the processes it waited for (the runs it started).
+_CPU_LOG = os.environ.get("BURNIN_TEST_CPU")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    if not _CPU_LOG:
+        yield
+        return
+    import resource
+    import time
+
+    def cpu() -> float:
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+    t0, c0 = time.perf_counter(), cpu()
+    yield
+    with open(_CPU_LOG, "a") as fh:
+        fh.write(json.dumps({"test": item.nodeid, "wall_s": round(time.perf_counter() - t0, 2),
+                             "cpu_s": round(cpu() - c0, 2)}) + "\n")
