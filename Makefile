@@ -1,11 +1,13 @@
 # The two commands of the README: `make demo` (set up, run the default scenario) and `make test`
-# (set up, run the whole suite). Set-up pins the CPU build of torch through constraints.txt.
+# (set up, run the whole suite). `make check` is the edit loop's tier (a few minutes): the floors of the
+# package, the unit tests, validation and fuzzing, and one end-to-end run. Set-up pins the CPU build of
+# torch through constraints.txt.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup sysdeps demo test bench clean
+.PHONY: setup sysdeps demo test check bench clean
 
 setup: $(STAMP)
 
@@ -43,8 +45,16 @@ sysdeps:
 	  elif [ -x /etc/init.d/$$svc ]; then /etc/init.d/$$svc stop >/dev/null 2>&1 || true; fi; \
 	done
 
+# Two pytest workers (xdist) on a 2-core machine: much of a multi-process test is waiting (heartbeats,
+# collective timeouts, restarts), and the workers share one golden cache (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: setup sysdeps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+
+check: setup
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow or check" --durations=10
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -20,7 +22,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     # One golden cache for the whole session, shared by the xdist workers (the cache is safe under
     # concurrent writers): scenarios with the same workload share a golden run.
     base = tmp_path_factory.getbasetemp()
@@ -28,9 +30,19 @@ def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
     cache = shared / "burnin-cache"
     cache.mkdir(exist_ok=True)
     os.environ["BURNIN_CACHE_DIR"] = str(cache)
+    os.environ["BURNIN_GOLDEN_CACHE_MAX"] = "0"  # no bound: the suite's ~40 workloads each computed once
     os.environ["BURNIN_STATE_DIR"] = str(tmp_path_factory.mktemp("burnin-state"))
     # The run history of the whole session, away from the user's (tests that read it set their own).
     os.environ["BURNIN_HISTORY"] = str(tmp_path_factory.mktemp("burnin-history") / "history.sqlite")
+    # Memory snapshots in shared memory of this session's own: a test's `burnin cleanup --force` sweeps
+    # every snapshot directory it finds, and must not sweep those of the runs another xdist worker has
+    # going. (The state directory, where runs register, is this session's already.)
+    shm = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else base
+    session_shm = shm / f"burnin-tests-{os.getpid()}"
+    session_shm.mkdir(exist_ok=True)
+    os.environ["BURNIN_SHM_DIR"] = str(session_shm)
+    yield
+    shutil.rmtree(session_shm, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -60,6 +72,22 @@ def gloo(tmp_path_factory: pytest.TempPathFactory):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=30))
     yield
     dist.destroy_process_group()
+
+
+#: A run that is still training long after it started, with a short golden run: rank 0 straggles a
+#: second per step from step 6 on (the golden run is fault-free, so it takes seconds).
+LONG_RUN = """\
+name: long-run
+workload: {model: tiny, ranks: 2, steps: 60, threads: 1}
+faults:
+  - {fault: process.straggler, rank: 0, step: 6, params: {delay_s: 1.0, steps: 50}, expect: [masked, recovered]}
+"""
+
+
+def long_run(tmp_path: Path) -> Path:
+    path = tmp_path / "long-run.yaml"
+    path.write_text(LONG_RUN)
+    return path
 
 
 def main_in(directory: Path, argv: list[str]) -> tuple[int, str]:

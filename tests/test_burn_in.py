@@ -17,10 +17,11 @@ from burnin.harness.burn_in import draw_schedule, parse_duration
 from burnin.core.events import EventWriter, Tail, read_events
 from burnin.scenarios import load_scenario
 
-# health.slowdown_ratio: the slowdown check compares a rank with its own best period, so a test machine
-# busy with other work in the run's last third slows every rank "down" (measured: 2.7x beside a parallel
-# test run): load from outside, not the hardware under test. These tests check recovery, exactness and
-# the verdict's other reasons; the threshold is raised out of their way.
+# The speed thresholds of the health verdict are raised out of the way: a test machine busy with other
+# work slows a rank against its own best period ("slowdown", measured 2.7x beside a parallel test run)
+# and one rank against the other for seconds at a time ("straggler", measured 1.74x beside an xdist run
+# of the suite): load from outside, not the hardware under test. These tests check recovery, exactness
+# and the verdict's other reasons; the one that checks a straggler makes one 2x slower on purpose.
 MIX = """\
 name: mix
 workload: {{model: tiny, ranks: 2, threads: 1}}
@@ -32,15 +33,16 @@ burn_in:
   seed: {seed}
   quiet_start_s: 4
   quiet_end_s: 3
-  health: {{slowdown_ratio: 20}}
+  health: {health}
   faults:
 {faults}
 """
 
 
-def _scenario(tmp_path: Path, faults: str, duration: float = 60, seed: int = 0) -> Path:
+def _scenario(tmp_path: Path, faults: str, duration: float = 60, seed: int = 0,
+              health: str = "{slowdown_ratio: 20, straggler_ratio: 20}") -> Path:
     path = tmp_path / "mix.yaml"
-    path.write_text(MIX.format(duration=duration, seed=seed, faults=faults))
+    path.write_text(MIX.format(duration=duration, seed=seed, faults=faults, health=health))
     return path
 
 
@@ -160,7 +162,7 @@ def test_a_slow_rank_and_failures_nobody_injected_are_the_findings(tmp_path: Pat
     schedule explains. Rank 1 is degraded, rank 0 faulty (a lemon), exit 1."""
     mix = ("    - {fault: process.straggler, mtbf_s: 3, ranks: [1], params: {delay_s: 0.03, steps: 40},"
            " expect: [masked, recovered]}\n")
-    scenario = _scenario(tmp_path, mix, duration=30)
+    scenario = _scenario(tmp_path, mix, duration=30, health="{slowdown_ratio: 20}")
     out = tmp_path / "runs"
     proc = subprocess.Popen(burnin_cmd("burn-in", str(scenario), "--out", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import burnin_cmd, processes_of_run, run_cli, run_dir_of, summary_of
+from conftest import burnin_cmd, long_run, processes_of_run, run_cli, run_dir_of, summary_of
 from prometheus_client.parser import text_string_to_metric_families
 
 from burnin.core.events import read_events
@@ -77,6 +77,7 @@ def test_exception_in_step_recovers(tmp_path: Path) -> None:
     assert s["failures"][0]["signature"].startswith("exception: InjectedFault")
 
 
+@pytest.mark.check
 def test_default_scenario_is_smoke_and_passes(tmp_path: Path) -> None:
     proc = run_cli("run", "--out", str(tmp_path))
     s = _check_recovered(tmp_path, proc, 5)
@@ -159,7 +160,7 @@ def test_sigterm_tears_down_and_reports(tmp_path: Path) -> None:
 
 def _interrupt(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "runs"
-    proc = subprocess.Popen(burnin_cmd("run", "kill-rank", "--steps", "400", "--out", str(out)),
+    proc = subprocess.Popen(burnin_cmd("run", str(long_run(tmp_path)), "--out", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_id = _wait_for_steps(out, proc)
     assert processes_of_run(run_id), "ranks should be running"
@@ -176,7 +177,7 @@ def test_cleanup_after_supervisor_sigkill(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     # Parent-death signals off, so only `burnin cleanup` can remove what the supervisor leaves.
     env = {**os.environ, "BURNIN_WORKER_PDEATHSIG": "0"}
-    proc = subprocess.Popen(burnin_cmd("run", "kill-rank", "--steps", "400", "--out", str(out)),
+    proc = subprocess.Popen(burnin_cmd("run", str(long_run(tmp_path)), "--out", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     run_id = _wait_for_steps(out, proc)
     proc.kill()
@@ -200,7 +201,7 @@ def test_cleanup_after_supervisor_sigkill(tmp_path: Path) -> None:
 
 def test_ranks_die_with_their_supervisor(tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    proc = subprocess.Popen(burnin_cmd("run", "kill-rank", "--steps", "400", "--out", str(out)),
+    proc = subprocess.Popen(burnin_cmd("run", str(long_run(tmp_path)), "--out", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_id = _wait_for_steps(out, proc)
     proc.kill()
@@ -218,7 +219,7 @@ def test_ranks_die_with_their_supervisor(tmp_path: Path) -> None:
     assert not [p for p, owner in snapshot.leftovers() if owner.get("run_id") == run_id]
 
 
-def _wait_for_steps(out: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
+def _wait_for_steps(out: Path, proc: subprocess.Popen, timeout: float = 300) -> str:
     """Wait until the faulted run (not the golden one) has completed a few steps; its run id."""
     deadline = time.time() + timeout
     while time.time() < deadline:

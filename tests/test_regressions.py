@@ -113,7 +113,8 @@ def _campaign(tmp_path: Path, tag: str, detectors: str, trials: int) -> Path:
 def test_compare_says_same_worse_and_not_comparable_when_it_should(tmp_path: Path) -> None:
     on = "{nonfinite: {}, fingerprint: {every: 1}}"
     a = _campaign(tmp_path, "on1", on, 20)
-    b = _campaign(tmp_path, "on2", on, 20)      # the same seed and trials: the same campaign again
+    # the same campaign again (same seed, same trials: a campaign is deterministic, tests/test_sdc.py)
+    b = Path(shutil.copytree(a, tmp_path / "runs-on2" / a.name))
     off = _campaign(tmp_path, "off", "{}", 20)  # the same trials, no detector
     # same seed, same trials: paired, and every metric the same (20 trials fit a 0.25 margin)
     same = run_cli("compare", str(a), str(b), "--margin", "0.25", "--json", "--fail-on", "not-comparable")
@@ -132,7 +133,8 @@ def test_compare_says_same_worse_and_not_comparable_when_it_should(tmp_path: Pat
     md = run_cli("compare", str(a), str(off))
     assert "McNemar" in md.stdout and "worse" in md.stdout
     # 5 trials against 5: the samples cannot tell, and say how many would
-    five_a, five_b = _campaign(tmp_path, "five1", on, 5), _campaign(tmp_path, "five2", on, 5)
+    five_a = _campaign(tmp_path, "five1", on, 5)
+    five_b = Path(shutil.copytree(five_a, tmp_path / "runs-five2" / five_a.name))
     c5 = compare(load_side(str(five_a)), load_side(str(five_b)))
     rates = [m for m in c5["metrics"] if "rate" in m["metric"]]
     assert rates and all(m["verdict"] == "not comparable" and m["trials_needed"] > 5 for m in rates), rates

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import burnin_cmd, processes_of_run, run_cli, run_dir_of, summary_of
+from conftest import burnin_cmd, long_run, processes_of_run, run_cli, run_dir_of, summary_of
 
 from burnin.core.events import read_events
 
@@ -119,7 +119,7 @@ def test_an_empty_pool_still_recovers_and_says_why(tmp_path: Path) -> None:
 def test_cleanup_removes_the_spares_of_a_sigkilled_supervisor(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     env = {**os.environ, "BURNIN_WORKER_PDEATHSIG": "0"}  # only `burnin cleanup` may remove them
-    proc = subprocess.Popen(burnin_cmd("run", "kill-rank", "--steps", "400", "--out", str(out)),
+    proc = subprocess.Popen(burnin_cmd("run", str(long_run(tmp_path)), "--out", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     spares: list[int] = []

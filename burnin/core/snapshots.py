@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from burnin.core.files import atomic_write_text
 from burnin.core.procs import process_start_time, state_dir
 
 __all__ = ["SnapshotError", "Slot", "create_dir", "remove_dir", "leftovers", "sweep", "shm_root", "status",
@@ -100,8 +101,9 @@ def create_dir(run_id: str) -> Path:
     if path.exists():  # a leftover of an earlier run with the same id: never resume from it
         shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True, mode=0o700)
-    (path / OWNER).write_text(json.dumps({"run_id": run_id, "supervisor_pid": os.getpid(),
-                                          "supervisor_start": process_start_time(os.getpid())}))
+    # atomically: a sweep by another process (a concurrent run, `burnin cleanup`) never reads half of it
+    atomic_write_text(path / OWNER, json.dumps({"run_id": run_id, "supervisor_pid": os.getpid(),
+                                                "supervisor_start": process_start_time(os.getpid())}))
     return path
 
 
