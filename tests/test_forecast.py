@@ -238,6 +238,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir_of(out)
 
 
+@pytest.mark.slow
 def test_forecast_of_a_real_run(real_run: Path, tmp_path: Path) -> None:
     proc = run_cli("forecast", str(real_run), timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -274,6 +275,7 @@ def test_forecast_of_a_real_run(real_run: Path, tmp_path: Path) -> None:
     assert all(w["goodput"] >= c["goodput"] for w, c in zip(warm, cold))
 
 
+@pytest.mark.slow
 def test_user_text_is_escaped_in_the_page(real_run: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -206,6 +206,7 @@ def test_cleanup_golden_rejects_an_unknown_mode() -> None:
 
 # -- real golden runs -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_golden_run_leaves_only_its_record(cache: Path) -> None:
     from burnin.scenarios.loader import parse_scenario
 
@@ -247,6 +248,7 @@ def _long_scenario(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_interrupted_golden_run_leaves_no_checkpoints(cache: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(burnin_cmd("run", str(_long_scenario(tmp_path)), "--out", str(tmp_path / "runs"), *_LONG),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -262,6 +264,7 @@ def test_interrupted_golden_run_leaves_no_checkpoints(cache: Path, tmp_path: Pat
     assert [p for p in cache.glob("*/*") if p.name != "golden.json"] == []
 
 
+@pytest.mark.slow
 def test_failed_golden_run_keeps_its_logs_not_its_checkpoints(cache: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(burnin_cmd("run", str(_long_scenario(tmp_path)), "--out", str(tmp_path / "runs"), *_LONG),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

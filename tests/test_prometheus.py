@@ -264,6 +264,7 @@ def _totals_in_prometheus(prom: _Server, sel: str, wrap: Callable[[str], str]) -
 # -- the run, seen through Prometheus --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_counters_equal_the_event_log_through_restarts(run, prometheus, pushgateway):
     """Pushed and scraped, the totals are the events': a restart neither resets nor repeats a count."""
     want = _expected_totals(run)
@@ -295,6 +296,7 @@ def test_counters_equal_the_event_log_through_restarts(run, prometheus, pushgate
     assert totals["burnin_useful_steps_total"] == want["useful"]
 
 
+@pytest.mark.slow
 def test_recording_rules_give_the_expected_ratios(run, prometheus):
     faults = [f for f in run["summary"]["faults"] if f["injected"]]
     failing = ("detected", "sdc", "failed")
@@ -333,6 +335,7 @@ def test_recording_rules_give_the_expected_ratios(run, prometheus):
                          for q in ("0.5", "0.9", "0.99")}
 
 
+@pytest.mark.slow
 def test_sdc_alert_fires(run, prometheus):
     def sdc_alerts() -> list[dict[str, Any]]:
         return [a for a in _api(prometheus, "/api/v1/alerts")["alerts"]
@@ -357,6 +360,7 @@ def test_sdc_alert_fires(run, prometheus):
     assert set(ratio) == {"corruption.bitflip", "process.kill"}
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_evaluates(run, prometheus):
     dashboard = json.loads((PROM_FILES / "dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -373,6 +377,7 @@ def test_every_dashboard_query_evaluates(run, prometheus):
     assert not empty, f"dashboard queries with no data after a real run: {empty}"
 
 
+@pytest.mark.slow
 def test_textfile_flag_writes_the_final_metrics_atomically(run):
     def samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         return {(s.name, tuple(sorted(s.labels.items()))): s.value

@@ -90,6 +90,7 @@ def _properties(xml_path, test_name: str) -> dict[str, str]:
     return {p.get("name"): p.get("value") for p in case.iter("property")}
 
 
+@pytest.mark.slow
 def test_a_user_project_passes_and_reports_its_figures(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_reliability=PASSING, train=(EXAMPLE / "train.py").read_text())
     pytester.makeini("[pytest]\nburnin_out = runs\nburnin_history = history.sqlite\n")
@@ -114,6 +115,7 @@ def test_a_user_project_passes_and_reports_its_figures(pytester: pytest.Pytester
         assert sorted(r[0] for r in con.execute("SELECT scenario FROM runs")) == ["kill-rank", "user-loop-kill"]
 
 
+@pytest.mark.slow
 def test_failed_expectations_and_bad_input_fail_tests_in_one_message(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_reliability=FAILING)
     result = pytester.runpytest_subprocess("--burnin-out", "out", "-p", "no:cacheprovider", "-rfE")

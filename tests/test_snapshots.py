@@ -199,6 +199,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_write_leaves_its_other_slot(tmp_path: Path) -> None:
     """Real SIGKILLs at random moments of a loop of saves: whatever is left verifies or is rejected,
     never loads wrong, and the newest committed step is always there."""
