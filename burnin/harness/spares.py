@@ -267,18 +267,17 @@ class SparePool:
 
     def close(self) -> None:
         """Stop the pool: closing its stdin ends a zygote, closing its FIFO a spare; a kill the rest."""
-
         self.closed = True
-        procs: list[Any] = []
+        waiting: list[Any] = []
         for spare in self.spares.values():
             _close(spare.stdin)
             if spare.resolve() is not None:
-                procs.append(spare.proc)
+                waiting.append(spare.proc)
         for z in self.zygotes.values():
             _close(z.proc.stdin)
-            procs.append(z.proc)
+            waiting.append(z.proc)
         deadline = time.time() + 1.0
-        for proc in procs:
+        for proc in waiting:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
