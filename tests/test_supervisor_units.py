@@ -261,18 +261,18 @@ def test_a_writer_killed_mid_stream_leaves_a_readable_log(tmp_path: Path) -> Non
 @pytest.fixture
 def spawned():
     """Processes a test starts; whatever is left of them is killed and reaped afterwards."""
-    procs: list[subprocess.Popen] = []
+    started: list[subprocess.Popen] = []
 
     def spawn(run_id: str | None) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if k != "BURNIN_RUN_ID"}
         if run_id is not None:
             env["BURNIN_RUN_ID"] = run_id
         p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
-        procs.append(p)
+        started.append(p)
         return p
 
     yield spawn
-    for p in procs:
+    for p in started:
         if p.poll() is None:
             p.kill()
         p.wait(timeout=10)
