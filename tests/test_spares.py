@@ -28,9 +28,10 @@ def test_kill_is_recovered_by_warm_spares_exactly(tmp_path: Path) -> None:
     events = _events(tmp_path)
     used = [e for e in events if e["event"] == "spare_used" and e["attempt"] == 1]
     assert sorted(e["rank"] for e in used) == [0, 1] and all(e["ready"] for e in used)
-    # every rank of the run is a fork of its slot's warm zygote, the first attempt's too
+    # every rank of the run is a fork of the warm zygote, the first attempt's too: on the loopback fabric
+    # one zygote serves every slot (a run pays one warm-up)
     zygotes = {e["slot"]: e["pid"] for e in events if e["event"] == "zygote_started"}
-    assert sorted(zygotes) == [0, 1]
+    assert sorted(zygotes) == [0] and all(e["shared"] for e in events if e["event"] == "zygote_started")
     started = [e for e in events if e["event"] == "rank_started"]
     assert len(started) == 4 and all(e["spare"] and e["warm_s"] > 0 for e in started)
     # the spares became the ranks: the new attempt's ranks are the spares' processes
@@ -79,9 +80,9 @@ def test_back_to_back_kills_are_both_recovered_by_warm_spares(tmp_path: Path) ->
 
 
 def test_an_empty_pool_still_recovers_and_says_why(tmp_path: Path) -> None:
-    """The zygotes die (SIGKILL from outside, as the OOM killer would) while rank 0 straggles: the first
-    kill still finds the spares they had forked, but the refill must start new zygotes, which take
-    seconds to warm up; the second kill, one step later, waits for them, and the report says so."""
+    """The zygote dies (SIGKILL from outside, as the OOM killer would) while rank 0 straggles: the first
+    kill still finds the spares it had forked, but the refill must start a new zygote, which takes
+    seconds to warm up; the second kill, one step later, waits for it, and the report says so."""
     scenario = tmp_path / "empty.yaml"
     scenario.write_text("name: empty\nworkload: {steps: 20}\ncheckpoint: {every: 4}\n"
                         "faults:\n  - {fault: process.straggler, rank: 0, step: 1, params: {delay_s: 0.5, steps: 6},"
@@ -102,12 +103,12 @@ def test_an_empty_pool_still_recovers_and_says_why(tmp_path: Path) -> None:
                 os.kill(pid, 9)
         time.sleep(0.05)
     stdout, stderr = proc.communicate(timeout=300)
-    assert len(killed) == 2, stdout + stderr
+    assert len(killed) == 1, stdout + stderr  # one zygote serves both slots
     assert proc.returncode == 0, stdout + stderr
     s = summary_of(out)
     assert s["exact"] and s["restarts"] == 2
     events = _events(out)
-    assert sorted(e["slot"] for e in events if e["event"] == "zygote_lost") == [0, 1]
+    assert [e["slot"] for e in events if e["event"] == "zygote_lost"] == [0]
     first, second = (f["recovery"] for f in s["faults"][1:])
     assert first["new_ranks"] == "warm spares", first
     assert "warming" in second["new_ranks"], second

@@ -108,6 +108,8 @@ class LocalFabric:
     """
 
     master_addr = "127.0.0.1"
+    #: every rank runs in the same place, so one warm zygote can fork every slot's spares
+    slots_alike = True
 
     def setup(self, ranks: int) -> None:
         pass

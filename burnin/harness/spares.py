@@ -19,9 +19,11 @@ waits for it and reads its exit status like any child's (`ForkedProc`). The spar
 process group (teardown kills groups), sets its parent-death signal once it is the supervisor's, and
 carries the run id in its environment for `burnin cleanup`, like a rank started cold.
 
-The pool keeps one zygote and one spare per rank slot, because a slot may need what only its own
-process can have (with the namespace fabric, a rank lives in its own network namespace: the zygote
-is started inside it by the fabric's command, and its forks inherit it). A slot whose spare is not
+The pool keeps one spare per rank slot. Where every slot runs alike (the loopback fabric), one zygote
+forks them all, so a run pays one warm-up, not one per rank (~3.6 s of CPU and a few hundred MB each);
+where a slot needs what only its own process can have (with the namespace fabric, a rank lives in its
+own network namespace: the zygote is started inside it by the fabric's command, and its forks inherit
+it), each slot has a zygote of its own. A slot whose spare is not
 forked yet (the zygote still warming up, at run start or after a zygote died) waits for it: sooner
 than a cold start, which pays the same warm-up; the `spare_used` event says it was not ready. No
 torch here.
@@ -204,6 +206,8 @@ class SparePool:
         self._count = 0
         self._taken: list[Spare] = []   # spares handed out whose files may still be in use
         self.closed = False
+        # every slot alike: one zygote serves them all (see _zygote)
+        self.shared = bool(getattr(fabric, "slots_alike", False))
 
     def fill(self, slots: range) -> None:
         """Give each slot a spare (and a zygote to fork it) where it has none, or where they died; remove
@@ -217,7 +221,7 @@ class SparePool:
                 self.emit("spare_lost", slot=slot, pid=spare.proc.pid if spare.proc else None,
                           returncode=spare.proc.returncode if spare.proc else None)
                 self._drop(spare)
-            self.spares[slot] = self._fork(self._zygote(slot))
+            self.spares[slot] = self._fork(self._zygote(slot), slot)
 
     def take(self, slot: int, wait_s: float = FORK_WAIT_S) -> tuple[ForkedProc | None, dict[str, Any]]:
         """The spare for `slot` (None: there is none), and what to report about it. A spare that is not
@@ -297,43 +301,46 @@ class SparePool:
     # -- internals ------------------------------------------------------------------------------
 
     def _zygote(self, slot: int) -> Zygote:
-        z = self.zygotes.get(slot)
+        # Where every rank runs alike (the loopback fabric), one zygote forks every slot's spares: a run
+        # pays one warm-up, not one per rank. With per-rank namespaces, each slot has its own.
+        home = 0 if self.shared else slot
+        z = self.zygotes.get(home)
         if z is not None and z.proc.poll() is None:
             return z
         if z is not None:
-            self.emit("zygote_lost", slot=slot, pid=z.proc.pid, returncode=z.proc.returncode)
+            self.emit("zygote_lost", slot=home, pid=z.proc.pid, returncode=z.proc.returncode, shared=self.shared)
             _close(z.proc.stdin)
             z.ready_file.unlink(missing_ok=True)
         self._count += 1
-        ready = self.dir / f"zygote{slot}-{self._count}.ready"
+        ready = self.dir / f"zygote{home}-{self._count}.ready"
         ready.unlink(missing_ok=True)
-        env = {**self.env, **self.fabric.rank_env(slot), "BURNIN_SPARE_READY": str(ready)}
-        argv = self.fabric.rank_command(slot, [self.python, "-m", "burnin.rank.worker", *self.argv_tail])
-        with open(self.dir / f"spare{slot}.log", "ab") as log:
+        env = {**self.env, **self.fabric.rank_env(home), "BURNIN_SPARE_READY": str(ready)}
+        argv = self.fabric.rank_command(home, [self.python, "-m", "burnin.rank.worker", *self.argv_tail])
+        with open(self.dir / f"spare{home}.log", "ab") as log:
             proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        z = self.zygotes[slot] = Zygote(slot, proc, time.time(), ready)
-        self.emit("zygote_started", slot=slot, pid=proc.pid)
+        z = self.zygotes[home] = Zygote(home, proc, time.time(), ready)
+        self.emit("zygote_started", slot=home, pid=proc.pid, shared=self.shared)
         return z
 
-    def _fork(self, z: Zygote) -> Spare:
+    def _fork(self, z: Zygote, slot: int) -> Spare:
         self._count += 1
-        base = self.dir / f"spare{z.slot}-{self._count}"
+        base = self.dir / f"spare{slot}-{self._count}"
         fifo, pid_file, ready = (base.with_suffix(s) for s in (".fifo", ".pid", ".ready"))
         for p in (fifo, pid_file, ready):
             p.unlink(missing_ok=True)
         os.mkfifo(fifo, 0o600)
         # Read-write: opening never blocks, and the spare sees end of input once this end is closed.
         stdin = os.fdopen(os.open(fifo, os.O_RDWR | os.O_CLOEXEC), "wb", buffering=0)
-        spare = Spare(z.slot, z, time.time(), fifo, pid_file, ready, stdin)
+        spare = Spare(slot, z, time.time(), fifo, pid_file, ready, stdin)
         cmd = {"fifo": str(fifo), "pid_file": str(pid_file), "ready": str(ready),
-               "log": str(self.dir / f"spare{z.slot}.log")}
+               "log": str(self.dir / f"spare{slot}.log")}
         try:
             z.proc.stdin.write((json.dumps(cmd) + "\n").encode())
             z.proc.stdin.flush()
         except OSError:
             pass  # the zygote died: the spare is found dead, and the slot gets a new zygote at the next fill
-        self.emit("spare_started", slot=z.slot, zygote=z.proc.pid)
+        self.emit("spare_started", slot=slot, zygote=z.proc.pid)
         return spare
 
     def _drop(self, spare: Spare) -> None:
