@@ -45,16 +45,17 @@ sysdeps:
 	  elif [ -x /etc/init.d/$$svc ]; then /etc/init.d/$$svc stop >/dev/null 2>&1 || true; fi; \
 	done
 
-# Two pytest workers (xdist) on a 2-core machine: much of a multi-process test is waiting (heartbeats,
-# collective timeouts, restarts), and the workers share one golden cache (tests/conftest.py).
+# Two pytest workers (xdist) on a 2-core machine: while one test waits (heartbeats, collective timeouts,
+# restarts) the other computes. A module goes to one worker whole (loadscope), so a module's fixtures
+# (a real run, a campaign, a Prometheus server) are built once; the workers share one golden cache.
 TEST_WORKERS ?= 2
 
 test: setup sysdeps
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 check: setup
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow or check" --durations=10
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow or check" --durations=10
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
