@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,11 @@ from typing import Iterator
 import pytest
 
 CI = os.environ.get("BURNIN_CI") == "1"
+# A suite started in the background by a shell without job control (`make test &` in a script) inherits
+# SIGINT ignored, and so would every burnin process it starts: the tests that press Ctrl-C on a run
+# found it ignored. A handler here makes the runs' SIGINT the default again (exec resets handlers).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # Kernel tests run Triton in the interpreter on CPU tensors; triton fixes the mode when first imported.
 os.environ["TRITON_INTERPRET"] = "1"
 
