@@ -285,3 +285,11 @@ def test_failed_golden_run_keeps_its_logs_not_its_checkpoints(cache: Path, tmp_p
     report = g.prune_cache()
     assert [Path(i["path"]) for i in report["removed"]] == [run]
     assert not run.exists()
+
+
+def test_the_code_fingerprint_reads_every_source_it_names() -> None:
+    """The golden key's code fingerprint names the rank-side sources that decide a run's bits: each is
+    there (a moved one would otherwise have been left out of the hash without a word)."""
+    root = Path(g.__file__).resolve().parent.parent
+    assert all((root / rel).is_file() for rel in g.BIT_SOURCES), g.BIT_SOURCES
+    assert len(g._code_fingerprint()) == 16

@@ -92,17 +92,24 @@ def _environment() -> dict[str, Any]:
             "python": sys.version.split()[0], "machine": platform.machine(), "cpu": cpu, "code": _code_fingerprint()}
 
 
+#: The rank-side sources that decide a run's bits (besides every file of kernels/ and integrations/).
+BIT_SOURCES = ("rank/worker.py", "rank/session.py", "rank/workload.py", "rank/state.py", "rank/guard.py",
+               "rank/campaign_worker.py")
+
+
 def _code_fingerprint() -> str:
-    """Hash of the sources that decide a run's bits, so a cache written by other code is not trusted."""
+    """Hash of the sources that decide a run's bits, so a cache written by other code is not trusted. A
+    listed source that is missing (moved, renamed) is an error, not a file quietly left out of the hash."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for rel in ("rank/worker.py", "rank/session.py", "rank/workload.py", "rank/state.py", "rank/guard.py",
-                "rank/campaign_worker.py", *sorted(str(p.relative_to(root)) for p in (root / "kernels").glob("*.py")),
+    for rel in (*BIT_SOURCES, *sorted(str(p.relative_to(root)) for p in (root / "kernels").glob("*.py")),
                 *sorted(str(p.relative_to(root)) for p in (root / "integrations").glob("*.py"))):
         path = root / rel
-        if path.is_file():
-            h.update(rel.encode())
-            h.update(path.read_bytes())
+        if not path.is_file():
+            raise HarnessError(f"golden cache: burnin/{rel} is not there to fingerprint; update "
+                               "burnin.harness.golden.BIT_SOURCES to where it moved")
+        h.update(rel.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
