@@ -229,7 +229,7 @@ def test_fallback_simulate_runs_and_says_simulated(tmp_path: Path) -> None:
     assert "simulated" in (run_dir_of(out) / "summary.md").read_text()
     events = read_events(run_dir_of(out) / "events.jsonl")
     assert _first(events, "fault_injected", fault_index=0)["simulated"] is True
-    assert 0.7 <= _first(events, "fault_detected", fault_index=0)["stall_s"] <= 2.5
+    assert _first(events, "fault_detected", fault_index=0)["stall_s"] >= 0.7  # 1 s of silence (longer when busy)
 
 
 # -- the pieces ------------------------------------------------------------------------------------------
