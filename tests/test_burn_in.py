@@ -191,8 +191,11 @@ def test_a_slow_rank_and_failures_nobody_injected_are_the_findings(tmp_path: Pat
 
 @pytest.mark.slow
 def test_a_burn_in_whose_supervisor_died_resumes_where_its_timeline_stopped(tmp_path: Path) -> None:
-    mix = ("    - {fault: process.kill, per_hour: 500, expect: recovered}\n"
-           "    - {fault: process.exception, per_hour: 300, expect: recovered}\n")
+    # A fault still in flight when the supervisor is SIGKILLed (its failure never recorded) reads `masked`
+    # after the resume: a known gap of the verdict (docs/architecture.md, "Burn-in"), accepted here until
+    # the verdict credits the resume with recovering it; every other fault must be recovered.
+    mix = ("    - {fault: process.kill, per_hour: 500, expect: [recovered, masked]}\n"
+           "    - {fault: process.exception, per_hour: 300, expect: [recovered, masked]}\n")
     scenario = _scenario(tmp_path, mix, duration=30, seed=3)
     out = tmp_path / "runs"
     proc = subprocess.Popen(burnin_cmd("burn-in", str(scenario), "--out", str(out)),
@@ -206,12 +209,7 @@ def test_a_burn_in_whose_supervisor_died_resumes_where_its_timeline_stopped(tmp_
         events = read_events(runs[0] / "events.jsonl")
         fired_before = [e["fault_index"] for e in events if e["event"] == "fault_injected"]
         t0 = next(e["t"] for e in events if e["event"] == "run_started")
-        # Between faults: the group has resumed after the last one fired. (A fault still in flight when
-        # the supervisor dies is judged otherwise: see docs/architecture.md, "Burn-in".)
-        last_fault = max((e["t"] for e in events if e["event"] == "fault_injected"), default=None)
-        last_resume = max((e["t"] for e in events if e["event"] == "resumed"), default=0.0)
-        between = last_fault is not None and last_resume > last_fault and time.time() - last_resume > 0.5
-        if len(fired_before) >= 2 and time.time() - t0 > 12 and between:
+        if len(fired_before) >= 2 and time.time() - t0 > 12:
             proc.kill()  # SIGKILL: no teardown, no verdict
             break
     proc.communicate(timeout=60)
@@ -230,5 +228,8 @@ def test_a_burn_in_whose_supervisor_died_resumes_where_its_timeline_stopped(tmp_
     # depends on the machine's load: an arrival waits while a recovery is in progress)
     assert set(fired_before) <= set(fired) and len(fired) > len(fired_before)
     assert s["wall_s"] > 25 and s["recovery"]["ok"]
+    # only a fault fired in the first session, in flight when its supervisor died, may read masked
+    masked = [f["index"] for f in s["faults"]["list"] if f["outcome"] == "masked"]
+    assert len(masked) <= 1 and set(masked) <= set(fired_before), (masked, fired_before)
     again = run_cli("burn-in", "--resume", str(run_dir))
     assert again.returncode == 2 and "ended already" in again.stderr
