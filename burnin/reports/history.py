@@ -100,7 +100,7 @@ def _tables(path: Path, flag: str = "--history") -> set[str]:
     """The tables of an existing history, read-only; a one-line UserError when it is no SQLite database,
     or one that burnin did not write."""
     try:
-        con = sqlite3.connect(f"file:{quote(str(path.absolute()))}?mode=ro", uri=True, timeout=30.0)
+        con = _read_only(path)
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
@@ -118,9 +118,13 @@ def reader(path: Path) -> sqlite3.Connection:
     """A read-only connection to an existing history (reading never creates nor changes the file)."""
     if "runs" not in _tables(path):
         raise UserError(f"--history: {oneline(path)} is empty: no runs recorded yet")
-    con = sqlite3.connect(f"file:{quote(str(path.absolute()))}?mode=ro", uri=True, timeout=30.0)
+    con = _read_only(path)
     con.row_factory = sqlite3.Row
     return con
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{quote(str(path.absolute()))}?mode=ro", uri=True, timeout=30.0)
 
 
 def cpu_model() -> str:
@@ -271,7 +275,8 @@ def select_runs(path: Path, *, scenario: str | None = None, kind: str | None = N
     """Runs, newest first, filtered."""
     if not path.exists() or "runs" not in _tables(path):
         return []
-    con = reader(path)
+    con = _read_only(path)
+    con.row_factory = sqlite3.Row
     try:
         where, args = [], []
         for col, val in (("scenario", scenario), ("kind", kind)):
