@@ -13,7 +13,7 @@ import pytest
 from conftest import burnin_cmd, processes_of_run, run_cli, run_dir_of
 
 from burnin.errors import UserError
-from burnin.harness.burn_in import draw_schedule, parse_duration
+from burnin.harness.burn_in import _replayable, draw_schedule, parse_duration
 from burnin.core.events import EventWriter, Tail, read_events
 from burnin.scenarios import load_scenario
 
@@ -233,3 +233,16 @@ def test_a_burn_in_whose_supervisor_died_resumes_where_its_timeline_stopped(tmp_
     assert len(masked) <= 1 and set(masked) <= set(fired_before), (masked, fired_before)
     again = run_cli("burn-in", "--resume", str(run_dir))
     assert again.returncode == 2 and "ended already" in again.stderr
+
+
+def test_the_realised_schedule_leaves_out_what_a_fresh_run_cannot_replay() -> None:
+    """A burn-in may damage a checkpoint at step 0 (a restart from scratch after the only checkpoint was
+    refused): a fresh run has nothing on disk there, so `schedule.yaml` leaves it out and says why."""
+    data = load_scenario("smoke").model_dump(mode="json", exclude={"burn_in", "campaign"})
+    data["faults"] = [{"fault": "process.kill", "rank": 0, "step": 3},
+                      {"fault": "storage.checkpoint_corrupt", "rank": 0, "step": 0},
+                      {"fault": "storage.checkpoint_corrupt", "rank": 1, "step": 6}]
+    left_out = _replayable(data)
+    assert [f["step"] for f in data["faults"]] == [3, 6]
+    assert [(f["fault"], f["step"]) for f, _ in left_out] == [("storage.checkpoint_corrupt", 0)]
+    assert "no checkpoint is committed by step 0" in left_out[0][1]

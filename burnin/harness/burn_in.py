@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from pydantic import ValidationError
 
 from burnin.core import checkpoints as checkpoint, procs
 from burnin.core.events import EventWriter, read_events
@@ -664,6 +665,24 @@ def spec_changes_state(sc: Scenario, index: int) -> bool:
     return registry.get(sc.faults[index].fault).changes_state
 
 
+def _replayable(data: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """Drop from the realised schedule `data` the faults a fresh run refuses at the step they hit (a
+    checkpoint damaged at step 0 after a restart from scratch: a fresh run has no checkpoint there);
+    returns each one left out with the reason. Bounded: at most one pass per fault."""
+    left_out = []
+    for _ in range(len(data["faults"]) + 1):
+        try:
+            Scenario.model_validate(data)
+            return left_out
+        except ValidationError as exc:
+            bad = next((e for e in exc.errors() if len(e["loc"]) > 1 and e["loc"][0] == "faults"
+                        and isinstance(e["loc"][1], int)), None)
+            if bad is None:
+                raise
+            left_out.append((data["faults"].pop(bad["loc"][1]), bad["msg"].removeprefix("Value error, ")))
+    return left_out
+
+
 def _usage_trend(rollups: list[dict[str, Any]]) -> dict[str, Any]:
     """The supervisor's memory and open files from minute 2 (or the first period) to the end."""
     rows = [p for p in rollups if "supervisor" in p]
@@ -695,9 +714,12 @@ def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
     data["workload"]["steps"] = max(summary["steps"]["useful"], last + 2)
     data["faults"] = realised
     data["name"] = (sc.name + "-replay")[:64]
+    left_out = _replayable(data)
 
     head = (f"# The faults burn-in {summary['scenario']} (seed {summary['seed']}) fired, at the steps they hit:\n"
             f"# `burnin run schedule.yaml` replays them (mid-step landings at their step's nearest point).\n")
+    for fault, why in left_out:
+        head += f"# Left out (a fresh run cannot replay it): {fault['fault']} at step {fault['step']}: {why}\n"
     atomic_write(run_dir / "schedule.yaml", (head + yaml.safe_dump(data, sort_keys=False)).encode())
     h = summary["health"]
     lines = [f"# Burn-in {summary['scenario']}: {'PASS' if summary['ok'] else 'FAIL'}", "",
