@@ -189,7 +189,8 @@ def test_tensors_that_exist_load():
                    "{target: allreduce_payload, index: 262143}",
                    "{target: batch, index: 511, bit: 63}",
                    "{target: grad, index: 127}"):
-        parse_scenario(fault(f"fault: corruption.bitflip\nstep: 3\nparams: {params}"))
+        parse_scenario(fault(f"fault: corruption.bitflip\nstep: 3\nparams: {params}",
+                             head="workload: {steps: 20, batch_size: 8, seq_len: 64}\n"))
     parse_scenario(fault("fault: corruption.bitflip\nstep: 3\nparams: {target: param, tensor: blocks.11.mlp.c_fc.weight}",
                          head="workload: {steps: 20, model: gpt2-124m, seq_len: 16}\n"))
 

@@ -170,9 +170,17 @@ def record_from_events(events: list[dict[str, Any]], key: str) -> GoldenRecord:
                         final_loss=final_loss, loss_floor=floor, wall_s=(t1 or 0) - (t0 or 0), state_norms=norms)
 
 
+def golden_cached(scenario: Scenario) -> bool:
+    """Whether this scenario's golden record is in the cache (a damaged one is remade all the same)."""
+    return (cache_dir() / "golden" / golden_key(scenario) / "golden.json").is_file()
+
+
 def get_golden(scenario: Scenario, *, refresh: bool = False,
-               on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[GoldenRecord, bool]:
-    """The golden record for this scenario's workload, and whether it came from the cache."""
+               on_event: Callable[[dict[str, Any]], None] | None = None,
+               pool: Any = None) -> tuple[GoldenRecord, bool]:
+    """The golden record for this scenario's workload, and whether it came from the cache. A golden run
+    that must be made takes its ranks from `pool` when given (the warm spares of the run it serves: one
+    warm-up pays for both), else starts them cold."""
     key = golden_key(scenario)
     path = cache_dir() / "golden" / key / "golden.json"
     if path.is_file() and not refresh:
@@ -193,7 +201,8 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     failed = False
     try:
-        sup = Supervisor(clean, run_dir, run_id=f"golden-{key}-{os.getpid()}", golden=True, on_event=on_event)
+        sup = Supervisor(clean, run_dir, run_id=f"golden-{key}-{os.getpid()}", golden=True, on_event=on_event,
+                         pool=pool)
         if not sup.run():
             failed = True
             raise HarnessError(f"the golden (fault-free) run failed{_why(run_dir)}; see {run_dir}/events.jsonl and "

@@ -54,7 +54,7 @@ def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[s
             sc = trial_scenario(scenario, trial)
             key = golden_key(sc)
             if key not in goldens:
-                goldens[key], _ = get_golden(sc, on_event=on_event)
+                goldens[key], _ = get_golden(sc, on_event=on_event, pool=pool)
             golden = goldens[key]
             tdir = run_dir / "trials" / f"{k:04d}"
             if tdir.exists():  # a trial cut short by an interruption runs again from the start

@@ -22,9 +22,10 @@ from burnin.core.events import read_events
 from burnin.errors import UserError
 from burnin.harness import torchrun
 from burnin.harness.fabric import choose_fabric
-from burnin.harness.golden import GoldenRecord, get_golden, golden_key
+from burnin.harness.golden import GoldenRecord, get_golden, golden_cached, golden_key
 from burnin.harness.preflight import check_device, check_out_dir
-from burnin.harness.supervisor import Supervisor
+from burnin.harness.spares import open_pool
+from burnin.harness.supervisor import Supervisor, restarts_ranks
 from burnin.reports import history as hist
 from burnin.reports.metrics import Metrics
 from burnin.reports.result import RunResult
@@ -69,16 +70,24 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     key = golden_key(scenario)
     golden: GoldenRecord | None = None
     error = None
+    pool = None
     try:
         if on_event:
             on_event({"event": "golden_started", "key": key, "t": time.time()})
-        golden, cached = get_golden(scenario, refresh=refresh_golden, on_event=on_event)
+        # A golden run to make shares the run's warm spares: one zygote's warm-up, not one per golden rank
+        # plus the zygote's (where every rank runs alike: a namespace's zygote needs the fabric set up).
+        if (refresh_golden or not golden_cached(scenario)) and restarts_ranks(scenario) and getattr(fabric, "slots_alike", False):
+            pool, _ = open_pool(scenario, run_dir, run_id, fabric)
+        golden, cached = get_golden(scenario, refresh=refresh_golden, on_event=on_event, pool=pool)
         (run_dir / "golden.json").write_text(golden.to_json())
         if on_event:
             on_event({"event": "golden_ready", "key": key, "cached": cached, "wall_s": golden.wall_s,
                       "t": time.time()})
-        Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric).run()
+        Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric, pool=pool).run()
     except (KeyboardInterrupt, _Terminated) as exc:
+        if pool is not None:
+            pool.close()
+            pool = None
         error = "interrupted by SIGINT" if isinstance(exc, KeyboardInterrupt) else "terminated by SIGTERM"
         _finish(scenario, run_dir, run_id, key, golden, error, metrics, write_reports, history)
         _export_metrics(metrics, scenario.name, metrics_textfile, pushgateway, push_instance)
@@ -87,6 +96,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     finally:
+        if pool is not None:
+            pool.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     result = _finish(scenario, run_dir, run_id, key, golden, error, metrics, write_reports, history)

@@ -91,6 +91,11 @@ class OutOfRankContext:
         self.actions.append(_Action(time.time() + delay_s, label, fn, self.fault_index))
 
 
+def restarts_ranks(sc: Scenario) -> bool:
+    """Whether a run of `sc` may start new ranks after its first attempt (and so keeps warm spares)."""
+    return sc.recovery.mode != "none" and sc.recovery.max_restarts > 0
+
+
 @dataclass
 class Supervisor:
     scenario: Scenario
@@ -154,8 +159,10 @@ class Supervisor:
             if fabric:
                 self._emit("fabric_ready", **fabric)
             self._pool = self.pool if self.pool is not None else self._spare_pool()
-            if self.pool is not None:
+            if self.pool is not None:  # a pool that outlives this run: what it holds, and its events from now
                 self.pool.emit = self._emit
+                self._emit("pool_borrowed", zygotes={str(z.slot): z.proc.pid for z in self.pool.zygotes.values()},
+                           spares=len(self.pool.spares), shared=self.pool.shared)
             while True:
                 ok, evidence = self._attempt(attempt, deadline)
                 if ok:
@@ -287,7 +294,7 @@ class Supervisor:
     def _spare_pool(self) -> SparePool | None:
         """One warm spare per rank, when the run can restart (`recovery.spares`, default: where memory allows)."""
         sc = self.scenario
-        if sc.recovery.mode == "none" or sc.recovery.max_restarts == 0 or self.golden:
+        if not restarts_ranks(sc) or self.golden:
             return None
         pool, why = open_pool(sc, self.run_dir, self.run_id, self.fabric, self._emit, self.python)
         if pool is None and sc.recovery.spares is not False:
