@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                                                             "$BURNIN_HISTORY, else ~/.local/share/burnin/history.sqlite; "
                                                             "`off`: none)")
 
-    from burnin.harness.burn_in import LEVELS
+    from burnin.scenarios.burn_in import LEVELS
 
     burn = sub.add_parser("burn-in", help="train for a stated time under a random fault mix; a health verdict per rank")
     burn.add_argument("scenario", nargs="?", default="burn-in",

@@ -23,10 +23,12 @@ from typing import Any, Callable
 from burnin.core.files import sha256_file
 from burnin.errors import CheckpointError
 
-__all__ = ["MODEL_FILE", "MANIFEST", "Checkpoint", "rank_file", "step_dir", "listed", "committed", "verify",
+__all__ = ["MODEL_FILE", "DCP_METADATA", "MANIFEST", "Checkpoint", "rank_file", "step_dir", "listed", "committed", "verify",
            "newest_valid", "model_file", "CheckpointError"]
 
 MODEL_FILE = "model.pt"
+#: A DCP checkpoint's index of its shards (torch.distributed.checkpoint), written beside `__R_0.distcp`.
+DCP_METADATA = ".metadata"
 MANIFEST = "manifest.json"
 _PREFIX = "step_"
 
@@ -75,7 +77,7 @@ def verify(ckpt: Checkpoint, world_size: int | None = None) -> dict[str, Any]:
     if world_size is not None and manifest.get("world_size") != world_size:
         raise CheckpointError(f"written by {manifest.get('world_size')} ranks, this run has {world_size}")
     ranks = manifest.get("world_size")
-    needed = [] if manifest.get("writer") == "loop" else [MODEL_FILE]
+    needed = {"loop": [], "dcp": [DCP_METADATA]}.get(manifest.get("writer"), [MODEL_FILE])
     unlisted = [n for n in [*needed, *map(rank_file, range(ranks if isinstance(ranks, int) else 0))]
                 if n not in files]
     if unlisted:  # a file the manifest does not cover would be loaded unchecked
@@ -115,8 +117,9 @@ def model_file(ckpt_path: Path) -> str:
         manifest = json.loads((ckpt_path / MANIFEST).read_text())
     except (OSError, ValueError):
         return MODEL_FILE
-    if manifest.get("writer") != "loop":
+    if manifest.get("writer") not in ("loop", "dcp"):
         return MODEL_FILE
     ranks = {rank_file(r) for r in range(int(manifest.get("world_size") or 0))}
-    theirs = [(meta["bytes"], name) for name, meta in manifest["files"].items() if name not in ranks]
+    theirs = [(meta["bytes"], name) for name, meta in manifest["files"].items()
+              if name not in ranks and name != DCP_METADATA]
     return max(theirs)[1] if theirs else MODEL_FILE

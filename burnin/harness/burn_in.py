@@ -62,7 +62,7 @@ from burnin.reports.html import write_burn_in_report
 from burnin.reports.metrics import Metrics
 from burnin.reports.verdict import judge
 from burnin.reports.writers import junit_xml, write_html_safely
-from burnin.scenarios.burn_in import runtime_scenario
+from burnin.scenarios.burn_in import LEVELS, runtime_scenario
 from burnin.scenarios.schema import Scenario
 
 __all__ = ["LEVELS", "draw_schedule", "parse_duration", "run_burn_in", "assess", "SCHEMA_VERSION"]
@@ -70,8 +70,6 @@ __all__ = ["LEVELS", "draw_schedule", "parse_duration", "run_burn_in", "assess",
 SCHEMA_VERSION = 1
 
 #: DCGM-like levels: a stated length on CPU and on GPU (seconds).
-LEVELS = {"quick": {"cpu": 90, "cuda": 300}, "medium": {"cpu": 600, "cuda": 1800},
-          "long": {"cpu": 3600, "cuda": 7200}}
 
 #: Most faults one schedule may hold (a rate of 100/h for 7 days is 16,800).
 MAX_SCHEDULED = 50_000

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.core.checkpoints import (MANIFEST, MODEL_FILE, Checkpoint, committed, listed, model_file, newest_valid,
+from burnin.core.checkpoints import (DCP_METADATA, MANIFEST, MODEL_FILE, Checkpoint, committed, listed, model_file, newest_valid,
                                      rank_file, step_dir, verify)
 from burnin.core.files import atomic_write, sha256_file
 from burnin.errors import CheckpointError
@@ -33,12 +33,13 @@ def _torch_bytes(obj: Any) -> bytes:
 
 def save(root: str | Path, step: int, rank: int, world_size: int, rank_state: dict[str, Any],
          model_state: dict[str, Any] | None, keep: int,
-         writer: Callable[[Path], None] | None = None) -> Checkpoint | None:
+         writer: Callable[[Path], None] | None = None, writer_kind: str = "loop") -> Checkpoint | None:
     """Write this rank's part of checkpoint `step`; rank 0 also writes the model and commits.
 
     With `writer` (a training loop's own checkpoint writer), every rank calls it with the checkpoint's
     directory instead, and the manifest covers whatever files it wrote there (model.pt is then not
-    required). Collective: every rank of the default process group must call it at the same step.
+    required; `writer_kind` "dcp": burnin's own DCP writer of a sharded model, whose `.metadata` the
+    manifest covers too). Collective: every rank of the default process group must call it at the same step.
     Returns the committed checkpoint on rank 0, None elsewhere.
     """
     import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
@@ -62,11 +63,12 @@ def save(root: str | Path, step: int, rank: int, world_size: int, rank_state: di
         if writer is not None:  # the loop's own files: whatever its writer left in the directory
             for p in sorted(path.rglob("*")):
                 name = str(p.relative_to(path))
-                if p.is_file() and name not in files and name != MANIFEST and not p.name.startswith("."):
+                if p.is_file() and name not in files and name != MANIFEST and (
+                        not p.name.startswith(".") or (writer_kind == "dcp" and name == DCP_METADATA)):
                     digest, size = sha256_file(p)
                     files[name] = {"sha256": digest, "bytes": size}
         manifest = {"step": step, "world_size": world_size, "files": dict(sorted(files.items())),
-                    "writer": "loop" if writer is not None else "burnin"}
+                    "writer": writer_kind if writer is not None else "burnin"}
         atomic_write(path / MANIFEST, json.dumps(manifest, indent=1).encode())
         _prune(Path(root), keep)
     # No rank goes on before the checkpoint is committed: whatever happens next on any rank (an

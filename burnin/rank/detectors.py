@@ -115,6 +115,14 @@ class Fingerprint(Detector):
     def __init__(self, every: int = 1, **cfg: Any):
         super().__init__(every=every, **cfg)
         self.every = every
+        self.groups: list[list[int]] | None = None  # the replica groups, from the model at the first check
+
+    def _groups(self, model: Any, world: int) -> list[list[int]]:
+        from burnin.rank.sharding import replica_groups  # lazy: torch; `import burnin.rank` stays torch-free
+
+        if self.groups is None:
+            self.groups = replica_groups(model, world)
+        return self.groups
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.every == 0
@@ -131,12 +139,19 @@ class Fingerprint(Detector):
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         values = [int(g.item()) for g in gathered]
-        if len(set(values)) == 1:
+        # Replicas: every rank under DDP; of a sharded model, the ranks that hold the same shard.
+        odd, majority_every = [], True
+        for group in self._groups(model, world):
+            vals = [values[r] for r in group]
+            if len(set(vals)) == 1:
+                continue
+            majority, votes = Counter(vals).most_common(1)[0]
+            majority_every &= votes > len(group) / 2
+            odd += [r for r, v in zip(group, vals) if v != majority] if votes > len(group) / 2 else group
+        if not odd:
             return None
-        majority, votes = Counter(values).most_common(1)[0]
-        odd = [r for r, v in enumerate(values) if v != majority] if votes > world / 2 else list(range(world))
         return Finding(self.name, step, {"fingerprints": [f"{v & (2**64 - 1):016x}" for v in values],
-                                         "majority": votes > world / 2}, odd_ranks=odd)
+                                         "majority": majority_every}, odd_ranks=sorted(odd))
 
 
 def state_digest(model: Any, optimizer: Any) -> bytes:
@@ -151,14 +166,16 @@ def state_digest(model: Any, optimizer: Any) -> bytes:
     from burnin.rank.state import state_hash  # lazy: torch; `import burnin.rank` stays torch-free
 
     if not next(model.parameters()).is_cuda:
-        return bytes.fromhex(state_hash(model, optimizer))
+        return bytes.fromhex(state_hash(model, optimizer, local_only=True))
     from burnin.kernels.fingerprint import digest  # lazy: torch; `import burnin.rank` stays torch-free
+    from burnin.rank.sharding import local  # lazy: torch; `import burnin.rank` stays torch-free
 
     h = hashlib.sha256()
     tensors = list(model.state_dict().items())
     osd = optimizer.state_dict()["state"] if optimizer is not None else {}
     tensors += [(f"optim.{pid}.{k}", v) for pid in sorted(osd) for k, v in sorted(osd[pid].items())]
     for name, t in tensors:
+        t = local(t)
         h.update(name.encode())
         if hasattr(t, "is_cuda") and t.is_cuda and t.numel():
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())

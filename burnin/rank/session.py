@@ -137,11 +137,21 @@ class Session:
         self.guard: Any = None
         self.injector: Any = None
         self.snaps: Any = None
+        self.sharded = self._dcp = False
         if not self.active:
             return
         import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
+        from burnin.rank.sharding import dcp_load, dcp_save, is_sharded  # lazy: torch; `import burnin.rank` stays torch-free
+
         ctx.announce_pg(next(iter(self.model.parameters()), torch.empty(0)).device)
+        # A sharded model (FSDP2, HSDP: DTensor parameters) is checkpointed with DCP, each rank its shards,
+        # unless the loop brings its own writer; memory snapshots and rollbacks keep each rank's shards.
+        self.sharded = is_sharded(self.model)
+        self._dcp = self.sharded and save is None
+        if self._dcp:
+            self.save_fn = lambda path: dcp_save(self.model, self.optimizer, path)
+            self.load_fn = lambda path: dcp_load(self.model, self.optimizer, path)
         self._build(ddp_hook)
 
     # -- set-up ------------------------------------------------------------------------------
@@ -224,7 +234,7 @@ class Session:
 
         ctx, spec = self.ctx, self.ctx.spec
         t0 = time.time()
-        if self.save_fn is None:
+        if self.save_fn is None or self._dcp:  # (a loop's own writer may keep what snapshots cannot see)
             self.snaps = _open_snapshots(spec, ctx.rank, ctx.world_size, ctx.events)
         tier, start = _choose_resume(self.ckpt_dir, self.snaps, ctx.rank, ctx.world_size, ctx.events)
         if tier is not None:
@@ -245,11 +255,19 @@ class Session:
         skip = self.scenario["debug"]["skip_restore"]
         if tier == "memory":
             model_state, rank_state = self.snaps.load(start, device)
+            if self.sharded:  # each rank's shards, placed again as the live model's
+                from burnin.rank.sharding import from_local_state  # lazy: torch; `import burnin.rank` stays torch-free
+
+                model_state = from_local_state(self.model, self.optimizer, model_state)
         else:
             ckpt = checkpoint.Checkpoint(start, checkpoint.step_dir(self.ckpt_dir, start))
             if self.load_fn is not None:
                 model_state, rank_state = None, checkpoint.load_rank(ckpt, ctx.rank)
-                self.load_fn(ckpt.path)
+                priming, self._priming = self._priming, True  # DCP may step the optimizer once at lr 0
+                try:
+                    self.load_fn(ckpt.path)
+                finally:
+                    self._priming = priming
             else:
                 model_state, rank_state = checkpoint.load(ckpt, ctx.rank, device)
         if model_state is not None:
@@ -404,10 +422,11 @@ class Session:
         if self.save_fn is None and ctx.rank == 0:
             model_state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         saved = checkpoint.save(self.ckpt_dir, done, ctx.rank, ctx.world_size, self._rank_state(done), model_state,
-                                keep=keep, writer=self.save_fn)
+                                keep=keep, writer=self.save_fn, writer_kind="dcp" if self._dcp else "loop")
+        # (a sharded model's hash is collective: every rank computes it, rank 0 reports it)
+        digest = state_hash(self.model, self.optimizer) if self.sharded or saved is not None else None
         if saved is not None:
-            ctx.events.emit("checkpoint_saved", checkpoint_step=done, state_hash=state_hash(self.model, self.optimizer),
-                            seconds=time.time() - t_ck)
+            ctx.events.emit("checkpoint_saved", checkpoint_step=done, state_hash=digest, seconds=time.time() - t_ck)
 
     def _prime(self, step: int) -> Iterator[int]:
         """Make a resumed group all-reduce with the bucket layout of an uninterrupted run.

@@ -137,14 +137,20 @@ class _Plan:
     """Where each tensor goes (offsets in the image, this rank's shard, views of the slots' maps), and
     the meta that does not change from step to step, pickled once."""
 
-    def __init__(self, tensors: list[Any], skeleton: bytes, model_metadata: Any, rank: int, world_size: int):
-        self.entries, self.image_len, self.bounds = _layout(tensors, world_size)
+    def __init__(self, tensors: list[Any], skeleton: bytes, model_metadata: Any, rank: int, world_size: int,
+                 local: bool = False):
+        # Replicas (DDP) hold the same state: each writes its 1/world of the image. A sharded model's
+        # ranks hold different states: each writes all of its own (`local`), and loads it alone.
+        self.entries, self.image_len, self.bounds = _layout(tensors, 1 if local else world_size)
+        if local:
+            self.bounds = self.bounds * world_size
         self.lo, hi = self.bounds[rank]
         self.shard_len = hi - self.lo
         self.mine = [i for i, e in enumerate(self.entries) if self.lo <= e[0] < hi and e[3] > 0]
         self.cpu = all(t.device.type == "cpu" for t in tensors)
         self.views: dict[int, list[Any]] = {}
         self.static = pickle.dumps({"image_len": self.image_len, "bounds": self.bounds, "entries": self.entries,
+                                    "local": local,
                                     "layout_crc": zlib.crc32(skeleton + repr(self.entries).encode()),
                                     "skeleton": skeleton, "model_metadata": model_metadata},
                                    protocol=pickle.HIGHEST_PROTOCOL)
@@ -173,7 +179,8 @@ class RankSnapshots:
 
     def steps(self) -> dict[int, str]:
         """{step: layout digest} of this rank's verified snapshots (the digest must match across ranks)."""
-        return {s: f"{slot.meta['layout_crc']:08x}:{slot.meta['image_len']}" for s, slot in self._valid.items()}
+        return {s: "local" if slot.meta.get("local") else f"{slot.meta['layout_crc']:08x}:{slot.meta['image_len']}"
+                for s, slot in self._valid.items()}
 
     def load(self, step: int, device: Any = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
         """(model/optimizer state, this rank's RNG state) of `step`, from every rank's shard.
@@ -185,17 +192,22 @@ class RankSnapshots:
         slot = self._valid[step]
         meta = slot.meta
         bounds = meta["bounds"]
-        width = max(1, max(hi - lo for lo, hi in bounds))
-        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        mine = torch.zeros(width, dtype=torch.uint8)
-        if slot.shard:
-            mine[:len(slot.shard)] = torch.frombuffer(bytearray(slot.shard), dtype=torch.uint8)
-        mine = mine.to(comm)
-        parts = [torch.empty(width, dtype=torch.uint8, device=comm) for _ in range(self.world_size)]
-        dist.all_gather(parts, mine)
         image = torch.empty(meta["image_len"], dtype=torch.uint8)
-        for (lo, hi), part in zip(bounds, parts):
-            image[lo:hi] = part[:hi - lo].cpu()
+        if meta.get("local"):  # a sharded model's rank: its own state, all of it in its slot
+            if slot.shard:
+                image[:] = torch.frombuffer(bytearray(slot.shard), dtype=torch.uint8)
+        else:
+            width = max(1, max(hi - lo for lo, hi in bounds))
+            comm = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                    else torch.device("cpu"))
+            mine = torch.zeros(width, dtype=torch.uint8)
+            if slot.shard:
+                mine[:len(slot.shard)] = torch.frombuffer(bytearray(slot.shard), dtype=torch.uint8)
+            mine = mine.to(comm)
+            parts = [torch.empty(width, dtype=torch.uint8, device=comm) for _ in range(self.world_size)]
+            dist.all_gather(parts, mine)
+            for (lo, hi), part in zip(bounds, parts):
+                image[lo:hi] = part[:hi - lo].cpu()
         tensors = [image[off:off + n].view(_dtype(dtype)).reshape(shape).clone().to(device)
                    for off, dtype, shape, n in meta["entries"]]
         skeleton = load_meta(meta["skeleton"])
@@ -230,10 +242,14 @@ class RankSnapshots:
         SnapshotError when the slot cannot be allocated (shared memory full): nothing was written."""
         import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
-        msd, osd = model.state_dict(), optimizer.state_dict()
+        from burnin.rank.sharding import is_sharded, to_local_state  # lazy: torch; `import burnin.rank` stays torch-free
+
+        # of a sharded model, this rank's shards (the load places them again: Session._load)
+        local = is_sharded(model)
+        msd, osd = to_local_state(model.state_dict()), to_local_state(optimizer.state_dict())
         tensors, sig, skeleton = _structure(msd, osd["state"])
         if self._plan is None or self._plan[0] != sig:  # the layout is worked out once, then reused
-            self._plan = (sig, _Plan(tensors, skeleton(), _plain_metadata(msd), self.rank, self.world_size))
+            self._plan = (sig, _Plan(tensors, skeleton(), _plain_metadata(msd), self.rank, self.world_size, local))
         plan = self._plan[1]
         meta = pickle.dumps({"step": step, "rank": self.rank, "world_size": self.world_size,
                              "static": plan.static, "param_groups": osd["param_groups"],

@@ -14,6 +14,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from burnin.rank.sharding import global_digest, is_sharded, local
+
 __all__ = ["capture_rank_state", "restore_rank_state", "state_hash", "state_norms", "state_digests", "loss_bits"]
 
 
@@ -54,21 +56,27 @@ def _flatten_py_state(st: tuple) -> Iterable[Any]:
 
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterable[tuple[str, Any]]:
-    """(name, value) of every parameter, buffer and optimizer state entry, in a fixed order."""
+    """(name, value) of every parameter, buffer and optimizer state entry, in a fixed order; of a sharded
+    model (DTensor parameters), this rank's shards."""
     for name, t in model.state_dict().items():
-        yield f"model.{name}", t
+        yield f"model.{name}", local(t)
     if optimizer is not None:
         osd = optimizer.state_dict()
         for pid in sorted(osd["state"]):
             for key in sorted(osd["state"][pid]):
-                yield f"optim.{pid}.{key}", osd["state"][pid][key]
+                yield f"optim.{pid}.{key}", local(osd["state"][pid][key])
 
 
-def state_hash(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str:
-    """SHA-256 of every parameter, buffer and optimizer tensor: names, dtypes, shapes and bits."""
+def state_hash(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+               local_only: bool = False) -> str:
+    """SHA-256 of every parameter, buffer and optimizer tensor: names, dtypes, shapes and bits. Of a sharded
+    model, the hash of every rank's shards in rank order, the same on every rank (collective then), or
+    with `local_only` of this rank's shards alone."""
     h = hashlib.sha256()
     for name, value in _state(model, optimizer):
         _update(h, name, value)
+    if is_sharded(model) and not local_only:
+        return global_digest(h.hexdigest())
     return h.hexdigest()
 
 

@@ -93,12 +93,18 @@ def train(spec: dict[str, Any], ctx: Any) -> Any:
     cfg = gpt_config(w["model"], w["seq_len"], w["dropout"], w["kernels"])
     torch.manual_seed(w["seed"])
     model = GPT(cfg).to(device)
+    if w.get("parallel"):  # FSDP2 (HSDP with replicas) on a device mesh: each rank holds its shards
+        from burnin.rank.sharding import shard_model  # lazy: torch; `import burnin.rank` stays torch-free
+
+        shard_model(model, w["parallel"], world_size, device.type)
+        ddp = model
     optimizer = make_optimizer(model, w["lr"], w["weight_decay"])
     data = MarkovData(w["seed"], cfg.vocab_size)
     # Each rank draws its own dropout masks, as real data-parallel training does (a resume puts back
     # the saved RNG over this).
     torch.manual_seed(w["seed"] * 1_000_003 + 1 + rank)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if not w.get("parallel"):
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     ctx.extra["resumed"] = {"loss_floor": data.entropy_rate}
     session = Session(ddp, optimizer, state={}, save=None, load=None, ddp_hook=True, ctx=ctx)
 

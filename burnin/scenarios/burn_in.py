@@ -9,7 +9,11 @@ from typing import Any
 
 from burnin.scenarios.schema import MAX_STEPS, Scenario
 
-__all__ = ["runtime_scenario", "burn_in_run"]
+__all__ = ["LEVELS", "runtime_scenario", "burn_in_run"]
+
+#: The burn-in lengths `--level` names, in seconds, by device.
+LEVELS = {"quick": {"cpu": 90, "cuda": 300}, "medium": {"cpu": 600, "cuda": 1800},
+          "long": {"cpu": 3600, "cuda": 7200}}
 
 
 def runtime_scenario(scenario: Scenario, schedule: list[dict[str, Any]], duration_s: float) -> Scenario:

@@ -82,6 +82,47 @@ class Tolerance(_Model):
 _ENTRY = r"^(?:[^\x00]*\.py|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*)$"
 
 
+class Parallel(_Model):
+    """How burnin's own model is split over the ranks, named as torchtitan names it. The ranks form a
+    (dp_replicate, dp_shard) device mesh: parameters, gradients and optimizer state are sharded over
+    `dp_shard` ranks with FSDP2 (`fully_shard` per block, then the root) and each shard is replicated
+    `dp_replicate` times (HSDP: reduce-scatter within a replica, all-reduce across replicas)."""
+
+    dp_replicate: int = Field(1, ge=1, le=MAX_RANKS, description="replicas of every shard (HSDP across them)")
+    dp_shard: int = Field(-1, ge=-1, le=MAX_RANKS,
+                          description="ranks each parameter is sharded over (FSDP2); -1: the ranks left by "
+                                      "dp_replicate and tp")
+    tp: int = Field(1, ge=1, le=MAX_RANKS, description="tensor-parallel degree (1: none)")
+
+    @field_validator("dp_shard")
+    @classmethod
+    def _not_zero(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("dp_shard is a number of ranks (1 or more), or -1 for the ranks left over")
+        return v
+
+    def mesh(self, ranks: int) -> tuple[int, int]:
+        """(dp_replicate, dp_shard) for `ranks` ranks, -1 resolved (check() first)."""
+        shard = self.dp_shard if self.dp_shard != -1 else ranks // (self.dp_replicate * self.tp)
+        return self.dp_replicate, shard
+
+    def check(self, ranks: int) -> tuple[str, str] | None:
+        """(field, why) when this split does not fit `ranks` ranks (one line), or None."""
+        if self.tp != 1:
+            return "tp", ("tensor parallelism is not built yet; set tp: 1 (shard with dp_shard, replicate with "
+                          "dp_replicate)")
+        if self.dp_shard == -1:
+            if ranks % (self.dp_replicate * self.tp):
+                return "dp_replicate", (f"dp_replicate={self.dp_replicate} x tp={self.tp} does not divide "
+                                        f"workload.ranks={ranks}; choose factors of {ranks}")
+            return None
+        if self.dp_replicate * self.dp_shard * self.tp != ranks:
+            return "dp_shard", (f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} = "
+                                f"{self.dp_replicate * self.dp_shard * self.tp} ranks, but workload.ranks={ranks}; "
+                                f"make the product {ranks} (dp_shard: -1 takes the ranks left over)")
+        return None
+
+
 class Workload(_Model):
     """What trains: everything here changes the bits, so all of it goes into the golden hash."""
 
@@ -118,6 +159,9 @@ class Workload(_Model):
     kernels: Literal["torch", "triton"] = Field(
         "triton", description="the loss's row reduction: the Triton kernel (compiled on CUDA, interpreter on "
                               "CPU), or torch")
+    parallel: Parallel | None = Field(
+        None, description="shard the model (FSDP2, HSDP) over a device mesh of the ranks; none: DDP, every rank "
+                          "holds all of it")
 
 
 class Checkpointing(_Model):
@@ -413,6 +457,12 @@ class Scenario(_Model):
 
     @model_validator(mode="after")
     def _faults_fit_workload(self) -> "Scenario":
+        par = self.workload.parallel
+        if par is not None and self.workload.entry is not None:
+            raise invalid(("workload", "parallel"), "a loop named by workload.entry shards its own model; drop "
+                                                    "parallel (burnin.rank.attach takes the FSDP2 module as it is)")
+        if par is not None and (problem := par.check(self.workload.ranks)) is not None:
+            raise invalid(("workload", "parallel", problem[0]), problem[1])
         if self.campaign is not None:
             c = self.campaign
             if c.warmup + c.window > self.workload.steps:
