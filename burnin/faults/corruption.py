@@ -17,13 +17,14 @@ Tensor, element and bit are given or drawn from `seed`, so a campaign draws one 
 
 from __future__ import annotations
 
+import math
 import random
 from difflib import get_close_matches
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from burnin.core.model_shapes import FLOAT_BITS, TOKEN_BITS, layout
+from burnin.core.model_shapes import FLOAT_BITS, TOKEN_BITS, layout, parameter_shapes
 from burnin.faults.base import Fault
 
 __all__ = ["Bitflip", "NaN", "TARGET_POINTS", "TARGET_AT", "NOT_HERE", "workload_problem"]
@@ -112,12 +113,14 @@ class _TensorCorruption(Fault):
         if name not in params:
             raise ValueError(f"{self.name}: no parameter {name!r}; one of {', '.join(sorted(params))}")
         param = params[name]
+        # Of a sharded parameter (FSDP2, HSDP: a DTensor), this rank's shard: the index is an element of
+        # the shard the target rank holds, and nothing here talks to the other ranks.
         if p.target == "param":
-            return name, param.data
+            return _shard(name, param.data)
         if p.target == "grad_reduced":
-            return f"{name}.grad", param.grad
+            return _shard(f"{name}.grad", param.grad)
         if p.target == "optimizer_state":
-            return f"{name}.{p.state}", ctx.optimizer.state[param][p.state]
+            return _shard(f"{name}.{p.state}", ctx.optimizer.state[param][p.state])
         bucket = ctx.tensors["bucket"]
         if p.target == "allreduce_payload":
             if bucket.index() != 0:
@@ -185,6 +188,14 @@ class NaN(_TensorCorruption):
         return {"value": self.params.value, "old": old}
 
 
+def _shard(name: str, tensor: Any) -> tuple[str, Any]:
+    """(name, tensor), or of a DTensor (`to_local` is how one is told apart without importing torch
+    here) its local shard, named so the report says which part was hit."""
+    if hasattr(tensor, "to_local") and hasattr(tensor, "placements"):
+        return f"{name}(shard)", tensor.to_local()
+    return name, tensor
+
+
 def _class_of(dtype: Any, bit: int) -> str:
     from burnin.faults.bits import bits_of  # lazy: torch, in the rank only
 
@@ -195,7 +206,8 @@ def _class_of(dtype: Any, bit: int) -> str:
 
 
 def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: int, model: str,
-                     batch_size: int, seq_len: int) -> tuple[tuple[str, ...], str] | None:
+                     batch_size: int, seq_len: int, shards: int = 1,
+                     rank_in_shard: int = 0) -> tuple[tuple[str, ...], str] | None:
     """Why this corruption would fail inside the rank of this workload, or None when it would not.
 
     Checked at load time from the model preset alone (`burnin.core.model_shapes`, no torch): the
@@ -206,6 +218,10 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
     p = params
     target = p.target
     at = point or TARGET_POINTS[target]
+    if shards > 1 and (target in ("grad", "allreduce_payload") or at == "after_backward"):
+        return ("target", "point"), (f"target {target} at {at} acts on a DDP gradient bucket, and a sharded "
+                                     f"workload (workload.parallel) has none; use target grad_reduced (this "
+                                     f"rank's gradient shard after the reduce-scatter) or param")
     if target in TARGET_AT and at not in TARGET_AT[target]:
         return ("point", "target"), (f"target {target} is at hand only at {' or '.join(TARGET_AT[target])}, "
                                      f"not at {at}; leave `point` out (it follows the target)")
@@ -227,18 +243,23 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
     lay = layout(model, batch_size, seq_len)
     if target == "batch":
         sizes, what = {"the batch": lay.batch_tokens}, None
+    elif target == "activation":
+        sizes, what = lay.activations, "leaf module"
+    elif shards > 1:  # the target rank's shard of each parameter: FSDP2 cuts dim 0 in chunks of ceil(n / shards)
+        shapes = parameter_shapes(model, seq_len)
+        sizes, what = {n: _shard_numel(shape, shards, rank_in_shard) for n, shape in shapes.items()}, "parameter"
     else:
-        sizes, what = (lay.activations, "leaf module") if target == "activation" else (lay.params, "parameter")
-        if p.tensor is not None:
-            if p.tensor not in sizes:
-                text = p.tensor
-                close = get_close_matches(text, list(sizes), n=1, cutoff=0.6) if len(text) <= 200 else []
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                shown = text if len(text) <= 60 else text[:57] + "..."
-                examples = ", ".join(list(sizes)[:4])
-                return ("tensor",), (f"the {model} model has no {what} {shown!r} for target {target}; {hint}"
-                                     f"({len(sizes)} {what}s: {examples}, ...)")
-            sizes = {p.tensor: sizes[p.tensor]}
+        sizes, what = lay.params, "parameter"
+    if target != "batch" and p.tensor is not None:
+        if p.tensor not in sizes:
+            text = p.tensor
+            close = get_close_matches(text, list(sizes), n=1, cutoff=0.6) if len(text) <= 200 else []
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            examples = ", ".join(list(sizes)[:4])
+            return ("tensor",), (f"the {model} model has no {what} {shown!r} for target {target}; {hint}"
+                                 f"({len(sizes)} {what}s: {examples}, ...)")
+        sizes = {p.tensor: sizes[p.tensor]}
     if p.index is None:
         return None
     if target == "allreduce_payload":
@@ -252,6 +273,10 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
     name, n = min(sizes.items(), key=lambda kv: kv[1])
     if p.index < n:
         return None
+    if len(sizes) == 1 and shards > 1 and target != "activation":
+        return ("index", "tensor"), (f"index {_num(p.index)} is past the end of rank {rank_in_shard}'s shard "
+                                     f"(of {shards}) of {name} ({n} elements; indices 0..{n - 1}): a sharded "
+                                     f"parameter's index counts in the shard the target rank holds")
     if len(sizes) == 1:
         where = "the batch" if target == "batch" else name
         return ("index", "tensor"), (f"index {_num(p.index)} is past the end of {where} ({n} elements; "
@@ -259,6 +284,13 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
     return ("index", "tensor"), (f"index {_num(p.index)} is past the end of some {what}s a drawn tensor may be "
                                  f"(the smallest, {name}, has {n} elements); name a `tensor`, or use an "
                                  f"index below {n}")
+
+
+def _shard_numel(shape: tuple[int, ...], shards: int, index: int) -> int:
+    """Elements of shard `index` of a tensor of `shape` cut along dim 0 into `shards` (FSDP2's Shard(0))."""
+    rows = -(-shape[0] // shards)
+    mine = max(0, min(rows, shape[0] - index * rows))
+    return mine * math.prod(shape[1:])
 
 
 def _num(value: int) -> str:

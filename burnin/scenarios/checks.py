@@ -315,8 +315,10 @@ def _workload_problem(sc: "Scenario", cls: Any, f: FaultSpec, rank: Any, step: A
                                        f"(workload.ranks={w.ranks}); name some ranks, not all")
 
     if cls.name in (Bitflip.name, NaN.name) and w.entry is None:  # a loop's own model: checked when it fires
+        shards = w.parallel.mesh(w.ranks)[1] if w.parallel is not None else 1
         return workload_problem(cls.name, params, point=f.point, step=step, model=w.model,
-                                batch_size=w.batch_size, seq_len=w.seq_len)
+                                batch_size=w.batch_size, seq_len=w.seq_len, shards=shards,
+                                rank_in_shard=rank % shards if isinstance(rank, int) else 0)
     return None
 
 

@@ -463,6 +463,11 @@ class Scenario(_Model):
                                                     "parallel (burnin.rank.attach takes the FSDP2 module as it is)")
         if par is not None and (problem := par.check(self.workload.ranks)) is not None:
             raise invalid(("workload", "parallel", problem[0]), problem[1])
+        if par is not None and self.detectors.fingerprint is not None and par.dp_replicate == 1:
+            raise invalid(("detectors", "fingerprint"),
+                          "the fingerprint compares replicas of a shard, and with workload.parallel.dp_replicate=1 "
+                          "no shard has one; set dp_replicate to 2 or more (HSDP), or use recompute, nonfinite or "
+                          "the spike detectors")
         if self.campaign is not None:
             c = self.campaign
             if c.warmup + c.window > self.workload.steps:

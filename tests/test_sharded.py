@@ -1,0 +1,103 @@
+"""Sharded training: burnin's GPT under FSDP2 and HSDP on a device mesh of real gloo ranks, DCP
+checkpoints under burnin's manifest, memory snapshots of each rank's own shards, faults on shards.
+
+The end-to-end tests run the real CLI and judge the run as every run is judged: the final state of
+every rank's shards against the fault-free run's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import processes_of_run, run_cli, run_dir_of, summary_of
+
+from burnin.core.events import read_events
+from burnin.errors import ScenarioError
+from burnin.scenarios import parse_scenario
+
+BAD = [
+    ("a mesh whose product is not the world size", "workload: {ranks: 4, parallel: {dp_shard: 3}}\n",
+     "workload.parallel.dp_shard: dp_replicate=1 x dp_shard=3 x tp=1 = 3 ranks, but workload.ranks=4"),
+    ("replicas that do not divide the ranks", "workload: {ranks: 4, parallel: {dp_replicate: 3}}\n",
+     "workload.parallel.dp_replicate: dp_replicate=3 x tp=1 does not divide workload.ranks=4"),
+    ("no shards", "workload: {ranks: 4, parallel: {dp_shard: 0}}\n", "workload.parallel.dp_shard: dp_shard is"),
+    ("tensor parallel", "workload: {ranks: 4, parallel: {tp: 2}}\n",
+     "workload.parallel.tp: tensor parallelism is not built yet"),
+    ("a fingerprint with no replica", "workload: {ranks: 2, parallel: {dp_shard: 2}}\ndetectors: {fingerprint: {}}\n",
+     "detectors.fingerprint: the fingerprint compares replicas of a shard"),
+    ("a DDP bucket fault on shards",
+     "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
+     "  - {fault: corruption.bitflip, rank: 1, step: 2, params: {target: grad}}\n",
+     "faults.0.params.target: target grad at after_backward acts on a DDP gradient bucket"),
+    ("an index past the target rank's shard",
+     "workload: {ranks: 4, parallel: {dp_shard: 4}}\nfaults:\n"
+     "  - {fault: corruption.bitflip, rank: 3, step: 2, params: {target: param, tensor: wpe.weight, index: 5000}}\n",
+     "index 5000 is past the end of rank 3's shard (of 4) of wpe.weight (1024 elements"),
+    ("an unknown sharded tensor",
+     "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
+     "  - {fault: corruption.bitflip, rank: 1, step: 2, params: {target: param, tensor: blocks.9.attn.c_attn.weight}}\n",
+     "the tiny model has no parameter 'blocks.9.attn.c_attn.weight'"),
+    ("a loop that shards itself", "workload: {ranks: 2, entry: train.py, parallel: {dp_shard: 2}}\n",
+     "workload.parallel: a loop named by workload.entry shards its own model"),
+]
+
+
+@pytest.mark.parametrize("what,body,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_meshes_and_sharded_faults_are_one_line_errors(what: str, body: str, message: str) -> None:
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario("name: x\n" + body, "x.yaml")
+    text = str(err.value)
+    assert message in text and "\n" not in text, text
+
+
+def test_validate_refuses_a_bad_mesh_with_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text("name: x\nworkload: {ranks: 4, parallel: {dp_replicate: 2, dp_shard: 3}}\n")
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "mesh.yaml:2: workload.parallel.dp_shard" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_killed_and_raising_resume_from_their_own_shards_in_memory(tmp_path: Path) -> None:
+    """Pure FSDP2 (no replica): each rank's snapshot holds its own shards, and a restarted group puts
+    every shard back where it was: nothing lost, exact."""
+    scenario = tmp_path / "fsdp.yaml"
+    scenario.write_text("name: fsdp\nworkload: {ranks: 2, steps: 10, parallel: {dp_shard: 2}}\n"
+                        "faults:\n  - {fault: process.kill, rank: 1, step: 3, expect: recovered}\n"
+                        "  - {fault: process.exception, rank: 0, step: 6, point: before_forward, expect: recovered}\n")
+    out = tmp_path / "runs"
+    proc = run_cli("run", str(scenario), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(out)
+    assert s["exact"] and [(f["outcome"], f["lost_steps"]) for f in s["faults"]] == [("recovered", 0)] * 2, s["faults"]
+    events = read_events(run_dir_of(out) / "events.jsonl")
+    resumed = [e for e in events if e["event"] == "resumed" and e.get("attempt", 0) > 0]
+    assert len(resumed) == 4 and all(e["tier"] == "memory" for e in resumed), resumed
+
+
+@pytest.mark.slow
+def test_the_bundled_hsdp_scenario_recovers_every_fault_exactly(tmp_path: Path) -> None:
+    proc = run_cli("run", "hsdp", "--out", str(tmp_path), timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(tmp_path)
+    assert s["exact"] and [f["outcome"] for f in s["faults"]] == ["recovered"] * 6, s["faults"]
+    run_dir = run_dir_of(tmp_path)
+    events = read_events(run_dir / "events.jsonl")
+    # DCP on disk, under burnin's manifest: every shard file and .metadata
+    newest = sorted((run_dir / "checkpoints").iterdir())[-1]
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert manifest["writer"] == "dcp" and ".metadata" in manifest["files"]
+    assert sorted(n for n in manifest["files"] if n.endswith(".distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+    # the damaged shard was refused by its digest, and the checkpoint before it loaded
+    rejected = [e for e in events if e["event"] == "checkpoint_rejected"]
+    assert rejected and ".distcp fails its SHA-256 check" in rejected[0]["reason"], rejected
+    assert [e["from_step"] for e in events if e["event"] == "resumed" and e.get("tier") == "disk"]
+    # the gradient-shard flip: the replicas of the shard part, the fingerprint names them, a rollback
+    injected = [e for e in events if e["event"] == "fault_injected" and e["fault"] == "corruption.bitflip"]
+    assert injected and injected[0]["details"]["tensor"].endswith(".grad(shard)"), injected
+    found = [e for e in events if e["event"] == "detection" and e["detector"] == "fingerprint"]
+    assert found and 3 in found[0]["odd_ranks"] and set(found[0]["odd_ranks"]) <= {1, 3}, found
+    assert processes_of_run(s["run_id"]) == []
