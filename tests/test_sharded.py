@@ -101,3 +101,23 @@ def test_the_bundled_hsdp_scenario_recovers_every_fault_exactly(tmp_path: Path) 
     found = [e for e in events if e["event"] == "detection" and e["detector"] == "fingerprint"]
     assert found and 3 in found[0]["odd_ranks"] and set(found[0]["odd_ranks"]) <= {1, 3}, found
     assert processes_of_run(s["run_id"]) == []
+
+
+FSDP2_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fsdp2"
+
+
+@pytest.mark.slow
+def test_a_users_hsdp_loop_attached_in_four_lines_is_killed_raised_in_and_flipped_and_ends_exact(
+        tmp_path: Path) -> None:
+    """examples/fsdp2: a torchtitan-style script (device mesh, fully_shard per block, AdamW on DTensors)
+    attached with burnin.rank.attach(model, optimizer) as a DDP script is, run as HSDP (2 x 2)."""
+    proc = run_cli("run", str(FSDP2_EXAMPLE / "scenario-hsdp.yaml"), "--out", str(tmp_path), timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(tmp_path)
+    assert s["exact"] and s["comparison"] == "exact"
+    outcomes = {f["fault"]: (f["outcome"], f["detected_by"]) for f in s["faults"]}
+    assert outcomes == {"process.kill": ("recovered", "exit_signal"), "process.exception": ("recovered", "rank_error"),
+                        "corruption.bitflip": ("recovered", "fingerprint")}, outcomes
+    # burnin checkpoints the loop's shards with DCP (the loop brought no writer of its own)
+    manifests = [json.loads(p.read_text()) for p in (run_dir_of(tmp_path) / "checkpoints").glob("*/manifest.json")]
+    assert manifests and all(m["writer"] == "dcp" and ".metadata" in m["files"] for m in manifests)
