@@ -20,8 +20,11 @@ __all__ = ["CheckpointCorrupt", "SnapshotCorrupt"]
 
 class CheckpointCorruptParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["flip", "truncate"] = Field("flip", description="flip bytes, or cut the file short")
-    file: Literal["model", "rank"] = Field("model", description="the model/optimizer file or the target rank's own file")
+    mode: Literal["flip", "truncate", "delete"] = Field(
+        "flip", description="flip bytes, cut the file short, or delete it (a lost shard of a DCP checkpoint)")
+    file: Literal["model", "rank"] = Field(
+        "model", description="the model/optimizer file (of a DCP checkpoint: its largest shard, `.metadata` "
+                             "left intact) or the target rank's own file")
     nbytes: int = Field(8, ge=1, le=1 << 20, description="how many bytes to flip (mode: flip)")
     keep_fraction: float = Field(0.5, ge=0, lt=1, description="fraction of the file kept (mode: truncate)")
     seed: int = Field(0, ge=0, description="chooses which bytes are flipped")
@@ -46,6 +49,9 @@ class CheckpointCorrupt(Fault):
         target: Path = ckpt.path / (checkpoint.model_file(ckpt.path) if p.file == "model" else checkpoint.rank_file(ctx.rank))
         size = target.stat().st_size
         out = {"checkpoint_step": ckpt.step, "file": target.name, "mode": p.mode}
+        if p.mode == "delete":
+            target.unlink()
+            return {**out, "size": size}
         if p.mode == "truncate":
             return {**out, "size": size, "kept": _damage(target, size, p)}
         return {**out, "offsets": _damage(target, size, p)}
