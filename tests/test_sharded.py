@@ -121,3 +121,31 @@ def test_a_users_hsdp_loop_attached_in_four_lines_is_killed_raised_in_and_flippe
     # burnin checkpoints the loop's shards with DCP (the loop brought no writer of its own)
     manifests = [json.loads(p.read_text()) for p in (run_dir_of(tmp_path) / "checkpoints").glob("*/manifest.json")]
     assert manifests and all(m["writer"] == "dcp" and ".metadata" in m["files"] for m in manifests)
+
+
+def test_a_dcp_manifest_must_cover_metadata_and_every_shard(tmp_path: Path) -> None:
+    """The manifest of a DCP checkpoint lists `.metadata` beside the shards and rank files; a checkpoint
+    whose manifest leaves `.metadata` out, or whose shard is gone, is refused."""
+    from burnin.core.checkpoints import Checkpoint, verify
+    from burnin.core.files import sha256_file
+
+    ckpt = tmp_path / "step_00000004"
+    ckpt.mkdir()
+    for name, data in ((".metadata", b"index"), ("__0_0.distcp", b"shard0"), ("__1_0.distcp", b"shard1"),
+                       ("rank0.pt", b"rng0"), ("rank1.pt", b"rng1")):
+        (ckpt / name).write_bytes(data)
+
+    def manifest(names: list[str]) -> None:
+        files = {n: dict(zip(("sha256", "bytes"), sha256_file(ckpt / n))) for n in names}
+        (ckpt / "manifest.json").write_text(json.dumps({"step": 4, "world_size": 2, "writer": "dcp", "files": files}))
+
+    every = [".metadata", "__0_0.distcp", "__1_0.distcp", "rank0.pt", "rank1.pt"]
+    manifest(every)
+    assert verify(Checkpoint(4, ckpt), 2)["writer"] == "dcp"
+    manifest(every[1:])
+    with pytest.raises(Exception, match=r"does not list \.metadata"):
+        verify(Checkpoint(4, ckpt), 2)
+    manifest(every)
+    (ckpt / "__1_0.distcp").unlink()
+    with pytest.raises(Exception, match="__1_0.distcp is missing"):
+        verify(Checkpoint(4, ckpt), 2)
