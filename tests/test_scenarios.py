@@ -175,7 +175,7 @@ BAD_CASES = [
     ("fault-rank-out-of-range.yaml", 11, "faults.1.rank", "rank 2 does not exist"),
     ("fault-step-past-end.yaml", 12, "faults.1.step", "step 20 is past the end of the run"),
     ("unknown-fault.yaml", 6, "faults.0.fault", "did you mean 'process.kill'?"),
-    ("bad-param-value.yaml", 8, "faults.0.params.mode", "'flip' or 'truncate' (got 'shred')"),
+    ("bad-param-value.yaml", 8, "faults.0.params.mode", "'flip', 'truncate' or 'delete' (got 'shred')"),
     ("unknown-param.yaml", 8, "faults.0.params.delay", "did you mean 'delay_s'?"),
     ("bad-point.yaml", 7, "faults.0.point", "acts at between_steps, not at 'after_backward'"),
     ("duplicate-key.yaml", 7, "workload.steps", "duplicate key 'steps' (first at line 5)"),
