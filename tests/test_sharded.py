@@ -149,3 +149,21 @@ def test_a_dcp_manifest_must_cover_metadata_and_every_shard(tmp_path: Path) -> N
     (ckpt / "__1_0.distcp").unlink()
     with pytest.raises(Exception, match="__1_0.distcp is missing"):
         verify(Checkpoint(4, ckpt), 2)
+
+
+@pytest.mark.slow
+def test_a_users_fsdp_loop_with_no_replica_has_a_flip_between_steps_caught_by_its_checksum(tmp_path: Path) -> None:
+    """examples/fsdp2 as plain FSDP over 2 ranks: killed, raised in, and a parameter shard flipped between
+    two steps; no replica holds that shard, so the rank's own checksum (sealed at the end of a step,
+    checked before the next) finds it one step later, and the ranks roll back: exact."""
+    proc = run_cli("run", str(FSDP2_EXAMPLE / "scenario.yaml"), "--out", str(tmp_path), timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(tmp_path)
+    assert s["exact"]
+    outcomes = [(f["fault"], f["outcome"], f["detected_by"]) for f in s["faults"]]
+    assert outcomes == [("process.kill", "recovered", "exit_signal"), ("process.exception", "recovered", "rank_error"),
+                        ("corruption.bitflip", "recovered", "checksum")], outcomes
+    events = read_events(run_dir_of(tmp_path) / "events.jsonl")
+    (found,) = [e for e in events if e["event"] == "detection"]
+    flip = s["faults"][2]
+    assert found["detector"] == "checksum" and found["odd_ranks"] == [1] and found["step"] == flip["step"] + 1

@@ -80,7 +80,7 @@ class _TensorCorruption(Fault):
     where = "in_rank"
     effects = ("corruption",)  # seen only when a detector finding pins it (restart mode)
     effect_scope = "detector"
-    points = ("after_optimizer_step", "after_backward", "after_allreduce", "before_forward")
+    points = ("after_optimizer_step", "after_backward", "after_allreduce", "before_forward", "between_steps")
     Params: ClassVar[type[BaseModel]] = _CorruptionParams
 
     def default_point(self) -> str:

@@ -154,6 +154,39 @@ class Fingerprint(Detector):
                                          "majority": majority_every}, odd_ranks=sorted(odd))
 
 
+class Checksum(Detector):
+    """This rank's own state, sealed at the end of a step and verified before the next forward.
+
+    Between two steps nothing may change the parameters or the optimizer state; a digest that differs
+    is memory (or a stray write) changing them. It needs no replica, so it covers a shard that only one
+    rank holds (FSDP2 without HSDP). A flip during the step, before the seal, is not its to see.
+    """
+
+    name, point, cost = "checksum", "between_steps", "a hash of this rank's parameters and optimizer state, twice a step"
+
+    def __init__(self, every: int = 1, **cfg: Any):
+        super().__init__(every=every, **cfg)
+        self.every = every
+        self.sealed: tuple[int, bytes] | None = None  # (the step it is for, the digest)
+        self.found: Finding | None = None
+
+    def seal(self, step: int, model: Any, optimizer: Any) -> None:
+        """After `step` completed: the digest the state must still have when step + 1 begins."""
+        self.sealed = (step + 1, state_digest(model, optimizer)) if (step + 1) % self.every == 0 else None
+
+    def verify(self, step: int, model: Any, optimizer: Any, rank: int) -> None:
+        if self.sealed is not None and self.sealed[0] == step and state_digest(model, optimizer) != self.sealed[1]:
+            self.found = Finding(self.name, step, {"sealed_after_step": step - 1}, odd_ranks=[rank])
+        self.sealed = None
+
+    def check(self, step: int, **ctx: Any) -> Finding | None:
+        found, self.found = self.found, None
+        return found
+
+    def restore(self, state: Any) -> None:
+        self.sealed, self.found = None, None  # a rolled-back state is sealed again at the next step's end
+
+
 def state_digest(model: Any, optimizer: Any) -> bytes:
     """A digest of the parameters, buffers and optimizer state: what every replica must hold alike.
 
@@ -185,7 +218,8 @@ def state_digest(model: Any, optimizer: Any) -> bytes:
     return h.digest()
 
 
-DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NonFinite, LossSpike, GradNormSpike, Fingerprint)}
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NonFinite, LossSpike, GradNormSpike, Fingerprint,
+                                                              Checksum)}
 
 
 def build_detectors(cfg: dict[str, Any]) -> list[Detector]:

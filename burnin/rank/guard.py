@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from burnin.errors import BurninError
-from burnin.rank.detectors import Finding, Fingerprint, build_detectors, state_digest
+from burnin.rank.detectors import Checksum, Finding, Fingerprint, build_detectors, state_digest
 
 __all__ = ["Guard", "CorruptionDetected"]
 
@@ -44,6 +44,7 @@ class Guard:
         self.detectors = build_detectors(cfg)
         self.local = [d for d in self.detectors if not d.collective]
         self.fingerprint = next((d for d in self.detectors if isinstance(d, Fingerprint)), None)
+        self.checksum = next((d for d in self.detectors if isinstance(d, Checksum)), None)
         rc = cfg.get("recompute")
         self.recompute_every = rc["every"] if rc else 0
         self.mode = scenario["recovery"]["mode"]
@@ -89,6 +90,8 @@ class Guard:
             self.snap = self._take(step)
 
     def before_step(self, step: int) -> None:
+        if self.checksum is not None:  # has the state changed since the last step sealed it?
+            self.checksum.verify(step, self.model, self.optimizer, self.rank)
         if self.recompute_every and (step + 1) % self.recompute_every == 0:
             self._pre = self._take(step)
 
@@ -151,6 +154,8 @@ class Guard:
             self._emit(collective)
         if worst < 2 and collective is None:
             self._maybe_snapshot(step)
+            if self.checksum is not None:
+                self.checksum.seal(step, self.model, self.optimizer)
             return step + 1, loss, bits
         reason = ", ".join(sorted({f.detector for f in findings} | ({collective.detector} if collective else set())))
         return self._recover(step, bits, reason or "a finding on another rank"), loss, bits

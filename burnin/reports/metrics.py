@@ -39,7 +39,7 @@ OUTCOMES: tuple[str, ...] = ("recovered", "masked", "detected", "sdc", "failed")
 #: Parts of a recovery, in order; the names match RecoveryBreakdown's fields without `_s`.
 PHASES: tuple[str, ...] = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
 #: In-rank detectors (burnin.rank.detectors, plus step recomputation); anything else is "other".
-DETECTORS: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_norm_spike", "fingerprint", "recompute")
+DETECTORS: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_norm_spike", "fingerprint", "checksum", "recompute")
 #: Everything that can detect a fault: in-rank detectors, the supervisor's, the checkpoint loader's.
 DETECTED_BY: tuple[str, ...] = DETECTORS + (
     "exit_signal", "exit_code", "heartbeat", "rank_error", "step_timeout", "connect_timeout",

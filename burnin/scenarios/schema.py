@@ -195,6 +195,11 @@ class FingerprintDetector(_Model):
     every: int = Field(1, ge=1, le=1_000_000, description="compare replica fingerprints every K steps")
 
 
+class ChecksumDetector(_Model):
+    every: int = Field(1, ge=1, le=1_000_000,
+                       description="seal this rank's own state after every K-th step, verify it before the next")
+
+
 class RecomputeDetector(_Model):
     every: int = Field(0, ge=0, le=1_000_000, description="re-run every K-th step and compare bits (0: only to "
                                                          "classify a suspicion as transient or persistent)")
@@ -207,6 +212,10 @@ class Detectors(_Model):
     loss_spike: SpikeDetector | None = None
     grad_norm_spike: SpikeDetector | None = None
     fingerprint: FingerprintDetector | None = None
+    checksum: ChecksumDetector | None = Field(
+        None, description="a digest of each rank's own parameters and optimizer state, taken at the end of a "
+                          "step and checked before the next: what changes in memory between two steps (a "
+                          "shard with no replica too)")
     recompute: RecomputeDetector | None = None
 
     @field_validator("nonfinite")
@@ -466,8 +475,8 @@ class Scenario(_Model):
         if par is not None and self.detectors.fingerprint is not None and par.dp_replicate == 1:
             raise invalid(("detectors", "fingerprint"),
                           "the fingerprint compares replicas of a shard, and with workload.parallel.dp_replicate=1 "
-                          "no shard has one; set dp_replicate to 2 or more (HSDP), or use recompute, nonfinite or "
-                          "the spike detectors")
+                          "no shard has one; set dp_replicate to 2 or more (HSDP), or use checksum (each rank's "
+                          "own state between steps), recompute, nonfinite or the spike detectors")
         if self.campaign is not None:
             c = self.campaign
             if c.warmup + c.window > self.workload.steps:
