@@ -79,6 +79,8 @@ def test_classify_exit_never_raises(returncode: int) -> None:
     ("RuntimeError", "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
                      "10000ms for recv operation to complete", "network"),
     ("DistBackendError", "Timed out waiting 10000ms for recv", "network"),
+    ("RuntimeError", "Got the following error when running the callback: RuntimeError: Application timeout "
+                     "caused pair closure", "network"),
     ("DistNetworkError", "failed to connect", "network"),
     ("RuntimeError", "Connection reset by peer", "network"),
     ("RuntimeError", "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "

@@ -11,8 +11,9 @@ import signal
 
 __all__ = ["classify_exit", "classify_error", "signature"]
 
+# ("Application timeout caused pair closure": gloo's words when a pair's peer went silent past the timeout)
 _NETWORK_TEXT = re.compile(r"\b(timed out|connection (closed|reset|refused)|broken pipe|gloo|nccl|"
-                           r"socket|recv|send|network|unreachable)\b", re.I)
+                           r"socket|recv|send|network|unreachable|pair closure)\b", re.I)
 _IMA_TEXT = re.compile(r"illegal memory access|an illegal instruction|misaligned address", re.I)
 
 
