@@ -170,9 +170,13 @@ def record_from_events(events: list[dict[str, Any]], key: str) -> GoldenRecord:
                         final_loss=final_loss, loss_floor=floor, wall_s=(t1 or 0) - (t0 or 0), state_norms=norms)
 
 
+def _record_path(key: str) -> Path:
+    return cache_dir() / "golden" / key / "golden.json"
+
+
 def golden_cached(scenario: Scenario) -> bool:
     """Whether this scenario's golden record is in the cache (a damaged one is remade all the same)."""
-    return (cache_dir() / "golden" / golden_key(scenario) / "golden.json").is_file()
+    return _record_path(golden_key(scenario)).is_file()
 
 
 def get_golden(scenario: Scenario, *, refresh: bool = False,
@@ -182,7 +186,7 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
     that must be made takes its ranks from `pool` when given (the warm spares of the run it serves: one
     warm-up pays for both), else starts them cold."""
     key = golden_key(scenario)
-    path = cache_dir() / "golden" / key / "golden.json"
+    path = _record_path(key)
     if path.is_file() and not refresh:
         try:
             record = GoldenRecord.from_json(path.read_text())

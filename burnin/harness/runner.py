@@ -76,7 +76,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
             on_event({"event": "golden_started", "key": key, "t": time.time()})
         # A golden run to make shares the run's warm spares: one zygote's warm-up, not one per golden rank
         # plus the zygote's (where every rank runs alike: a namespace's zygote needs the fabric set up).
-        if (refresh_golden or not golden_cached(scenario)) and restarts_ranks(scenario) and getattr(fabric, "slots_alike", False):
+        lend = refresh_golden or not golden_cached(scenario)
+        if lend and restarts_ranks(scenario) and getattr(fabric, "slots_alike", False):
             pool, _ = open_pool(scenario, run_dir, run_id, fabric)
         golden, cached = get_golden(scenario, refresh=refresh_golden, on_event=on_event, pool=pool)
         (run_dir / "golden.json").write_text(golden.to_json())

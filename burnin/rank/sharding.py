@@ -11,14 +11,17 @@ in rank order (collective), so every rank reports the same hash, as replicas do 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from burnin.scenarios.schema import Parallel
+
 __all__ = ["is_sharded", "shard_model", "local", "to_local_state", "from_local_state", "global_digest",
-           "mesh_shape", "replica_groups"]
+           "replica_groups"]
 
 
 def is_sharded(model: Any) -> bool:
@@ -31,20 +34,13 @@ def local(t: Any) -> Any:
     return t.to_local().detach() if isinstance(t, DTensor) else t
 
 
-def mesh_shape(parallel: dict[str, Any], world_size: int) -> tuple[int, int]:
-    """(dp_replicate, dp_shard) of the scenario's `workload.parallel`, -1 resolved."""
-    rep, tp = parallel["dp_replicate"], parallel["tp"]
-    shard = parallel["dp_shard"] if parallel["dp_shard"] != -1 else world_size // (rep * tp)
-    return rep, shard
-
-
 def shard_model(model: Any, parallel: dict[str, Any], world_size: int, device_type: str) -> Any:
     """Shard burnin's GPT with FSDP2: each block, then the root (embeddings, final norm, the tied head),
     over a (dp_replicate, dp_shard) mesh (1-D when there is no replica). Returns the mesh."""
     from torch.distributed.device_mesh import init_device_mesh  # lazy: torch, the mesh's own imports
     from torch.distributed.fsdp import fully_shard  # lazy: torch, FSDP2
 
-    rep, shard = mesh_shape(parallel, world_size)
+    rep, shard = Parallel.model_validate(parallel).mesh(world_size)
     if rep > 1:
         mesh = init_device_mesh(device_type, (rep, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
     else:
@@ -114,10 +110,10 @@ def replica_groups(model: Any, world_size: int) -> list[list[int]]:
         return [list(range(world_size))]
     mesh = param.device_mesh.mesh  # the ranks, laid out on the mesh
     sharded = [d for d, pl in enumerate(param.placements) if isinstance(pl, Shard)]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for coord in torch.cartesian_prod(*[torch.arange(n) for n in mesh.shape]).reshape(-1, mesh.dim()).tolist():
-        groups.setdefault(tuple(coord[d] for d in sharded), []).append(int(mesh[tuple(coord)]))
-    return [sorted(g) for _, g in sorted(groups.items())]
+    replicated = [d for d in range(mesh.dim()) if d not in sharded]
+    # one row per shard: the ranks along the replicated dimensions
+    rows = mesh.permute(*sharded, *replicated).reshape(math.prod(mesh.shape[d] for d in sharded), -1)
+    return sorted(sorted(row) for row in rows.tolist())
 
 
 # -- DCP checkpoints ------------------------------------------------------------------------------

@@ -246,7 +246,9 @@ class RankSnapshots:
 
         # of a sharded model, this rank's shards (the load places them again: Session._load)
         local = is_sharded(model)
-        msd, osd = to_local_state(model.state_dict()), to_local_state(optimizer.state_dict())
+        msd, osd = model.state_dict(), optimizer.state_dict()
+        if local:
+            msd, osd = to_local_state(msd), to_local_state(osd)
         tensors, sig, skeleton = _structure(msd, osd["state"])
         if self._plan is None or self._plan[0] != sig:  # the layout is worked out once, then reused
             self._plan = (sig, _Plan(tensors, skeleton(), _plain_metadata(msd), self.rank, self.world_size, local))

@@ -75,7 +75,7 @@ def state_hash(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
     h = hashlib.sha256()
     for name, value in _state(model, optimizer):
         _update(h, name, value)
-    if is_sharded(model) and not local_only:
+    if not local_only and is_sharded(model):
         return global_digest(h.hexdigest())
     return h.hexdigest()
 
