@@ -160,6 +160,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="the golden cache: `all` (the default) removes every cached golden record and its "
                             "directories; `prune` only what is not needed (plain cleanup prunes too)")
 
+    pool = sub.add_parser("pool", help="keep warm ranks across runs: runs started with BURNIN_POOL=SOCKET fork "
+                                       "their ranks from it and pay no start-up")
+    pool_sub = pool.add_subparsers(dest="pool_command", metavar="ACTION", parser_class=_Parser, required=True)
+    serve = pool_sub.add_parser("serve", help="serve warm zygotes on a Unix socket until SIGTERM or Ctrl-C")
+    serve.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on")
+    serve.add_argument("--max-zygotes", type=int, default=4, metavar="N",
+                       help="at most this many interpreters kept warm (one per device, threads, kernels and "
+                            "import-time environment; default 4)")
+    serve.add_argument("--idle-exit", type=float, metavar="S", help="stop after S seconds without a run")
+
     rep = sub.add_parser("report", help="rebuild a run's reports (report.html too) from its event log, or a campaign's or burn-in's report.html; judge a torchrun run")
     rep.add_argument("run_dir")
 
@@ -718,6 +728,39 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pool(args: argparse.Namespace) -> int:
+    """`burnin pool serve`: checks its flags and socket before it starts (one line, exit 2)."""
+    import socket as _socket
+
+    from burnin.harness.pool_server import serve
+
+    path = Path(args.socket)
+    if args.max_zygotes < 1:
+        raise UserError(f"--max-zygotes: {args.max_zygotes} keeps nothing warm; use 1 or more")
+    if args.idle_exit is not None and not args.idle_exit > 0:
+        raise UserError(f"--idle-exit: {args.idle_exit:g} is not a time; use seconds > 0")
+    if len(str(path.absolute()).encode()) > 107:
+        raise UserError(f"--socket: {path} is longer than a Unix socket path may be (107 bytes); use a shorter one")
+    if not path.parent.is_dir():
+        raise UserError(f"--socket: {path.parent} is not a directory; create it or choose another path")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"--socket: {path.parent} is not writable; choose another path")
+    if path.exists() or path.is_symlink():
+        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            raise UserError(f"--socket: {path} is already served by another `burnin pool serve`; stop it or "
+                            "choose another path")
+        except OSError:
+            if not path.is_socket():
+                raise UserError(f"--socket: {path} exists and is not a socket; remove it or choose another "
+                                "path") from None
+        finally:
+            probe.close()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return serve(str(path), max_zygotes=args.max_zygotes, idle_exit_s=args.idle_exit)
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     """One line per capability; never imports torch or triton (only looks them up)."""
     import importlib.util
@@ -825,7 +868,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "burn-in": _cmd_burn_in, "history": _cmd_history, "compare": _cmd_compare, "triage": _cmd_triage, "bisect": _cmd_bisect, "shrink": _cmd_shrink, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
-             "cleanup": _cmd_cleanup, "report": _cmd_report, "check-determinism": _cmd_check_determinism, "rules": _cmd_rules, "doctor": _cmd_doctor, "forecast": _cmd_forecast}
+             "cleanup": _cmd_cleanup, "report": _cmd_report, "check-determinism": _cmd_check_determinism, "rules": _cmd_rules, "doctor": _cmd_doctor, "forecast": _cmd_forecast, "pool": _cmd_pool}
 
 
 def _terminated(signum: int, frame: Any) -> None:

@@ -176,7 +176,9 @@ def _interrupt(tmp_path: Path, sig: signal.Signals) -> None:
 def test_cleanup_after_supervisor_sigkill(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     # Parent-death signals off, so only `burnin cleanup` can remove what the supervisor leaves.
+    # (and its ranks its own: a pool server would kill a dead supervisor's ranks itself)
     env = {**os.environ, "BURNIN_WORKER_PDEATHSIG": "0"}
+    env.pop("BURNIN_POOL", None)
     proc = subprocess.Popen(burnin_cmd("run", str(long_run(tmp_path)), "--out", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     run_id = _wait_for_steps(out, proc)

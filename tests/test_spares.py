@@ -15,6 +15,13 @@ from burnin.core.events import read_events
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _own_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about a run's own pool (its zygote, its spares, its subreaper): not the session's
+    `burnin pool serve` (tests/test_pool_server.py)."""
+    monkeypatch.delenv("BURNIN_POOL", raising=False)
+
+
 def _events(out: Path) -> list[dict]:
     return read_events(run_dir_of(out) / "events.jsonl")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from burnin.errors import HarnessError
 
-__all__ = ["state_dir", "process_start_time", "proc_state", "alive", "run_id_of", "kill_group",
+__all__ = ["become_subreaper", "state_dir", "process_start_time", "proc_state", "alive", "run_id_of", "kill_group",
            "set_parent_death_signal", "run_tool", "first_line"]
 
 _TOOL_TIMEOUT_S = 10.0
@@ -79,8 +79,9 @@ def run_id_of(pid: int) -> str | None:
     return None
 
 
-def set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+def set_parent_death_signal(parent: int | None = None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere). The parent is the
+    supervisor (`BURNIN_SUPERVISOR_PID`) unless `parent` says which: a pooled spare's is the pool server."""
     if os.environ.get("BURNIN_WORKER_PDEATHSIG", "1") == "0":
         return  # tests turn it off to show that `burnin cleanup` alone removes leftovers
     try:
@@ -89,7 +90,7 @@ def set_parent_death_signal() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
-    expected = os.environ.get("BURNIN_SUPERVISOR_PID")
+    expected = parent if parent is not None else os.environ.get("BURNIN_SUPERVISOR_PID")
     if expected and os.getppid() != int(expected):  # the parent died before the prctl took hold
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -108,3 +109,14 @@ def run_tool(argv: list[str], check: bool = True, timeout: float = _TOOL_TIMEOUT
 
 def first_line(text: str) -> str:
     return (text.strip().splitlines() or ["no error text"])[0]
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux >= 3.4), so that spares forked
+    by a zygote are its children. False where the kernel refuses: then the pool stays off."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_CHILD_SUBREAPER = 36
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False

@@ -31,7 +31,6 @@ torch here.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -42,9 +41,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.core import procs
+from burnin.core.procs import become_subreaper
 from burnin.harness.fabric import LocalFabric
+from burnin.harness.pool_server import PoolLink, pool_key
 
-__all__ = ["ForkedProc", "Spare", "SparePool", "become_subreaper", "open_pool", "spare_memory_ok", "rank_base_env"]
+__all__ = ["ForkedProc", "PooledProc", "Spare", "SparePool", "become_subreaper", "open_pool", "server_path",
+           "spare_memory_ok", "rank_base_env"]
 
 #: What one slot of the pool costs in memory (the zygote's resident set after the warm-up, measured on
 #: the tiny model on CPU: ~380 MiB; its forks share most of it), with a margin: the pool is on by
@@ -54,17 +56,6 @@ SPARE_BUDGET_BYTES = 512 << 20
 #: How long a slot waits for its zygote to fork a spare before the rank starts cold instead: a zygote's
 #: warm-up takes 3-5 s on a warm page cache, up to ~30 s on a cold one (measured right after install).
 FORK_WAIT_S = 120.0
-
-
-def become_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (Linux >= 3.4), so that spares forked
-    by a zygote are its children. False where the kernel refuses: then the pool stays off."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_CHILD_SUBREAPER = 36
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 class ForkedProc:
@@ -100,6 +91,57 @@ class ForkedProc:
                 raise subprocess.TimeoutExpired(self.args, timeout)
             time.sleep(0.005)
         return self.returncode  # type: ignore[return-value]
+
+
+class PooledProc(ForkedProc):
+    """A spare forked by `burnin pool serve`: the server is its parent and reaper, and sends its exit
+    status over the run's link; where the link is gone, a process that is gone counts as killed."""
+
+    def __init__(self, pid: int, stdin: Any, link: PoolLink):
+        super().__init__(pid, stdin)
+        self.link = link
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        self.link.pump()
+        if self.pid in self.link.exits:
+            self.returncode = self.link.exits[self.pid]
+        elif self.link.closed and procs.proc_state(self.pid) in (None, "Z", "X"):
+            self.returncode = -9
+        return self.returncode
+
+
+class SharedZygote:
+    """What a run sees of the pool server's zygote for its key: `Popen`'s pid, poll, stdin and wait, where
+    writing a fork command sends it with the run's environment, and stopping the pool leaves the zygote
+    to the server."""
+
+    def __init__(self, link: PoolLink, env: dict[str, str], cwd: str):
+        self.link, self.env, self.cwd = link, env, cwd
+        self.pid = link.zygote_pid or 0
+        self.returncode: int | None = None
+        self.stdin = self
+
+    def write(self, data: bytes) -> int:
+        if not self.link.fork({**json.loads(data), "env": self.env, "cwd": self.cwd}):
+            raise BrokenPipeError("the pool server is gone")
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass  # the zygote is the server's, not this run's
+
+    def poll(self) -> int | None:
+        self.link.pump()
+        if self.link.closed and self.returncode is None:
+            self.returncode = -1
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode if self.returncode is not None else 0
 
 
 @dataclass
@@ -145,7 +187,8 @@ class Spare:
                 return None
             if not text.endswith("\n"):
                 return None
-            self.proc = ForkedProc(int(text), self.stdin)
+            link = getattr(self.zygote.proc, "link", None)
+            self.proc = ForkedProc(int(text), self.stdin) if link is None else PooledProc(int(text), self.stdin, link)
         return self.proc
 
     def dead(self) -> bool:
@@ -190,8 +233,14 @@ def open_pool(scenario: Any, run_dir: Path, run_id: str, fabric: Any = None, emi
     pool = SparePool(Path(run_dir), run_id, fabric or LocalFabric(), python or sys.executable,
                      rank_base_env(scenario, run_id), ["--zygote", w.device, str(w.threads), w.kernels],
                      emit or (lambda *a, **k: None))
+    pool.join_server()
     pool.fill(range(w.ranks))  # the zygotes warm up once; the first attempt's ranks are their first forks
     return pool, None
+
+
+def server_path() -> str | None:
+    """The socket of `burnin pool serve` that runs fork their ranks from (BURNIN_POOL), if any."""
+    return os.environ.get("BURNIN_POOL") or None
 
 
 class SparePool:
@@ -208,6 +257,29 @@ class SparePool:
         self.closed = False
         # every slot alike: one zygote serves them all (see _zygote)
         self.shared = bool(getattr(fabric, "slots_alike", False))
+        self.link: PoolLink | None = None  # to `burnin pool serve`, when the run's ranks come from it
+
+    def join_server(self) -> None:
+        """Fork from the zygote of `burnin pool serve` (BURNIN_POOL) instead of starting one: where every
+        slot runs alike and the server answers. Where it does not, say why, and keep a zygote of our own."""
+        path = server_path()
+        if path is None or not self.shared or self.fabric.rank_command(0, ["x"]) != ["x"]:
+            return
+        env = {**self.env, **self.fabric.rank_env(0)}
+        try:
+            link = PoolLink(path)
+            answer = link.hello(pool_key(self.python, self.argv_tail, env), env, os.getcwd(),
+                                str(self.dir / "zygote0-server.ready"))
+        except (OSError, ValueError) as exc:
+            self.emit("pool_server_unavailable", socket=path, why=str(exc) or type(exc).__name__)
+            return
+        self.link = link
+        self._count += 1
+        proc = SharedZygote(link, env, os.getcwd())
+        ready = self.dir / "zygote0-server.ready"
+        self.zygotes[0] = Zygote(0, proc, time.time(), ready)  # type: ignore[arg-type]
+        self.emit("pool_joined", socket=path, server=answer.get("server"), zygote=answer.get("zygote"),
+                  warm=bool(answer.get("warm")))
 
     def fill(self, slots: range) -> None:
         """Give each slot a spare (and a zygote to fork it) where it has none, or where they died; remove
@@ -262,8 +334,8 @@ class SparePool:
         proc.stdin.flush()
 
     def pids(self) -> list[int]:
-        """Every process of the pool that is alive: zygotes and forked spares."""
-        out = [z.proc.pid for z in self.zygotes.values() if z.proc.poll() is None]
+        """Every process of the pool that is alive and this run's: zygotes (not the server's) and spares."""
+        out = [z.proc.pid for z in self.zygotes.values() if z.proc.poll() is None and self.link is None]
         return out + [s.proc.pid for s in self.spares.values() if s.proc is not None and s.proc.poll() is None]
 
     def ready_count(self) -> int:
@@ -297,6 +369,9 @@ class SparePool:
         self._taken.clear()
         self.spares.clear()
         self.zygotes.clear()
+        if self.link is not None:  # the server kills whatever of this run is left
+            self.link.close()
+            (self.dir / "zygote0-server.ready").unlink(missing_ok=True)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -307,6 +382,9 @@ class SparePool:
         z = self.zygotes.get(home)
         if z is not None and z.proc.poll() is None:
             return z
+        if self.link is not None:  # the server is gone: a zygote of our own from now on
+            self.emit("pool_server_lost", socket=self.link.path)
+            self.link = None
         if z is not None:
             self.emit("zygote_lost", slot=home, pid=z.proc.pid, returncode=z.proc.returncode, shared=self.shared)
             _close(z.proc.stdin)

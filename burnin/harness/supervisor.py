@@ -27,7 +27,7 @@ from burnin.harness import cleanup
 from burnin.harness.classify import classify_error, classify_exit, signature
 from burnin.harness.fabric import LocalFabric
 from burnin.harness.netwatch import NetworkWatch
-from burnin.harness.spares import SparePool, open_pool, rank_base_env
+from burnin.harness.spares import SparePool, open_pool, rank_base_env, server_path
 from burnin.reports.attribution import Candidate, Evidence, explained_by, pin_detection
 from burnin.scenarios.schema import HEARTBEAT_PERIOD_S, Scenario
 
@@ -280,9 +280,10 @@ class Supervisor:
         # The pool's replacements: at once for a run's first attempt; for a restart, once every new rank has
         # completed a step (forks are cheap, but four of a 380 MiB process still cost 0.1 s of CPU that the
         # restart's critical path would share on a small machine: measured with 4 ranks on 2 cores).
-        if self._pool is not None and attempt == self.first_attempt:
+        spares = self._pool is not None and self._keeps_spares()
+        if spares and attempt == self.first_attempt:
             self._pool.fill(range(n))
-        self._refill_due = self._pool is not None and attempt != self.first_attempt
+        self._refill_due = spares and attempt != self.first_attempt
         self._register([r.proc.pid for r in ranks])
         return ranks
 
@@ -292,14 +293,20 @@ class Supervisor:
         return rank_base_env(self.scenario, self.run_id)
 
     def _spare_pool(self) -> SparePool | None:
-        """One warm spare per rank, when the run can restart (`recovery.spares`, default: where memory allows)."""
+        """One warm spare per rank, when the run can restart (`recovery.spares`, default: where memory allows);
+        with `burnin pool serve` (BURNIN_POOL), for every run: its ranks cost a fork, not a start-up."""
         sc = self.scenario
-        if not restarts_ranks(sc) or self.golden:
+        if (not restarts_ranks(sc) or self.golden) and server_path() is None:
             return None
         pool, why = open_pool(sc, self.run_dir, self.run_id, self.fabric, self._emit, self.python)
         if pool is None and sc.recovery.spares is not False:
             self._emit("spares_off", reason=why)
         return pool
+
+    def _keeps_spares(self) -> bool:
+        """Whether spares wait beside the ranks: a run that never restarts ranks only forks them (from the
+        pool server's zygote, which it joined for that)."""
+        return self.pool is not None or (restarts_ranks(self.scenario) and not self.golden)
 
     def _from_pool(self, rank: int, attempt: int, env: dict[str, str], log: Path) -> Any:
         """A warm spare made rank `rank` of `attempt`, or None (then the rank starts cold), said in an event."""
@@ -331,6 +338,8 @@ class Supervisor:
             return
         if self.metrics is not None:
             self.metrics.spares_ready.set(self._pool.ready_count())
+        if not self._keeps_spares():
+            return
         before = self._pool.pids()
         self._pool.fill(range(self.scenario.workload.ranks))
         if self._pool.pids() != before:

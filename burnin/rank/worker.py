@@ -8,6 +8,7 @@ writes every event to its own stream. The loop reads top to bottom, nanoGPT styl
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -227,13 +228,15 @@ def _zygote(argv: list[str]) -> float | None:
         middle = os.fork()
         if middle == 0:
             try:
-                spare = os.fork() == 0
+                spare = os.fork()
             except OSError:
                 os._exit(1)
-            if not spare:
-                os._exit(0)  # the middle process: its exit hands the spare to the supervisor
+            if spare:
+                if cmd.get("report"):  # a pool server learns the pid of each fork it asked for
+                    os.write(1, (json.dumps({"pid": spare, "tag": cmd["tag"]}) + "\n").encode())
+                os._exit(0)  # the middle process: its exit hands the spare to the supervisor (or server)
             try:
-                _become_spare(cmd, supervisor)
+                _become_spare(cmd, int(cmd.get("parent", supervisor)))
             except BaseException:  # noqa: BLE001 -- a spare that cannot start says why in the slot's log
                 traceback.print_exc()
                 os._exit(3)
@@ -242,19 +245,23 @@ def _zygote(argv: list[str]) -> float | None:
     return None
 
 
-def _become_spare(cmd: dict[str, str], supervisor: int) -> None:
-    """In the zygote's grandchild: lead a process group, say the pid, wait to be the supervisor's child
-    (it is a subreaper), take its parent-death signal, read the FIFO as stdin, write to the slot's log."""
+def _become_spare(cmd: dict[str, Any], parent: int) -> None:
+    """In the zygote's grandchild: lead a process group, say the pid, wait to be the child of `parent` (the
+    supervisor, or `burnin pool serve`: a subreaper), take its parent-death signal, read the FIFO as
+    stdin, write to the slot's log. Forked by a pool server for a run, first become that run's process:
+    its environment (with its run id where /proc shows it) and its working directory."""
     os.setsid()
+    if "env" in cmd:
+        _join_run(cmd["env"], cmd["cwd"])
     tmp = cmd["pid_file"] + ".tmp"
     Path(tmp).write_text(f"{os.getpid()}\n")
     os.replace(tmp, cmd["pid_file"])
     deadline = time.monotonic() + 10.0
-    while os.getppid() != supervisor and time.monotonic() < deadline:
+    while os.getppid() != parent and time.monotonic() < deadline:
         time.sleep(0.001)
-    if os.getppid() != supervisor:
-        os._exit(3)  # the supervisor is gone, or is not a subreaper: no one would ever reap this rank
-    set_parent_death_signal()
+    if os.getppid() != parent:
+        os._exit(3)  # the parent is gone, or is not a subreaper: no one would ever reap this rank
+    set_parent_death_signal(parent)
     fd = os.open(cmd["fifo"], os.O_RDONLY)  # the supervisor holds the FIFO open: never blocks
     os.dup2(fd, 0)
     os.close(fd)
@@ -263,6 +270,44 @@ def _become_spare(cmd: dict[str, str], supervisor: int) -> None:
         os.dup2(log, out)
     os.close(log)
     Path(cmd["ready"]).write_text("ready\n")
+
+
+def _join_run(env: dict[str, str], cwd: str) -> None:
+    """A spare of a shared zygote (`burnin pool serve`) becomes a process of the run it was forked for:
+    the run's environment replaces the zygote's (the variables read at import time are the same: that
+    is the pool's key), the run's directory is its own, and the run id is written where /proc shows it."""
+    zygote_cwd = os.getcwd()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    if sys.path and sys.path[0] == zygote_cwd:  # `python -m` put the zygote's directory first
+        sys.path[0] = cwd
+    _stamp_environ("BURNIN_RUN_ID", env.get("BURNIN_RUN_ID", ""))
+
+
+def _stamp_environ(name: str, value: str) -> bool:
+    """Write `value` over the placeholder of `name` in this process's initial environment block, in place:
+    the block is what the kernel shows as /proc/PID/environ, which `burnin cleanup` and leak checks read
+    (os.environ changes only the interpreter's copy). The zygote was started with room for it. False
+    where there is no placeholder, or no room."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end: fields 50 and 51 of stat
+    except (OSError, IndexError, ValueError):
+        return False
+    block = ctypes.string_at(start, end - start)
+    marker = name.encode() + b"="
+    at = 0 if block.startswith(marker) else block.find(b"\0" + marker) + 1
+    if at <= 0 and not block.startswith(marker):
+        return False
+    begin = at + len(marker)
+    stop = block.find(b"\0", begin)
+    stop = len(block) if stop < 0 else stop
+    data = value.encode()
+    if len(data) > stop - begin:
+        return False
+    ctypes.memmove(start + begin, data + b"\0" * (stop - begin - len(data)), stop - begin)
+    return True
 
 
 def _spare(argv: list[str]) -> float | None:
