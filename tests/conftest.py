@@ -76,6 +76,7 @@ def _warm_pool(_isolated_dirs: None) -> Iterator[None]:
     os.environ["BURNIN_POOL"] = str(sock)
     yield
     os.environ.pop("BURNIN_POOL", None)
+    t0 = time.monotonic()
     proc.terminate()
     try:
         proc.wait(timeout=30)
@@ -83,6 +84,11 @@ def _warm_pool(_isolated_dirs: None) -> Iterator[None]:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     log.close()
+    if proc.returncode != 0 or time.monotonic() - t0 > 5:  # an anomaly: keep the server's log to read
+        keep = Path(tempfile.gettempdir()) / f"burnin-pool-{os.getpid()}.log"
+        shutil.copy(d / "server.log", keep)
+        sys.stderr.write(f"\nburnin pool serve took {time.monotonic() - t0:.1f} s to stop (status "
+                         f"{proc.returncode}); its log: {keep}\n")
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -16,6 +16,7 @@ from conftest import burnin_cmd, long_run, processes_of_run, run_cli, run_dir_of
 
 from burnin.core import procs
 from burnin.core.events import read_events
+from burnin.harness.pool_server import PoolLink, pool_key
 
 pytestmark = pytest.mark.slow
 
@@ -81,14 +82,20 @@ def test_runs_fork_every_rank_from_the_servers_zygote_and_leave_nothing(server: 
     assert second.returncode == 0, second.stdout + second.stderr
     (joined2,) = [e for e in _events(tmp_path / "b") if e["event"] == "pool_joined"]
     assert joined2["warm"] and joined2["zygote"] == joined["zygote"]
-    third = run_cli("run", "kill-rank", "--threads", "2", "--out", str(tmp_path / "c"), env=server.env())
-    assert third.returncode == 0, third.stdout + third.stderr
-    (joined3,) = [e for e in _events(tmp_path / "c") if e["event"] == "pool_joined"]
-    assert joined3["zygote"] != joined["zygote"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    link = PoolLink(str(server.sock))
+    other = link.hello(pool_key(sys.executable, ["--zygote", "cpu", "2", "triton"], env), env, os.getcwd(),
+                       str(tmp_path / "other.ready"))
+    assert other["ok"] and not other["warm"] and other["zygote"] != joined["zygote"]
+    deadline = time.time() + 120
+    while not (tmp_path / "other.ready").exists():  # the server says when its warm-up is done
+        assert time.time() < deadline
+        time.sleep(0.05)
     assert server.log.read_text().count("warming up") == 2
     # SIGTERM: the server stops its zygotes and removes its socket.
     zygotes = server.children()
-    assert sorted(zygotes) == sorted({joined["zygote"], joined3["zygote"]})
+    assert sorted(zygotes) == sorted({joined["zygote"], other["zygote"]})
+    link.close()
     server.proc.terminate()
     assert server.proc.wait(timeout=30) == 0
     assert not server.sock.exists()

@@ -159,6 +159,7 @@ class _Zygote:
     env: dict[str, str] = field(default_factory=dict)
     cwd: str = "/"
     out: bytes = b""
+    inbox: bytes = b""
     warm_s: float | None = None
 
 
@@ -202,6 +203,7 @@ class _Server:
             proc = subprocess.Popen([key["python"], "-m", "burnin.rank.worker", *key["argv"]], env=zenv, cwd=cwd,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True)
         os.set_blocking(proc.stdout.fileno(), False)
+        os.set_blocking(proc.stdin.fileno(), False)
         z = _Zygote(k, proc, ready, time.time(), time.time(), env=env, cwd=cwd)
         old = self.zygotes.get(k)
         if old is not None:  # it died: what it had not forked yet goes to the new one
@@ -214,11 +216,21 @@ class _Server:
         return z
 
     def _to_zygote(self, z: _Zygote, cmd: dict[str, Any]) -> None:
-        try:
-            z.proc.stdin.write((json.dumps(cmd) + "\n").encode())
-            z.proc.stdin.flush()
-        except OSError:
-            pass  # it died: reaped, replaced, and the command sent again
+        """Queue a fork command for `z` (each carries a run's environment: a few KB). Written as the pipe
+        takes it, from the loop: a zygote still warming up reads nothing, and a server blocked on a full
+        pipe would serve no one else, nor stop when told."""
+        z.inbox += (json.dumps(cmd) + "\n").encode()
+        self.flush(z)
+
+    def flush(self, z: _Zygote) -> None:
+        if z.inbox and z.proc.returncode is None:
+            try:
+                sent = os.write(z.proc.stdin.fileno(), z.inbox)
+                z.inbox = z.inbox[sent:]
+            except BlockingIOError:
+                pass
+            except OSError:
+                z.inbox = b""  # it died: reaped, replaced, and its pending commands sent again
 
     def _stop_zygote(self, z: _Zygote) -> None:
         procs.kill_group(z.proc.pid)
@@ -326,6 +338,8 @@ class _Server:
             procs.kill_group(pid)
         for tag in [t for t, owner in self.tags.items() if owner is c]:
             self.tags.pop(tag)
+            for z in self.zygotes.values():
+                z.pending.pop(tag, None)
         c.sock.close()
 
     # children ------------------------------------------------------------------------------------------
@@ -378,7 +392,7 @@ def serve(path: str, *, python: str | None = None, max_zygotes: int = 4, idle_ex
           log: Callable[[str], None] | None = None) -> int:
     """Serve warm spares on the Unix socket `path` until SIGTERM or SIGINT (or `idle_exit_s` without a
     run). Returns the exit status."""
-    say = log or (lambda text: print(f"burnin pool: {text}", file=sys.stderr, flush=True))
+    say = log or (lambda text: print(f"burnin pool: {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True))
     if not procs.become_subreaper():
         say("this kernel refuses PR_SET_CHILD_SUBREAPER, which the pool needs")
         return 1
@@ -407,7 +421,8 @@ def serve(path: str, *, python: str | None = None, max_zygotes: int = 4, idle_ex
     last_client = time.monotonic()
     try:
         while not server.stop:
-            for key, _ in server.sel.select(timeout=0.2):
+            owed = any(z.inbox for z in server.zygotes.values())
+            for key, _ in server.sel.select(timeout=0.005 if owed else 0.2):
                 kind, obj = key.data
                 if kind == "listen":
                     server.accept(lsock)
@@ -423,12 +438,15 @@ def serve(path: str, *, python: str | None = None, max_zygotes: int = 4, idle_ex
                         pass
             server.reap()
             server.check_ready()
+            for z in server.zygotes.values():
+                server.flush(z)
             if server.clients:
                 last_client = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - last_client > idle_exit_s:
                 say(f"no run for {idle_exit_s:g} s: stopping")
                 break
     finally:
+        say(f"stopping: {len(server.clients)} run(s) connected, {len(server.owner)} of their process(es) alive")
         server.shutdown()
         signal.set_wakeup_fd(old_fd)
         for s, h in old.items():
