@@ -48,14 +48,16 @@ sysdeps:
 # Two pytest workers (xdist) on a 2-core machine: while one test waits (heartbeats, collective timeouts,
 # restarts) the other computes. A module goes to one worker whole (loadscope), so a module's fixtures
 # (a real run, a campaign, a Prometheus server) are built once; the workers share one golden cache.
+# The heaviest modules go out first (tests/conftest.py, MODULE_SECONDS), not xdist's order by count.
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test: setup sysdeps
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -q $(XDIST)
 
 check: setup
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow or check" --durations=10
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow or check" --durations=10
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py

@@ -92,7 +92,25 @@ def _warm_pool(_isolated_dirs: None) -> Iterator[None]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+#: Wall seconds per module in a whole run on 2 cores (`BURNIN_TEST_CPU`, docs/performance.md). Only the
+#: order matters: the Makefile runs xdist with `--dist loadscope --no-loadscope-reorder`, a module goes
+#: to one worker whole, and the heaviest are handed out first so that the two workers end together
+#: (xdist's own order, by number of tests, handed the three-test torchrun module out last). A module
+#: not listed counts 5 s.
+MODULE_SECONDS = {
+    "test_network.py": 168, "test_burn_in.py": 148, "test_torchrun.py": 110, "test_regressions.py": 126,
+    "test_sdc.py": 91, "test_html_report.py": 78, "test_e2e.py": 65, "test_pool_server.py": 50,
+    "test_spares.py": 61, "test_sharded.py": 58, "test_pytest_plugin.py": 56, "test_lightning.py": 46,
+    "test_snapshots.py": 42, "test_cli.py": 42, "test_schedules.py": 36, "test_memory_faults.py": 32,
+    "test_recovery_campaign.py": 30, "test_user_loop.py": 29, "test_cli_bad_input.py": 22,
+    "test_forecast.py": 21, "test_prometheus.py": 18, "test_attribution.py": 15, "test_workload.py": 10,
+    "test_validation.py": 9, "test_scenarios.py": 9, "test_golden_cache.py": 7, "test_kernels.py": 7,
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-MODULE_SECONDS.get(item.path.name, 5), str(item.path), order[id(item)]))
     if not any("gpu" in item.keywords for item in items):
         return
     try:
