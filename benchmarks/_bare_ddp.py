@@ -1,4 +1,4 @@
-"""A bare DDP training loop: the baseline benchmarks/overhead.py holds burnin's rank worker against.
+"""A bare DDP (or FSDP2) training loop: the baseline benchmarks/overhead.py holds burnin's rank worker against.
 
 Started by overhead.py as one process per rank with an env:// rendezvous (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT), given the harness's workload config as JSON (--workload: model, seed,
@@ -47,10 +47,14 @@ def main() -> None:
     cfg = gpt_config(w["model"], w["seq_len"], w["dropout"], w["kernels"])
     torch.manual_seed(w["seed"])
     model = GPT(cfg)
+    if w.get("parallel"):  # FSDP2: fully_shard per block, then the root, over the same mesh as burnin's
+        from burnin.rank.sharding import shard_model
+
+        shard_model(model, w["parallel"], world, "cpu")
     optimizer = make_optimizer(model, w["lr"], w["weight_decay"])
     data = MarkovData(w["seed"], cfg.vocab_size)
     torch.manual_seed(w["seed"] * 1_000_003 + 1 + rank)
-    ddp = DDP(model)
+    ddp = model if w.get("parallel") else DDP(model)
 
     with open(args.progress, "r+b") as fh:
         progress = mmap.mmap(fh.fileno(), 8)

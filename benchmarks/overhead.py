@@ -33,7 +33,10 @@ quartiles. Every variant must end on the same loss bits (`same_loss_bits`), or t
 compute the same thing. Prints JSON on stdout.
 
     .venv/bin/python benchmarks/overhead.py [--steps 10] [--rounds 40] [--warmup 5]
-                                            [--kernels torch|triton] [--keep] [--json-only]
+                                            [--kernels torch|triton] [--fsdp] [--keep] [--json-only]
+
+With --fsdp every variant shards the model with FSDP2 over the two ranks (no DDP): the bare loop is a
+bare FSDP2 loop, and the harness's checkpoints are DCP's.
 """
 
 from __future__ import annotations
@@ -286,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5, help="steps each run takes before measuring (default 5)")
     ap.add_argument("--kernels", choices=("torch", "triton"), default=None,
                     help="the loss's kernels, in every variant (default: the scenario default)")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="shard the model with FSDP2 over the 2 ranks (workload.parallel: {dp_shard: 2}), in the "
+                         "bare loop and the harness alike: the harness then checkpoints with DCP")
     ap.add_argument("--keep", action="store_true", help="keep the working directory (runs, logs) and say where")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON result")
     args = ap.parse_args(argv)
@@ -303,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     from burnin.scenarios.schema import Workload
 
     workload = Workload(model="tiny", ranks=2, steps=total, threads=1, device="cpu",
-                        **({"kernels": args.kernels} if args.kernels else {})).model_dump(mode="json")
+                        **({"kernels": args.kernels} if args.kernels else {}),
+                        **({"parallel": {"dp_shard": 2}} if args.fsdp else {})).model_dump(mode="json")
     started, load_before, stall_before = time.time(), os.getloadavg(), cpu_stall_us()
     groups: dict[str, _Group] = {}
     recs: dict[str, dict[str, Any]] = {}

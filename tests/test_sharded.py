@@ -41,6 +41,8 @@ BAD = [
      "the tiny model has no parameter 'blocks.9.attn.c_attn.weight'"),
     ("a loop that shards itself", "workload: {ranks: 2, entry: train.py, parallel: {dp_shard: 2}}\n",
      "workload.parallel: a loop named by workload.entry shards its own model"),
+    ("asynchronous saves of a model that is not sharded", "checkpoint: {async_save: true}\n",
+     "checkpoint.async_save: asynchronous saves are DCP's, for sharded models"),
 ]
 
 
@@ -167,3 +169,44 @@ def test_a_users_fsdp_loop_with_no_replica_has_a_flip_between_steps_caught_by_it
     (found,) = [e for e in events if e["event"] == "detection"]
     flip = s["faults"][2]
     assert found["detector"] == "checksum" and found["odd_ranks"] == [1] and found["step"] == flip["step"] + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp-async", "fsdp-sync", "ddp"])
+def test_a_save_killed_midway_never_commits_and_the_one_before_is_loaded(tmp_path: Path, kind: str) -> None:
+    """Kills inside a checkpoint save: partway through writing a file (a DCP shard of an FSDP2 job; with
+    asynchronous saves, from the thread that writes while training goes on; DDP: a rank's own file) and
+    after every file is written but before the commit. Neither checkpoint commits; each restart says it
+    refused it and loads the one before; `keep: 1` never leaves no committed checkpoint; the run ends exact."""
+    async_save = kind == "fsdp-async"
+    parallel = ", parallel: {dp_shard: 2}" if kind != "ddp" else ""
+    scenario = tmp_path / "crash.yaml"
+    scenario.write_text(
+        f"name: save-crash\nworkload: {{ranks: 2, steps: 16{parallel}}}\n"
+        f"checkpoint: {{every: 4, keep: 1, memory_every: 0, async_save: {str(async_save).lower()}}}\n"
+        "faults:\n  - {fault: storage.save_crash, rank: 1, step: 6, params: {phase: write}, expect: recovered}\n"
+        "  - {fault: storage.save_crash, rank: 0, step: 10, params: {phase: commit}, expect: recovered}\n")
+    out = tmp_path / "runs"
+    proc = run_cli("run", str(scenario), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(out)
+    assert s["exact"] and [f["outcome"] for f in s["faults"]] == ["recovered"] * 2, s["faults"]
+    run_dir = run_dir_of(out)
+    events = read_events(run_dir / "events.jsonl")
+    saved = [e for e in events if e["event"] == "checkpoint_saved"]
+    assert all(bool(e.get("asynchronous")) == async_save for e in saved), saved
+    refused = [(e["attempt"], e["checkpoint_step"]) for e in events if e["event"] == "checkpoint_rejected"]
+    assert (1, 8) in refused and (2, 12) in refused and all("not committed" in e["reason"] for e in events
+                                                            if e["event"] == "checkpoint_rejected"), refused
+    starts = {e["attempt"]: e["from_step"] for e in events if e["event"] == "resumed" and e["rank"] == 0}
+    assert starts[1] == 4 and starts[2] == 8, starts
+    # what the crashes left: the checkpoint committed last, its DCP shards and .metadata under the manifest
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_00000016"], ckpts
+    manifest = json.loads((run_dir / "checkpoints" / ckpts[0] / "manifest.json").read_text())
+    if kind == "ddp":
+        assert manifest["writer"] == "burnin" and "model.pt" in manifest["files"]
+    else:
+        assert manifest["writer"] == "dcp" and ".metadata" in manifest["files"]
+        assert sum(name.endswith(".distcp") for name in manifest["files"]) == 2
+    assert processes_of_run(run_dir.name) == []

@@ -378,3 +378,33 @@ def test_kill_group_kills_the_whole_process_group() -> None:
             leader.kill()
             leader.wait()
         leader.stdout.close()
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_a_signal_fault_on_a_rank_that_already_exited_acts_on_nothing_and_says_so(reaped: bool) -> None:
+    """A burn-in's timed kill can race another fault's failure: the rank exits a moment before the signal.
+    Whether its parent reaped it already (a pool server does at once) or it is still a zombie (a
+    supervisor reaps at its next poll), the fault says it acted on nothing, and is no harness error."""
+    from types import SimpleNamespace
+
+    from burnin.faults.process import Hang, Kill
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    if reaped:
+        proc.wait()
+    else:
+        while procs.proc_state(proc.pid) != "Z":
+            time.sleep(0.01)
+    try:
+        for fault in (Kill(), Hang()):
+            details = fault.inject(SimpleNamespace(pid=proc.pid))
+            assert details["target_exited"] and details["pid"] == proc.pid
+    finally:
+        proc.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert "target_exited" not in Kill().inject(SimpleNamespace(pid=live.pid))
+        assert live.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        live.kill()
+        live.wait()

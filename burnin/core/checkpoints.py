@@ -24,7 +24,7 @@ from burnin.core.files import sha256_file
 from burnin.errors import CheckpointError
 
 __all__ = ["MODEL_FILE", "DCP_METADATA", "MANIFEST", "Checkpoint", "rank_file", "step_dir", "listed", "committed", "verify",
-           "newest_valid", "model_file", "CheckpointError"]
+           "newest_valid", "model_file", "CheckpointError", "arm_crash", "crash_armed"]
 
 MODEL_FILE = "model.pt"
 #: A DCP checkpoint's index of its shards (torch.distributed.checkpoint), written beside `__R_0.distcp`.
@@ -99,9 +99,13 @@ def newest_valid(root: str | Path, world_size: int,
                  above: int | None = None) -> Checkpoint | None:
     """The newest checkpoint that verifies; each one skipped on the way is reported to `on_reject`.
     With `above`, only checkpoints of a later step are looked at (a newer state is at hand)."""
-    for ckpt in reversed(committed(root)):
+    for ckpt in reversed(listed(root)):
         if above is not None and ckpt.step <= above:
             break
+        if not (ckpt.path / MANIFEST).is_file():  # a save that never committed (its rank died mid-save)
+            if on_reject:
+                on_reject(ckpt, "not committed: no manifest (a save that did not finish)")
+            continue
         try:
             verify(ckpt, world_size)
             return ckpt
@@ -123,3 +127,24 @@ def model_file(ckpt_path: Path) -> str:
     theirs = [(meta["bytes"], name) for name, meta in manifest["files"].items()
               if name not in ranks and name != DCP_METADATA]
     return max(theirs)[1] if theirs else MODEL_FILE
+
+
+#: A crash armed by `storage.save_crash` in this rank process for its next save: (phase, fraction of the
+#: write done). The save path (burnin.rank.checkpoint, burnin.rank.sharding) consults it.
+_crash: tuple[str, float] | None = None
+
+
+def arm_crash(phase: str, fraction: float) -> None:
+    """SIGKILL this process in its next checkpoint save: "write" part of the way through writing its
+    files, "commit" once they are all written, before the checkpoint is committed (storage.save_crash)."""
+    global _crash
+    _crash = (phase, fraction)
+
+
+def crash_armed(phase: str) -> float | None:
+    """The fraction of the write after which to die, where a crash is armed for `phase` (and disarm it)."""
+    global _crash
+    if _crash is None or _crash[0] != phase:
+        return None
+    fraction, _crash = _crash[1], None
+    return fraction

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from burnin.core import procs
 from burnin.errors import InjectedFault
 from burnin.faults.base import STEP_POINTS, Fault
 
@@ -24,8 +25,7 @@ class Kill(Fault):
     effects = ("killed",)
 
     def inject(self, ctx: Any) -> dict[str, Any]:
-        os.kill(ctx.pid, signal.SIGKILL)
-        return {"signal": "SIGKILL", "pid": ctx.pid}
+        return _signal(ctx.pid, signal.SIGKILL)
 
 
 class Hang(Fault):
@@ -37,8 +37,20 @@ class Hang(Fault):
     effects = ("hang",)
 
     def inject(self, ctx: Any) -> dict[str, Any]:
-        os.kill(ctx.pid, signal.SIGSTOP)
-        return {"signal": "SIGSTOP", "pid": ctx.pid}
+        return _signal(ctx.pid, signal.SIGSTOP)
+
+
+def _signal(pid: int, sig: signal.Signals) -> dict[str, Any]:
+    """Send `sig` to the rank process. A rank that exited a moment before (another fault's failure, in a
+    burn-in where arrivals are timed) is not an error of the harness: the signal acts on nothing, and
+    the details say so (`target_exited`), whether the process is still a zombie or already reaped."""
+    if procs.proc_state(pid) in (None, "Z", "X"):
+        return {"signal": sig.name, "pid": pid, "target_exited": True}
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return {"signal": sig.name, "pid": pid, "target_exited": True}
+    return {"signal": sig.name, "pid": pid}
 
 
 class Exception_(Fault):

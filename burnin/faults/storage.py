@@ -15,7 +15,7 @@ from burnin.core import snapshots as snapshot
 from burnin.errors import HarnessError
 from burnin.faults.base import Fault
 
-__all__ = ["CheckpointCorrupt", "SnapshotCorrupt"]
+__all__ = ["CheckpointCorrupt", "SaveCrash", "SnapshotCorrupt"]
 
 
 class CheckpointCorruptParams(BaseModel):
@@ -55,6 +55,32 @@ class CheckpointCorrupt(Fault):
         if p.mode == "truncate":
             return {**out, "size": size, "kept": _damage(target, size, p)}
         return {**out, "offsets": _damage(target, size, p)}
+
+
+class SaveCrashParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    phase: Literal["write", "commit"] = Field(
+        "write", description="write: killed partway through writing its files (a DCP shard, or its own file); "
+                             "commit: killed once every file is written, before the checkpoint is committed")
+    fraction: float = Field(0.5, gt=0, lt=1, description="how far into the file the kill comes (phase: write)")
+
+
+class SaveCrash(Fault):
+    """SIGKILL the rank in the middle of its next checkpoint save: the checkpoint is never committed, and
+    a restart must refuse it and load the one before. With `checkpoint.async_save`, the kill comes from
+    the thread writing the shards while training goes on (a kill during an asynchronous save)."""
+
+    name = "storage.save_crash"
+    summary = "kill a rank in the middle of its next checkpoint save (a save that never commits)"
+    where = "in_rank"
+    points = ("between_steps", "before_forward", "after_optimizer_step")
+    Params = SaveCrashParams
+    effects = ("killed",)
+    changes_state = False
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        checkpoint.arm_crash(self.params.phase, self.params.fraction)
+        return {"armed": self.params.phase, "fraction": self.params.fraction}
 
 
 class SnapshotCorruptParams(BaseModel):
@@ -127,4 +153,4 @@ def _damage(path: Path, size: int, p: Any) -> Any:
 
 
 #: The faults this module adds to the built-in catalogue (`burnin.faults.registry` registers them).
-FAULTS = (CheckpointCorrupt, SnapshotCorrupt)
+FAULTS = (CheckpointCorrupt, SaveCrash, SnapshotCorrupt)

@@ -10,17 +10,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
-from burnin.core.checkpoints import (DCP_METADATA, MANIFEST, MODEL_FILE, Checkpoint, committed, listed, model_file, newest_valid,
-                                     rank_file, step_dir, verify)
+from burnin.core.checkpoints import (DCP_METADATA, MANIFEST, MODEL_FILE, Checkpoint, arm_crash, committed, crash_armed,
+                                     listed, model_file, newest_valid, rank_file, step_dir, verify)
 from burnin.core.files import atomic_write, sha256_file
 from burnin.errors import CheckpointError
 
 __all__ = ["MODEL_FILE", "MANIFEST", "Checkpoint", "rank_file", "committed", "verify", "newest_valid",
-           "save", "load", "load_rank", "model_file", "atomic_write"]
+           "save", "write_part", "commit", "arm_crash", "load", "load_rank", "model_file", "atomic_write"]
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -29,6 +31,15 @@ def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def die_mid_write(path: Path, data: bytes, fraction: float) -> None:
+    """What a process killed while writing `path` leaves: the first `fraction` of it on disk. Then the kill."""
+    with open(path, "wb") as fh:
+        fh.write(data[:int(len(data) * fraction)])
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save(root: str | Path, step: int, rank: int, world_size: int, rank_state: dict[str, Any],
@@ -42,25 +53,48 @@ def save(root: str | Path, step: int, rank: int, world_size: int, rank_state: di
     manifest covers too). Collective: every rank of the default process group must call it at the same step.
     Returns the committed checkpoint on rank 0, None elsewhere.
     """
-    import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
-
     path = step_dir(Path(root), step)
+    mine = write_part(path, rank, rank_state, model_state if writer is None else None,
+                      crash_mid_write=writer_kind != "dcp")
+    if writer is not None:
+        writer(path)
+    return commit(root, step, rank, world_size, mine, keep, writer=writer is not None, writer_kind=writer_kind)
+
+
+def write_part(path: Path, rank: int, rank_state: dict[str, Any], model_state: dict[str, Any] | None,
+               crash_mid_write: bool = True) -> dict[str, dict[str, Any]]:
+    """This rank's own files of a checkpoint (its RNG state; rank 0's model file where burnin writes it),
+    each atomically; their digests for the manifest."""
     path.mkdir(parents=True, exist_ok=True)
     mine: dict[str, dict[str, Any]] = {}
     parts = [(rank_file(rank), rank_state)]
-    if rank == 0 and writer is None:
+    if rank == 0 and model_state is not None:
         parts.append((MODEL_FILE, model_state))
+    fraction = crash_armed("write") if crash_mid_write else None
     for name, obj in parts:
         data = _torch_bytes(obj)
+        if fraction is not None:  # storage.save_crash: killed while writing (the temporary file of atomic_write)
+            die_mid_write(path / f".{name}.tmp", data, fraction)
         atomic_write(path / name, data)
         mine[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    if writer is not None:
-        writer(path)
+    return mine
+
+
+def commit(root: str | Path, step: int, rank: int, world_size: int, mine: dict[str, dict[str, Any]], keep: int,
+           writer: bool = False, writer_kind: str = "loop") -> Checkpoint | None:
+    """Commit checkpoint `step` once every rank's files are written: rank 0 writes the manifest of every
+    file's SHA-256 (the ranks' digests, and those of a writer's files read back), then prunes to `keep`
+    (never before the new one is committed). Collective."""
+    import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
+
+    if crash_armed("commit") is not None:  # storage.save_crash: everything written, nothing committed
+        os.kill(os.getpid(), signal.SIGKILL)
+    path = step_dir(Path(root), step)
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, mine)  # (also: every rank's writer has returned)
     if rank == 0:
         files = {name: meta for part in gathered for name, meta in part.items()}
-        if writer is not None:  # the loop's own files: whatever its writer left in the directory
+        if writer:  # the loop's own files: whatever its writer left in the directory
             for p in sorted(path.rglob("*")):
                 name = str(p.relative_to(path))
                 if p.is_file() and name not in files and name != MANIFEST and (
@@ -68,7 +102,7 @@ def save(root: str | Path, step: int, rank: int, world_size: int, rank_state: di
                     digest, size = sha256_file(p)
                     files[name] = {"sha256": digest, "bytes": size}
         manifest = {"step": step, "world_size": world_size, "files": dict(sorted(files.items())),
-                    "writer": writer_kind if writer is not None else "burnin"}
+                    "writer": writer_kind if writer else "burnin"}
         atomic_write(path / MANIFEST, json.dumps(manifest, indent=1).encode())
         _prune(Path(root), keep)
     # No rank goes on before the checkpoint is committed: whatever happens next on any rank (an

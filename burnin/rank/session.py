@@ -138,6 +138,8 @@ class Session:
         self.injector: Any = None
         self.snaps: Any = None
         self.sharded = self._dcp = False
+        self._pending: dict[str, Any] | None = None  # an asynchronous DCP save not yet committed
+        self._ckpt_group: Any = None
         if not self.active:
             return
         import torch  # lazy: torch; `import burnin.rank` stays torch-free
@@ -149,8 +151,13 @@ class Session:
         # unless the loop brings its own writer; memory snapshots and rollbacks keep each rank's shards.
         self.sharded = is_sharded(self.model)
         self._dcp = self.sharded and save is None
+        if ctx.spec["scenario"]["checkpoint"].get("async_save") and not self._dcp:
+            raise UserError("checkpoint.async_save: asynchronous saves are DCP's, for a sharded model (FSDP2, "
+                            "HSDP) checkpointed by burnin; this loop's model is not, or it brings its own writer: "
+                            "drop async_save")
         if self._dcp:
-            self.save_fn = lambda path: dcp_save(self.model, self.optimizer, path)
+            self.save_fn = lambda path: dcp_save(self.model, self.optimizer, path,
+                                                 crash_after=checkpoint.crash_armed("write"))
             self.load_fn = lambda path: dcp_load(self.model, self.optimizer, path)
         self._build(ddp_hook)
 
@@ -376,6 +383,8 @@ class Session:
         events.emit("step_done", step=step, loss=lossf, loss_bits=bits, dt=time.perf_counter() - t_step,
                     compute_s=(t_compute - t_step) if t_compute is not None else None, **trace)
         done = step + 1
+        if self._pending is not None:
+            self._commit_if_written()
         if done % ck["every"] == 0 or done == self._total or done == self._stop_at:
             self._checkpoint(done, ck["keep"])
         # memory snapshot: committed before the out-of-rank point, so a kill there loses nothing
@@ -396,6 +405,7 @@ class Session:
             return
         if final_step is None:
             final_step = self.step
+        self._commit_pending()  # the last asynchronous save is committed before the rank says it finished
         self.ctx.finished = True
         self.ctx.events.emit("rank_finished", final_step=final_step, state_hash=state_hash(self.model, self.optimizer),
                              state_norms=state_norms(self.model, self.optimizer))
@@ -418,6 +428,9 @@ class Session:
 
         t_ck = time.time()
         ctx = self.ctx
+        if self._dcp and self.scenario["checkpoint"].get("async_save"):
+            self._checkpoint_async(done, keep, t_ck)
+            return
         model_state = None
         if self.save_fn is None and ctx.rank == 0:
             model_state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -427,6 +440,56 @@ class Session:
         digest = state_hash(self.model, self.optimizer) if self.sharded or saved is not None else None
         if saved is not None:
             ctx.events.emit("checkpoint_saved", checkpoint_step=done, state_hash=digest, seconds=time.time() - t_ck)
+
+    # -- asynchronous DCP saves (`checkpoint.async_save`) ---------------------------------------
+
+    def _checkpoint_async(self, done: int, keep: int, t_ck: float) -> None:
+        """Start checkpoint `done` in the background: this rank's own file now, the shards by DCP's thread
+        (the state staged first, so training may go on changing it). The previous save, if still in
+        flight, is finished and committed first, as torchtitan does. Committed once every rank's write is
+        done (`_commit_if_written`, at each step's end); a rank that dies before leaves it uncommitted,
+        and a restart refuses it."""
+        import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
+
+        from burnin.rank.sharding import dcp_save  # lazy: torch; `import burnin.rank` stays torch-free
+        from burnin.rank.state import state_hash  # lazy: torch; `import burnin.rank` stays torch-free
+
+        self._commit_pending()
+        if self._ckpt_group is None:  # the write's collectives on a group of their own (collective: once)
+            self._ckpt_group = dist.new_group(backend="gloo")
+        path = checkpoint.step_dir(self.ckpt_dir, done)
+        mine = checkpoint.write_part(path, self.ctx.rank, self._rank_state(done), None, crash_mid_write=False)
+        future = dcp_save(self.model, self.optimizer, path, group=self._ckpt_group,
+                          crash_after=checkpoint.crash_armed("write"))
+        digest = state_hash(self.model, self.optimizer)  # collective on a sharded model
+        self._pending = {"step": done, "future": future, "mine": mine, "keep": keep, "digest": digest,
+                         "t0": t_ck, "staged_s": time.time() - t_ck}
+
+    def _commit_if_written(self) -> None:
+        """Commit the save in flight once every rank's write is done (a one-integer all-reduce per step
+        while one is in flight: the ranks must agree on the step at which it commits)."""
+        import torch  # lazy: torch; `import burnin.rank` stays torch-free
+        import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
+
+        flag = torch.tensor([1 if self._pending["future"].done() else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if int(flag.item()):
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        t_wait = time.time()
+        pending["future"].result()  # a failed write raises here, as a synchronous save would
+        waited = time.time() - t_wait
+        ctx = self.ctx
+        saved = checkpoint.commit(self.ckpt_dir, pending["step"], ctx.rank, ctx.world_size, pending["mine"],
+                                  pending["keep"], writer=True, writer_kind="dcp")
+        if saved is not None:
+            ctx.events.emit("checkpoint_saved", checkpoint_step=pending["step"], state_hash=pending["digest"],
+                            seconds=pending["staged_s"], asynchronous=True, waited_s=round(waited, 4),
+                            committed_after_s=round(time.time() - pending["t0"], 4))
 
     def _prime(self, step: int) -> Iterator[int]:
         """Make a resumed group all-reduce with the bucket layout of an uninterrupted run.

@@ -10,8 +10,11 @@ in rank order (collective), so every rank reports the same hash, as replicas do 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
+import signal
 from typing import Any
 
 import torch
@@ -118,14 +121,55 @@ def replica_groups(model: Any, world_size: int) -> list[list[int]]:
 
 # -- DCP checkpoints ------------------------------------------------------------------------------
 
-def dcp_save(model: Any, optimizer: Any, path: Any) -> None:
+def dcp_save(model: Any, optimizer: Any, path: Any, *, group: Any = None, crash_after: float | None = None) -> Any:
     """Write the model's and optimizer's sharded state to `path` with torch.distributed.checkpoint: each
-    rank its shards (`__R_0.distcp`), the coordinator `.metadata`. Collective."""
+    rank its shards (`__R_0.distcp`), the coordinator `.metadata`. Collective. With `group` (a process
+    group of its own: the write's collectives must not interleave with training's), asynchronously: the
+    state is staged (copied) before this returns, the files are written by a thread, and the returned
+    future completes when they are. With `crash_after` (storage.save_crash), this process is SIGKILLed
+    once that fraction of its first shard file is written: a real kill in the middle of a real write."""
     import torch.distributed.checkpoint as dcp  # lazy: torch, DCP
     from torch.distributed.checkpoint.state_dict import get_state_dict  # lazy: torch, DCP
 
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    writer = dcp.FileSystemWriter(str(path))
+    if crash_after is not None:
+        writer.fs = _dying_fs(writer.fs, crash_after)
+    if group is None:
+        dcp.save({"model": msd, "optim": osd}, storage_writer=writer)
+        return None
+    return dcp.async_save({"model": msd, "optim": osd}, storage_writer=writer, process_group=group)
+
+
+def _dying_fs(fs: Any, fraction: float) -> Any:
+    """A DCP file system whose shard stream SIGKILLs the process partway (`fraction`) through the first
+    piece of a shard file it is given to write."""
+    class _Stream:
+        def __init__(self, raw: Any):
+            self.raw, self.written = raw, 0
+
+        def write(self, data: Any) -> int:
+            buf = memoryview(data).cast("B")
+            # DCP writes a shard in pieces of unknown total: die within the first piece's bytes
+            cut = max(1, int(len(buf) * fraction))
+            self.raw.write(buf[:cut])
+            self.raw.flush()
+            os.fsync(self.raw.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+            return cut
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.raw, name)
+
+    class _DyingFS(type(fs)):  # type: ignore[misc]
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str) -> Any:
+            with super().create_stream(path, mode) as raw:
+                yield _Stream(raw) if str(path).endswith(".distcp") else raw
+
+    out = _DyingFS.__new__(_DyingFS)
+    out.__dict__.update(fs.__dict__)
+    return out
 
 
 def dcp_load(model: Any, optimizer: Any, path: Any) -> None:

@@ -172,6 +172,10 @@ class Checkpointing(_Model):
         description="snapshot the state in shared memory every N steps (0: off), so a restart after a killed, hung "
                     "or raising rank resumes from there instead of the newest checkpoint; checkpoints on disk "
                     "stay for a lost machine")
+    async_save: bool = Field(
+        False, description="sharded workloads (DCP): write checkpoints in the background, as torchtitan's async "
+                           "mode does; training goes on while the shards are written, and the checkpoint commits "
+                           "once every rank's write is done")
 
 
 class Recovery(_Model):
@@ -472,6 +476,10 @@ class Scenario(_Model):
                                                     "parallel (burnin.rank.attach takes the FSDP2 module as it is)")
         if par is not None and (problem := par.check(self.workload.ranks)) is not None:
             raise invalid(("workload", "parallel", problem[0]), problem[1])
+        if self.checkpoint.async_save and par is None and self.workload.entry is None:
+            raise invalid(("checkpoint", "async_save"),
+                          "asynchronous saves are DCP's, for sharded models; set workload.parallel (FSDP2 or "
+                          "HSDP) or drop async_save")
         if par is not None and self.detectors.fingerprint is not None and par.dp_replicate == 1:
             raise invalid(("detectors", "fingerprint"),
                           "the fingerprint compares replicas of a shard, and with workload.parallel.dp_replicate=1 "
