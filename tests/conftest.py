@@ -214,7 +214,9 @@ def processes_of_run(run_id: str) -> list[int]:
 
 
 # Where the suite's time goes: with BURNIN_TEST_CPU=FILE, one JSON line per test with its wall time and
-# the CPU seconds of this process and of the processes it waited for (the runs it started).
+# the CPU seconds of this process and of the processes it waited for (the runs it started). Ranks forked
+# by the session's `burnin pool serve` are the server's children, not the test's: their CPU comes in
+# once, with the last test of the worker, whose teardown stops the server.
 _CPU_LOG = os.environ.get("BURNIN_TEST_CPU")
 
 

@@ -30,6 +30,7 @@ inside it by its own run's zygote. No torch here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import selectors
@@ -180,6 +181,7 @@ class _Server:
         self.owner: dict[int, _Client] = {}            # spare pid -> client
         self.unclaimed: dict[int, int] = {}            # exit statuses of pids not yet reported as forked
         self.tags: dict[str, _Client] = {}
+        self.retired: dict[int, _Zygote] = {}          # zygotes stopped to make room, until reaped
         self.count = 0
         self.stop = False
 
@@ -190,9 +192,16 @@ class _Server:
         if z is not None and z.proc.returncode is None:
             z.used = time.time()
             return z
-        while len([x for x in self.zygotes.values() if x.proc.returncode is None]) >= self.max_zygotes:
-            idle = min((x for x in self.zygotes.values() if x.proc.returncode is None), key=lambda x: x.used)
+        live = [x for x in self.zygotes.values() if x.proc.returncode is None]
+        # The least recently used goes (its forks are the runs', and stay), if no run is using it now:
+        # where every one is, the server keeps one more than it was told rather than strand a run.
+        in_use = {c.zygote.key for c in self.clients.values() if c.zygote is not None}
+        idle_ones = [x for x in live if not x.pending and x.key not in in_use]
+        if len(live) >= self.max_zygotes and idle_ones:
+            idle = min(idle_ones, key=lambda x: x.used)
             self.log(f"zygote {idle.proc.pid} stopped: at most {self.max_zygotes} keys are kept warm")
+            self.zygotes.pop(idle.key)
+            self.retired[idle.proc.pid] = idle
             self._stop_zygote(idle)
         self.count += 1
         ready = self.work / f"zygote{self.count}.ready"
@@ -212,7 +221,8 @@ class _Server:
                 self._to_zygote(z, cmd)
         self.zygotes[k] = z
         self.sel.register(proc.stdout, selectors.EVENT_READ, ("zygote", z))
-        self.log(f"zygote {proc.pid} warming up for {key['argv']}")
+        self.log(f"zygote {proc.pid} warming up for {key['argv']} (key {hashlib.sha1(k.encode()).hexdigest()[:8]}: "
+                 f"{' '.join(f'{n}={v}' for n, v in key['env'].items() if not n.startswith('PYTHONPATH'))[:300]})")
         return z
 
     def _to_zygote(self, z: _Zygote, cmd: dict[str, Any]) -> None:
@@ -320,9 +330,9 @@ class _Server:
                 cmd = {k: v for k, v in msg.items() if k != "op"}
                 cmd.update(tag=tag, parent=os.getpid(), report=True)
                 self.tags[tag] = c
-                z = self.zygotes[c.zygote.key]  # the live zygote of that key (it may have been replaced)
-                if z.proc.returncode is not None:
-                    z = self.zygote_for(json.loads(z.key), z.env, z.cwd)
+                z = self.zygotes.get(c.zygote.key)  # the live zygote of that key (it may have been replaced)
+                if z is None or z.proc.returncode is not None:
+                    z = self.zygote_for(json.loads(c.zygote.key), c.zygote.env, c.zygote.cwd)
                 z.pending[tag] = cmd
                 z.used = time.time()
                 self._to_zygote(z, cmd)
@@ -352,6 +362,9 @@ class _Server:
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
+            if pid in self.retired:
+                self.retired.pop(pid).proc.returncode = code
+                continue
             for z in self.zygotes.values():
                 if z.proc.pid == pid:
                     z.proc.returncode = code
