@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import main_in, run_cli, run_dir_of
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from burnin.errors import UserError
@@ -409,6 +409,7 @@ def _mutate(obj: object, path: list[int], value: object) -> object:
 @settings(max_examples=30, deadline=None)
 @given(which=st.sampled_from(["summary.json", "scenario.json", "events.jsonl"]),
        path=st.lists(st.integers(0, 50), max_size=5), value=_json_leaf)
+@example(which="scenario.json", path=[1, 1], value=float("inf"))  # checkpoint.memory_every: inf (found once)
 def test_fuzz_damaged_run_directory(tmp_path_factory: pytest.TempPathFactory, which: str, path: list[int],
                                     value: object) -> None:
     """A run directory damaged anywhere: a forecast, or one line naming the file and exit 2."""

@@ -231,11 +231,20 @@ def open_pool(scenario: Any, run_dir: Path, run_id: str, fabric: Any = None, emi
         return None, "this kernel refuses PR_SET_CHILD_SUBREAPER, which the pool needs"
     (Path(run_dir) / "ranks").mkdir(parents=True, exist_ok=True)
     pool = SparePool(Path(run_dir), run_id, fabric or LocalFabric(), python or sys.executable,
-                     rank_base_env(scenario, run_id), ["--zygote", w.device, str(w.threads), w.kernels],
+                     rank_base_env(scenario, run_id), zygote_argv(scenario),
                      emit or (lambda *a, **k: None))
     pool.join_server()
     pool.fill(range(w.ranks))  # the zygotes warm up once; the first attempt's ranks are their first forks
     return pool, None
+
+
+def zygote_argv(scenario: Any) -> list[str]:
+    """`--zygote DEVICE THREADS KERNELS [sharded]`: what a zygote warms up. `sharded` (burnin's model on a
+    mesh, or a loop of the user's, which may shard its own) also imports FSDP2, DTensor, the device mesh
+    and DCP: 0.8 s of CPU that a restarted rank of a sharded job paid on the recovery's critical path."""
+    w = scenario.workload
+    return ["--zygote", w.device, str(w.threads), w.kernels,
+            *(["sharded"] if w.parallel is not None or w.entry is not None else [])]
 
 
 def server_path() -> str | None:
@@ -248,7 +257,7 @@ class SparePool:
                  argv_tail: list[str], emit: Callable[..., Any]):
         self.dir = run_dir / "ranks"
         self.run_id, self.fabric, self.python, self.env = run_id, fabric, python, env
-        self.argv_tail = argv_tail      # --zygote DEVICE THREADS KERNELS
+        self.argv_tail = argv_tail      # --zygote DEVICE THREADS KERNELS [sharded]
         self.emit = emit
         self.zygotes: dict[int, Zygote] = {}
         self.spares: dict[int, Spare] = {}

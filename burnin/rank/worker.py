@@ -168,10 +168,11 @@ def _wait_for_store(limit_s: float) -> None:
             time.sleep(0.005)
 
 
-def warm_up(device: str, threads: int, kernels: str) -> None:
+def warm_up(device: str, threads: int, kernels: str, sharded: bool = False) -> None:
     """Pay, ahead of need, every import and first-call cost a rank pays before its first step: torch,
     determinism (which imports torch._dynamo), the first AdamW step (the rest of dynamo), torch.distributed
-    and DDP, the workload, the fault registry, and the Triton kernel in the loss (interpreter or compiler).
+    and DDP (with `sharded`, FSDP2, DTensor and DCP too), the workload, the fault registry, and the Triton
+    kernel in the loss (interpreter or compiler).
     Touches no RNG and no state that a run's bits depend on: a spare must train exactly as a new process."""
     _runtime.prepare(device)
     import torch  # lazy: torch; `import burnin.rank` stays torch-free
@@ -184,6 +185,14 @@ def warm_up(device: str, threads: int, kernels: str) -> None:
     from burnin.rank.workload import make_optimizer  # lazy: torch; `import burnin.rank` stays torch-free
 
     registry.all_faults()
+    if sharded:  # FSDP2, DTensor, the device mesh, DCP: ~0.8 s of CPU a sharded rank would pay at its start
+        import torch.distributed.checkpoint  # noqa: F401  # lazy: torch, preloaded by a spare
+        from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: F401  # lazy: torch, preloaded by a spare
+        from torch.distributed.device_mesh import init_device_mesh  # noqa: F401  # lazy: torch, preloaded by a spare
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  # lazy: torch, preloaded by a spare
+        from torch.distributed.tensor import DTensor  # noqa: F401  # lazy: torch, preloaded by a spare
+
+        from burnin.rank import sharding  # noqa: F401  # lazy: torch, preloaded by a spare
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda" if cuda else "cpu")
     layer = torch.nn.Linear(2, 2, bias=True).to(dev)
@@ -217,7 +226,7 @@ def _zygote(argv: list[str]) -> float | None:
     itself exits at the end of its input (the pool was closed)."""
     device, threads, kernels = argv[argv.index("--zygote") + 1:argv.index("--zygote") + 4]
     t0 = time.time()
-    warm_up(device, int(threads), kernels)
+    warm_up(device, int(threads), kernels, sharded="sharded" in argv[argv.index("--zygote") + 4:])
     warm_s = time.time() - t0
     ready = os.environ.get("BURNIN_SPARE_READY")
     if ready:  # the pool counts ready zygotes by these files

@@ -285,14 +285,19 @@ def read_source(path: str | Path) -> Measured:
     else:
         raise UserError(f"forecast: {oneline(path)} holds no summary.json, campaign.json or burn-in.json; give a "
                         "run, campaign or burn-in directory (e.g. one `burnin run kill-rank` made)")
+    damaged = (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration, OverflowError)
+    try:
+        m = read(d)
+    except damaged as exc:
+        raise UserError(f"forecast: {oneline(d / what)} is not as burnin writes it ({type(exc).__name__}: "
+                        f"{oneline(exc)[:120]}); give a directory burnin made, complete") from None
     try:
         scen = _load_json(d / "scenario.json") if (d / "scenario.json").is_file() else {}
         scen = scen if isinstance(scen, dict) else {}
-        m = read(d)
         m.scenario = str(scen.get("name", d.name))
         m.memory_every = int((scen.get("checkpoint") or {}).get("memory_every", 1))
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration) as exc:
-        raise UserError(f"forecast: {oneline(d / what)} is not as burnin writes it ({type(exc).__name__}: "
+    except damaged as exc:  # (a number too large for an int, infinity: OverflowError, found by the fuzz test)
+        raise UserError(f"forecast: {oneline(d / 'scenario.json')} is not as burnin writes it ({type(exc).__name__}: "
                         f"{oneline(exc)[:120]}); give a directory burnin made, complete") from None
     return m
 
