@@ -13,7 +13,7 @@ import torch
 
 import burnin.faults.registry as registry
 from burnin.errors import CheckpointError, UserError
-from burnin.faults import STEP_POINTS, Fault, UnknownFault, get, names, register
+from burnin.faults import COLLECTIVE_POINTS, POINTS, STEP_POINTS, Fault, UnknownFault, get, names, register
 from burnin.rank import checkpoint
 from burnin.harness.supervisor import OutOfRankContext
 from burnin.scenarios.schema import FaultSpec, Scenario
@@ -51,14 +51,18 @@ def test_built_in_catalogue() -> None:
         assert cls.name == name
         assert cls.where == where
         assert cls.summary
-        assert cls.points and set(cls.points) <= set(STEP_POINTS)
+        assert cls.points and set(cls.points) <= set(POINTS) and cls.points[0] in STEP_POINTS
         cls.Params()  # every parameter has a default
     assert [c.name for c in registry.all_faults()] == names()
 
 
 def test_out_of_rank_faults_act_between_steps() -> None:
-    for name in ("process.kill", "process.hang", "storage.checkpoint_corrupt", "storage.snapshot_corrupt"):
+    """An out-of-rank fault holds the rank at a point until the supervisor has acted: between two steps,
+    or (a kill, a hang) on its way into a sharded model's collective, its peers already in it."""
+    for name in ("storage.checkpoint_corrupt", "storage.snapshot_corrupt"):
         assert get(name).points == ("between_steps",)
+    for name in ("process.kill", "process.hang"):
+        assert get(name).points == ("between_steps",) + COLLECTIVE_POINTS
 
 
 @pytest.mark.parametrize("typo, closest", [

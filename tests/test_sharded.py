@@ -39,6 +39,38 @@ BAD = [
      "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
      "  - {fault: corruption.bitflip, rank: 1, step: 2, params: {target: param, tensor: blocks.9.attn.c_attn.weight}}\n",
      "the tiny model has no parameter 'blocks.9.attn.c_attn.weight'"),
+    ("a collective point on a workload that is not sharded",
+     "workload: {ranks: 2}\nfaults:\n  - {fault: process.kill, rank: 1, step: 2, point: all_gather}\n",
+     "faults.0.point: point all_gather is inside a sharded model's collectives, and this workload is not sharded"),
+    ("HSDP's all-reduce where there is no replica",
+     "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
+     "  - {fault: corruption.nan, rank: 1, step: 2, params: {target: replica_all_reduce_output}}\n",
+     "faults.0.params.target: point replica_all_reduce is HSDP's all-reduce across replicas, and this workload has "
+     "none"),
+    ("a collective target away from its collective",
+     "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
+     "  - {fault: corruption.bitflip, rank: 1, step: 2, point: before_forward, params: {target: all_gather_output}}\n",
+     "faults.0.point: target all_gather_output is at hand only at all_gather, not at before_forward"),
+    ("a state target inside a collective",
+     "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
+     "  - {fault: corruption.bitflip, rank: 1, step: 2, point: reduce_scatter, params: {target: param}}\n",
+     "faults.0.params.target: target param is not inside a collective; at point reduce_scatter use target "
+     "reduce_scatter_input or reduce_scatter_output"),
+    ("an unknown FSDP unit",
+     "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
+     "  - {fault: corruption.bitflip, rank: 1, step: 2, params: {target: reduce_scatter_output, tensor: block.1}}\n",
+     "the tiny model has no FSDP unit 'block.1' for target reduce_scatter_output; did you mean 'blocks.1'? "
+     "(its units: root, blocks.0, blocks.1)"),
+    ("an index past a unit's gathered parameters",
+     "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
+     "  - {fault: corruption.bitflip, rank: 1, step: 2, params: {target: all_gather_output, tensor: blocks.0, "
+     "index: 198272}}\n",
+     "index 198272 is past the end of the all_gather_output buffer of unit blocks.0: 198272 elements"),
+    ("a gather hash with nothing gathered", "workload: {ranks: 2}\ndetectors: {gather_hash: {}}\n",
+     "detectors.gather_hash: gather_hash compares what the ranks receive from a sharded model's all-gathers"),
+    ("a gather hash with parameters",
+     "workload: {ranks: 2, parallel: {dp_shard: 2}}\ndetectors: {gather_hash: {every: 2}}\n",
+     "detectors.gather_hash: gather_hash takes no parameters; write `gather_hash: {}`"),
     ("a loop that shards itself", "workload: {ranks: 2, entry: train.py, parallel: {dp_shard: 2}}\n",
      "workload.parallel: a loop named by workload.entry shards its own model"),
     ("asynchronous saves of a model that is not sharded", "checkpoint: {async_save: true}\n",
@@ -69,15 +101,18 @@ def test_fsdp_ranks_killed_and_raising_resume_from_their_own_shards_in_memory(tm
     scenario = tmp_path / "fsdp.yaml"
     scenario.write_text("name: fsdp\nworkload: {ranks: 2, steps: 10, parallel: {dp_shard: 2}}\n"
                         "faults:\n  - {fault: process.kill, rank: 1, step: 3, expect: recovered}\n"
-                        "  - {fault: process.exception, rank: 0, step: 6, point: before_forward, expect: recovered}\n")
+                        "  - {fault: process.exception, rank: 0, step: 6, point: before_forward, expect: recovered}\n"
+                        "  - {fault: process.hang, rank: 1, step: 8, point: all_gather, expect: recovered}\n")
     out = tmp_path / "runs"
     proc = run_cli("run", str(scenario), "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary_of(out)
-    assert s["exact"] and [(f["outcome"], f["lost_steps"]) for f in s["faults"]] == [("recovered", 0)] * 2, s["faults"]
+    assert s["exact"] and [(f["outcome"], f["lost_steps"]) for f in s["faults"]] == [("recovered", 0)] * 3, s["faults"]
+    # a rank stopped inside an all-gather, its peer waiting in it: the heartbeat finds it
+    assert (s["faults"][2]["point"], s["faults"][2]["detected_by"]) == ("all_gather", "heartbeat"), s["faults"][2]
     events = read_events(run_dir_of(out) / "events.jsonl")
     resumed = [e for e in events if e["event"] == "resumed" and e.get("attempt", 0) > 0]
-    assert len(resumed) == 4 and all(e["tier"] == "memory" for e in resumed), resumed
+    assert len(resumed) == 6 and all(e["tier"] == "memory" for e in resumed), resumed
 
 
 @pytest.mark.slow
@@ -85,9 +120,13 @@ def test_the_bundled_hsdp_scenario_recovers_every_fault_exactly(tmp_path: Path) 
     proc = run_cli("run", "hsdp", "--out", str(tmp_path), timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary_of(tmp_path)
-    assert s["exact"] and [f["outcome"] for f in s["faults"]] == ["recovered"] * 6, s["faults"]
+    assert s["exact"] and [f["outcome"] for f in s["faults"]] == ["recovered"] * 7, s["faults"]
     run_dir = run_dir_of(tmp_path)
     events = read_events(run_dir / "events.jsonl")
+    # inside the collectives: a rank lost on its way into a reduce-scatter, an exception in HSDP's all-reduce
+    points = [(f["fault"], f["point"], f["detected_by"]) for f in s["faults"][:2]]
+    assert points == [("process.kill", "reduce_scatter", "exit_signal"),
+                      ("process.exception", "replica_all_reduce", "rank_error")], points
     # DCP on disk, under burnin's manifest: every shard file and .metadata
     newest = sorted((run_dir / "checkpoints").iterdir())[-1]
     manifest = json.loads((newest / "manifest.json").read_text())
@@ -102,6 +141,13 @@ def test_the_bundled_hsdp_scenario_recovers_every_fault_exactly(tmp_path: Path) 
     assert injected and injected[0]["details"]["tensor"].endswith(".grad(shard)"), injected
     found = [e for e in events if e["event"] == "detection" and e["detector"] == "fingerprint"]
     assert found and 3 in found[0]["odd_ranks"] and set(found[0]["odd_ranks"]) <= {1, 3}, found
+    # the flip in what rank 0 received from the all-reduce across replicas: named down to the parameter,
+    # only rank 0's replica hit, found within the step it happened in
+    flip = injected[1]["details"]
+    assert (flip["target"], flip["tensor"], flip["group"]) == ("replica_all_reduce_output", "blocks.1", "replicate")
+    assert flip["parameter"].startswith("blocks.1.") and flip["bit_class"] == "exponent", flip
+    assert 0 in found[1]["odd_ranks"] and set(found[1]["odd_ranks"]) <= {0, 2} and found[1]["step"] == 18, found
+    assert s["faults"][6]["details"]["detection_latency_steps"] == 0
     assert processes_of_run(s["run_id"]) == []
 
 
@@ -117,9 +163,10 @@ def test_a_users_hsdp_loop_attached_in_four_lines_is_killed_raised_in_and_flippe
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary_of(tmp_path)
     assert s["exact"] and s["comparison"] == "exact"
-    outcomes = {f["fault"]: (f["outcome"], f["detected_by"]) for f in s["faults"]}
-    assert outcomes == {"process.kill": ("recovered", "exit_signal"), "process.exception": ("recovered", "rank_error"),
-                        "corruption.bitflip": ("recovered", "fingerprint")}, outcomes
+    outcomes = [(f["fault"], f["point"], f["outcome"], f["detected_by"]) for f in s["faults"]]
+    assert outcomes == [("process.kill", "reduce_scatter", "recovered", "exit_signal"),
+                        ("process.exception", "all_gather", "recovered", "rank_error"),
+                        ("corruption.bitflip", "after_optimizer_step", "recovered", "fingerprint")], outcomes
     # burnin checkpoints the loop's shards with DCP (the loop brought no writer of its own)
     manifests = [json.loads(p.read_text()) for p in (run_dir_of(tmp_path) / "checkpoints").glob("*/manifest.json")]
     assert manifests and all(m["writer"] == "dcp" and ".metadata" in m["files"] for m in manifests)
@@ -169,6 +216,44 @@ def test_a_users_fsdp_loop_with_no_replica_has_a_flip_between_steps_caught_by_it
     (found,) = [e for e in events if e["event"] == "detection"]
     flip = s["faults"][2]
     assert found["detector"] == "checksum" and found["odd_ranks"] == [1] and found["step"] == flip["step"] + 1
+
+
+@pytest.mark.slow
+def test_a_flip_in_what_one_rank_gathered_is_caught_by_the_gather_hash_and_a_nan_sent_into_a_reduce_scatter_by_nonfinite(
+        tmp_path: Path) -> None:
+    """Pure FSDP2 over 2 ranks. A bit flipped in the parameters rank 0 received from an all-gather skews only
+    its own gradients, and the reduce-scatter then spreads that into both ranks' shards alike: no replica
+    comparison and no checksum of a rank's own state can see it. Every rank receives the same buffer, so
+    the gather_hash detector compares what they received, finds it in the step it happened, and the
+    ranks roll back. A NaN rank 1 sends into a reduce-scatter reaches the gradient norm. Both exact."""
+    from burnin.core.model_shapes import parameter_shapes
+    from burnin.faults.corruption import unit_buffers
+
+    last = unit_buffers("tiny", 32, 2)["blocks.0"] * 2 - 1  # the last element of blocks.0's gathered buffer
+    scenario = tmp_path / "gather.yaml"
+    scenario.write_text(
+        "name: gather\nworkload: {ranks: 2, steps: 8, parallel: {dp_shard: 2}}\ncheckpoint: {every: 2}\n"
+        "detectors: {gather_hash: {}, nonfinite: {}}\nrecovery: {mode: rollback}\nfaults:\n"
+        f"  - {{fault: corruption.bitflip, rank: 0, step: 3, params: {{target: all_gather_output, tensor: blocks.0, "
+        f"index: {last}, bit: 30}}, expect: recovered}}\n"
+        "  - {fault: corruption.nan, rank: 1, step: 5, params: {target: reduce_scatter_input, tensor: root, seed: 2}, "
+        "expect: recovered}\n")
+    out = tmp_path / "runs"
+    proc = run_cli("run", str(scenario), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(out)
+    outcomes = [(f["point"], f["outcome"], f["detected_by"]) for f in s["faults"]]
+    assert s["exact"] and outcomes == [("all_gather", "recovered", "gather_hash"),
+                                       ("reduce_scatter", "recovered", "nonfinite")], outcomes
+    # the flat buffer's layout agrees with FSDP2's: the last element is rank 1's chunk of the unit's last parameter
+    flip = s["faults"][0]["details"]
+    block0 = [n for n in parameter_shapes("tiny", 32) if n.startswith("blocks.0.")]
+    assert (flip["chunk_of_rank"], flip["parameter"], flip["group"]) == (1, block0[-1], "shard"), flip
+    assert flip["detection_latency_steps"] == 0
+    events = read_events(run_dir_of(out) / "events.jsonl")
+    (found,) = [e for e in events if e["event"] == "detection" and e["detector"] == "gather_hash"]
+    assert found["step"] == 3 and found["details"]["calls"][0]["unit"] == "blocks.0", found
+    assert processes_of_run(s["run_id"]) == []
 
 
 @pytest.mark.slow

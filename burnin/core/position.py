@@ -12,8 +12,12 @@ import struct
 
 __all__ = ["Position", "read_position"]
 
-#: Step points by number, for the position word (see Position).
-_POINTS = ("before_forward", "after_backward", "after_allreduce", "after_optimizer_step", "between_steps")
+#: Points by number, for the position word (see Position): the step points, then the points inside a
+#: sharded model's collectives (a fault on what a collective received fires at `<point>.out`: the same).
+_POINTS = ("before_forward", "after_backward", "after_allreduce", "after_optimizer_step", "between_steps",
+           "all_gather", "reduce_scatter", "replica_all_reduce")
+_NUMBER = {**{p: i + 1 for i, p in enumerate(_POINTS)}, **{f"{p}.out": i + 1 for i, p in enumerate(_POINTS)}}
+_SLOTS = 16  # points per step in the word (room for more)
 
 
 class Position:
@@ -30,7 +34,7 @@ class Position:
             os.close(fd)
 
     def set(self, step: int, point: str) -> None:
-        struct.pack_into("<q", self._mm, 0, step * 8 + _POINTS.index(point) + 1)
+        struct.pack_into("<q", self._mm, 0, step * _SLOTS + _NUMBER[point])
 
 
 def read_position(path: str) -> tuple[int, str] | None:
@@ -40,6 +44,6 @@ def read_position(path: str) -> tuple[int, str] | None:
             (word,) = struct.unpack("<q", fh.read(8))
     except (OSError, struct.error):
         return None
-    if word <= 0:
+    if word <= 0 or not 1 <= word % _SLOTS <= len(_POINTS):
         return None
-    return word // 8, _POINTS[word % 8 - 1]
+    return word // _SLOTS, _POINTS[word % _SLOTS - 1]

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["STEP_POINTS", "Fault", "NoParams"]
+__all__ = ["STEP_POINTS", "COLLECTIVE_POINTS", "POINTS", "Fault", "NoParams"]
 
 #: The points of a training step at which faults fire and detectors look, in step order.
 STEP_POINTS: tuple[str, ...] = (
@@ -21,6 +21,18 @@ STEP_POINTS: tuple[str, ...] = (
     "after_optimizer_step",  # parameters and optimizer state updated
     "between_steps",         # the step is done and logged; out-of-rank faults act here
 )
+
+#: Points inside a sharded model's collectives (FSDP2, HSDP), fired at each call of the step: a fault
+#: there acts on the rank on its way into the collective, while its peers are already in it (a kill or
+#: a hang loses a rank in the middle), or on the tensors the collective sends or received.
+COLLECTIVE_POINTS: tuple[str, ...] = (
+    "all_gather",            # a unit's parameters gathered over the shard group (forward, and backward)
+    "reduce_scatter",        # a unit's gradients reduced and scattered over the shard group (backward)
+    "replica_all_reduce",    # HSDP: a unit's gradient shards all-reduced across the replicate group
+)
+
+#: Every point a fault may name.
+POINTS: tuple[str, ...] = STEP_POINTS + COLLECTIVE_POINTS
 
 
 class NoParams(BaseModel):
@@ -69,6 +81,11 @@ class Fault:
     def default_point(self) -> str:
         """The step point the fault acts at when the scenario names none (may depend on params)."""
         return self.points[0]
+
+    def fire_point(self, point: str) -> str:
+        """The point the rank fires the fault at, given the scenario's `point`: the same, except for a fault
+        on what a collective received, which fires once the collective is done (`<point>.out`)."""
+        return point
 
     def effect_window_s(self, timeouts: Any) -> float | None:
         """How long after injection the fault's effect can still first show (None: to the end of the

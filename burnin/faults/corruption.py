@@ -12,6 +12,18 @@ The target names the tensor and so the step point at which it is hit:
     activation         the forward output of a named module, on one rank
     batch              one input token of one rank
 
+and, of a sharded model (FSDP2, HSDP), inside its collectives, one element of one rank's flat buffer of
+one FSDP unit (`tensor` names the unit: "root", "blocks.0", ...; drawn when absent):
+
+    all_gather_output          the parameters the rank received from the all-gather: used by that rank's
+                               forward or backward only, and the gradients it sends are skewed
+    reduce_scatter_input       the unsharded gradients the rank sends into the reduce-scatter: summed
+                               into the owning rank's shard (and on HSDP into every replica's)
+    reduce_scatter_output      the rank's reduced gradient shard (on HSDP: the all-reduce's input, so
+                               every replica takes it in)
+    replica_all_reduce_output  HSDP: the rank's gradient shard after the all-reduce across replicas:
+                               only that replica is hit
+
 Tensor, element and bit are given or drawn from `seed`, so a campaign draws one per trial.
 """
 
@@ -25,11 +37,22 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from burnin.core.model_shapes import FLOAT_BITS, TOKEN_BITS, layout, parameter_shapes
-from burnin.faults.base import Fault
+from burnin.faults.base import COLLECTIVE_POINTS, Fault
 
 __all__ = ["Bitflip", "NaN", "TARGET_POINTS", "TARGET_AT", "NOT_HERE", "workload_problem"]
 
-Target = Literal["param", "optimizer_state", "grad", "allreduce_payload", "grad_reduced", "activation", "batch"]
+Target = Literal["param", "optimizer_state", "grad", "allreduce_payload", "grad_reduced", "activation", "batch",
+                 "all_gather_output", "reduce_scatter_input", "reduce_scatter_output", "replica_all_reduce_output"]
+
+#: The targets inside a sharded model's collectives, each at the point of its collective.
+COLLECTIVE_TARGETS: dict[str, str] = {
+    "all_gather_output": "all_gather",
+    "reduce_scatter_input": "reduce_scatter",
+    "reduce_scatter_output": "reduce_scatter",
+    "replica_all_reduce_output": "replica_all_reduce",
+}
+#: Of those, the ones hit once the collective is done (what it received).
+_RECEIVED = ("all_gather_output", "reduce_scatter_output", "replica_all_reduce_output")
 
 TARGET_POINTS: dict[str, str] = {
     "param": "after_optimizer_step",
@@ -39,6 +62,7 @@ TARGET_POINTS: dict[str, str] = {
     "grad_reduced": "after_allreduce",
     "activation": "before_forward",
     "batch": "before_forward",
+    **COLLECTIVE_TARGETS,
 }
 
 #: The step points at which a target is at hand (the others fail inside the rank): the batch exists
@@ -50,6 +74,7 @@ TARGET_AT: dict[str, tuple[str, ...]] = {
     "grad": ("after_backward",),
     "allreduce_payload": ("after_backward",),
     "grad_reduced": ("after_allreduce", "after_optimizer_step"),
+    **{target: (point,) for target, point in COLLECTIVE_TARGETS.items()},
 }
 
 #: Returned by `inject` when the target is not at hand at this call (another gradient bucket):
@@ -60,7 +85,8 @@ NOT_HERE: dict[str, Any] = {"not_here": True}
 class _CorruptionParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target: Target = Field("param", description="which state is hit (and so at which step point)")
-    tensor: str | None = Field(None, description="parameter or module name; drawn from seed when absent")
+    tensor: str | None = Field(None, description="parameter or module name (of a collective target: the FSDP unit, "
+                                                 "e.g. root or blocks.0); drawn from seed when absent")
     state: Literal["exp_avg", "exp_avg_sq"] = Field("exp_avg", description="optimizer_state: which AdamW moment")
     index: int | None = Field(None, ge=0, description="flat element index; drawn from seed when absent")
     seed: int = Field(0, ge=0, description="draws what is not given")
@@ -80,17 +106,23 @@ class _TensorCorruption(Fault):
     where = "in_rank"
     effects = ("corruption",)  # seen only when a detector finding pins it (restart mode)
     effect_scope = "detector"
-    points = ("after_optimizer_step", "after_backward", "after_allreduce", "before_forward", "between_steps")
+    points = ("after_optimizer_step", "after_backward", "after_allreduce", "before_forward", "between_steps",
+              *COLLECTIVE_POINTS)
     Params: ClassVar[type[BaseModel]] = _CorruptionParams
 
     def default_point(self) -> str:
         return TARGET_POINTS[self.params.target]
+
+    def fire_point(self, point: str) -> str:
+        return f"{point}.out" if self.params.target in _RECEIVED else point
 
     def inject(self, ctx: Any) -> dict[str, Any]:
         p = self.params
         rng = random.Random(p.seed)
         if p.target == "activation":
             return self._arm_activation(ctx, rng)
+        if p.target in COLLECTIVE_TARGETS:
+            return self._in_collective(ctx, rng)
         located = self._locate(ctx, rng)
         if located is None:
             return NOT_HERE
@@ -99,6 +131,29 @@ class _TensorCorruption(Fault):
         if index >= tensor.numel():
             raise ValueError(f"{self.name}: element {index} is outside {name} ({tensor.numel()} elements)")
         return {"target": p.target, "tensor": name, "index": index, "dtype": str(tensor.dtype).replace("torch.", ""),
+                **self.corrupt(tensor, index, rng)}
+
+    def _in_collective(self, ctx: Any, rng: random.Random) -> dict[str, Any]:
+        """One element of the flat buffer of the named (or drawn) unit's collective: NOT_HERE at another
+        unit's call. Says which parameter the element belongs to (and whose chunk, in a buffer of every
+        rank's chunks)."""
+        p = self.params
+        call = ctx.tensors["collective"]
+        units = call.units
+        unit = p.tensor if p.tensor is not None else rng.choice(units)
+        if unit not in units:
+            raise ValueError(f"{self.name}: no FSDP unit {unit!r}; one of {', '.join(units)}")
+        if call.unit != unit:
+            return NOT_HERE
+        tensor = call.input if p.target == "reduce_scatter_input" else call.output
+        index = p.index if p.index is not None else rng.randrange(tensor.numel())
+        if index >= tensor.numel():
+            raise ValueError(f"{self.name}: element {index} is outside the {p.target} of unit {unit} "
+                             f"({tensor.numel()} elements)")
+        chunked = p.target in ("all_gather_output", "reduce_scatter_input")
+        return {"target": p.target, "tensor": unit, "index": index, "group": call.group,
+                "dtype": str(tensor.dtype).replace("torch.", ""),
+                **call.locate(index, chunked=chunked),
                 **self.corrupt(tensor, index, rng)}
 
     def corrupt(self, tensor: Any, index: int, rng: random.Random) -> dict[str, Any]:
@@ -218,6 +273,8 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
     p = params
     target = p.target
     at = point or TARGET_POINTS[target]
+    if target in COLLECTIVE_TARGETS or at in COLLECTIVE_POINTS:
+        return _collective_problem(p, at, model, seq_len, shards)
     if shards > 1 and (target in ("grad", "allreduce_payload") or at == "after_backward"):
         return ("target", "point"), (f"target {target} at {at} acts on a DDP gradient bucket, and a sharded "
                                      f"workload (workload.parallel) has none; use target grad_reduced (this "
@@ -284,6 +341,51 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
     return ("index", "tensor"), (f"index {_num(p.index)} is past the end of some {what}s a drawn tensor may be "
                                  f"(the smallest, {name}, has {n} elements); name a `tensor`, or use an "
                                  f"index below {n}")
+
+
+def _collective_problem(p: BaseModel, at: str, model: str, seq_len: int,
+                        shards: int) -> tuple[tuple[str, ...], str] | None:
+    """What workload_problem says of a target inside a collective, or a target at a collective's point (the
+    workload is sharded: the caller checked)."""
+    target = p.target
+    if target not in COLLECTIVE_TARGETS:
+        here = [t for t, pt in COLLECTIVE_TARGETS.items() if pt == at]
+        return ("target", "point"), (f"target {target} is not inside a collective; at point {at} use target "
+                                     f"{' or '.join(here)}, or another point")
+    if at != COLLECTIVE_TARGETS[target]:
+        return ("point", "target"), (f"target {target} is at hand only at {COLLECTIVE_TARGETS[target]}, not at "
+                                     f"{at}; leave `point` out (it follows the target)")
+    units = unit_buffers(model, seq_len, shards)
+    chunked = target in ("all_gather_output", "reduce_scatter_input")
+    sizes = {u: n * shards if chunked else n for u, n in units.items()}
+    if p.tensor is not None:
+        if p.tensor not in sizes:
+            text = p.tensor
+            close = get_close_matches(text, list(sizes), n=1, cutoff=0.6) if len(text) <= 200 else []
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            return ("tensor",), (f"the {model} model has no FSDP unit {shown!r} for target {target}; {hint}"
+                                 f"(its units: {', '.join(sizes)})")
+        sizes = {p.tensor: sizes[p.tensor]}
+    if p.index is None:
+        return None
+    name, n = min(sizes.items(), key=lambda kv: kv[1])
+    if p.index < n:
+        return None
+    what = f"unit {name}" if len(sizes) == 1 else f"some units a drawn one may be (the smallest, {name})"
+    return ("index", "tensor"), (f"index {_num(p.index)} is past the end of the {target} buffer of {what}: "
+                                 f"{n} elements (indices 0..{n - 1}) on {shards} shards")
+
+
+def unit_buffers(model: str, seq_len: int, shards: int) -> dict[str, int]:
+    """FSDP unit -> elements of one rank's chunk of its flat collective buffers (burnin's GPT sharded per
+    block, then the root): each parameter's dim 0 cut into chunks of ceil(n / shards) rows, padded."""
+    out: dict[str, int] = {"root": 0}
+    for name, shape in parameter_shapes(model, seq_len).items():
+        parts = name.split(".")
+        unit = ".".join(parts[:2]) if parts[0] == "blocks" else "root"
+        out[unit] = out.get(unit, 0) + -(-shape[0] // shards) * math.prod(shape[1:])
+    return out
 
 
 def _shard_numel(shape: tuple[int, ...], shards: int, index: int) -> int:

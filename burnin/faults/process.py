@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from burnin.core import procs
 from burnin.errors import InjectedFault
-from burnin.faults.base import STEP_POINTS, Fault
+from burnin.faults.base import COLLECTIVE_POINTS, STEP_POINTS, Fault
 
 __all__ = ["Kill", "Hang", "Exception_", "Straggler"]
 
@@ -20,8 +20,9 @@ class Kill(Fault):
     """SIGKILL the rank: what a node loss or an OOM killer looks like to the job."""
 
     name = "process.kill"
-    summary = "SIGKILL a rank at a step (node loss)"
+    summary = "SIGKILL a rank at a step (node loss), or on its way into a sharded collective"
     where = "out_of_rank"
+    points = ("between_steps",) + COLLECTIVE_POINTS
     effects = ("killed",)
 
     def inject(self, ctx: Any) -> dict[str, Any]:
@@ -32,8 +33,9 @@ class Hang(Fault):
     """SIGSTOP the rank: every thread freezes, heartbeats stop, peers block in the next collective."""
 
     name = "process.hang"
-    summary = "SIGSTOP a rank at a step (a hung process; caught by the heartbeat timeout)"
+    summary = "SIGSTOP a rank at a step (a hung process; caught by the heartbeat timeout), or in a collective"
     where = "out_of_rank"
+    points = ("between_steps",) + COLLECTIVE_POINTS
     effects = ("hang",)
 
     def inject(self, ctx: Any) -> dict[str, Any]:
@@ -59,7 +61,7 @@ class Exception_(Fault):
     name = "process.exception"
     summary = "raise an exception inside a rank's step"
     where = "in_rank"
-    points = ("before_forward", "after_optimizer_step", "between_steps")
+    points = ("before_forward", "after_optimizer_step", "between_steps") + COLLECTIVE_POINTS
     effects = ("exception",)
     raises = True
 
@@ -74,12 +76,13 @@ class StragglerParams(BaseModel):
 
 
 class Straggler(Fault):
-    """Sleep inside the step so one rank runs late and the others wait for it in the all-reduce."""
+    """Sleep inside the step so one rank runs late and the others wait for it in the all-reduce. At a
+    collective point, every call of that collective in the steps it spans is delayed: a slow collective."""
 
     name = "process.straggler"
     summary = "slow a rank down by a delay per step (a straggler)"
     where = "in_rank"
-    points = ("before_forward",) + tuple(p for p in STEP_POINTS if p != "before_forward")
+    points = ("before_forward",) + tuple(p for p in STEP_POINTS if p != "before_forward") + COLLECTIVE_POINTS
     Params = StragglerParams
     disruptive = False
     changes_state = False

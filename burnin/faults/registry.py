@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 from burnin.errors import UserError
 from burnin.errors import short as _short
 from burnin.faults import corruption, memory, network, process, storage
-from burnin.faults.base import STEP_POINTS, Fault
+from burnin.faults.base import POINTS, STEP_POINTS, Fault
 
 __all__ = ["register", "get", "names", "all_faults", "UnknownFault"]
 
@@ -30,7 +30,7 @@ def register(cls: type[Fault]) -> type[Fault]:
     if not cls.points:  # the first point is the default: there must be one
         raise TypeError(f"{cls.__qualname__}.points: empty; name at least one of {', '.join(STEP_POINTS)}")
     for point in cls.points:
-        if point not in STEP_POINTS:
+        if point not in POINTS:
             raise TypeError(f"{cls.__qualname__}.points: unknown step point {point!r}")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise TypeError(f"fault {name!r} is registered twice: {_REGISTRY[name].__qualname__} and {cls.__qualname__}")

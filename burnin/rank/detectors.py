@@ -17,8 +17,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["Finding", "Detector", "NonFinite", "LossSpike", "GradNormSpike", "Fingerprint", "build_detectors",
-           "DETECTORS"]
+__all__ = ["Finding", "Detector", "NonFinite", "LossSpike", "GradNormSpike", "Fingerprint", "Checksum", "GatherHash",
+           "build_detectors", "DETECTORS"]
 
 
 @dataclass
@@ -187,6 +187,68 @@ class Checksum(Detector):
         self.sealed, self.found = None, None  # a rolled-back state is sealed again at the next step's end
 
 
+class GatherHash(Detector):
+    """Every rank of a sharded model receives the same parameters from each all-gather; a rank that received
+    something else (a flipped bit on its link, in its buffer) computes with it alone.
+
+    Each all-gathered buffer is summed as integers (its float32 words as int32, into an int64: any single
+    flipped bit moves the sum by a power of two) where it lies, on the device on a GPU; at the end of the
+    step the ranks all-gather their sums and compare call by call, a majority naming the odd rank. It
+    sees what no replica comparison can: the rank's gradients were skewed by what it received, and the
+    reduce-scatter spread that into every rank's shard alike.
+    """
+
+    name, point, cost = "gather_hash", "after_optimizer_step", "an integer sum of each all-gathered buffer, and an all-gather of the sums, per step"
+    collective = True
+
+    def __init__(self, **cfg: Any):
+        super().__init__(**cfg)
+        self.sums: list[Any] = []   # this step's, one per all-gather call
+        self.units: list[str] = []
+
+    def observe(self, unit: str, output: Any) -> None:
+        """After an all-gather: its output's sum (FSDP2's collectives call this through the hooks)."""
+        import torch  # lazy: torch; `import burnin.rank` stays torch-free
+
+        words = {4: torch.int32, 2: torch.int16}.get(output.element_size(), torch.uint8)
+        self.sums.append(output.detach().view(words).sum(dtype=torch.int64))
+        self.units.append(unit)
+
+    def check(self, step: int, model: Any = None, **ctx: Any) -> Finding | None:
+        import torch  # lazy: torch; `import burnin.rank` stays torch-free
+        import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
+
+        sums, units = self.sums, self.units
+        self.sums, self.units = [], []
+        world = dist.get_world_size()
+        device = next(model.parameters()).device
+        # every rank ran the same all-gathers (the same program); a count that differs is itself a finding
+        mine = torch.stack(sums).to(device) if sums else torch.zeros(0, dtype=torch.int64, device=device)
+        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([len(sums)], dtype=torch.int64, device=device))
+        n = max(int(c.item()) for c in counts)
+        padded = torch.cat([mine, torch.full((n - len(sums),), -1, dtype=torch.int64, device=device)])
+        gathered = [torch.zeros(n, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        rows = [g.tolist() for g in gathered]
+        odd: set[int] = set()
+        calls = []
+        for i in range(n):
+            vals = [row[i] for row in rows]
+            if len(set(vals)) == 1:
+                continue
+            majority, votes = Counter(vals).most_common(1)[0]
+            bad = [r for r, v in enumerate(vals) if v != majority] if votes > world / 2 else list(range(world))
+            odd.update(bad)
+            calls.append({"call": i, "unit": units[i] if i < len(units) else None, "ranks": bad})
+        if not odd:
+            return None
+        return Finding(self.name, step, {"calls": calls[:8], "all_gathers": n}, odd_ranks=sorted(odd))
+
+    def restore(self, state: Any) -> None:
+        self.sums, self.units = [], []
+
+
 def state_digest(model: Any, optimizer: Any) -> bytes:
     """A digest of the parameters, buffers and optimizer state: what every replica must hold alike.
 
@@ -219,7 +281,7 @@ def state_digest(model: Any, optimizer: Any) -> bytes:
 
 
 DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NonFinite, LossSpike, GradNormSpike, Fingerprint,
-                                                              Checksum)}
+                                                              Checksum, GatherHash)}
 
 
 def build_detectors(cfg: dict[str, Any]) -> list[Detector]:

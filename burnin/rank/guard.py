@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from burnin.errors import BurninError
-from burnin.rank.detectors import Checksum, Finding, Fingerprint, build_detectors, state_digest
+from burnin.rank.detectors import Checksum, Finding, Fingerprint, GatherHash, build_detectors, state_digest
 
 __all__ = ["Guard", "CorruptionDetected"]
 
@@ -45,6 +45,7 @@ class Guard:
         self.local = [d for d in self.detectors if not d.collective]
         self.fingerprint = next((d for d in self.detectors if isinstance(d, Fingerprint)), None)
         self.checksum = next((d for d in self.detectors if isinstance(d, Checksum)), None)
+        self.gather = next((d for d in self.detectors if isinstance(d, GatherHash)), None)
         rc = cfg.get("recompute")
         self.recompute_every = rc["every"] if rc else 0
         self.mode = scenario["recovery"]["mode"]
@@ -141,23 +142,27 @@ class Guard:
         if step in self._first_bits:
             verdict = "persistent" if self._first_bits.pop(step) == bits and findings else "transient"
             self.events.emit("recompute_verdict", step=step, verdict=verdict)
-        collective: Finding | None = None
+        shared: list[Finding] = []  # the collective detectors' findings: every rank has the same
         if self.fingerprint and self.fingerprint.due(step):
-            collective = self.fingerprint.check(step, model=self.model, optimizer=self.optimizer)
+            shared.append(self.fingerprint.check(step, model=self.model, optimizer=self.optimizer))
+        if self.gather is not None:
+            shared.append(self.gather.check(step, model=self.model))
+        shared = [f for f in shared if f is not None]
         # Every rank must take the same decision: share the worst local verdict.
         # 2: a finding to recover from; 1: only recomputation findings (already recovered); 0: none.
         local = 2 if any(f.detector != "recompute" for f in findings) else (1 if findings else 0)
         worst = self._agree(local) if self.local or self.recompute_every else 0
         for f in findings:
             self._emit(f)
-        if collective is not None and self.rank == 0:
-            self._emit(collective)
-        if worst < 2 and collective is None:
+        if self.rank == 0:
+            for f in shared:
+                self._emit(f)
+        if worst < 2 and not shared:
             self._maybe_snapshot(step)
             if self.checksum is not None:
                 self.checksum.seal(step, self.model, self.optimizer)
             return step + 1, loss, bits
-        reason = ", ".join(sorted({f.detector for f in findings} | ({collective.detector} if collective else set())))
+        reason = ", ".join(sorted({f.detector for f in findings + shared}))
         return self._recover(step, bits, reason or "a finding on another rank"), loss, bits
 
     def _recover(self, step: int, bits: str, reason: str) -> int:

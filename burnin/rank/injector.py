@@ -90,9 +90,19 @@ class Injector:
             fault = cls(cls.Params.model_validate(spec.get("params") or {}))
             if spec.get("at_s") is not None and fault.where == "out_of_rank":
                 continue
-            spec = {**spec, "point": spec.get("point") or fault.default_point()}
+            point = spec.get("point") or fault.default_point()
+            # (a fault on what a collective received fires once the call is done: `<point>.out`)
+            spec = {**spec, "point": fault.fire_point(point), "named_point": point}
             self._mine.append((i, fault, spec))
         self._points = {spec["point"] for _, _, spec in self._mine}
+
+    def armed(self, point: str) -> bool:
+        """Whether a fault of this rank fires at `point` (cheap: the collectives ask at every call)."""
+        return point in self._points
+
+    def points_named(self) -> list[tuple[int, str, str]]:
+        """(fault index, fault name, point as the scenario names it) of this rank's faults."""
+        return [(index, fault.name, spec["named_point"]) for index, fault, spec in self._mine]
 
     def fire(self, point: str, step: int, **ctx: Any) -> None:
         if self.position is not None:
@@ -102,7 +112,7 @@ class Injector:
         for index, fault, spec in self._mine:
             if spec["point"] != point or not self._due(index, fault, spec, step):
                 continue
-            first = index not in self.fired
+            first, named = index not in self.fired, spec["named_point"]
             if fault.where == "out_of_rank":
                 self.fired.add(index)
                 if self.self_inflicted:
@@ -119,11 +129,11 @@ class Injector:
                 self.fired.add(index)
                 if not fault.raises:  # it could not be applied: a harness error, never an outcome
                     error = f"{type(exc).__name__}: {exc}"[:2000]
-                    self.events.emit("fault_error", fault_index=index, fault=fault.name, step=step, point=point,
+                    self.events.emit("fault_error", fault_index=index, fault=fault.name, step=step, point=named,
                                      error=error)
                     raise HarnessError(f"fault[{index}] {fault.name} could not be applied at step {step} "
-                                       f"({point}): {error}") from exc
-                self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=point,
+                                       f"({named}): {error}") from exc
+                self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=named,
                                  where="in_rank", simulated=fault.simulated, details={"raised": True})
                 raise
             if details.get("not_here"):
@@ -131,7 +141,7 @@ class Injector:
             self.fired.add(index)
             self.injected.append((index, step, details))
             if first and not self.quiet:
-                self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=point,
+                self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=named,
                                  where="in_rank", simulated=fault.simulated, details=details)
 
     def _due(self, index: int, fault: Any, spec: dict[str, Any], step: int) -> bool:

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from burnin.core.snapshots import SnapshotError, common_step
 from burnin.errors import UserError
+from burnin.faults.base import COLLECTIVE_POINTS
 from burnin.faults.network import NodeInterface
 from burnin.rank import checkpoint
 from burnin.rank.guard import CorruptionDetected, Guard
@@ -176,12 +177,40 @@ class Session:
                                  position=position, self_inflicted=ctx.self_inflicted,
                                  checkpoint_dir=str(self.ckpt_dir), snapshot_dir=spec.get("snapshot_dir"),
                                  fabric=_node_interface(spec))
+        self._hook_collectives()
         outer = self.ddp if self.ddp is not None else self.model
         outer.register_forward_pre_hook(self._before_forward)
         if self.ddp is not None and ddp_hook:
             self.ddp.register_comm_hook(self, _allreduce_hook)
         self.optimizer.register_step_pre_hook(self._before_optimizer)
         self.optimizer.register_step_post_hook(self._after_optimizer)
+
+    def _hook_collectives(self) -> None:
+        """A sharded model's all-gathers and reduce-scatters (and HSDP's all-reduce) fire the collective
+        points (golden runs too: faulted and fault-free runs communicate the same way). A fault at such a
+        point of a model that has no such collective is refused here, before the first step."""
+        units: list[str] = []
+        hsdp = False
+        if self.sharded:
+            from burnin.rank.sharding import hook_collectives, replica_groups  # lazy: torch; `import burnin.rank` stays torch-free
+
+            gather = self.guard.gather
+            units = hook_collectives(self.model, self.point, self.injector.armed,
+                                     gather.observe if gather is not None else None)
+            hsdp = any(len(g) > 1 for g in replica_groups(self.model, self.ctx.world_size))
+        if self.guard.gather is not None and not units:
+            raise UserError("detectors.gather_hash: this loop's model has no FSDP2 all-gathers to compare (it is not "
+                            "sharded with fully_shard); drop gather_hash, or use fingerprint, checksum or recompute")
+        for index, name, point in self.injector.points_named():
+            if point not in COLLECTIVE_POINTS:
+                continue
+            if not units:
+                raise UserError(f"faults[{index}] {name} at point {point}: this loop's model has no FSDP2 collectives "
+                                "to act in (it is not sharded with fully_shard); use a step point such as "
+                                "before_forward")
+            if point == "replica_all_reduce" and not hsdp:
+                raise UserError(f"faults[{index}] {name} at point replica_all_reduce: this loop's sharded model has "
+                                "no replicas (HSDP), so no all-reduce across them; use all_gather or reduce_scatter")
 
     # -- the step points, from the hooks -------------------------------------------------------
 

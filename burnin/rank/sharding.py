@@ -15,7 +15,7 @@ import hashlib
 import math
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from burnin.scenarios.schema import Parallel
 
 __all__ = ["is_sharded", "shard_model", "local", "to_local_state", "from_local_state", "global_digest",
-           "replica_groups"]
+           "replica_groups", "fsdp_units", "hook_collectives"]
 
 
 def is_sharded(model: Any) -> bool:
@@ -117,6 +117,169 @@ def replica_groups(model: Any, world_size: int) -> list[list[int]]:
     # one row per shard: the ranks along the replicated dimensions
     rows = mesh.permute(*sharded, *replicated).reshape(math.prod(mesh.shape[d] for d in sharded), -1)
     return sorted(sorted(row) for row in rows.tolist())
+
+
+# -- the sharded collectives ----------------------------------------------------------------------
+
+def fsdp_units(model: Any) -> dict[str, Any]:
+    """Name -> module of each FSDP2 unit of `model` (a module `fully_shard` was applied to), the root
+    named "root"."""
+    from torch.distributed.fsdp import FSDPModule  # lazy: torch, FSDP2
+
+    return {(name or "root"): m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+
+
+def unit_layout(model: Any, unit: str) -> list[tuple[str, int]]:
+    """(parameter name, elements of one rank's padded shard) of each parameter a unit gathers, in the
+    order of its flat collective buffers: FSDP2 cuts dim 0 into chunks of ceil(n / shards) rows and
+    lays the chunks of a unit's parameters one after the other, rank after rank."""
+    units = fsdp_units(model)
+    nested = [n + "." for n in units if n not in ("root", unit) and (unit == "root" or n.startswith(unit + "."))]
+    prefix = "" if unit == "root" else unit + "."
+    out = []
+    for name, p in model.named_parameters():
+        if not name.startswith(prefix) or any(name.startswith(n) for n in nested) or not isinstance(p, DTensor):
+            continue
+        shards = next((p.device_mesh.size(d) for d, pl in enumerate(p.placements) if pl.is_shard()), 1)
+        out.append((name, -(-p.shape[0] // shards) * math.prod(p.shape[1:])))
+    return out
+
+
+def locate(model: Any, unit: str, index: int, *, ranks: int) -> dict[str, Any]:
+    """Which parameter (and, in a buffer laid out rank after rank, which rank's chunk) element `index` of a
+    unit's flat collective buffer belongs to: for the event that says what a fault hit."""
+    layout = unit_layout(model, unit)
+    chunk = sum(n for _, n in layout) or 1
+    where: dict[str, Any] = {}
+    if ranks > 1:
+        where["chunk_of_rank"], index = divmod(index, chunk)
+    for name, n in layout:
+        if index < n:
+            return {**where, "parameter": name, "element": index}
+        index -= n
+    return where
+
+
+class _Call:
+    """One call of a collective, as a fault at its point sees it: the unit, the tensors, the group it runs
+    on ("shard", or HSDP's "replicate"), the names of every unit, and where an element of a buffer lies."""
+
+    __slots__ = ("unit", "input", "output", "group", "ranks", "model")
+
+    def __init__(self, unit: str, input: Any, output: Any, group: str, ranks: int, model: Any):
+        self.unit, self.input, self.output, self.group, self.ranks = unit, input, output, group, ranks
+        self.model = model
+
+    @property
+    def units(self) -> list[str]:
+        return sorted(fsdp_units(self.model))
+
+    def locate(self, index: int, *, chunked: bool) -> dict[str, Any]:
+        """Which parameter element `index` of this call's buffer belongs to (and whose chunk, `chunked`: a
+        buffer of every rank's chunks, as an all-gather's output and a reduce-scatter's input are)."""
+        return locate(self.model, self.unit, index, ranks=self.ranks if chunked else 1)
+
+
+def hook_collectives(model: Any, fire: Callable[..., None], armed: Callable[[str], bool],
+                     observe: Callable[[str, Any], None] | None = None) -> list[str]:
+    """Route every FSDP2 unit's parameter all-gather and gradient reduce-scatter through burnin, and on HSDP
+    its all-reduce across replicas, so the points of `burnin.faults.base.COLLECTIVE_POINTS` fire at each
+    call: `fire(point, collective=call)` on the way in (the rank has not entered the collective; its peers
+    may be in it), and `fire(point + ".out", ...)` once the call is done, only while a fault is `armed` there
+    (an asynchronous call is waited for first), and `observe(unit, output)` after every all-gather when
+    given (the gather_hash detector). What runs is what FSDP2 would run: the unit's own comm
+    (its default, or one the loop set) is called, so runs with and without faults reduce the same way.
+    FSDP2's public hooks (`set_custom_all_gather`, `set_custom_reduce_scatter`, `set_all_reduce_hook`)
+    reach these calls; a process-group backend of our own would not (see docs/architecture.md). Returns
+    the names of the units."""
+    units = fsdp_units(model)
+    for name, unit in units.items():
+        groups = getattr(unit._get_fsdp_state(), "_fsdp_param_groups", None) or []
+        if len(groups) != 1:  # no parameters of its own (nothing to gather), or per-parameter meshes
+            continue
+        group = groups[0]
+        params = [p for _, p in unit.named_parameters() if isinstance(p, DTensor)]
+        hsdp = bool(params) and any(pl.is_replicate() for pl in params[0].placements)
+        unit.set_custom_all_gather(_AllGather(model, name, getattr(group, "_all_gather_comm", None), fire, armed,
+                                              observe))
+        unit.set_custom_reduce_scatter(_ReduceScatter(model, name, getattr(group, "_reduce_scatter_comm", None), fire,
+                                                      armed, hsdp))
+        if hsdp:
+            unit.set_all_reduce_hook(_replica_hook(model, name, getattr(group, "_all_reduce_hook", None), fire, armed))
+    return list(units)
+
+
+def _size(group: Any) -> int:
+    return group.size() if group is not None else 1
+
+
+class _AllGather:
+    """FSDP2's all-gather of one unit, with burnin's points around it (`allocate` and the call delegate
+    to the unit's own comm, FSDP2's default when it has none)."""
+
+    def __init__(self, model: Any, unit: str, inner: Any, fire: Callable[..., None], armed: Callable[[str], bool],
+                 observe: Callable[[str, Any], None] | None):
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather  # lazy: torch, FSDP2
+
+        self.model, self.unit, self.inner, self.fire, self.armed = model, unit, inner or DefaultAllGather(), fire, armed
+        self.observe = observe
+
+    def allocate(self, size: Any, *, dtype: Any, device: Any) -> Any:
+        return self.inner.allocate(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: Any, input_tensor: Any, group: Any, async_op: bool = False) -> Any:
+        call = _Call(self.unit, input_tensor, output_tensor, "shard", _size(group), self.model)
+        self.fire("all_gather", collective=call)
+        work = self.inner(output_tensor, input_tensor, group, async_op)
+        out = self.armed("all_gather.out")
+        if (out or self.observe is not None) and work is not None:
+            work.wait()
+        if out:
+            self.fire("all_gather.out", collective=call)
+        if self.observe is not None:  # after a fault there: what the rank received, as it uses it
+            self.observe(self.unit, output_tensor)
+        return work
+
+
+class _ReduceScatter:
+    """FSDP2's reduce-scatter of one unit, with burnin's points around it; on HSDP, the point of the
+    all-reduce across replicas that FSDP2 starts next, on the way in."""
+
+    def __init__(self, model: Any, unit: str, inner: Any, fire: Callable[..., None], armed: Callable[[str], bool],
+                 hsdp: bool):
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter  # lazy: torch, FSDP2
+
+        self.model, self.unit, self.inner, self.fire, self.armed = model, unit, inner or DefaultReduceScatter(), fire, armed
+        self.hsdp = hsdp
+
+    def allocate(self, size: Any, *, dtype: Any, device: Any) -> Any:
+        return self.inner.allocate(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: Any, input_tensor: Any, group: Any, op: Any, async_op: bool = False) -> Any:
+        call = _Call(self.unit, input_tensor, output_tensor, "shard", _size(group), self.model)
+        self.fire("reduce_scatter", collective=call)
+        work = self.inner(output_tensor, input_tensor, group, op, async_op)
+        out = self.armed("reduce_scatter.out")
+        if out or self.hsdp:
+            if work is not None:
+                work.wait()
+        if out:
+            self.fire("reduce_scatter.out", collective=call)
+        if self.hsdp:  # FSDP2 all-reduces this output across the replicas next
+            self.fire("replica_all_reduce", collective=_Call(self.unit, output_tensor, output_tensor, "replicate", 1,
+                                                                    self.model))
+        return work
+
+
+def _replica_hook(model: Any, unit: str, inner: Any, fire: Callable[..., None], armed: Callable[[str], bool]) -> Any:
+    """HSDP's all-reduce hook of one unit: the `replica_all_reduce.out` point on the all-reduced gradient
+    shard, then the loop's own hook, if it set one."""
+    def hook(output: Any) -> None:
+        if armed("replica_all_reduce.out"):
+            fire("replica_all_reduce.out", collective=_Call(unit, output, output, "replicate", 1, model))
+        if inner is not None:
+            inner(output)
+    return hook
 
 
 # -- DCP checkpoints ------------------------------------------------------------------------------

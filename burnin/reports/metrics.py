@@ -39,14 +39,16 @@ OUTCOMES: tuple[str, ...] = ("recovered", "masked", "detected", "sdc", "failed")
 #: Parts of a recovery, in order; the names match RecoveryBreakdown's fields without `_s`.
 PHASES: tuple[str, ...] = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
 #: In-rank detectors (burnin.rank.detectors, plus step recomputation); anything else is "other".
-DETECTORS: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_norm_spike", "fingerprint", "checksum", "recompute")
+DETECTORS: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_norm_spike", "fingerprint", "checksum", "gather_hash",
+                               "recompute")
 #: Everything that can detect a fault: in-rank detectors, the supervisor's, the checkpoint loader's.
 DETECTED_BY: tuple[str, ...] = DETECTORS + (
     "exit_signal", "exit_code", "heartbeat", "rank_error", "step_timeout", "connect_timeout",
     "checkpoint_checksum", "crash", "step_stall", "straggler")
 #: Corruption targets and bit classes (burnin.faults.corruption); anything else is "other".
 TARGETS: tuple[str, ...] = ("param", "optimizer_state", "grad", "allreduce_payload", "grad_reduced",
-                            "activation", "batch")
+                            "activation", "batch", "all_gather_output", "reduce_scatter_input",
+                            "reduce_scatter_output", "replica_all_reduce_output")
 BIT_CLASSES: tuple[str, ...] = ("sign", "exponent", "mantissa_high", "mantissa_low", "any", "nan", "inf", "-inf")
 #: The `job` label of pushed metrics (the Pushgateway's grouping key).
 PUSH_JOB = "burnin"

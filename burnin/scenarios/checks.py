@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from burnin.errors import short
 from burnin.faults import registry
+from burnin.faults.base import COLLECTIVE_POINTS
 from burnin.faults.corruption import Bitflip, NaN, workload_problem
 
 if TYPE_CHECKING:
@@ -314,6 +315,18 @@ def _workload_problem(sc: "Scenario", cls: Any, f: FaultSpec, rank: Any, step: A
             return ("ranks", "rank"), (f"cutting off {what} leaves no rank on the other side "
                                        f"(workload.ranks={w.ranks}); name some ranks, not all")
 
+    at = f.point or cls(params).default_point()
+    if at in COLLECTIVE_POINTS and w.entry is None:  # a loop's own model: checked when it attaches
+        replicas, shards = w.parallel.mesh(w.ranks) if w.parallel is not None else (1, 1)
+        if shards <= 1:
+            what = "not sharded (no workload.parallel)" if w.parallel is None else "sharded over 1 rank (dp_shard=1)"
+            return ("point", "target"), (f"point {at} is inside a sharded model's collectives, and this workload is "
+                                         f"{what}: it has no all-gather or reduce-scatter; shard it (workload.parallel: "
+                                         f"{{dp_shard: N}}) or use a step point")
+        if at == "replica_all_reduce" and replicas <= 1:
+            return ("point", "target"), ("point replica_all_reduce is HSDP's all-reduce across replicas, and this "
+                                         "workload has none (dp_replicate=1); set dp_replicate > 1, or use all_gather "
+                                         "or reduce_scatter")
     if cls.name in (Bitflip.name, NaN.name) and w.entry is None:  # a loop's own model: checked when it fires
         shards = w.parallel.mesh(w.ranks)[1] if w.parallel is not None else 1
         return workload_problem(cls.name, params, point=f.point, step=step, model=w.model,

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from burnin.faults import registry
-from burnin.faults.base import STEP_POINTS
+from burnin.faults.base import COLLECTIVE_POINTS, POINTS
 from burnin.scenarios.checks import (MAX_VARY_COMBINATIONS, NOT_A_BOOLEAN, boolean_for_number, check_fault, invalid,
                                      params_model, rank_problem, short, step_problem)
 
@@ -220,13 +220,16 @@ class Detectors(_Model):
         None, description="a digest of each rank's own parameters and optimizer state, taken at the end of a "
                           "step and checked before the next: what changes in memory between two steps (a "
                           "shard with no replica too)")
+    gather_hash: dict[str, Any] | None = Field(
+        None, description="sharded models: every rank receives the same parameters from an all-gather; each "
+                          "all-gathered buffer's integer sum, compared across the ranks at the end of the step")
     recompute: RecomputeDetector | None = None
 
-    @field_validator("nonfinite")
+    @field_validator("nonfinite", "gather_hash")
     @classmethod
-    def _no_params(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _no_params(cls, v: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
         if v:
-            raise ValueError("nonfinite takes no parameters; write `nonfinite: {}`")
+            raise ValueError(f"{info.field_name} takes no parameters; write `{info.field_name}: {{}}`")
         return v
 
 
@@ -288,12 +291,15 @@ def _valid_params(params: dict[str, Any], fault: str | None) -> dict[str, Any]:
 
 def _known_point(point: str, fault: str | None) -> None:
     """A step point that exists, and at which `fault` (when known) can act."""
-    if point not in STEP_POINTS:
-        raise ValueError(f"unknown step point {short(point)}; expected one of: {', '.join(STEP_POINTS)}")
+    if point not in POINTS:
+        raise ValueError(f"unknown step point {short(point)}; expected one of: {', '.join(POINTS)}")
     if fault is not None:
         points = registry.get(fault).points
         if point not in points:
-            raise ValueError(f"{fault} acts at {', '.join(points)}, not at {short(point)}")
+            steps = [p for p in points if p not in COLLECTIVE_POINTS]
+            inside = [p for p in points if p in COLLECTIVE_POINTS]
+            also = f" (or inside a sharded model's {', '.join(inside)})" if inside else ""
+            raise ValueError(f"{fault} acts at {', '.join(steps)}{also}, not at {short(point)}")
 
 
 class FaultSpec(_Model):
@@ -485,6 +491,12 @@ class Scenario(_Model):
                           "the fingerprint compares replicas of a shard, and with workload.parallel.dp_replicate=1 "
                           "no shard has one; set dp_replicate to 2 or more (HSDP), or use checksum (each rank's "
                           "own state between steps), recompute, nonfinite or the spike detectors")
+        if self.detectors.gather_hash is not None and self.workload.entry is None and (
+                par is None or par.mesh(self.workload.ranks)[1] <= 1):
+            raise invalid(("detectors", "gather_hash"),
+                          "gather_hash compares what the ranks receive from a sharded model's all-gathers, and this "
+                          "workload has none; shard it (workload.parallel: {dp_shard: N}), or use fingerprint, "
+                          "checksum or recompute")
         if self.campaign is not None:
             c = self.campaign
             if c.warmup + c.window > self.workload.steps:
