@@ -63,7 +63,9 @@ from _common import cpu_stall_us, machine, pressure  # benchmarks/ is on sys.pat
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("bare", "harness", "harness_snap", "harness_ckpt")
 #: (checkpoint.every, checkpoint.memory_every) of each harness variant
-CHECKPOINTING = {"harness": (None, 0), "harness_snap": (None, 1), "harness_ckpt": (5, 1)}
+CHECKPOINTING = {"harness": (None, 0), "harness_snap": (None, 1), "harness_ckpt": (5, 1), "harness_gather": (None, 0)}
+#: The detectors of each harness variant (harness_gather: only with --fsdp --gather-hash)
+DETECTING = {"harness_gather": {"gather_hash": {}}}
 NO_CHECKPOINT = 10**9  # checkpoint.every: only the final (unmeasured) step saves one
 SKIP_AFTER_RESUME = 2
 POLL_S = 0.005
@@ -173,15 +175,17 @@ class _Bare(_Group):
             p.wait()
 
 
-def _supervise(run_dir: str, workload: dict[str, Any], every: int, memory_every: int) -> None:
+def _supervise(run_dir: str, workload: dict[str, Any], every: int, memory_every: int,
+               detectors: dict[str, Any]) -> None:
     """The harness variant's process: one fault-free scenario under the real Supervisor."""
     from burnin.harness.supervisor import Supervisor
     from burnin.reports.metrics import Metrics
-    from burnin.scenarios.schema import Checkpointing, Scenario, Timeouts, Workload
+    from burnin.scenarios.schema import Checkpointing, Detectors, Scenario, Timeouts, Workload
 
     scenario = Scenario(
         name="bench-overhead",
         workload=Workload.model_validate(workload),
+        detectors=Detectors.model_validate(detectors),
         checkpoint=Checkpointing(every=every, keep=3, memory_every=memory_every),
         # Frozen between blocks: the watchdogs must not call a pause a hang. Nothing in the step changes.
         timeouts=Timeouts(heartbeat_s=600, step_s=600),
@@ -193,14 +197,15 @@ def _supervise(run_dir: str, workload: dict[str, Any], every: int, memory_every:
 class _Harness(_Group):
     clock = staticmethod(time.time)
 
-    def __init__(self, name: str, workload: dict[str, Any], every: int, memory_every: int, work: Path):
+    def __init__(self, name: str, workload: dict[str, Any], every: int, memory_every: int, work: Path,
+                 detectors: dict[str, Any] | None = None):
         super().__init__()
         from burnin.core.events import Tail
 
         self.name = name
         self.run_dir = work / name
         self.proc = multiprocessing.get_context("fork").Process(
-            target=_supervise, args=(str(self.run_dir), workload, every, memory_every), name=name)
+            target=_supervise, args=(str(self.run_dir), workload, every, memory_every, detectors or {}), name=name)
         self.proc.start()
         self._tails = [Tail(self.run_dir / "ranks" / f"rank{r}.jsonl") for r in range(2)]
         self._rank_pids: dict[int, int] = {}
@@ -292,11 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fsdp", action="store_true",
                     help="shard the model with FSDP2 over the 2 ranks (workload.parallel: {dp_shard: 2}), in the "
                          "bare loop and the harness alike: the harness then checkpoints with DCP")
+    ap.add_argument("--gather-hash", action="store_true",
+                    help="with --fsdp: one more harness variant, with the gather_hash detector (what it costs a step)")
     ap.add_argument("--keep", action="store_true", help="keep the working directory (runs, logs) and say where")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON result")
     args = ap.parse_args(argv)
     if args.steps <= SKIP_AFTER_RESUME or args.warmup < 1 or args.rounds < 1:
         ap.error(f"need --steps > {SKIP_AFTER_RESUME}, --warmup >= 1, --rounds >= 1")
+    if args.gather_hash and not args.fsdp:
+        ap.error("--gather-hash compares all-gathers: it needs --fsdp")
+    variants = VARIANTS + (("harness_gather",) if args.gather_hash else ())
 
     def say(msg: str) -> None:
         if not args.json_only:
@@ -315,25 +325,25 @@ def main(argv: list[str] | None = None) -> int:
     groups: dict[str, _Group] = {}
     recs: dict[str, dict[str, Any]] = {}
     try:
-        for v in VARIANTS:  # started one at a time: each starts up and warms up alone
+        for v in variants:  # started one at a time: each starts up and warms up alone
             t0 = time.time()
             if v == "bare":
                 groups[v] = _Bare(v, workload, work)
             else:
                 every, memory_every = CHECKPOINTING[v]
-                groups[v] = _Harness(v, workload, every or NO_CHECKPOINT, memory_every, work)
+                groups[v] = _Harness(v, workload, every or NO_CHECKPOINT, memory_every, work, DETECTING.get(v))
             groups[v].run_until(args.warmup - 1)
             groups[v].pause()
             say(f"{v}: started and warmed up in {time.time() - t0:.1f} s")
         for rnd in range(args.rounds):
-            for v in (VARIANTS if rnd % 2 == 0 else VARIANTS[::-1]):
+            for v in (variants if rnd % 2 == 0 else variants[::-1]):
                 g = groups[v]
                 g.resume()
                 g.run_until(g.last_step() + args.steps)
                 g.pause()
             if (rnd + 1) % 5 == 0:
                 say(f"round {rnd + 1}/{args.rounds}")
-        for v in VARIANTS:  # one at a time again, through the unmeasured margin to the end
+        for v in variants:  # one at a time again, through the unmeasured margin to the end
             recs[v] = groups[v].finish()
     finally:
         for g in groups.values():
@@ -346,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     dt: dict[str, list[float]] = {}
     interval: dict[str, list[float]] = {}
     block_dt: dict[str, list[float]] = {}  # median dt of each block, one block per round
-    for v in VARIANTS:
+    for v in variants:
         per_block, per_block_iv = _clean(recs[v], groups[v].windows)
         dt[v] = [x for b in per_block for x in b]
         interval[v] = [x for b in per_block_iv for x in b]
@@ -362,19 +372,19 @@ def main(argv: list[str] | None = None) -> int:
                             # Each round's block against the bare block of the same round: drift cancels.
                             "dt_per_round_quartiles": _quartiles([h / b for h, b in zip(block_dt[v], block_dt["bare"])
                                                                   if h == h and b == b])}
-              for v in VARIANTS[1:]}
+              for v in variants[1:]}
     result = {
         "benchmark": "overhead",
         "date": time.strftime("%Y-%m-%d", time.localtime(started)),
         "config": {"workload": {k: workload[k] for k in workload if k != "steps"}, "backend": "gloo",
                    "steps_per_block": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                    "skip_after_resume": SKIP_AFTER_RESUME, "steps_per_run": total,
-                   "order": "blocks alternating " + " ".join(VARIANTS) + ", then reversed; others SIGSTOPped"},
+                   "order": "blocks alternating " + " ".join(variants) + ", then reversed; others SIGSTOPped"},
         "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                     # Share of the run's wall time in which some task waited for a CPU (ours included).
                     "cpu_pressure_pct": pressure(stall_before, started)},
-        "variants": {v: {"dt": _stats(dt[v]), "interval": _stats(interval[v])} for v in VARIANTS},
+        "variants": {v: {"dt": _stats(dt[v]), "interval": _stats(interval[v])} for v in variants},
         "ratios": ratios,
         # Same seed and steps: every variant must end on the same loss bits, or it measured something else.
         "same_loss_bits": len({r["last_loss_bits"] for r in recs.values()}) == 1,
