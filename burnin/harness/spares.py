@@ -232,7 +232,7 @@ def open_pool(scenario: Any, run_dir: Path, run_id: str, fabric: Any = None, emi
     (Path(run_dir) / "ranks").mkdir(parents=True, exist_ok=True)
     pool = SparePool(Path(run_dir), run_id, fabric or LocalFabric(), python or sys.executable,
                      rank_base_env(scenario, run_id), zygote_argv(scenario),
-                     emit or (lambda *a, **k: None))
+                     emit or (lambda *a, **k: None), prime=prime_spec(scenario))
     pool.join_server()
     pool.fill(range(w.ranks))  # the zygotes warm up once; the first attempt's ranks are their first forks
     return pool, None
@@ -247,6 +247,17 @@ def zygote_argv(scenario: Any) -> list[str]:
             *(["sharded"] if w.parallel is not None or w.entry is not None else [])]
 
 
+def prime_spec(scenario: Any) -> dict[str, Any] | None:
+    """What a spare of a sharded run of burnin's own model primes itself with (`sharding.prime`): the model,
+    the optimizer's settings and the mesh. None where there is nothing to prime (DDP, a loop of the
+    user's, whose model burnin does not know; a GPU, where the spare leaves the device alone)."""
+    w = scenario.workload
+    if w.parallel is None or w.entry is not None or w.device == "cuda":
+        return None
+    return {"model": w.model, "seq_len": w.seq_len, "dropout": w.dropout, "kernels": w.kernels, "lr": w.lr,
+            "weight_decay": w.weight_decay, "mesh": list(w.parallel.mesh(w.ranks))}
+
+
 def server_path() -> str | None:
     """The socket of `burnin pool serve` that runs fork their ranks from (BURNIN_POOL), if any."""
     return os.environ.get("BURNIN_POOL") or None
@@ -254,8 +265,9 @@ def server_path() -> str | None:
 
 class SparePool:
     def __init__(self, run_dir: Path, run_id: str, fabric: Any, python: str, env: dict[str, str],
-                 argv_tail: list[str], emit: Callable[..., Any]):
+                 argv_tail: list[str], emit: Callable[..., Any], prime: dict[str, Any] | None = None):
         self.dir = run_dir / "ranks"
+        self.prime = prime              # what each spare primes itself with while it waits (sharded runs)
         self.run_id, self.fabric, self.python, self.env = run_id, fabric, python, env
         self.argv_tail = argv_tail      # --zygote DEVICE THREADS KERNELS [sharded]
         self.emit = emit
@@ -421,7 +433,9 @@ class SparePool:
         stdin = os.fdopen(os.open(fifo, os.O_RDWR | os.O_CLOEXEC), "wb", buffering=0)
         spare = Spare(slot, z, time.time(), fifo, pid_file, ready, stdin)
         cmd = {"fifo": str(fifo), "pid_file": str(pid_file), "ready": str(ready),
-               "log": str(self.dir / f"spare{slot}.log")}
+               "log": str(self.dir / f"spare{slot}.log"),
+               # a slot's spare becomes that rank: it primes for that rank's place on the mesh
+               **({"prime": {**self.prime, "rank": slot}} if self.prime else {})}
         try:
             z.proc.stdin.write((json.dumps(cmd) + "\n").encode())
             z.proc.stdin.flush()

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from burnin.scenarios.schema import Parallel
 
 __all__ = ["is_sharded", "shard_model", "local", "to_local_state", "from_local_state", "global_digest",
-           "replica_groups", "fsdp_units", "hook_collectives"]
+           "replica_groups", "fsdp_units", "hook_collectives", "prime"]
 
 
 def is_sharded(model: Any) -> bool:
@@ -117,6 +117,50 @@ def replica_groups(model: Any, world_size: int) -> list[list[int]]:
     # one row per shard: the ranks along the replicated dimensions
     rows = mesh.permute(*sharded, *replicated).reshape(math.prod(mesh.shape[d] for d in sharded), -1)
     return sorted(sorted(row) for row in rows.tolist())
+
+
+# -- a spare, primed -------------------------------------------------------------------------------
+
+def prime(spec: dict[str, Any]) -> None:
+    """Pay ahead, in a spare that waits, what the first optimizer step of a new sharded rank costs: DTensor's
+    sharding propagation of every AdamW op over the parameters' specs (0.2-0.3 s of CPU on the tiny
+    model, on the recovery's critical path otherwise; torch caches it per process). A copy of burnin's
+    GPT with DTensor parameters placed as FSDP2 places them, on a device mesh of the run's shape that
+    starts no process group, takes one AdamW step with zero gradients. Nothing of it is kept but the
+    cache, and the RNG is put back: the spare trains exactly as a new process would.
+
+    The cache compares meshes by their ranks' layout, names and device, not by which rank holds them,
+    and what it returns carries the priming's mesh into the real run's optimizer state: so the mesh is
+    built for the very rank the spare will become (`spec["rank"]`: a slot's spare becomes that rank).
+    Primed for rank 0 and become rank 1, a spare wrote its AdamW state at rank 0's offsets in the DCP
+    checkpoint and the resume was not exact (measured)."""
+    from torch.distributed.device_mesh import DeviceMesh  # lazy: torch, the mesh's own imports
+    from torch.distributed.tensor import Replicate, Shard  # lazy: torch, DTensor placements
+
+    from burnin.rank.workload import GPT, gpt_config, make_optimizer  # lazy: torch; `import burnin.rank` stays torch-free
+
+    rep, shards = spec["mesh"]
+    ids = torch.arange(rep * shards)
+    if rep > 1:
+        mesh = DeviceMesh("cpu", ids.view(rep, shards), mesh_dim_names=("dp_replicate", "dp_shard"),
+                          _init_backend=False, _rank=spec["rank"])
+        placements: list[Any] = [Replicate(), Shard(0)]
+    else:
+        mesh = DeviceMesh("cpu", ids, mesh_dim_names=("dp_shard",), _init_backend=False, _rank=spec["rank"])
+        placements = [Shard(0)]
+    with torch.random.fork_rng(devices=[]):
+        model = GPT(gpt_config(spec["model"], spec["seq_len"], spec["dropout"], spec["kernels"]))
+        for name, p in list(model.named_parameters()):
+            chunk = -(-p.shape[0] // shards)
+            at = chunk * (spec["rank"] % shards)  # this rank's chunk (empty past the end, as FSDP2's)
+            shard = DTensor.from_local(p.detach()[at:at + chunk].clone(), mesh, placements, run_check=False,
+                                       shape=p.shape, stride=p.stride())
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, torch.nn.Parameter(shard))
+        optimizer = make_optimizer(model, spec["lr"], spec["weight_decay"])
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
 
 
 # -- the sharded collectives ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import runpy
+import select
 import socket
 import sys
 import threading
@@ -249,9 +250,24 @@ def _zygote(argv: list[str]) -> float | None:
             except BaseException:  # noqa: BLE001 -- a spare that cannot start says why in the slot's log
                 traceback.print_exc()
                 os._exit(3)
+            _prime(cmd.get("prime"))
             return warm_s
         os.waitpid(middle, 0)
     return None
+
+
+def _prime(spec: dict[str, Any] | None) -> None:
+    """A spare of a sharded run, while it waits: pay the first sharded optimizer step's one-time cost now
+    (`sharding.prime`), unless an assignment is already waiting (then the rank comes first). A priming
+    that fails only costs that time back later; the slot's log says why."""
+    if not spec or select.select([0], [], [], 0)[0]:
+        return
+    try:
+        from burnin.rank.sharding import prime  # lazy: torch; `import burnin.rank` stays torch-free
+
+        prime(spec)
+    except Exception as exc:  # noqa: BLE001 -- an optimisation: the spare still works unprimed
+        print(f"spare {os.getpid()}: not primed: {type(exc).__name__}: {exc}", flush=True)
 
 
 def _become_spare(cmd: dict[str, Any], parent: int) -> None:
