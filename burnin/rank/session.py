@@ -195,8 +195,7 @@ class Session:
             from burnin.rank.sharding import hook_collectives, replica_groups  # lazy: torch; `import burnin.rank` stays torch-free
 
             gather = self.guard.gather
-            units = hook_collectives(self.model, self.point, self.injector.armed,
-                                     gather.observe if gather is not None else None)
+            units = hook_collectives(self.model, self.point, self.armed, gather.observe if gather is not None else None)
             hsdp = any(len(g) > 1 for g in replica_groups(self.model, self.ctx.world_size))
         if self.guard.gather is not None and not units:
             raise UserError("detectors.gather_hash: this loop's model has no FSDP2 all-gathers to compare (it is not "
@@ -218,6 +217,11 @@ class Session:
         """Fire step point `name` of the current step by hand (the hooks fire the usual ones)."""
         if self.active and not self._priming:
             self.injector.fire(name, self.step, model=self.model, optimizer=self.optimizer, **tensors)
+
+    def armed(self, name: str) -> bool:
+        """Whether a fault waits at point `name` now (the collectives ask before they wait for a call to
+        finish). Asks the current injector: a campaign hands each trial one of its own."""
+        return self.active and not self._priming and self.injector.armed(name)
 
     def _before_forward(self, module: Any, args: tuple[Any, ...]) -> None:
         if self._forwarded or not module.training:
