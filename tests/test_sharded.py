@@ -99,7 +99,10 @@ def test_fsdp_ranks_killed_and_raising_resume_from_their_own_shards_in_memory(tm
     """Pure FSDP2 (no replica): each rank's snapshot holds its own shards, and a restarted group puts
     every shard back where it was: nothing lost, exact."""
     scenario = tmp_path / "fsdp.yaml"
+    # (nonfinite: its gradient norm of DTensors all-reduces over the mesh; a spare that primed its first
+    # optimizer step must do that over the real mesh's groups)
     scenario.write_text("name: fsdp\nworkload: {ranks: 2, steps: 10, parallel: {dp_shard: 2}}\n"
+                        "detectors: {nonfinite: {}}\n"
                         "faults:\n  - {fault: process.kill, rank: 1, step: 3, expect: recovered}\n"
                         "  - {fault: process.exception, rank: 0, step: 6, point: before_forward, expect: recovered}\n"
                         "  - {fault: process.hang, rank: 1, step: 8, point: all_gather, expect: recovered}\n")

@@ -48,6 +48,7 @@ def shard_model(model: Any, parallel: dict[str, Any], world_size: int, device_ty
         mesh = init_device_mesh(device_type, (rep, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
     else:
         mesh = init_device_mesh(device_type, (shard,), mesh_dim_names=("dp_shard",))
+    adopt(mesh)  # a primed spare's mesh becomes this one's twin
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -148,6 +149,7 @@ def prime(spec: dict[str, Any]) -> None:
     else:
         mesh = DeviceMesh("cpu", ids, mesh_dim_names=("dp_shard",), _init_backend=False, _rank=spec["rank"])
         placements = [Shard(0)]
+    _PRIMED.append(mesh)
     with torch.random.fork_rng(devices=[]):
         model = GPT(gpt_config(spec["model"], spec["seq_len"], spec["dropout"], spec["kernels"]))
         for name, p in list(model.named_parameters()):
@@ -161,6 +163,32 @@ def prime(spec: dict[str, Any]) -> None:
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         optimizer.step()
+
+
+#: The meshes this process primed with (`prime`): made twins of the real mesh once it exists (`adopt`).
+_PRIMED: list[Any] = []
+
+
+def adopt(mesh: Any) -> None:
+    """The real mesh exists: the meshes `prime` used become its twins. Sharding decisions cached while
+    priming carry the priming's mesh into the real run (the cache takes equal meshes for one), and an op
+    whose decision needs a collective (a gradient norm's all-reduce) would look for that mesh's process
+    groups, which it never had (measured: `AttributeError: ... '_dim_group_names'`). So each takes the
+    real mesh's groups; where that cannot be done and checked, every cached decision is dropped instead
+    (correct, only unprimed)."""
+    primed, _PRIMED[:] = list(_PRIMED), []
+    for twin in primed:
+        if twin != mesh:
+            continue
+        try:
+            twin._dim_group_names = list(mesh._dim_group_names)
+            twin._pg_registry = mesh._pg_registry
+            twin._thread_id = mesh._thread_id
+            if all(twin.get_group(d) is mesh.get_group(d) for d in range(mesh.ndim)):
+                continue
+        except Exception:  # noqa: BLE001, S110 -- this torch keeps a mesh's groups elsewhere: forget the priming
+            pass
+        DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
 
 
 # -- the sharded collectives ----------------------------------------------------------------------
