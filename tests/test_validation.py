@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import burnin.faults.registry as registry
 from burnin.errors import ScenarioError
 from burnin.faults import Fault, register
+from burnin.faults.base import COLLECTIVE_POINTS
 from burnin.faults.corruption import TARGET_AT, TARGET_POINTS
 from burnin.core import model_shapes
 from burnin.scenarios import bundled_names, load_scenario
@@ -594,7 +595,10 @@ _GOOD = {
     "value": ["nan", "inf", "-inf"],
 }
 _BAD = {
-    "rank": [2, -1, True], "step": [1, 10, 13, True], "target": ["weights"], "tensor": ["nope", "lm_head.weight"],
+    "rank": [2, -1, True], "step": [1, 10, 13, True],
+    # (the targets inside a sharded model's collectives: this workload is DDP, which has none)
+    "target": ["weights", "all_gather_output", "reduce_scatter_input", "replica_all_reduce_output"],
+    "tensor": ["nope", "lm_head.weight", "blocks.0", "root"],
     "index": [16, 128, 1023, 1024, 262143, 262144, 10**6, -1, True], "bit": [32, 63, 64, True],
     "bit_class": ["bogus"], "state": ["x"], "seed": [-1, True], "value": ["zero"], "point": ["before_forward"],
     "bogus": [1],
@@ -626,7 +630,7 @@ def _campaign_doc(draw: st.DrawFn) -> dict:
     spec = {"fault": name, "rank": draw(st.sampled_from([0, 1])), "step": draw(st.sampled_from([2, 5, 9, 1])),
             "params": params, "vary": vary}
     point = draw(st.sampled_from([None, None, "before_forward", "after_backward", "after_allreduce",
-                                  "after_optimizer_step"]))
+                                  "after_optimizer_step", "all_gather", "reduce_scatter"]))
     if point:
         spec["point"] = point
     return {"name": "fuzz", "workload": {"ranks": 2, "steps": 12, "batch_size": B, "seq_len": T},
@@ -650,6 +654,8 @@ def _runs_in_a_real_rank(fault_name: str, spec: dict, p) -> bool:
     model (not from model_shapes): the target is at hand, the tensor exists, the element is there."""
     real = _real_tiny()
     point = spec.get("point") or TARGET_POINTS[p.target]
+    if point in COLLECTIVE_POINTS:  # a DDP workload has no all-gather or reduce-scatter to act in
+        return False
     if p.target in TARGET_AT and point not in TARGET_AT[p.target]:
         return False
     if p.target == "optimizer_state" and point != "after_optimizer_step" and spec["step"] == 0:
