@@ -197,6 +197,21 @@ def summary_of(out: Path) -> dict:
     return json.loads((run_dir_of(out) / "summary.json").read_text())
 
 
+def wait_for_steps(out: Path, proc: subprocess.Popen, steps: int = 6, timeout: float = 300) -> str:
+    """Wait until the faulted run under `out` (not its golden run) has completed `steps` steps; its run id."""
+    from burnin.core.events import read_events
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        dirs = [d for d in out.iterdir() if d.is_dir()] if out.exists() else []
+        if dirs and (dirs[0] / "events.jsonl").exists():
+            if sum(e["event"] == "step_done" for e in read_events(dirs[0] / "events.jsonl")) >= steps:
+                return dirs[0].name
+        time.sleep(0.1)
+    raise AssertionError("the run did not start training in time")
+
+
 def processes_of_run(run_id: str) -> list[int]:
     """Live (non-zombie) processes that carry this run id in their environment."""
     found = []

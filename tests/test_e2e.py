@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import burnin_cmd, long_run, processes_of_run, run_cli, run_dir_of, summary_of
+from conftest import burnin_cmd, long_run, processes_of_run, run_cli, run_dir_of, summary_of, wait_for_steps
 from prometheus_client.parser import text_string_to_metric_families
 
 from burnin.core.events import read_events
@@ -162,7 +162,7 @@ def _interrupt(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "runs"
     proc = subprocess.Popen(burnin_cmd("run", str(long_run(tmp_path)), "--out", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_id = _wait_for_steps(out, proc)
+    run_id = wait_for_steps(out, proc)
     assert processes_of_run(run_id), "ranks should be running"
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
@@ -181,7 +181,7 @@ def test_cleanup_after_supervisor_sigkill(tmp_path: Path) -> None:
     env.pop("BURNIN_POOL", None)
     proc = subprocess.Popen(burnin_cmd("run", str(long_run(tmp_path)), "--out", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    run_id = _wait_for_steps(out, proc)
+    run_id = wait_for_steps(out, proc)
     proc.kill()
     proc.communicate(timeout=30)
     left = processes_of_run(run_id)
@@ -205,7 +205,7 @@ def test_ranks_die_with_their_supervisor(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     proc = subprocess.Popen(burnin_cmd("run", str(long_run(tmp_path)), "--out", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_id = _wait_for_steps(out, proc)
+    run_id = wait_for_steps(out, proc)
     proc.kill()
     proc.communicate(timeout=30)
     deadline = time.time() + 10
@@ -219,20 +219,6 @@ def test_ranks_die_with_their_supervisor(tmp_path: Path) -> None:
     clean = run_cli("cleanup")
     assert clean.returncode == 0 and "removed memory snapshots" in clean.stdout, clean.stdout
     assert not [p for p, owner in snapshot.leftovers() if owner.get("run_id") == run_id]
-
-
-def _wait_for_steps(out: Path, proc: subprocess.Popen, timeout: float = 300) -> str:
-    """Wait until the faulted run (not the golden one) has completed a few steps; its run id."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        dirs = [d for d in out.iterdir() if d.is_dir()] if out.exists() else []
-        if dirs and (dirs[0] / "events.jsonl").exists():
-            events = read_events(dirs[0] / "events.jsonl")
-            if sum(1 for e in events if e["event"] == "step_done") >= 6:
-                return dirs[0].name
-        time.sleep(0.1)
-    raise AssertionError("the run did not start training in time")
 
 
 def _free_port() -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import burnin_cmd, long_run, processes_of_run, run_cli, run_dir_of, summary_of
+from conftest import burnin_cmd, long_run, processes_of_run, run_cli, run_dir_of, summary_of, wait_for_steps
 
 from burnin.core import procs
 from burnin.core.events import read_events
@@ -114,17 +114,7 @@ def test_a_pooled_rank_is_the_runs_own_and_dies_with_its_supervisor(server: Serv
     proc = subprocess.Popen(burnin_cmd("run", str(long_run(tmp_path)), "--out", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **server.env()})
-    deadline = time.time() + 300
-    run_id = None
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        dirs = [d for d in out.iterdir() if d.is_dir()] if out.exists() else []
-        if dirs and (dirs[0] / "events.jsonl").exists():
-            if sum(e["event"] == "step_done" for e in read_events(dirs[0] / "events.jsonl")) >= 2:
-                run_id = dirs[0].name
-                break
-        time.sleep(0.1)
-    assert run_id is not None, "the run did not start training"
+    run_id = wait_for_steps(out, proc, steps=2)
     # Found by its run id in /proc/PID/environ (as `burnin cleanup` finds ranks), in the run's directory,
     # and the server's child: its ranks and its spares.
     mine = processes_of_run(run_id)

@@ -71,6 +71,23 @@ def _send(sock: socket.socket, msg: dict[str, Any]) -> bool:
         return False
 
 
+def _receive(read: Callable[[], bytes]) -> bytes | None:
+    """One read of a non-blocking stream: its bytes, b"" at its end (or a broken one), None when nothing
+    is there yet."""
+    try:
+        return read()
+    except (BlockingIOError, InterruptedError):
+        return None
+    except (OSError, socket.timeout):
+        return b""
+
+
+def _lines(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The whole lines of `buf`, and what follows the last newline (the start of the next line)."""
+    *lines, rest = buf.split(b"\n")
+    return lines, rest
+
+
 # -- the run's side ------------------------------------------------------------------------------------
 
 
@@ -120,12 +137,9 @@ class PoolLink:
 
     def _read(self, block: bool) -> dict[str, Any] | None:
         while b"\n" not in self._buf:
-            try:
-                chunk = self.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
+            chunk = _receive(lambda: self.sock.recv(65536))
+            if chunk is None:
                 return None
-            except (OSError, socket.timeout):
-                chunk = b""
             if not chunk:
                 self.closed = True
                 return None
@@ -262,18 +276,14 @@ class _Server:
                 z.waiting.clear()
 
     def zygote_output(self, z: _Zygote) -> None:
-        try:
-            chunk = os.read(z.proc.stdout.fileno(), 65536)
-        except BlockingIOError:
+        chunk = _receive(lambda: os.read(z.proc.stdout.fileno(), 65536))
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:
             self.sel.unregister(z.proc.stdout)
             return
-        z.out += chunk
-        while b"\n" in z.out:
-            line, z.out = z.out.split(b"\n", 1)
+        lines, z.out = _lines(z.out + chunk)
+        for line in lines:
             try:
                 msg = json.loads(line)
                 pid, tag = int(msg["pid"]), str(msg["tag"])
@@ -301,18 +311,14 @@ class _Server:
         self.sel.register(sock, selectors.EVENT_READ, ("client", c))
 
     def client_input(self, c: _Client) -> None:
-        try:
-            chunk = c.sock.recv(65536)
-        except BlockingIOError:
+        chunk = _receive(lambda: c.sock.recv(65536))
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:
             self.drop(c)
             return
-        c.buf += chunk
-        while b"\n" in c.buf:
-            line, c.buf = c.buf.split(b"\n", 1)
+        lines, c.buf = _lines(c.buf + chunk)
+        for line in lines:
             try:
                 msg = json.loads(line)
             except ValueError:
