@@ -212,7 +212,8 @@ class Bitflip(_TensorCorruption):
     """Flip one bit of one element: the silent data corruption of a bad DIMM, SRAM cell or link."""
 
     name = "corruption.bitflip"
-    summary = "flip one bit in a parameter, gradient, all-reduce payload, activation, optimizer state or batch"
+    summary = ("flip one bit in a parameter, gradient, all-reduce payload, activation, optimizer state or batch, "
+               "or in what a sharded collective sends or received")
     Params = BitflipParams
     disruptive = False
 
@@ -230,7 +231,8 @@ class NaN(_TensorCorruption):
     """Write NaN or Inf into one element: what an overflow or an uninitialised read leaves behind."""
 
     name = "corruption.nan"
-    summary = "write NaN or Inf into one element of a parameter, gradient, activation or optimizer state"
+    summary = ("write NaN or Inf into one element of a parameter, gradient, activation or optimizer state, or of "
+               "a sharded collective's buffer")
     Params = NaNParams
     disruptive = False
 

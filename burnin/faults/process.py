@@ -59,7 +59,7 @@ class Exception_(Fault):
     """Raise inside the training step, as a software bug would."""
 
     name = "process.exception"
-    summary = "raise an exception inside a rank's step"
+    summary = "raise an exception inside a rank's step, or inside a sharded collective"
     where = "in_rank"
     points = ("before_forward", "after_optimizer_step", "between_steps") + COLLECTIVE_POINTS
     effects = ("exception",)
@@ -80,7 +80,7 @@ class Straggler(Fault):
     collective point, every call of that collective in the steps it spans is delayed: a slow collective."""
 
     name = "process.straggler"
-    summary = "slow a rank down by a delay per step (a straggler)"
+    summary = "slow a rank down by a delay per step (a straggler), or each call of a sharded collective"
     where = "in_rank"
     points = ("before_forward",) + tuple(p for p in STEP_POINTS if p != "before_forward") + COLLECTIVE_POINTS
     Params = StragglerParams
