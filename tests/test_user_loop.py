@@ -111,3 +111,25 @@ def test_a_bad_entry_is_a_one_line_error(tmp_path: Path, body: str, message: str
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fault_the_loops_model_cannot_take_is_a_one_line_error_without_restarts(tmp_path: Path) -> None:
+    """A fault inside a sharded model's collectives, on a loop whose model is DDP: only a rank can see that
+    (burnin does not know a loop's model before it attaches). The rank says so, the supervisor does not
+    restart what would fail the same way again, and the command ends with one line and exit status 2;
+    the run directory keeps what happened."""
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: no-collectives\nworkload: {{entry: {EXAMPLE / 'train.py'}, args: ['--steps', '6'], "
+                    "ranks: 2, steps: 6}\n"
+                    "faults:\n  - {fault: process.kill, rank: 1, step: 3, point: reduce_scatter}\n")
+    assert run_cli("validate", str(path)).returncode == 0  # the loop's model is unknown at load time
+    out = tmp_path / "out"
+    proc = run_cli("run", str(path), "--out", str(out))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = ("faults[0] process.kill at point reduce_scatter: this loop's model has no FSDP2 collectives to act in")
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("burnin: error:")]  # (progress goes there too)
+    assert len(errors) == 1 and line in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    events = [json.loads(x) for x in (run_dir_of(out) / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["event"] == "restart"]
+    (abandoned,) = [e for e in events if e["event"] == "recovery_abandoned"]
+    assert line in abandoned["reason"]

@@ -69,7 +69,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     key = golden_key(scenario)
     golden: GoldenRecord | None = None
-    error = None
+    error = usage = None
     pool = None
     try:
         if on_event:
@@ -84,7 +84,9 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
         if on_event:
             on_event({"event": "golden_ready", "key": key, "cached": cached, "wall_s": golden.wall_s,
                       "t": time.time()})
-        Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric, pool=pool).run()
+        supervisor = Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric, pool=pool)
+        supervisor.run()
+        usage = supervisor.usage_error
     except (KeyboardInterrupt, _Terminated) as exc:
         if pool is not None:
             pool.close()
@@ -107,6 +109,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
         metrics.stop(linger_s=metrics_linger_s)
     except KeyboardInterrupt:  # the run is over and reported: Ctrl-C only cuts the linger short
         metrics.stop()
+    if usage is not None:  # bad input only a rank could see (a loop's own model): one line, exit 2
+        raise UserError(f"{scenario.workload.entry or scenario.name}: {usage} (run directory {run_dir})")
     return result
 
 

@@ -119,6 +119,9 @@ class Supervisor:
     _fired_now: dict[int, float] = field(init=False, default_factory=dict)  # this attempt: fault -> time
     _detections: list[dict[str, Any]] = field(init=False, default_factory=list)  # this attempt's findings
     _fault_errors: list[dict[str, Any]] = field(init=False, default_factory=list)
+    #: A rank said the loop or the scenario misuses burnin (a UserError: a fault at a point the loop's model
+    #: does not have, asynchronous saves of a model that is not sharded): a restart would say it again.
+    usage_error: str | None = field(init=False, default=None)
     _tails: dict[int, Tail] = field(init=False, default_factory=dict)
     _actions: list[_Action] = field(init=False, default_factory=list)
     _pool: SparePool | None = field(init=False, default=None)
@@ -169,6 +172,9 @@ class Supervisor:
                     finished = True
                     break
                 if evidence is not None and evidence.detector == "run_timeout":
+                    break
+                if self.usage_error is not None:
+                    self._emit("recovery_abandoned", reason=f"bad input, found by a rank: {self.usage_error}")
                     break
                 if self._fault_errors:  # a harness error: restarting would only hide it
                     self._emit("recovery_abandoned", reason="a fault could not be applied",
@@ -378,6 +384,8 @@ class Supervisor:
             r.finished = True
         elif kind == "rank_error":
             r.error = ev
+            if ev.get("error_type") == "UserError" and self.usage_error is None:
+                self.usage_error = str(ev.get("message", "")).splitlines()[0] if ev.get("message") else "UserError"
         elif kind == "fault_injected":
             self._injected(ev)
         elif kind == "fault_error":
