@@ -57,9 +57,10 @@ def test_a_checkpoint_inside_an_epoch_is_refused_in_one_line(tmp_path: Path) -> 
         "workload: {entry: train.py, args: ['--steps', '8', '--epoch-steps', '4'], ranks: 2, steps: 8, threads: 1}\n"
         "checkpoint: {every: 3}\n")
     proc = run_cli("run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    said = [line for line in proc.stdout.splitlines() if "checkpoint.every: 3" in line]
-    assert len(said) == 1, proc.stdout
+    # bad input that only the rank can see (the loop's epochs): one line, exit status 2
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    said = [line for line in proc.stderr.splitlines() if line.startswith("burnin: error:")]
+    assert len(said) == 1 and "checkpoint.every: 3" in said[0], proc.stderr
     assert "puts a checkpoint at step 3, inside an epoch of 4 steps" in said[0]
     assert "make checkpoint.every a multiple of the steps of an epoch" in said[0]
 

@@ -89,8 +89,10 @@ def test_a_loop_that_never_reports_its_loss_fails_with_a_clear_error(tmp_path: P
         "    opt.zero_grad(); loss.backward(); opt.step()\n")
     (tmp_path / "s.yaml").write_text("name: forgot\nworkload: {entry: loop.py, ranks: 2, steps: 3}\n")
     proc = run_cli("run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 1
-    assert "step 0 ended without session.step_done(loss)" in proc.stdout + proc.stderr
+    # a misuse of the rank API, found by the golden run's rank: bad input, one line, exit 2
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("burnin: error:")]
+    assert len(errors) == 1 and "step 0 ended without session.step_done(loss)" in errors[0], proc.stderr
 
 
 @pytest.mark.parametrize("body, message", [

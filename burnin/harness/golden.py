@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator
 
 from burnin.core.events import read_events
 from burnin.core.procs import alive, process_start_time
-from burnin.errors import HarnessError
+from burnin.errors import HarnessError, UserError
 from burnin.harness.supervisor import Supervisor
 from burnin.reports.history import cpu_model
 from burnin.scenarios.schema import Debug, Expect, Scenario
@@ -209,6 +209,9 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
                          pool=pool)
         if not sup.run():
             failed = True
+            if sup.usage_error is not None:  # bad input a rank found (a loop's misuse of burnin): one line, exit 2
+                raise UserError(f"{scenario.workload.entry or scenario.name}: {sup.usage_error} (in the golden run: "
+                                f"{run_dir}/ranks/)")
             raise HarnessError(f"the golden (fault-free) run failed{_why(run_dir)}; see {run_dir}/events.jsonl and "
                                f"{run_dir}/ranks/")
         record = record_from_events(read_events(run_dir / "events.jsonl"), key)

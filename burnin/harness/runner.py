@@ -86,7 +86,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
                       "t": time.time()})
         supervisor = Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric, pool=pool)
         supervisor.run()
-        usage = supervisor.usage_error
+        if supervisor.usage_error is not None:
+            usage = f"{scenario.workload.entry or scenario.name}: {supervisor.usage_error} (run directory {run_dir})"
     except (KeyboardInterrupt, _Terminated) as exc:
         if pool is not None:
             pool.close()
@@ -98,6 +99,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
         raise KeyboardInterrupt(error) from None
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, UserError):  # the golden run's rank found bad input
+            usage = str(exc)
     finally:
         if pool is not None:
             pool.close()
@@ -110,7 +113,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     except KeyboardInterrupt:  # the run is over and reported: Ctrl-C only cuts the linger short
         metrics.stop()
     if usage is not None:  # bad input only a rank could see (a loop's own model): one line, exit 2
-        raise UserError(f"{scenario.workload.entry or scenario.name}: {usage} (run directory {run_dir})")
+        raise UserError(usage)
     return result
 
 
