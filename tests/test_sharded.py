@@ -94,26 +94,32 @@ def test_validate_refuses_a_bad_mesh_with_exit_2(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1 and "mesh.yaml:2: workload.parallel.dp_shard" in proc.stderr, proc.stderr
 
 
+def _run(tmp_path: Path, text: str) -> tuple[dict, Path]:
+    """Run the scenario `text` with the real CLI, which must exit 0; its summary and run directory."""
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text(text)
+    out = tmp_path / "runs"
+    proc = run_cli("run", str(scenario), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return summary_of(out), run_dir_of(out)
+
+
 @pytest.mark.slow
 def test_fsdp_ranks_killed_and_raising_resume_from_their_own_shards_in_memory(tmp_path: Path) -> None:
     """Pure FSDP2 (no replica): each rank's snapshot holds its own shards, and a restarted group puts
     every shard back where it was: nothing lost, exact."""
-    scenario = tmp_path / "fsdp.yaml"
     # (nonfinite: its gradient norm of DTensors all-reduces over the mesh; a spare that primed its first
     # optimizer step must do that over the real mesh's groups)
-    scenario.write_text("name: fsdp\nworkload: {ranks: 2, steps: 10, parallel: {dp_shard: 2}}\n"
-                        "detectors: {nonfinite: {}}\n"
-                        "faults:\n  - {fault: process.kill, rank: 1, step: 3, expect: recovered}\n"
-                        "  - {fault: process.exception, rank: 0, step: 6, point: before_forward, expect: recovered}\n"
-                        "  - {fault: process.hang, rank: 1, step: 8, point: all_gather, expect: recovered}\n")
-    out = tmp_path / "runs"
-    proc = run_cli("run", str(scenario), "--out", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    s = summary_of(out)
+    s, run_dir = _run(tmp_path, "name: fsdp\nworkload: {ranks: 2, steps: 10, parallel: {dp_shard: 2}}\n"
+                                "detectors: {nonfinite: {}}\n"
+                                "faults:\n  - {fault: process.kill, rank: 1, step: 3, expect: recovered}\n"
+                                "  - {fault: process.exception, rank: 0, step: 6, point: before_forward, "
+                                "expect: recovered}\n"
+                                "  - {fault: process.hang, rank: 1, step: 8, point: all_gather, expect: recovered}\n")
     assert s["exact"] and [(f["outcome"], f["lost_steps"]) for f in s["faults"]] == [("recovered", 0)] * 3, s["faults"]
     # a rank stopped inside an all-gather, its peer waiting in it: the heartbeat finds it
     assert (s["faults"][2]["point"], s["faults"][2]["detected_by"]) == ("all_gather", "heartbeat"), s["faults"][2]
-    events = read_events(run_dir_of(out) / "events.jsonl")
+    events = read_events(run_dir / "events.jsonl")
     resumed = [e for e in events if e["event"] == "resumed" and e.get("attempt", 0) > 0]
     assert len(resumed) == 6 and all(e["tier"] == "memory" for e in resumed), resumed
 
@@ -233,18 +239,13 @@ def test_a_flip_in_what_one_rank_gathered_is_caught_by_the_gather_hash_and_a_nan
     from burnin.faults.corruption import unit_buffers
 
     last = unit_buffers("tiny", 32, 2)["blocks.0"] * 2 - 1  # the last element of blocks.0's gathered buffer
-    scenario = tmp_path / "gather.yaml"
-    scenario.write_text(
+    s, run_dir = _run(tmp_path, (
         "name: gather\nworkload: {ranks: 2, steps: 8, parallel: {dp_shard: 2}}\ncheckpoint: {every: 2}\n"
         "detectors: {gather_hash: {}, nonfinite: {}}\nrecovery: {mode: rollback}\nfaults:\n"
         f"  - {{fault: corruption.bitflip, rank: 0, step: 3, params: {{target: all_gather_output, tensor: blocks.0, "
         f"index: {last}, bit: 30}}, expect: recovered}}\n"
         "  - {fault: corruption.nan, rank: 1, step: 5, params: {target: reduce_scatter_input, tensor: root, seed: 2}, "
-        "expect: recovered}\n")
-    out = tmp_path / "runs"
-    proc = run_cli("run", str(scenario), "--out", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    s = summary_of(out)
+        "expect: recovered}\n"))
     outcomes = [(f["point"], f["outcome"], f["detected_by"]) for f in s["faults"]]
     assert s["exact"] and outcomes == [("all_gather", "recovered", "gather_hash"),
                                        ("reduce_scatter", "recovered", "nonfinite")], outcomes
@@ -253,7 +254,7 @@ def test_a_flip_in_what_one_rank_gathered_is_caught_by_the_gather_hash_and_a_nan
     block0 = [n for n in parameter_shapes("tiny", 32) if n.startswith("blocks.0.")]
     assert (flip["chunk_of_rank"], flip["parameter"], flip["group"]) == (1, block0[-1], "shard"), flip
     assert flip["detection_latency_steps"] == 0
-    events = read_events(run_dir_of(out) / "events.jsonl")
+    events = read_events(run_dir / "events.jsonl")
     (found,) = [e for e in events if e["event"] == "detection" and e["detector"] == "gather_hash"]
     assert found["step"] == 3 and found["details"]["calls"][0]["unit"] == "blocks.0", found
     assert processes_of_run(s["run_id"]) == []
@@ -268,18 +269,12 @@ def test_a_save_killed_midway_never_commits_and_the_one_before_is_loaded(tmp_pat
     refused it and loads the one before; `keep: 1` never leaves no committed checkpoint; the run ends exact."""
     async_save = kind == "fsdp-async"
     parallel = ", parallel: {dp_shard: 2}" if kind != "ddp" else ""
-    scenario = tmp_path / "crash.yaml"
-    scenario.write_text(
+    s, run_dir = _run(tmp_path, (
         f"name: save-crash\nworkload: {{ranks: 2, steps: 16{parallel}}}\n"
         f"checkpoint: {{every: 4, keep: 1, memory_every: 0, async_save: {str(async_save).lower()}}}\n"
         "faults:\n  - {fault: storage.save_crash, rank: 1, step: 6, params: {phase: write}, expect: recovered}\n"
-        "  - {fault: storage.save_crash, rank: 0, step: 10, params: {phase: commit}, expect: recovered}\n")
-    out = tmp_path / "runs"
-    proc = run_cli("run", str(scenario), "--out", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    s = summary_of(out)
+        "  - {fault: storage.save_crash, rank: 0, step: 10, params: {phase: commit}, expect: recovered}\n"))
     assert s["exact"] and [f["outcome"] for f in s["faults"]] == ["recovered"] * 2, s["faults"]
-    run_dir = run_dir_of(out)
     events = read_events(run_dir / "events.jsonl")
     saved = [e for e in events if e["event"] == "checkpoint_saved"]
     assert all(bool(e.get("asynchronous")) == async_save for e in saved), saved

@@ -311,10 +311,7 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
         sizes, what = lay.params, "parameter"
     if target != "batch" and p.tensor is not None:
         if p.tensor not in sizes:
-            text = p.tensor
-            close = get_close_matches(text, list(sizes), n=1, cutoff=0.6) if len(text) <= 200 else []
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            shown = text if len(text) <= 60 else text[:57] + "..."
+            shown, hint = _unknown(p.tensor, sizes)
             examples = ", ".join(list(sizes)[:4])
             return ("tensor",), (f"the {model} model has no {what} {shown!r} for target {target}; {hint}"
                                  f"({len(sizes)} {what}s: {examples}, ...)")
@@ -362,10 +359,7 @@ def _collective_problem(p: BaseModel, at: str, model: str, seq_len: int,
     sizes = {u: n * shards if chunked else n for u, n in units.items()}
     if p.tensor is not None:
         if p.tensor not in sizes:
-            text = p.tensor
-            close = get_close_matches(text, list(sizes), n=1, cutoff=0.6) if len(text) <= 200 else []
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            shown = text if len(text) <= 60 else text[:57] + "..."
+            shown, hint = _unknown(p.tensor, sizes)
             return ("tensor",), (f"the {model} model has no FSDP unit {shown!r} for target {target}; {hint}"
                                  f"(its units: {', '.join(sizes)})")
         sizes = {p.tensor: sizes[p.tensor]}
@@ -377,6 +371,12 @@ def _collective_problem(p: BaseModel, at: str, model: str, seq_len: int,
     what = f"unit {name}" if len(sizes) == 1 else f"some units a drawn one may be (the smallest, {name})"
     return ("index", "tensor"), (f"index {_num(p.index)} is past the end of the {target} buffer of {what}: "
                                  f"{n} elements (indices 0..{n - 1}) on {shards} shards")
+
+
+def _unknown(text: str, names: dict[str, int]) -> tuple[str, str]:
+    """A name that is not among `names`, as an error shows it (cut when long), and a "did you mean" hint."""
+    close = get_close_matches(text, list(names), n=1, cutoff=0.6) if len(text) <= 200 else []
+    return (text if len(text) <= 60 else text[:57] + "..."), (f"did you mean {close[0]!r}? " if close else "")
 
 
 def unit_buffers(model: str, seq_len: int, shards: int) -> dict[str, int]:

@@ -189,14 +189,13 @@ class Session:
         """A sharded model's all-gathers and reduce-scatters (and HSDP's all-reduce) fire the collective
         points (golden runs too: faulted and fault-free runs communicate the same way). A fault at such a
         point of a model that has no such collective is refused here, before the first step."""
-        units: list[str] = []
-        hsdp = False
+        units: dict[str, bool] = {}  # each hooked FSDP2 unit: whether it is HSDP
         if self.sharded:
-            from burnin.rank.sharding import hook_collectives, replica_groups  # lazy: torch; `import burnin.rank` stays torch-free
+            from burnin.rank.sharding import hook_collectives  # lazy: torch; `import burnin.rank` stays torch-free
 
             gather = self.guard.gather
             units = hook_collectives(self.model, self.point, self.armed, gather.observe if gather is not None else None)
-            hsdp = any(len(g) > 1 for g in replica_groups(self.model, self.ctx.world_size))
+        hsdp = any(units.values())
         if self.guard.gather is not None and not units:
             raise UserError("detectors.gather_hash: this loop's model has no FSDP2 all-gathers to compare (it is not "
                             "sharded with fully_shard); drop gather_hash, or use fingerprint, checksum or recompute")

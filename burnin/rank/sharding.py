@@ -253,7 +253,7 @@ class _Call:
 
 
 def hook_collectives(model: Any, fire: Callable[..., None], armed: Callable[[str], bool],
-                     observe: Callable[[str, Any], None] | None = None) -> list[str]:
+                     observe: Callable[[str, Any], None] | None = None) -> dict[str, bool]:
     """Route every FSDP2 unit's parameter all-gather and gradient reduce-scatter through burnin, and on HSDP
     its all-reduce across replicas, so the points of `burnin.faults.base.COLLECTIVE_POINTS` fire at each
     call: `fire(point, collective=call)` on the way in (the rank has not entered the collective; its peers
@@ -263,92 +263,104 @@ def hook_collectives(model: Any, fire: Callable[..., None], armed: Callable[[str
     (its default, or one the loop set) is called, so runs with and without faults reduce the same way.
     FSDP2's public hooks (`set_custom_all_gather`, `set_custom_reduce_scatter`, `set_all_reduce_hook`)
     reach these calls; a process-group backend of our own would not (see docs/architecture.md). Returns
-    the names of the units."""
-    units = fsdp_units(model)
-    for name, unit in units.items():
+    each hooked unit's name and whether it is HSDP (has replicas to all-reduce across)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import (  # lazy: torch, FSDP2
+        DefaultAllGather, DefaultReduceScatter)
+
+    hooks = _Hooks(model, fire, armed, observe)
+    hooked: dict[str, bool] = {}
+    for name, unit in fsdp_units(model).items():
         groups = getattr(unit._get_fsdp_state(), "_fsdp_param_groups", None) or []
         if len(groups) != 1:  # no parameters of its own (nothing to gather), or per-parameter meshes
             continue
         group = groups[0]
         params = [p for _, p in unit.named_parameters() if isinstance(p, DTensor)]
-        hsdp = bool(params) and any(pl.is_replicate() for pl in params[0].placements)
-        unit.set_custom_all_gather(_AllGather(model, name, getattr(group, "_all_gather_comm", None), fire, armed,
-                                              observe))
-        unit.set_custom_reduce_scatter(_ReduceScatter(model, name, getattr(group, "_reduce_scatter_comm", None), fire,
-                                                      armed, hsdp))
+        hsdp = hooked[name] = bool(params) and any(pl.is_replicate() for pl in params[0].placements)
+        unit.set_custom_all_gather(_AllGather(name, getattr(group, "_all_gather_comm", None) or DefaultAllGather(),
+                                              hooks))
+        unit.set_custom_reduce_scatter(_ReduceScatter(
+            name, getattr(group, "_reduce_scatter_comm", None) or DefaultReduceScatter(), hooks, hsdp))
         if hsdp:
-            unit.set_all_reduce_hook(_replica_hook(model, name, getattr(group, "_all_reduce_hook", None), fire, armed))
-    return list(units)
+            unit.set_all_reduce_hook(_replica_hook(name, getattr(group, "_all_reduce_hook", None), hooks))
+    return hooked
 
 
-def _size(group: Any) -> int:
-    return group.size() if group is not None else 1
+class _Hooks:
+    """What every hooked collective of a model calls: its points (`fire`, `armed`) and, for all-gathers,
+    the gather_hash detector (`observe`)."""
 
-
-class _AllGather:
-    """FSDP2's all-gather of one unit, with burnin's points around it (`allocate` and the call delegate
-    to the unit's own comm, FSDP2's default when it has none)."""
-
-    def __init__(self, model: Any, unit: str, inner: Any, fire: Callable[..., None], armed: Callable[[str], bool],
+    def __init__(self, model: Any, fire: Callable[..., None], armed: Callable[[str], bool],
                  observe: Callable[[str, Any], None] | None):
-        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather  # lazy: torch, FSDP2
+        self.model, self.fire, self.armed, self.observe = model, fire, armed, observe
 
-        self.model, self.unit, self.inner, self.fire, self.armed = model, unit, inner or DefaultAllGather(), fire, armed
-        self.observe = observe
+    def call(self, unit: str, input: Any, output: Any, group: Any = None) -> _Call:
+        """The call as a fault sees it; `group` None: HSDP's replicate group (its buffer is not chunked)."""
+        if group is None:
+            return _Call(unit, input, output, "replicate", 1, self.model)
+        return _Call(unit, input, output, "shard", group.size(), self.model)
+
+
+class _Comm:
+    """FSDP2's comm of one unit with burnin's points around it: memory and the call itself are the unit's
+    own comm's (`inner`: FSDP2's default when the loop set none)."""
+
+    def __init__(self, unit: str, inner: Any, hooks: _Hooks):
+        self.unit, self.inner, self.hooks = unit, inner, hooks
 
     def allocate(self, size: Any, *, dtype: Any, device: Any) -> Any:
         return self.inner.allocate(size, dtype=dtype, device=device)
+
+    def _done(self, work: Any, point: str, wait: bool = False) -> bool:
+        """After the call: whether a fault waits at `point` (`<collective>.out`); the call is waited for
+        first when one does, or when `wait`."""
+        out = self.hooks.armed(point)
+        if (out or wait) and work is not None:
+            work.wait()
+        return out
+
+
+class _AllGather(_Comm):
+    """FSDP2's all-gather of one unit: `all_gather` on the way in, `all_gather.out` and the gather_hash's
+    observation once the rank has what it received."""
 
     def __call__(self, output_tensor: Any, input_tensor: Any, group: Any, async_op: bool = False) -> Any:
-        call = _Call(self.unit, input_tensor, output_tensor, "shard", _size(group), self.model)
-        self.fire("all_gather", collective=call)
+        h = self.hooks
+        call = h.call(self.unit, input_tensor, output_tensor, group)
+        h.fire("all_gather", collective=call)
         work = self.inner(output_tensor, input_tensor, group, async_op)
-        out = self.armed("all_gather.out")
-        if (out or self.observe is not None) and work is not None:
-            work.wait()
-        if out:
-            self.fire("all_gather.out", collective=call)
-        if self.observe is not None:  # after a fault there: what the rank received, as it uses it
-            self.observe(self.unit, output_tensor)
+        if self._done(work, "all_gather.out", wait=h.observe is not None):
+            h.fire("all_gather.out", collective=call)
+        if h.observe is not None:  # after a fault there: what the rank received, as it uses it
+            h.observe(self.unit, output_tensor)
         return work
 
 
-class _ReduceScatter:
-    """FSDP2's reduce-scatter of one unit, with burnin's points around it; on HSDP, the point of the
-    all-reduce across replicas that FSDP2 starts next, on the way in."""
+class _ReduceScatter(_Comm):
+    """FSDP2's reduce-scatter of one unit: `reduce_scatter` on the way in, `reduce_scatter.out` once done;
+    on HSDP then `replica_all_reduce`, on the way into the all-reduce across replicas FSDP2 starts next."""
 
-    def __init__(self, model: Any, unit: str, inner: Any, fire: Callable[..., None], armed: Callable[[str], bool],
-                 hsdp: bool):
-        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter  # lazy: torch, FSDP2
-
-        self.model, self.unit, self.inner, self.fire, self.armed = model, unit, inner or DefaultReduceScatter(), fire, armed
+    def __init__(self, unit: str, inner: Any, hooks: _Hooks, hsdp: bool):
+        super().__init__(unit, inner, hooks)
         self.hsdp = hsdp
 
-    def allocate(self, size: Any, *, dtype: Any, device: Any) -> Any:
-        return self.inner.allocate(size, dtype=dtype, device=device)
-
     def __call__(self, output_tensor: Any, input_tensor: Any, group: Any, op: Any, async_op: bool = False) -> Any:
-        call = _Call(self.unit, input_tensor, output_tensor, "shard", _size(group), self.model)
-        self.fire("reduce_scatter", collective=call)
+        h = self.hooks
+        call = h.call(self.unit, input_tensor, output_tensor, group)
+        h.fire("reduce_scatter", collective=call)
         work = self.inner(output_tensor, input_tensor, group, op, async_op)
-        out = self.armed("reduce_scatter.out")
-        if out or self.hsdp:
-            if work is not None:
-                work.wait()
-        if out:
-            self.fire("reduce_scatter.out", collective=call)
-        if self.hsdp:  # FSDP2 all-reduces this output across the replicas next
-            self.fire("replica_all_reduce", collective=_Call(self.unit, output_tensor, output_tensor, "replicate", 1,
-                                                                    self.model))
+        if self._done(work, "reduce_scatter.out", wait=self.hsdp):
+            h.fire("reduce_scatter.out", collective=call)
+        if self.hsdp:
+            h.fire("replica_all_reduce", collective=h.call(self.unit, output_tensor, output_tensor))
         return work
 
 
-def _replica_hook(model: Any, unit: str, inner: Any, fire: Callable[..., None], armed: Callable[[str], bool]) -> Any:
+def _replica_hook(unit: str, inner: Any, hooks: _Hooks) -> Any:
     """HSDP's all-reduce hook of one unit: the `replica_all_reduce.out` point on the all-reduced gradient
     shard, then the loop's own hook, if it set one."""
     def hook(output: Any) -> None:
-        if armed("replica_all_reduce.out"):
-            fire("replica_all_reduce.out", collective=_Call(unit, output, output, "replicate", 1, model))
+        if hooks.armed("replica_all_reduce.out"):
+            hooks.fire("replica_all_reduce.out", collective=hooks.call(unit, output, output))
         if inner is not None:
             inner(output)
     return hook
