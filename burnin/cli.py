@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="push the final metrics to this Prometheus Pushgateway (http or https URL), grouped by "
                           "job=\"burnin\", scenario and instance")
     run.add_argument("--push-instance", metavar="NAME", help="the `instance` of the push (default: the host name)")
+    run.add_argument("--resume-from", metavar="PATH",
+                     help="start from another run's checkpoint (its run directory: the newest that verifies; or "
+                          "RUN/checkpoints/step_N), also one written on another world size or mesh (DCP reshards; "
+                          "judged in tolerance mode, saying why)")
     run.add_argument("--refresh-golden", action="store_true", help="recompute the golden run even if cached")
     run.add_argument("--isolate-network", action="store_const", const=True, default=None,
                      help="run each rank in its own network namespace (sets network.isolate; needs root)")
@@ -220,6 +224,11 @@ def _prepare_run(args: argparse.Namespace) -> Any:
     preflight.check_out_dir(args.out)
     if args.metrics_port is not None:
         preflight.check_metrics_endpoint(args.metrics_port, args.metrics_addr)
+    args.source = None
+    if getattr(args, "resume_from", None) is not None:
+        from burnin.harness.resume_from import resolve
+
+        scenario, args.source = resolve(args.resume_from, scenario)
     return scenario
 
 
@@ -236,7 +245,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         result = run_scenario(scenario, args.out, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                               on_event=progress.on_event, refresh_golden=args.refresh_golden,
                               metrics_linger_s=args.metrics_linger, metrics_textfile=args.metrics_textfile,
-                              pushgateway=args.pushgateway, push_instance=args.push_instance, history=args.history)
+                              pushgateway=args.pushgateway, push_instance=args.push_instance, history=args.history,
+                              resume_from=args.source)
     if sys.stdout.isatty():
         from rich.console import Console
 

@@ -23,8 +23,25 @@ BAD = [
     ("replicas that do not divide the ranks", "workload: {ranks: 4, parallel: {dp_replicate: 3}}\n",
      "workload.parallel.dp_replicate: dp_replicate=3 x tp=1 does not divide workload.ranks=4"),
     ("no shards", "workload: {ranks: 4, parallel: {dp_shard: 0}}\n", "workload.parallel.dp_shard: dp_shard is"),
-    ("tensor parallel", "workload: {ranks: 4, parallel: {tp: 2}}\n",
-     "workload.parallel.tp: tensor parallelism is not built yet"),
+    ("tensor parallel that splits a head", "workload: {ranks: 3, parallel: {tp: 3}}\n",
+     "workload.parallel.tp: tp=3 does not divide the tiny model's 4 attention heads"),
+    ("a tensor-parallel point without tensor parallelism",
+     "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
+     "  - {fault: process.kill, rank: 1, step: 2, point: tp_all_reduce}\n",
+     "faults.0.point: point tp_all_reduce is a tensor-parallel layer's all-reduce, and this workload has no tensor "
+     "parallelism"),
+    ("a layer with no tensor-parallel all-reduce",
+     "workload: {ranks: 4, parallel: {dp_shard: 2, tp: 2}}\nfaults:\n"
+     "  - {fault: corruption.bitflip, rank: 1, step: 2, params: {target: tp_all_reduce_output, "
+     "tensor: blocks.0.attn.c_attn}}\n",
+     "the tiny model has no tensor-parallel layer with an all-reduce 'blocks.0.attn.c_attn' for target "
+     "tp_all_reduce_output; did you mean 'blocks.0.attn.c_proj'?"),
+    ("an index past a rank's tensor-parallel shard",
+     "workload: {ranks: 4, parallel: {dp_shard: 2, tp: 2}}\nfaults:\n"
+     "  - {fault: corruption.bitflip, rank: 3, step: 2, params: {target: param, tensor: blocks.0.attn.c_attn.weight, "
+     "index: 12288}}\n",
+     "index 12288 is past the end of the target rank's shard 1 (of 2) of tensor-parallel part 1 (of 2) of "
+     "blocks.0.attn.c_attn.weight (12288 elements"),
     ("a fingerprint with no replica", "workload: {ranks: 2, parallel: {dp_shard: 2}}\ndetectors: {fingerprint: {}}\n",
      "detectors.fingerprint: the fingerprint compares replicas of a shard"),
     ("a DDP bucket fault on shards",
@@ -34,7 +51,7 @@ BAD = [
     ("an index past the target rank's shard",
      "workload: {ranks: 4, parallel: {dp_shard: 4}}\nfaults:\n"
      "  - {fault: corruption.bitflip, rank: 3, step: 2, params: {target: param, tensor: wpe.weight, index: 5000}}\n",
-     "index 5000 is past the end of rank 3's shard (of 4) of wpe.weight (1024 elements"),
+     "index 5000 is past the end of the target rank's shard 3 (of 4) of wpe.weight (1024 elements"),
     ("an unknown sharded tensor",
      "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
      "  - {fault: corruption.bitflip, rank: 1, step: 2, params: {target: param, tensor: blocks.9.attn.c_attn.weight}}\n",
@@ -60,7 +77,7 @@ BAD = [
      "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
      "  - {fault: corruption.bitflip, rank: 1, step: 2, params: {target: reduce_scatter_output, tensor: block.1}}\n",
      "the tiny model has no FSDP unit 'block.1' for target reduce_scatter_output; did you mean 'blocks.1'? "
-     "(its units: root, blocks.0, blocks.1)"),
+     "(its FSDP units: root, blocks.0, blocks.1)"),
     ("an index past a unit's gathered parameters",
      "workload: {ranks: 2, parallel: {dp_shard: 2}}\nfaults:\n"
      "  - {fault: corruption.bitflip, rank: 1, step: 2, params: {target: all_gather_output, tensor: blocks.0, "
@@ -157,6 +174,47 @@ def test_the_bundled_hsdp_scenario_recovers_every_fault_exactly(tmp_path: Path) 
     assert flip["parameter"].startswith("blocks.1.") and flip["bit_class"] == "exponent", flip
     assert 0 in found[1]["odd_ranks"] and set(found[1]["odd_ranks"]) <= {0, 2} and found[1]["step"] == 18, found
     assert s["faults"][6]["details"]["detection_latency_steps"] == 0
+    assert processes_of_run(s["run_id"]) == []
+
+
+@pytest.mark.slow
+def test_the_bundled_tensor_parallel_scenario_recovers_every_fault_exactly(tmp_path: Path) -> None:
+    """FSDP2 x tensor parallel on a 2 x 2 mesh: faults inside a tensor-parallel all-reduce and an all-gather,
+    flips in what a rank received from each (the fingerprint compares what a tensor-parallel group holds
+    alike; the gather hash, what a data-parallel group gathered), a damaged DCP shard: all exact."""
+    from burnin.core.model_shapes import parameter_shapes
+
+    proc = run_cli("run", "fsdp-tp", "--out", str(tmp_path), timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(tmp_path)
+    got = [(f["fault"], f["point"], f["outcome"], f["detected_by"]) for f in s["faults"]]
+    assert s["exact"] and got == [
+        ("process.kill", "tp_all_reduce", "recovered", "exit_signal"),
+        ("process.exception", "all_gather", "recovered", "rank_error"),
+        ("corruption.bitflip", "tp_all_reduce", "recovered", "fingerprint"),
+        ("corruption.bitflip", "all_gather", "recovered", "gather_hash"),
+        ("storage.checkpoint_corrupt", "between_steps", "recovered", "checkpoint_checksum"),
+        ("storage.snapshot_corrupt", "between_steps", "recovered", "snapshot_checksum"),
+        ("process.kill", "between_steps", "recovered", "exit_signal")], got
+    assert [f["lost_steps"] for f in s["faults"][:2]] == [0, 0]
+    # what rank 1 received from a tensor-parallel all-reduce: found in its step, rank 1 named with its partner
+    tp_flip = s["faults"][2]["details"]
+    assert (tp_flip["tensor"], tp_flip["group"], tp_flip["detection_latency_steps"]) == (
+        "blocks.1.mlp.c_proj", "tp", 0), tp_flip
+    events = read_events(run_dir_of(tmp_path) / "events.jsonl")
+    found = [e for e in events if e["event"] == "detection"]
+    assert found[0]["detector"] == "fingerprint" and {0, 1} <= set(found[0]["odd_ranks"]), found
+    # the last element of the buffer rank 2 gathered for blocks.0: validation's layout of a tensor-parallel
+    # rank's shards agrees with FSDP2's (rank 1's chunk of the unit's last parameter)
+    flip = s["faults"][3]["details"]
+    block0 = [n for n in parameter_shapes("tiny", 32) if n.startswith("blocks.0.")]
+    assert (flip["chunk_of_rank"], flip["parameter"], flip["detection_latency_steps"]) == (1, block0[-1], 0), flip
+    assert found[1]["detector"] == "gather_hash" and set(found[1]["odd_ranks"]) == {0, 2}, found
+    # DCP on disk: a shard of each rank; the damaged one refused and the checkpoint before loaded
+    newest = sorted((run_dir_of(tmp_path) / "checkpoints").iterdir())[-1]
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert sorted(n for n in manifest["files"] if n.endswith(".distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+    assert [e for e in events if e["event"] == "checkpoint_rejected"]
     assert processes_of_run(s["run_id"]) == []
 
 

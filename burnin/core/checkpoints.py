@@ -94,11 +94,13 @@ def verify(ckpt: Checkpoint, world_size: int | None = None) -> dict[str, Any]:
     return manifest
 
 
-def newest_valid(root: str | Path, world_size: int,
+def newest_valid(root: str | Path, world_size: int | None,
                  on_reject: Callable[[Checkpoint, str], None] | None = None,
-                 above: int | None = None) -> Checkpoint | None:
-    """The newest checkpoint that verifies; each one skipped on the way is reported to `on_reject`.
-    With `above`, only checkpoints of a later step are looked at (a newer state is at hand)."""
+                 above: int | None = None, foreign: tuple[int, int] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that verifies (written by `world_size` ranks, when given); each one skipped on
+    the way is reported to `on_reject`. With `above`, only checkpoints of a later step are looked at (a newer
+    state is at hand). `foreign` (step, ranks): another run's checkpoint this run started from, written by
+    that many ranks (`burnin run --resume-from`)."""
     for ckpt in reversed(listed(root)):
         if above is not None and ckpt.step <= above:
             break
@@ -107,7 +109,7 @@ def newest_valid(root: str | Path, world_size: int,
                 on_reject(ckpt, "not committed: no manifest (a save that did not finish)")
             continue
         try:
-            verify(ckpt, world_size)
+            verify(ckpt, foreign[1] if foreign is not None and ckpt.step == foreign[0] else world_size)
             return ckpt
         except CheckpointError as exc:
             if on_reject:

@@ -14,8 +14,8 @@ import functools
 import math
 from dataclasses import dataclass
 
-__all__ = ["PRESETS", "FLOAT_BITS", "TOKEN_BITS", "DDP_FIRST_BUCKET_BYTES", "Layout", "layout",
-           "parameter_shapes", "activation_numels"]
+__all__ = ["PRESETS", "FLOAT_BITS", "TOKEN_BITS", "DDP_FIRST_BUCKET_BYTES", "TP_PLAN", "Layout", "layout",
+           "parameter_shapes", "activation_numels", "tp_shape", "tp_problem"]
 
 #: The model sizes, as `workload.PRESETS` has them (a test checks that the two agree).
 PRESETS: dict[str, dict[str, int]] = {
@@ -62,6 +62,37 @@ def parameter_shapes(preset: str, seq_len: int) -> dict[str, tuple[int, ...]]:
         })
     shapes.update({"ln_f.weight": (c,), "ln_f.bias": (c,)})
     return shapes
+
+
+#: Tensor parallelism of each block (Megatron's split, as torchtitan plans it): the layers that open a pair
+#: are cut by output rows (`colwise`: each rank computes some heads, or some of the MLP's hidden units),
+#: the layers that close it by input columns (`rowwise`: each rank adds its part, and an all-reduce sums
+#: them). Norms, embeddings and the tied head stay whole on every rank of a tensor-parallel group.
+TP_PLAN: dict[str, str] = {"attn.c_attn": "colwise", "attn.c_proj": "rowwise",
+                           "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise"}
+
+
+def tp_shape(name: str, shape: tuple[int, ...], tp: int, tp_rank: int = 0) -> tuple[int, ...]:
+    """The part of parameter `name` (of `shape`) that tensor-parallel rank `tp_rank` of `tp` holds: a
+    colwise layer's rows (weight and bias), a rowwise layer's weight columns (its bias stays whole)."""
+    if tp <= 1 or not name.startswith("blocks."):
+        return shape
+    layer, _, kind = name.split(".", 2)[2].rpartition(".")
+    style = TP_PLAN.get(layer)
+    if style == "colwise":
+        return (shape[0] // tp, *shape[1:])
+    if style == "rowwise" and kind == "weight":
+        return (shape[0], shape[1] // tp)
+    return shape
+
+
+def tp_problem(preset: str, tp: int) -> str | None:
+    """Why the preset's layers cannot be split over `tp` ranks (whole heads each), or None."""
+    d = _dims(preset)
+    if tp > 1 and d["n_head"] % tp:
+        return (f"tp={tp} does not divide the {preset} model's {d['n_head']} attention heads (each rank computes "
+                f"whole heads); choose a divisor of {d['n_head']}")
+    return None
 
 
 def activation_numels(preset: str, batch_size: int, seq_len: int) -> dict[str, int]:

@@ -15,7 +15,7 @@ __all__ = ["Position", "read_position"]
 #: Points by number, for the position word (see Position): the step points, then the points inside a
 #: sharded model's collectives (a fault on what a collective received fires at `<point>.out`: the same).
 _POINTS = ("before_forward", "after_backward", "after_allreduce", "after_optimizer_step", "between_steps",
-           "all_gather", "reduce_scatter", "replica_all_reduce")
+           "all_gather", "reduce_scatter", "replica_all_reduce", "tp_all_reduce")
 _NUMBER = {**{p: i + 1 for i, p in enumerate(_POINTS)}, **{f"{p}.out": i + 1 for i, p in enumerate(_POINTS)}}
 _SLOTS = 16  # points per step in the word (room for more)
 

@@ -22,13 +22,14 @@ STEP_POINTS: tuple[str, ...] = (
     "between_steps",         # the step is done and logged; out-of-rank faults act here
 )
 
-#: Points inside a sharded model's collectives (FSDP2, HSDP), fired at each call of the step: a fault
+#: Points inside a sharded model's collectives (FSDP2, HSDP, tensor parallel), fired at each call of the step: a fault
 #: there acts on the rank on its way into the collective, while its peers are already in it (a kill or
 #: a hang loses a rank in the middle), or on the tensors the collective sends or received.
 COLLECTIVE_POINTS: tuple[str, ...] = (
     "all_gather",            # a unit's parameters gathered over the shard group (forward, and backward)
     "reduce_scatter",        # a unit's gradients reduced and scattered over the shard group (backward)
     "replica_all_reduce",    # HSDP: a unit's gradient shards all-reduced across the replicate group
+    "tp_all_reduce",         # tensor parallel: a rowwise layer's partial outputs summed over the tp group (forward)
 )
 
 #: Every point a fault may name.

@@ -24,6 +24,12 @@ one FSDP unit (`tensor` names the unit: "root", "blocks.0", ...; drawn when abse
     replica_all_reduce_output  HSDP: the rank's gradient shard after the all-reduce across replicas:
                                only that replica is hit
 
+and of a tensor-parallel model, the output of a rowwise layer's all-reduce (`tensor` names the layer:
+"blocks.0.attn.c_proj", "blocks.0.mlp.c_proj", ...):
+
+    tp_all_reduce_output       the summed activation one rank received (forward): that rank's forward
+                               goes on with it, and the gradients it computes are skewed
+
 Tensor, element and bit are given or drawn from `seed`, so a campaign draws one per trial.
 """
 
@@ -36,13 +42,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from burnin.core.model_shapes import FLOAT_BITS, TOKEN_BITS, layout, parameter_shapes
+from burnin.core.model_shapes import FLOAT_BITS, PRESETS, TOKEN_BITS, TP_PLAN, layout, parameter_shapes, tp_shape
 from burnin.faults.base import COLLECTIVE_POINTS, Fault
 
 __all__ = ["Bitflip", "NaN", "TARGET_POINTS", "TARGET_AT", "NOT_HERE", "workload_problem"]
 
 Target = Literal["param", "optimizer_state", "grad", "allreduce_payload", "grad_reduced", "activation", "batch",
-                 "all_gather_output", "reduce_scatter_input", "reduce_scatter_output", "replica_all_reduce_output"]
+                 "all_gather_output", "reduce_scatter_input", "reduce_scatter_output", "replica_all_reduce_output",
+                 "tp_all_reduce_output"]
 
 #: The targets inside a sharded model's collectives, each at the point of its collective.
 COLLECTIVE_TARGETS: dict[str, str] = {
@@ -50,9 +57,10 @@ COLLECTIVE_TARGETS: dict[str, str] = {
     "reduce_scatter_input": "reduce_scatter",
     "reduce_scatter_output": "reduce_scatter",
     "replica_all_reduce_output": "replica_all_reduce",
+    "tp_all_reduce_output": "tp_all_reduce",
 }
 #: Of those, the ones hit once the collective is done (what it received).
-_RECEIVED = ("all_gather_output", "reduce_scatter_output", "replica_all_reduce_output")
+_RECEIVED = ("all_gather_output", "reduce_scatter_output", "replica_all_reduce_output", "tp_all_reduce_output")
 
 TARGET_POINTS: dict[str, str] = {
     "param": "after_optimizer_step",
@@ -263,8 +271,8 @@ def _class_of(dtype: Any, bit: int) -> str:
 
 
 def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: int, model: str,
-                     batch_size: int, seq_len: int, shards: int = 1,
-                     rank_in_shard: int = 0) -> tuple[tuple[str, ...], str] | None:
+                     batch_size: int, seq_len: int, shards: int = 1, rank_in_shard: int = 0,
+                     tp: int = 1, tp_rank: int = 0) -> tuple[tuple[str, ...], str] | None:
     """Why this corruption would fail inside the rank of this workload, or None when it would not.
 
     Checked at load time from the model preset alone (`burnin.core.model_shapes`, no torch): the
@@ -276,7 +284,7 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
     target = p.target
     at = point or TARGET_POINTS[target]
     if target in COLLECTIVE_TARGETS or at in COLLECTIVE_POINTS:
-        return _collective_problem(p, at, model, seq_len, shards)
+        return _collective_problem(p, at, model, batch_size, seq_len, shards, tp)
     if shards > 1 and (target in ("grad", "allreduce_payload") or at == "after_backward"):
         return ("target", "point"), (f"target {target} at {at} acts on a DDP gradient bucket, and a sharded "
                                      f"workload (workload.parallel) has none; use target grad_reduced (this "
@@ -304,9 +312,11 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
         sizes, what = {"the batch": lay.batch_tokens}, None
     elif target == "activation":
         sizes, what = lay.activations, "leaf module"
-    elif shards > 1:  # the target rank's shard of each parameter: FSDP2 cuts dim 0 in chunks of ceil(n / shards)
+    elif shards > 1 or tp > 1:  # the target rank's shard of each parameter: of what tensor parallelism left it,
+        # FSDP2 cuts dim 0 in chunks of ceil(n / shards)
         shapes = parameter_shapes(model, seq_len)
-        sizes, what = {n: _shard_numel(shape, shards, rank_in_shard) for n, shape in shapes.items()}, "parameter"
+        sizes = {n: _shard_numel(tp_shape(n, shape, tp), shards, rank_in_shard) for n, shape in shapes.items()}
+        what = "parameter"
     else:
         sizes, what = lay.params, "parameter"
     if target != "batch" and p.tensor is not None:
@@ -329,10 +339,11 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
     name, n = min(sizes.items(), key=lambda kv: kv[1])
     if p.index < n:
         return None
-    if len(sizes) == 1 and shards > 1 and target != "activation":
-        return ("index", "tensor"), (f"index {_num(p.index)} is past the end of rank {rank_in_shard}'s shard "
-                                     f"(of {shards}) of {name} ({n} elements; indices 0..{n - 1}): a sharded "
-                                     f"parameter's index counts in the shard the target rank holds")
+    if len(sizes) == 1 and (shards > 1 or tp > 1) and target != "activation":
+        whose = f"shard {rank_in_shard} (of {shards})" + (f" of tensor-parallel part {tp_rank} (of {tp})" if tp > 1 else "")
+        return ("index", "tensor"), (f"index {_num(p.index)} is past the end of the target rank's {whose} of {name} "
+                                     f"({n} elements; indices 0..{n - 1}): a sharded parameter's index counts in the "
+                                     f"shard the target rank holds")
     if len(sizes) == 1:
         where = "the batch" if target == "batch" else name
         return ("index", "tensor"), (f"index {_num(p.index)} is past the end of {where} ({n} elements; "
@@ -342,8 +353,8 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
                                  f"index below {n}")
 
 
-def _collective_problem(p: BaseModel, at: str, model: str, seq_len: int,
-                        shards: int) -> tuple[tuple[str, ...], str] | None:
+def _collective_problem(p: BaseModel, at: str, model: str, batch_size: int, seq_len: int,
+                        shards: int, tp: int) -> tuple[tuple[str, ...], str] | None:
     """What workload_problem says of a target inside a collective, or a target at a collective's point (the
     workload is sharded: the caller checked)."""
     target = p.target
@@ -354,23 +365,42 @@ def _collective_problem(p: BaseModel, at: str, model: str, seq_len: int,
     if at != COLLECTIVE_TARGETS[target]:
         return ("point", "target"), (f"target {target} is at hand only at {COLLECTIVE_TARGETS[target]}, not at "
                                      f"{at}; leave `point` out (it follows the target)")
-    units = unit_buffers(model, seq_len, shards)
-    chunked = target in ("all_gather_output", "reduce_scatter_input")
-    sizes = {u: n * shards if chunked else n for u, n in units.items()}
+    if target == "tp_all_reduce_output":
+        acts = layout(model, batch_size, seq_len).activations
+        sizes, kind = {n: acts[n] for n in tp_layers(model)}, "tensor-parallel layer with an all-reduce"
+    else:
+        units = unit_buffers(model, seq_len, shards, tp)
+        chunked = target in ("all_gather_output", "reduce_scatter_input")
+        sizes, kind = {u: n * shards if chunked else n for u, n in units.items()}, "FSDP unit"
     if p.tensor is not None:
         if p.tensor not in sizes:
             shown, hint = _unknown(p.tensor, sizes)
-            return ("tensor",), (f"the {model} model has no FSDP unit {shown!r} for target {target}; {hint}"
-                                 f"(its units: {', '.join(sizes)})")
+            return ("tensor",), (f"the {model} model has no {kind} {shown!r} for target {target}; {hint}"
+                                 f"(its {kind}s: {short_list(list(sizes))})")
         sizes = {p.tensor: sizes[p.tensor]}
     if p.index is None:
         return None
     name, n = min(sizes.items(), key=lambda kv: kv[1])
     if p.index < n:
         return None
+    if target == "tp_all_reduce_output":
+        what = f"layer {name}" if len(sizes) == 1 else f"some layers a drawn one may be (the smallest, {name})"
+        return ("index", "tensor"), (f"index {_num(p.index)} is past the end of the {target} of {what}: {n} "
+                                     f"elements (batch_size x seq_len x n_embd; indices 0..{n - 1})")
     what = f"unit {name}" if len(sizes) == 1 else f"some units a drawn one may be (the smallest, {name})"
     return ("index", "tensor"), (f"index {_num(p.index)} is past the end of the {target} buffer of {what}: "
                                  f"{n} elements (indices 0..{n - 1}) on {shards} shards")
+
+
+def short_list(names: list[str], most: int = 6) -> str:
+    """Names for an error line: the first few and how many more."""
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def tp_layers(model: str) -> list[str]:
+    """The layers of burnin's GPT whose forward ends in a tensor-parallel all-reduce (`TP_PLAN`'s rowwise)."""
+    n_layer = PRESETS[model]["n_layer"]
+    return [f"blocks.{i}.{layer}" for i in range(n_layer) for layer, style in TP_PLAN.items() if style == "rowwise"]
 
 
 def _unknown(text: str, names: dict[str, int]) -> tuple[str, str]:
@@ -379,13 +409,15 @@ def _unknown(text: str, names: dict[str, int]) -> tuple[str, str]:
     return (text if len(text) <= 60 else text[:57] + "..."), (f"did you mean {close[0]!r}? " if close else "")
 
 
-def unit_buffers(model: str, seq_len: int, shards: int) -> dict[str, int]:
+def unit_buffers(model: str, seq_len: int, shards: int, tp: int = 1) -> dict[str, int]:
     """FSDP unit -> elements of one rank's chunk of its flat collective buffers (burnin's GPT sharded per
-    block, then the root): each parameter's dim 0 cut into chunks of ceil(n / shards) rows, padded."""
+    block, then the root): each parameter's dim 0 (of what tensor parallelism left the rank) cut into
+    chunks of ceil(n / shards) rows, padded."""
     out: dict[str, int] = {"root": 0}
     for name, shape in parameter_shapes(model, seq_len).items():
         parts = name.split(".")
         unit = ".".join(parts[:2]) if parts[0] == "blocks" else "root"
+        shape = tp_shape(name, shape, tp)
         out[unit] = out.get(unit, 0) + -(-shape[0] // shards) * math.prod(shape[1:])
     return out
 

@@ -25,6 +25,7 @@ from burnin.harness.fabric import choose_fabric
 from burnin.harness.golden import GoldenRecord, get_golden, golden_cached, golden_key
 from burnin.harness.preflight import check_device, check_out_dir
 from burnin.harness.spares import open_pool
+from burnin.harness.resume_from import install
 from burnin.harness.supervisor import Supervisor, restarts_ranks
 from burnin.reports import history as hist
 from burnin.reports.metrics import Metrics
@@ -52,7 +53,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
                  metrics_addr: str = "127.0.0.1", on_event: Callable[[dict[str, Any]], None] | None = None,
                  refresh_golden: bool = False, run_id: str | None = None, metrics_linger_s: float = 0.0,
                  metrics_textfile: str | Path | None = None, pushgateway: str | None = None,
-                 push_instance: str | None = None, history: str | None = None) -> RunResult:
+                 push_instance: str | None = None, history: str | None = None,
+                 resume_from: Any = None) -> RunResult:
     # Bad input stops here, before anything starts and before the run directory exists: a missing
     # privilege, no CUDA device, an --out that cannot hold a run directory, a metrics port in use.
     run_id = run_id or new_run_id(scenario.name)
@@ -67,7 +69,10 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     if server is not None and on_event:
         on_event({"event": "metrics_serving", "url": server.url, "t": time.time()})
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
-    key = golden_key(scenario)
+    # the fault-free run to compare with: the scenario's own, or where it resumes another workload's
+    # checkpoint, that workload's (resume_from.Source.reference)
+    reference = resume_from.reference(scenario) if resume_from is not None else scenario
+    key = golden_key(reference)
     golden: GoldenRecord | None = None
     error = usage = None
     pool = None
@@ -76,15 +81,18 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
             on_event({"event": "golden_started", "key": key, "t": time.time()})
         # A golden run to make shares the run's warm spares: one zygote's warm-up, not one per golden rank
         # plus the zygote's (where every rank runs alike: a namespace's zygote needs the fabric set up).
-        lend = refresh_golden or not golden_cached(scenario)
+        lend = (refresh_golden or not golden_cached(reference)) and reference is scenario
         if lend and restarts_ranks(scenario) and getattr(fabric, "slots_alike", False):
             pool, _ = open_pool(scenario, run_dir, run_id, fabric)
-        golden, cached = get_golden(scenario, refresh=refresh_golden, on_event=on_event, pool=pool)
+        golden, cached = get_golden(reference, refresh=refresh_golden, on_event=on_event, pool=pool)
         (run_dir / "golden.json").write_text(golden.to_json())
         if on_event:
             on_event({"event": "golden_ready", "key": key, "cached": cached, "wall_s": golden.wall_s,
                       "t": time.time()})
-        supervisor = Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric, pool=pool)
+        if resume_from is not None:  # another run's checkpoint: the newest of this run's (resume_from.install)
+            install(resume_from, run_dir / "checkpoints")
+        supervisor = Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric, pool=pool,
+                                resume_from=resume_from)
         supervisor.run()
         if supervisor.usage_error is not None:
             usage = f"{scenario.workload.entry or scenario.name}: {supervisor.usage_error} (run directory {run_dir})"

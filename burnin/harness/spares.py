@@ -252,8 +252,8 @@ def prime_spec(scenario: Any) -> dict[str, Any] | None:
     the optimizer's settings and the mesh. None where there is nothing to prime (DDP, a loop of the
     user's, whose model burnin does not know; a GPU, where the spare leaves the device alone)."""
     w = scenario.workload
-    if w.parallel is None or w.entry is not None or w.device == "cuda":
-        return None
+    if w.parallel is None or w.entry is not None or w.device == "cuda" or w.parallel.tp > 1:
+        return None  # (tensor parallel: the priming's placements are FSDP2's alone; not primed)
     return {"model": w.model, "seq_len": w.seq_len, "dropout": w.dropout, "kernels": w.kernels, "lr": w.lr,
             "weight_decay": w.weight_decay, "mesh": list(w.parallel.mesh(w.ranks))}
 

@@ -112,6 +112,7 @@ class Supervisor:
     log_steps: bool = True                                # False: step_done stays out of events.jsonl
     first_attempt: int = 0                                # a resumed burn-in numbers its attempts on
     fired: set[int] = field(default_factory=set)          # faults fired before (a resumed burn-in's)
+    resume_from: Any = None                               # another run's checkpoint it starts from (resume_from.Source)
     _log: EventWriter = field(init=False)
     _fired: set[int] = field(init=False, default_factory=set)
     _explained: set[int] = field(init=False, default_factory=set)
@@ -148,6 +149,8 @@ class Supervisor:
         self._emit("run_started", scenario=sc.name, run_id=self.run_id, golden=self.golden,
                    ranks=sc.workload.ranks, steps=sc.workload.steps, pid=os.getpid(),
                    scenario_json=sc.model_dump(mode="json"))
+        if self.resume_from is not None:
+            self._emit("resume_from", **self.resume_from.event())
         deadline = time.time() + sc.timeouts.run_s
         attempt, restarts = self.first_attempt, 0
         finished = False
@@ -251,6 +254,8 @@ class Supervisor:
             # memory snapshots (burnin/rank/snapshot.py): the run's directory in shared memory, or None
             "snapshot_dir": str(self.snapshot_dir) if getattr(self, "snapshot_dir", None) else None,
         }
+        if self.resume_from is not None:
+            spec["resume_from"] = self.resume_from.spec()
         if self.extra_spec is not None:
             spec.update(self.extra_spec())
         if self.clock is not None:

@@ -121,13 +121,16 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(ckpt.path, ignore_errors=True)
 
 
-def load(ckpt: Checkpoint, rank: int, device: Any = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model_state, rank_state) of a verified checkpoint, loaded with weights_only=True."""
+def load(ckpt: Checkpoint, rank: int, device: Any = "cpu", *,
+         with_rank: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(model_state, rank_state) of a verified checkpoint, loaded with weights_only=True (rank_state None
+    without `with_rank`: another run's checkpoint whose rank files are not this rank's)."""
     import torch  # lazy: torch; `import burnin.rank` stays torch-free
 
     try:
         model_state = torch.load(ckpt.path / MODEL_FILE, map_location=device, weights_only=True)
-        rank_state = torch.load(ckpt.path / rank_file(rank), map_location="cpu", weights_only=True)
+        rank_state = (torch.load(ckpt.path / rank_file(rank), map_location="cpu", weights_only=True)
+                      if with_rank else None)
     except Exception as exc:  # verified files that still fail to unpickle: treat as corrupt
         raise CheckpointError(f"{ckpt.path.name} does not load: {exc}") from None
     return model_state, rank_state

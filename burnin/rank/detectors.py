@@ -106,7 +106,10 @@ class Fingerprint(Detector):
 
     It covers everything the replicas must agree on, parameters and optimizer state: a flipped
     AdamW moment leaves the parameters equal until the next update, and a snapshot taken then
-    would carry the corruption into every rollback (measured: endless rollbacks in a campaign).
+    would carry the corruption into every rank's rollback (measured: endless rollbacks in a campaign).
+    Of a sharded model, the state is taken in parts that have the same replicas (`sharding.replica_parts`):
+    under tensor parallelism the norms, embeddings and the rowwise layers' biases are whole on every rank
+    of a tensor-parallel group, the split layers only on their data-parallel replicas.
     """
 
     name, point, cost = "fingerprint", "after_optimizer_step", "a hash of the parameters and optimizer state, and an all-gather, every K steps"
@@ -115,14 +118,16 @@ class Fingerprint(Detector):
     def __init__(self, every: int = 1, **cfg: Any):
         super().__init__(every=every, **cfg)
         self.every = every
-        self.groups: list[list[int]] | None = None  # the replica groups, from the model at the first check
+        # the parts of the state with the same replicas: (state dict keys, optimizer ids, replica groups),
+        # one part of everything (None) under DDP; from the model at the first check
+        self.parts: list[tuple[tuple[set[str], set[int]] | None, list[list[int]]]] | None = None
 
-    def _groups(self, model: Any, world: int) -> list[list[int]]:
-        from burnin.rank.sharding import replica_groups  # lazy: torch; `import burnin.rank` stays torch-free
+    def _parts(self, model: Any, optimizer: Any, world: int) -> list[tuple[Any, list[list[int]]]]:
+        from burnin.rank.sharding import replica_parts  # lazy: torch; `import burnin.rank` stays torch-free
 
-        if self.groups is None:
-            self.groups = replica_groups(model, world)
-        return self.groups
+        if self.parts is None:
+            self.parts = replica_parts(model, optimizer, world)
+        return self.parts
 
     def due(self, step: int) -> bool:
         return (step + 1) % self.every == 0
@@ -131,27 +136,34 @@ class Fingerprint(Detector):
         import torch  # lazy: torch; `import burnin.rank` stays torch-free
         import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
-        digest = state_digest(model, optimizer)
-        mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64)
+        world = dist.get_world_size()
+        parts = self._parts(model, optimizer, world)
+        digests = [state_digest(model, optimizer, part) for part, _ in parts]
+        mine = torch.tensor([int.from_bytes(d[:8], "little", signed=True) for d in digests], dtype=torch.int64)
         if next(model.parameters()).is_cuda:
             mine = mine.cuda()
-        world = dist.get_world_size()
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
-        values = [int(g.item()) for g in gathered]
-        # Replicas: every rank under DDP; of a sharded model, the ranks that hold the same shard.
-        odd, majority_every = [], True
-        for group in self._groups(model, world):
-            vals = [values[r] for r in group]
-            if len(set(vals)) == 1:
-                continue
-            majority, votes = Counter(vals).most_common(1)[0]
-            majority_every &= votes > len(group) / 2
-            odd += [r for r, v in zip(group, vals) if v != majority] if votes > len(group) / 2 else group
+        rows = [g.tolist() for g in gathered]
+        # Replicas: every rank under DDP; of a sharded model, the ranks that hold the same part.
+        odd, majority_every, shown = [], True, None
+        for i, (_, groups) in enumerate(parts):
+            for group in groups:
+                vals = [rows[r][i] for r in group]
+                if len(set(vals)) == 1:
+                    continue
+                majority, votes = Counter(vals).most_common(1)[0]
+                majority_every &= votes > len(group) / 2
+                odd += [r for r, v in zip(group, vals) if v != majority] if votes > len(group) / 2 else group
+                shown = i if shown is None else shown
         if not odd:
             return None
-        return Finding(self.name, step, {"fingerprints": [f"{v & (2**64 - 1):016x}" for v in values],
-                                         "majority": majority_every}, odd_ranks=sorted(odd))
+        details: dict[str, Any] = {"fingerprints": [f"{row[shown] & (2**64 - 1):016x}" for row in rows],
+                                   "majority": majority_every}
+        part = parts[shown][0]
+        if part is not None:
+            details["part"] = f"{len(part[0])} tensors ({sorted(part[0])[0]}, ...) and their optimizer state"
+        return Finding(self.name, step, details, odd_ranks=sorted(set(odd)))
 
 
 class Checksum(Detector):
@@ -205,6 +217,7 @@ class GatherHash(Detector):
         super().__init__(**cfg)
         self.sums: list[Any] = []   # this step's, one per all-gather call
         self.units: list[str] = []
+        self.groups: list[list[int]] | None = None  # ranks that receive the same buffers (set when hooked)
 
     def observe(self, unit: str, output: Any) -> None:
         """After an all-gather: its output's sum (FSDP2's collectives call this through the hooks)."""
@@ -233,14 +246,17 @@ class GatherHash(Detector):
         rows = [g.tolist() for g in gathered]
         odd: set[int] = set()
         calls = []
-        for i in range(n):
-            vals = [row[i] for row in rows]
-            if len(set(vals)) == 1:
-                continue
-            majority, votes = Counter(vals).most_common(1)[0]
-            bad = [r for r, v in enumerate(vals) if v != majority] if votes > world / 2 else list(range(world))
-            odd.update(bad)
-            calls.append({"call": i, "unit": units[i] if i < len(units) else None, "ranks": bad})
+        # compared within each group of ranks that receive the same buffers (a tensor-parallel group's ranks
+        # gather different parts of each block)
+        for group in self.groups or [list(range(world))]:
+            for i in range(n):
+                vals = [rows[r][i] for r in group]
+                if len(set(vals)) == 1:
+                    continue
+                majority, votes = Counter(vals).most_common(1)[0]
+                bad = [r for r, v in zip(group, vals) if v != majority] if votes > len(group) / 2 else list(group)
+                odd.update(bad)
+                calls.append({"call": i, "unit": units[i] if i < len(units) else None, "ranks": bad})
         if not odd:
             return None
         return Finding(self.name, step, {"calls": calls[:8], "all_gathers": n}, odd_ranks=sorted(odd))
@@ -249,7 +265,7 @@ class GatherHash(Detector):
         self.sums, self.units = [], []
 
 
-def state_digest(model: Any, optimizer: Any) -> bytes:
+def state_digest(model: Any, optimizer: Any, part: tuple[set[str], set[int]] | None = None) -> bytes:
     """A digest of the parameters, buffers and optimizer state: what every replica must hold alike.
 
     On a GPU each tensor is fingerprinted where it lives by the Triton kernel (burnin.kernels.
@@ -261,14 +277,15 @@ def state_digest(model: Any, optimizer: Any) -> bytes:
     from burnin.rank.state import state_hash  # lazy: torch; `import burnin.rank` stays torch-free
 
     if not next(model.parameters()).is_cuda:
-        return bytes.fromhex(state_hash(model, optimizer, local_only=True))
+        return bytes.fromhex(state_hash(model, optimizer, local_only=True, part=part))
     from burnin.kernels.fingerprint import digest  # lazy: torch; `import burnin.rank` stays torch-free
     from burnin.rank.sharding import local  # lazy: torch; `import burnin.rank` stays torch-free
 
     h = hashlib.sha256()
-    tensors = list(model.state_dict().items())
+    tensors = [(k, v) for k, v in model.state_dict().items() if part is None or k in part[0]]
     osd = optimizer.state_dict()["state"] if optimizer is not None else {}
-    tensors += [(f"optim.{pid}.{k}", v) for pid in sorted(osd) for k, v in sorted(osd[pid].items())]
+    tensors += [(f"optim.{pid}.{k}", v) for pid in sorted(osd) if part is None or pid in part[1]
+                for k, v in sorted(osd[pid].items())]
     for name, t in tensors:
         t = local(t)
         h.update(name.encode())

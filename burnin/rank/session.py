@@ -159,7 +159,8 @@ class Session:
         if self._dcp:
             self.save_fn = lambda path: dcp_save(self.model, self.optimizer, path,
                                                  crash_after=checkpoint.crash_armed("write"))
-            self.load_fn = lambda path: dcp_load(self.model, self.optimizer, path)
+            self.load_fn = lambda path: dcp_load(self.model, self.optimizer, path,
+                                                 skip=self.scenario["debug"]["skip_restore"])
         self._build(ddp_hook)
 
     # -- set-up ------------------------------------------------------------------------------
@@ -186,21 +187,32 @@ class Session:
         self.optimizer.register_step_post_hook(self._after_optimizer)
 
     def _hook_collectives(self) -> None:
-        """A sharded model's all-gathers and reduce-scatters (and HSDP's all-reduce) fire the collective
-        points (golden runs too: faulted and fault-free runs communicate the same way). A fault at such a
-        point of a model that has no such collective is refused here, before the first step."""
+        """A sharded model's all-gathers and reduce-scatters (and HSDP's all-reduce, and a tensor-parallel
+        layer's all-reduce) fire the collective points (golden runs too: faulted and fault-free runs
+        communicate the same way). A fault at such a point of a model that has no such collective is
+        refused here, before the first step."""
         units: dict[str, bool] = {}  # each hooked FSDP2 unit: whether it is HSDP
+        layers: list[str] = []       # each tensor-parallel layer that ends in an all-reduce
         if self.sharded:
-            from burnin.rank.sharding import hook_collectives  # lazy: torch; `import burnin.rank` stays torch-free
+            from burnin.rank.sharding import gather_groups, hook_collectives, hook_tp  # lazy: torch; `import burnin.rank` stays torch-free
 
             gather = self.guard.gather
             units = hook_collectives(self.model, self.point, self.armed, gather.observe if gather is not None else None)
+            layers = hook_tp(self.model, self.point, self.armed)
+            if gather is not None:
+                gather.groups = gather_groups(self.model, self.ctx.world_size)
         hsdp = any(units.values())
         if self.guard.gather is not None and not units:
             raise UserError("detectors.gather_hash: this loop's model has no FSDP2 all-gathers to compare (it is not "
                             "sharded with fully_shard); drop gather_hash, or use fingerprint, checksum or recompute")
         for index, name, point in self.injector.points_named():
             if point not in COLLECTIVE_POINTS:
+                continue
+            if point == "tp_all_reduce":
+                if not layers:
+                    raise UserError(f"faults[{index}] {name} at point tp_all_reduce: this loop's model has no "
+                                    "tensor-parallel layer that ends in an all-reduce (a Linear parallelized with "
+                                    "RowwiseParallel); use all_gather or reduce_scatter, or a step point")
                 continue
             if not units:
                 raise UserError(f"faults[{index}] {name} at point {point}: this loop's model has no FSDP2 collectives "
@@ -275,7 +287,9 @@ class Session:
         t0 = time.time()
         if self.save_fn is None or self._dcp:  # (a loop's own writer may keep what snapshots cannot see)
             self.snaps = _open_snapshots(spec, ctx.rank, ctx.world_size, ctx.events)
-        tier, start = _choose_resume(self.ckpt_dir, self.snaps, ctx.rank, ctx.world_size, ctx.events)
+        foreign = spec.get("resume_from")
+        tier, start = _choose_resume(self.ckpt_dir, self.snaps, ctx.rank, ctx.world_size, ctx.events,
+                                     (foreign["step"], foreign["world_size"]) if foreign else None)
         if tier is not None:
             self._load(tier, start)
         self._tier = tier
@@ -300,20 +314,27 @@ class Session:
                 model_state = from_local_state(self.model, self.optimizer, model_state)
         else:
             ckpt = checkpoint.Checkpoint(start, checkpoint.step_dir(self.ckpt_dir, start))
+            foreign = ctx.spec.get("resume_from")
+            # another run's checkpoint, of another workload: its rank files are other ranks' RNGs (or none is
+            # this rank's); the rank keeps the RNG it was seeded with, and the run is judged in tolerance mode
+            with_rank = foreign is None or foreign["step"] != start or foreign["ranks_match"]
             if self.load_fn is not None:
-                model_state, rank_state = None, checkpoint.load_rank(ckpt, ctx.rank)
+                model_state = None
+                rank_state = checkpoint.load_rank(ckpt, ctx.rank) if with_rank else None
                 priming, self._priming = self._priming, True  # DCP may step the optimizer once at lr 0
                 try:
                     self.load_fn(ckpt.path)
                 finally:
                     self._priming = priming
             else:
-                model_state, rank_state = checkpoint.load(ckpt, ctx.rank, device)
+                model_state, rank_state = checkpoint.load(ckpt, ctx.rank, device, with_rank=with_rank)
         if model_state is not None:
             if "model" not in skip:
                 self.model.load_state_dict(model_state["model"])
             if "optimizer" not in skip:
                 self.optimizer.load_state_dict(model_state["optimizer"])
+        if rank_state is None:
+            return
         for name, obj in self.extra.items():
             obj.load_state_dict(rank_state["extra"][name])
         restore_rank_state(rank_state, skip)
@@ -599,8 +620,10 @@ def _open_snapshots(spec: dict[str, Any], rank: int, world_size: int, events: An
                                                                        file=path.name, reason=why))
 
 
-def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, events: Any) -> tuple[str | None, int]:
+def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, events: Any,
+                   foreign: tuple[int, int] | None = None) -> tuple[str | None, int]:
     """(tier, step) to resume from, the same on every rank: ("memory", s), ("disk", s) or (None, 0).
+    `foreign`: (step, ranks) of another run's checkpoint this run started from (`--resume-from`).
 
     Collective. Each rank offers the steps of its verified snapshots; rank 0 takes the newest one
     every rank has, verifies only the disk checkpoints newer than it (the newer tier wins; memory
@@ -614,7 +637,7 @@ def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, event
     if rank == 0:
         memory = common_step(offered) if snaps is not None else None
         ckpt = checkpoint.newest_valid(
-            ckpt_dir, world_size, above=memory,
+            ckpt_dir, world_size, above=memory, foreign=foreign,
             on_reject=lambda c, why: events.emit("checkpoint_rejected", checkpoint_step=c.step, reason=why))
         if ckpt is not None:
             choice = [("disk", ckpt.step)]

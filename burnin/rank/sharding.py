@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from burnin.core.model_shapes import TP_PLAN
 from burnin.scenarios.schema import Parallel
 
-__all__ = ["is_sharded", "shard_model", "local", "to_local_state", "from_local_state", "global_digest",
-           "replica_groups", "fsdp_units", "hook_collectives", "prime"]
+__all__ = ["is_sharded", "shard_model", "parallelize_tp", "local", "to_local_state", "from_local_state",
+           "global_digest", "replica_parts", "gather_groups", "fsdp_units", "hook_collectives", "tp_layers", "hook_tp",
+           "prime"]
 
 
 def is_sharded(model: Any) -> bool:
@@ -38,21 +40,49 @@ def local(t: Any) -> Any:
 
 
 def shard_model(model: Any, parallel: dict[str, Any], world_size: int, device_type: str) -> Any:
-    """Shard burnin's GPT with FSDP2: each block, then the root (embeddings, final norm, the tied head),
-    over a (dp_replicate, dp_shard) mesh (1-D when there is no replica). Returns the mesh."""
+    """Split burnin's GPT over a (dp_replicate, dp_shard, tp) mesh of the ranks (the dimensions of size 1
+    left out, dp_shard always there): tensor parallel inside each block first (`parallelize_tp`), then FSDP2
+    on each block and on the root (embeddings, final norm, the tied head) over the data-parallel dimensions
+    (HSDP when there are replicas). Returns the mesh."""
     from torch.distributed.device_mesh import init_device_mesh  # lazy: torch, the mesh's own imports
     from torch.distributed.fsdp import fully_shard  # lazy: torch, FSDP2
 
-    rep, shard = Parallel.model_validate(parallel).mesh(world_size)
-    if rep > 1:
-        mesh = init_device_mesh(device_type, (rep, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-    else:
-        mesh = init_device_mesh(device_type, (shard,), mesh_dim_names=("dp_shard",))
+    par = Parallel.model_validate(parallel)
+    rep, shard = par.mesh(world_size)
+    dims = [(n, k) for n, k in (("dp_replicate", rep), ("dp_shard", shard), ("tp", par.tp))
+            if k > 1 or n == "dp_shard"]
+    mesh = init_device_mesh(device_type, tuple(k for _, k in dims), mesh_dim_names=tuple(n for n, _ in dims))
     adopt(mesh)  # a primed spare's mesh becomes this one's twin
+    if par.tp > 1:
+        parallelize_tp(model, mesh["tp"])
+    dp = mesh["dp_replicate", "dp_shard"] if rep > 1 else mesh["dp_shard"]
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=dp)
+    fully_shard(model, mesh=dp)
     return mesh
+
+
+def parallelize_tp(model: Any, mesh: Any) -> None:
+    """Tensor parallelism in each block of burnin's GPT over the 1-D `mesh`, as `TP_PLAN` says (Megatron's
+    split). The fused q/k/v projection is cut by rows, so its rows are first laid out so that each rank's
+    chunk holds its own heads' q, then k, then v (the forward splits a rank's chunk in three): a fixed
+    permutation of the initial weights, the same on every rank, which changes what the model computes by
+    nothing but the order of its rows."""
+    from torch.distributed.tensor.parallel import (  # lazy: torch, tensor parallel
+        ColwiseParallel, RowwiseParallel, parallelize_module)
+
+    tp = mesh.size()
+    for block in model.blocks:
+        attn = block.attn
+        c = attn.c_attn.weight.shape[1]
+        width = c // tp
+        order = torch.cat([torch.arange(j * c + r * width, j * c + (r + 1) * width)
+                           for r in range(tp) for j in range(3)])
+        with torch.no_grad():
+            attn.c_attn.weight.copy_(attn.c_attn.weight[order])
+            attn.c_attn.bias.copy_(attn.c_attn.bias[order])
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        parallelize_module(block, mesh, {layer: styles[style]() for layer, style in TP_PLAN.items()})
 
 
 def to_local_state(obj: Any) -> Any:
@@ -103,21 +133,80 @@ def global_digest(local_hex: str) -> str:
     return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
-def replica_groups(model: Any, world_size: int) -> list[list[int]]:
-    """The ranks that must hold the same state, as groups: every rank under DDP; of a sharded model, the
-    ranks that differ only along the mesh's dimensions where the parameters are replicated (HSDP's
-    replicas of one shard). A group of one has no replica to compare with."""
-    from torch.distributed.tensor import Shard  # lazy: torch, DTensor placements
+def _root_mesh(model: Any) -> tuple[Any, list[Any], list[Any]] | None:
+    """The mesh every DTensor parameter of `model` lives on part of (the root: FSDP2's data-parallel mesh
+    and a tensor-parallel one are slices of it), the parameters, and the root's dimension names (indices
+    where unnamed). None when no parameter is a DTensor."""
+    params = [p for p in model.parameters() if isinstance(p, DTensor)]
+    if not params:
+        return None
+    mesh = params[0].device_mesh
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    names = list(root.mesh_dim_names or range(root.ndim))
+    return root, params, names
 
-    param = next((p for p in model.parameters() if isinstance(p, DTensor)), None)
-    if param is None:
-        return [list(range(world_size))]
-    mesh = param.device_mesh.mesh  # the ranks, laid out on the mesh
-    sharded = [d for d, pl in enumerate(param.placements) if isinstance(pl, Shard)]
-    replicated = [d for d in range(mesh.dim()) if d not in sharded]
-    # one row per shard: the ranks along the replicated dimensions
-    rows = mesh.permute(*sharded, *replicated).reshape(math.prod(mesh.shape[d] for d in sharded), -1)
+
+def _dims_of(p: Any, names: list[Any]) -> list[Any]:
+    """The root mesh dimensions of a parameter's mesh, in its order."""
+    own = p.device_mesh.mesh_dim_names
+    return list(own) if own and all(n in names for n in own) else names[:p.device_mesh.ndim]
+
+
+def groups_along(root: Any, names: list[Any], dims: set[Any]) -> list[list[int]]:
+    """The ranks of `root` as groups: those whose coordinates differ only along `dims`."""
+    mesh = root.mesh
+    along = [d for d, n in enumerate(names) if n in dims]
+    fixed = [d for d in range(mesh.dim()) if d not in along]
+    rows = mesh.permute(*fixed, *along).reshape(math.prod(mesh.shape[d] for d in fixed), -1)
     return sorted(sorted(row) for row in rows.tolist())
+
+
+def replica_parts(model: Any, optimizer: Any, world_size: int) -> list[tuple[Any, list[list[int]]]]:
+    """The model's state in parts whose tensors have the same replicas, each with its replica groups
+    (`state_hash`'s `part`: state dict keys and optimizer parameter ids), parts without any replica left
+    out. Under DDP one part, everything, replicated on every rank (`None`: the whole state). Of a sharded
+    model, a parameter is replicated along the mesh dimensions over which it is not sharded (a parameter
+    on a slice of the mesh is whole along the dimensions it does not span): under HSDP every parameter
+    along dp_replicate; under tensor parallelism the norms, embeddings and rowwise biases also along tp."""
+    found = _root_mesh(model)
+    if found is None:
+        return [(None, [list(range(world_size))])]
+    root, _, names = found
+    by_dims: dict[frozenset, tuple[set[str], set[int]]] = {}
+    ids = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])} if optimizer else {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if isinstance(p, DTensor):
+            # a split of any kind (Shard, and FSDP2's _StridedShard over tensor parallelism's Shard, which
+            # does not call itself a Shard)
+            sharded = {dim for dim, pl in zip(_dims_of(p, names), p.placements)
+                       if not (pl.is_replicate() or pl.is_partial())}
+        else:
+            sharded = set()
+        keys, pids = by_dims.setdefault(frozenset(set(names) - sharded), (set(), set()))
+        keys.add(name)
+        if id(p) in ids:
+            pids.add(ids[id(p)])
+    parts = []
+    for dims, part in sorted(by_dims.items(), key=lambda kv: sorted(map(str, kv[0]))):
+        groups = groups_along(root, names, set(dims))
+        if any(len(g) > 1 for g in groups):
+            parts.append((part, groups))
+    return parts
+
+
+def gather_groups(model: Any, world_size: int) -> list[list[int]]:
+    """The ranks that receive the same buffers from a sharded model's all-gathers: those that differ only
+    along FSDP2's data-parallel dimensions (all ranks, unless a tensor-parallel group splits the blocks)."""
+    found = _root_mesh(model)
+    units = fsdp_units(model)
+    if found is None or not units:
+        return [list(range(world_size))]
+    root, _, names = found
+    groups = [g for u in units.values() for g in (getattr(u._get_fsdp_state(), "_fsdp_param_groups", None) or [])]
+    dp = groups[0].mesh_info.mesh if groups else None
+    if dp is None or not dp.mesh_dim_names or not all(n in names for n in dp.mesh_dim_names):
+        return [list(range(world_size))]
+    return groups_along(root, names, set(dp.mesh_dim_names))
 
 
 # -- a spare, primed -------------------------------------------------------------------------------
@@ -203,18 +292,15 @@ def fsdp_units(model: Any) -> dict[str, Any]:
 
 def unit_layout(model: Any, unit: str) -> list[tuple[str, int]]:
     """(parameter name, elements of one rank's padded shard) of each parameter a unit gathers, in the
-    order of its flat collective buffers: FSDP2 cuts dim 0 into chunks of ceil(n / shards) rows and
-    lays the chunks of a unit's parameters one after the other, rank after rank."""
-    units = fsdp_units(model)
-    nested = [n + "." for n in units if n not in ("root", unit) and (unit == "root" or n.startswith(unit + "."))]
-    prefix = "" if unit == "root" else unit + "."
-    out = []
-    for name, p in model.named_parameters():
-        if not name.startswith(prefix) or any(name.startswith(n) for n in nested) or not isinstance(p, DTensor):
-            continue
-        shards = next((p.device_mesh.size(d) for d, pl in enumerate(p.placements) if pl.is_shard()), 1)
-        out.append((name, -(-p.shape[0] // shards) * math.prod(p.shape[1:])))
-    return out
+    order of its flat collective buffers, as FSDP2 lays them: each parameter's shard (its dim 0, of what
+    tensor parallelism left the rank, cut into chunks of ceil(n / shards) rows) one after the other,
+    rank after rank."""
+    groups = getattr(fsdp_units(model)[unit]._get_fsdp_state(), "_fsdp_param_groups", None) or []
+    if len(groups) != 1:
+        return []
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names.get(id(fp.sharded_param), "?"), math.prod(fp.padded_sharded_param_size))
+            for fp in groups[0].fsdp_params]
 
 
 def locate(model: Any, unit: str, index: int, *, ranks: int) -> dict[str, Any]:
@@ -233,22 +319,27 @@ def locate(model: Any, unit: str, index: int, *, ranks: int) -> dict[str, Any]:
 
 
 class _Call:
-    """One call of a collective, as a fault at its point sees it: the unit, the tensors, the group it runs
-    on ("shard", or HSDP's "replicate"), the names of every unit, and where an element of a buffer lies."""
+    """One call of a collective, as a fault at its point sees it: the unit (an FSDP2 unit, or a tensor-parallel
+    layer), the tensors, the group it runs on ("shard", HSDP's "replicate", or "tp"), the names of every unit
+    of its kind, and where an element of a buffer lies."""
 
-    __slots__ = ("unit", "input", "output", "group", "ranks", "model")
+    __slots__ = ("unit", "input", "output", "group", "ranks", "model", "kind")
 
-    def __init__(self, unit: str, input: Any, output: Any, group: str, ranks: int, model: Any):
+    def __init__(self, unit: str, input: Any, output: Any, group: str, ranks: int, model: Any, kind: str = "fsdp"):
         self.unit, self.input, self.output, self.group, self.ranks = unit, input, output, group, ranks
-        self.model = model
+        self.model, self.kind = model, kind
 
     @property
     def units(self) -> list[str]:
-        return sorted(fsdp_units(self.model))
+        return sorted(tp_layers(self.model) if self.kind == "tp" else fsdp_units(self.model))
 
     def locate(self, index: int, *, chunked: bool) -> dict[str, Any]:
         """Which parameter element `index` of this call's buffer belongs to (and whose chunk, `chunked`: a
-        buffer of every rank's chunks, as an all-gather's output and a reduce-scatter's input are)."""
+        buffer of every rank's chunks, as an all-gather's output and a reduce-scatter's input are); of a
+        tensor-parallel layer's output, which token and feature."""
+        if self.kind == "tp":
+            token, feature = divmod(index, self.output.shape[-1])
+            return {"token": token, "feature": feature}
         return locate(self.model, self.unit, index, ranks=self.ranks if chunked else 1)
 
 
@@ -366,6 +457,48 @@ def _replica_hook(unit: str, inner: Any, hooks: _Hooks) -> Any:
     return hook
 
 
+def tp_layers(model: Any) -> dict[str, Any]:
+    """Name -> module of each layer whose forward ends in a tensor-parallel all-reduce: a Linear whose
+    weight is cut by input columns (`RowwiseParallel`: a Shard(1) placement), burnin's or a loop's."""
+    out = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear) and isinstance(w, DTensor) and any(
+                pl.is_shard() and getattr(pl, "dim", None) == 1 for pl in w.placements):
+            out[name] = m
+    return out
+
+
+def hook_tp(model: Any, fire: Callable[..., None], armed: Callable[[str], bool]) -> list[str]:
+    """Fire the `tp_all_reduce` point at every rowwise layer's all-reduce of its partial outputs (forward): on
+    the way in (a forward hook put before the one tensor parallelism registered, which starts the
+    all-reduce) and, while a fault is armed there, `tp_all_reduce.out` on what the rank received (a hook
+    after it: the output copied, and the copy handed on, so a corruption lands in what the rest of the
+    forward uses). Returns the layers' names."""
+    layers = tp_layers(model)
+    for name, layer in layers.items():
+        mesh = next(w.device_mesh for w in [layer.weight])
+        tp_dim = next(d for d, pl in enumerate(layer.weight.placements) if pl.is_shard() and pl.dim == 1)
+        ranks = mesh.size(tp_dim)
+
+        def before(module: Any, args: Any, output: Any, name: str = name, ranks: int = ranks) -> None:
+            fire("tp_all_reduce", collective=_Call(name, output, None, "tp", ranks, model, "tp"))
+
+        def after(module: Any, args: Any, output: Any, name: str = name, ranks: int = ranks) -> Any:
+            if not armed("tp_all_reduce.out"):
+                return None
+            # a copy, not `wait()`: an AsyncCollectiveTensor's wait hands back its data cut from autograd, and
+            # the rank's backward then skipped layers and fell out of step with its peers' reduce-scatters
+            # (a collective mismatch, measured); clone waits and keeps the graph
+            out = output.clone()
+            fire("tp_all_reduce.out", collective=_Call(name, None, out, "tp", ranks, model, "tp"))
+            return out
+
+        layer.register_forward_hook(before, prepend=True)
+        layer.register_forward_hook(after)
+    return sorted(layers)
+
+
 # -- DCP checkpoints ------------------------------------------------------------------------------
 
 def dcp_save(model: Any, optimizer: Any, path: Any, *, group: Any = None, crash_after: float | None = None) -> Any:
@@ -419,14 +552,21 @@ def _dying_fs(fs: Any, fraction: float) -> Any:
     return out
 
 
-def dcp_load(model: Any, optimizer: Any, path: Any) -> None:
+def dcp_load(model: Any, optimizer: Any, path: Any, skip: Any = ()) -> None:
     """Read a DCP checkpoint into the live model and optimizer (resharded by DCP when the mesh differs).
     Collective. The optimizer's state is created first where it is not yet (a fresh process) by a step
-    with zero gradients at learning rate 0, which moves no parameter."""
+    with zero gradients at learning rate 0, which moves no parameter. `skip` ("model", "optimizer": the
+    scenario's debug.skip_restore) leaves that part as it is, to show the verdict can say no."""
     import torch.distributed.checkpoint as dcp  # lazy: torch, DCP
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # lazy: torch, DCP
+    from torch.distributed.checkpoint.state_dict import (  # lazy: torch, DCP
+        get_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
     msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
+    state = {k: v for k, v in (("model", msd), ("optim", osd)) if {"model": "model", "optim": "optimizer"}[k] not in skip}
+    if not state:
+        return
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if "model" in state:
+        set_model_state_dict(model, state["model"])
+    if "optim" in state:
+        set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -55,25 +55,30 @@ def _flatten_py_state(st: tuple) -> Iterable[Any]:
     yield gauss
 
 
-def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterable[tuple[str, Any]]:
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+           part: tuple[set[str], set[int]] | None = None) -> Iterable[tuple[str, Any]]:
     """(name, value) of every parameter, buffer and optimizer state entry, in a fixed order; of a sharded
-    model (DTensor parameters), this rank's shards."""
+    model (DTensor parameters), this rank's shards. With `part` (state dict keys, optimizer parameter
+    ids), only those."""
     for name, t in model.state_dict().items():
-        yield f"model.{name}", local(t)
+        if part is None or name in part[0]:
+            yield f"model.{name}", local(t)
     if optimizer is not None:
         osd = optimizer.state_dict()
         for pid in sorted(osd["state"]):
+            if part is not None and pid not in part[1]:
+                continue
             for key in sorted(osd["state"][pid]):
                 yield f"optim.{pid}.{key}", local(osd["state"][pid][key])
 
 
 def state_hash(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-               local_only: bool = False) -> str:
+               local_only: bool = False, part: tuple[set[str], set[int]] | None = None) -> str:
     """SHA-256 of every parameter, buffer and optimizer tensor: names, dtypes, shapes and bits. Of a sharded
     model, the hash of every rank's shards in rank order, the same on every rank (collective then), or
-    with `local_only` of this rank's shards alone."""
+    with `local_only` of this rank's shards alone (of `part` alone when given: see `_state`)."""
     h = hashlib.sha256()
-    for name, value in _state(model, optimizer):
+    for name, value in _state(model, optimizer, part):
         _update(h, name, value)
     if not local_only and is_sharded(model):
         return global_digest(h.hexdigest())
@@ -82,15 +87,28 @@ def state_hash(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
 
 def state_norms(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
     """The L2 norm (float64) of every floating-point parameter, buffer and optimizer tensor, by name: what
-    a tolerance comparison of two final states looks at when their bits cannot agree."""
+    a tolerance comparison of two final states looks at when their bits cannot agree. Of a sharded model,
+    the norm of each whole tensor, the same on every rank whatever the mesh (collective then: DTensor
+    reduces over the shards and counts a replicated tensor once), so runs on different world sizes
+    compare."""
+    from torch.distributed.tensor import DTensor  # lazy: torch, DTensor
+
     norms: dict[str, float] = {}
 
     def add(name: str, t: Any) -> None:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+        if isinstance(t, DTensor):
+            norm = torch.linalg.vector_norm(t.detach().to(torch.float64))
+            norms[name] = float(norm.full_tensor())
+        elif isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
             norms[name] = float(torch.linalg.vector_norm(t.detach().to("cpu", torch.float64)))
 
-    for name, t in _state(model, optimizer):
-        add(name, t)
+    for name, t in model.state_dict().items():
+        add(f"model.{name}", t)
+    if optimizer is not None:
+        osd = optimizer.state_dict()
+        for pid in sorted(osd["state"]):
+            for key in sorted(osd["state"][pid]):
+                add(f"optim.{pid}.{key}", osd["state"][pid][key])
     return norms
 
 

@@ -102,16 +102,20 @@ def train(spec: dict[str, Any], ctx: Any) -> Any:
         ddp = model
     optimizer = make_optimizer(model, w["lr"], w["weight_decay"])
     data = MarkovData(w["seed"], cfg.vocab_size)
-    # Each rank draws its own dropout masks, as real data-parallel training does (a resume puts back
-    # the saved RNG over this).
-    torch.manual_seed(w["seed"] * 1_000_003 + 1 + rank)
+    # The ranks of a tensor-parallel group compute one replica together: one batch, one set of dropout
+    # masks (their activations outside the split layers are the same tensor on each).
+    tp = (w.get("parallel") or {}).get("tp", 1)
+    data_rank = rank // tp
+    # Each data-parallel rank draws its own dropout masks, as real data-parallel training does (a resume
+    # puts back the saved RNG over this).
+    torch.manual_seed(w["seed"] * 1_000_003 + 1 + data_rank)
     if not w.get("parallel"):
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     ctx.extra["resumed"] = {"loss_floor": data.entropy_rate}
     session = Session(ddp, optimizer, state={}, save=None, load=None, ddp_hook=True, ctx=ctx)
 
     def one_step(step: int) -> Any:
-        x, y = data.batch(step, rank, w["batch_size"], w["seq_len"], device)
+        x, y = data.batch(step, data_rank, w["batch_size"], w["seq_len"], device)
         _, loss = ddp(x, y)                    # before_forward: the forward pre-hook
         optimizer.zero_grad(set_to_none=True)
         loss.backward()                        # after_backward: the comm hook, on each local bucket

@@ -3,7 +3,8 @@
 The model is nanoGPT's decoder-only transformer, so a fault lands in the same kinds of tensors
 (embeddings, attention, MLP, LayerNorm, AdamW moments) as in a real LLM run. The data is a seeded
 Markov chain whose entropy rate is known exactly: the loss has a floor to converge to, and each
-batch is a pure function of (seed, step, rank), so resuming from a checkpoint needs no loader state.
+sequence is a pure function of (seed, step, its place in the global batch), so resuming from a checkpoint
+needs no loader state, on the same world size or another.
 
 This module imports nothing from the rest of burnin but the Triton loss (`burnin.kernels.reduction`),
 and that only when a model is built with kernels="triton".
@@ -66,14 +67,19 @@ class _CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
-        q, k, v = self.c_attn(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        qkv = self.c_attn(x)
+        # Under tensor parallelism a rank computes only its heads: c_attn's rows are laid out so that each
+        # rank's chunk holds its heads' q, k and v (`sharding.parallelize_tp`), and c_proj adds the ranks up.
+        width = qkv.shape[-1] // 3
+        q, k, v = qkv.split(width, dim=2)
+        head = c // self.n_head
+        q, k, v = (z.view(b, t, width // head, head).transpose(1, 2) for z in (q, k, v))
         # SDPA's CPU kernels are deterministic; its attention dropout draws from the global RNG,
         # which the checkpoint saves, so a resumed run replays the same masks.
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
-        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        y = y.transpose(1, 2).contiguous().view(b, t, width)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -207,12 +213,19 @@ class MarkovData:
     def batch(
         self, step: int, rank: int, batch_size: int, seq_len: int, device="cpu"
     ) -> tuple[Tensor, Tensor]:
-        """Return the (inputs, next-token targets) of one rank at one step, a pure function of its arguments."""
-        # A private generator per call: no state to checkpoint and the global RNGs stay untouched.
-        digest = hashlib.blake2b(struct.pack("<qqq", self.seed, step, rank), digest_size=8).digest()
+        """Return the (inputs, next-token targets) of one rank at one step, a pure function of its arguments:
+        sequences rank * batch_size ... (rank + 1) * batch_size - 1 of the step's global batch. Each sequence
+        is a function of (seed, step, its index in the global batch) alone, so a step trains on the same
+        sequences whatever the world size, when ranks x batch_size stays the same (a resume onto another
+        world size compares with the run that wrote the checkpoint)."""
+        # A private generator per sequence: no state to checkpoint and the global RNGs stay untouched.
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-        u = torch.rand((batch_size, seq_len + 1), generator=gen, dtype=torch.float64)
+        rows = []
+        for i in range(rank * batch_size, (rank + 1) * batch_size):
+            digest = hashlib.blake2b(struct.pack("<qqq", self.seed, step, i), digest_size=8).digest()
+            gen.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+            rows.append(torch.rand(seq_len + 1, generator=gen, dtype=torch.float64))
+        u = torch.stack(rows)
 
         tokens = torch.empty((batch_size, seq_len + 1), dtype=torch.int64)
         tok = torch.searchsorted(self._start_cum, u[:, 0].contiguous(), right=True)

@@ -48,7 +48,7 @@ DETECTED_BY: tuple[str, ...] = DETECTORS + (
 #: Corruption targets and bit classes (burnin.faults.corruption); anything else is "other".
 TARGETS: tuple[str, ...] = ("param", "optimizer_state", "grad", "allreduce_payload", "grad_reduced",
                             "activation", "batch", "all_gather_output", "reduce_scatter_input",
-                            "reduce_scatter_output", "replica_all_reduce_output")
+                            "reduce_scatter_output", "replica_all_reduce_output", "tp_all_reduce_output")
 BIT_CLASSES: tuple[str, ...] = ("sign", "exponent", "mantissa_high", "mantissa_low", "any", "nan", "inf", "-inf")
 #: The `job` label of pushed metrics (the Pushgateway's grouping key).
 PUSH_JOB = "burnin"

@@ -316,7 +316,13 @@ def _workload_problem(sc: "Scenario", cls: Any, f: FaultSpec, rank: Any, step: A
                                        f"(workload.ranks={w.ranks}); name some ranks, not all")
 
     at = f.point or cls(params).default_point()
-    if at in COLLECTIVE_POINTS and w.entry is None:  # a loop's own model: checked when it attaches
+    tp = w.parallel.tp if w.parallel is not None else 1
+    if at == "tp_all_reduce" and w.entry is None:
+        if tp <= 1:
+            return ("point", "target"), ("point tp_all_reduce is a tensor-parallel layer's all-reduce, and this "
+                                         "workload has no tensor parallelism (workload.parallel.tp=1); set tp > 1, or "
+                                         "use another point")
+    elif at in COLLECTIVE_POINTS and w.entry is None:  # a loop's own model: checked when it attaches
         replicas, shards = w.parallel.mesh(w.ranks) if w.parallel is not None else (1, 1)
         if shards <= 1:
             what = "not sharded (no workload.parallel)" if w.parallel is None else "sharded over 1 rank (dp_shard=1)"
@@ -328,10 +334,13 @@ def _workload_problem(sc: "Scenario", cls: Any, f: FaultSpec, rank: Any, step: A
                                          "workload has none (dp_replicate=1); set dp_replicate > 1, or use all_gather "
                                          "or reduce_scatter")
     if cls.name in (Bitflip.name, NaN.name) and w.entry is None:  # a loop's own model: checked when it fires
-        shards = w.parallel.mesh(w.ranks)[1] if w.parallel is not None else 1
+        shards, where = 1, (0, 0)
+        if w.parallel is not None:
+            shards = w.parallel.mesh(w.ranks)[1]
+            where = w.parallel.coords(rank, w.ranks)[1:] if isinstance(rank, int) else (0, 0)
         return workload_problem(cls.name, params, point=f.point, step=step, model=w.model,
                                 batch_size=w.batch_size, seq_len=w.seq_len, shards=shards,
-                                rank_in_shard=rank % shards if isinstance(rank, int) else 0)
+                                rank_in_shard=where[0], tp=tp, tp_rank=where[1])
     return None
 
 

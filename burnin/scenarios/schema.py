@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from burnin.core.model_shapes import tp_problem
 from burnin.faults import registry
 from burnin.faults.base import COLLECTIVE_POINTS, POINTS
 from burnin.scenarios.checks import (MAX_VARY_COMBINATIONS, NOT_A_BOOLEAN, boolean_for_number, check_fault, invalid,
@@ -84,15 +85,19 @@ _ENTRY = r"^(?:[^\x00]*\.py|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:
 
 class Parallel(_Model):
     """How burnin's own model is split over the ranks, named as torchtitan names it. The ranks form a
-    (dp_replicate, dp_shard) device mesh: parameters, gradients and optimizer state are sharded over
-    `dp_shard` ranks with FSDP2 (`fully_shard` per block, then the root) and each shard is replicated
-    `dp_replicate` times (HSDP: reduce-scatter within a replica, all-reduce across replicas)."""
+    (dp_replicate, dp_shard, tp) device mesh, tp innermost: each block's attention and MLP are split over
+    `tp` ranks (tensor parallel: whole heads and hidden units each, an all-reduce summing the parts), then
+    parameters, gradients and optimizer state are sharded over `dp_shard` ranks with FSDP2 (`fully_shard`
+    per block, then the root), and each shard is replicated `dp_replicate` times (HSDP: reduce-scatter
+    within a replica, all-reduce across replicas). The ranks of one tensor-parallel group train on the
+    same batch."""
 
     dp_replicate: int = Field(1, ge=1, le=MAX_RANKS, description="replicas of every shard (HSDP across them)")
     dp_shard: int = Field(-1, ge=-1, le=MAX_RANKS,
                           description="ranks each parameter is sharded over (FSDP2); -1: the ranks left by "
                                       "dp_replicate and tp")
-    tp: int = Field(1, ge=1, le=MAX_RANKS, description="tensor-parallel degree (1: none)")
+    tp: int = Field(1, ge=1, le=MAX_RANKS, description="tensor-parallel degree (1: none): ranks that split each "
+                                                       "block's attention heads and MLP")
 
     @field_validator("dp_shard")
     @classmethod
@@ -106,11 +111,14 @@ class Parallel(_Model):
         shard = self.dp_shard if self.dp_shard != -1 else ranks // (self.dp_replicate * self.tp)
         return self.dp_replicate, shard
 
+    def coords(self, rank: int, ranks: int) -> tuple[int, int, int]:
+        """(replica, shard, tp) coordinates of `rank` on the mesh (tp innermost, as torchtitan lays it)."""
+        _, shard = self.mesh(ranks)
+        dp, t = divmod(rank, self.tp)
+        return dp // shard, dp % shard, t
+
     def check(self, ranks: int) -> tuple[str, str] | None:
         """(field, why) when this split does not fit `ranks` ranks (one line), or None."""
-        if self.tp != 1:
-            return "tp", ("tensor parallelism is not built yet; set tp: 1 (shard with dp_shard, replicate with "
-                          "dp_replicate)")
         if self.dp_shard == -1:
             if ranks % (self.dp_replicate * self.tp):
                 return "dp_replicate", (f"dp_replicate={self.dp_replicate} x tp={self.tp} does not divide "
@@ -482,11 +490,13 @@ class Scenario(_Model):
                                                     "parallel (burnin.rank.attach takes the FSDP2 module as it is)")
         if par is not None and (problem := par.check(self.workload.ranks)) is not None:
             raise invalid(("workload", "parallel", problem[0]), problem[1])
+        if par is not None and (why := tp_problem(self.workload.model, par.tp)) is not None:
+            raise invalid(("workload", "parallel", "tp"), why)
         if self.checkpoint.async_save and par is None and self.workload.entry is None:
             raise invalid(("checkpoint", "async_save"),
                           "asynchronous saves are DCP's, for sharded models; set workload.parallel (FSDP2 or "
                           "HSDP) or drop async_save")
-        if par is not None and self.detectors.fingerprint is not None and par.dp_replicate == 1:
+        if par is not None and self.detectors.fingerprint is not None and par.dp_replicate == 1 and par.tp == 1:
             raise invalid(("detectors", "fingerprint"),
                           "the fingerprint compares replicas of a shard, and with workload.parallel.dp_replicate=1 "
                           "no shard has one; set dp_replicate to 2 or more (HSDP), or use checksum (each rank's "
