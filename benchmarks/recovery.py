@@ -9,6 +9,7 @@ gloo ranks, 30 steps, a checkpoint every 5 steps, rank 1 SIGKILLed right after s
   burnin-cold  the same with `recovery.spares: false` (new processes, as before spares existed)
   burnin-fsdp  `burnin` with the model sharded by FSDP2 over every rank (`workload.parallel:
             {dp_shard: -1}`): snapshots of each rank's own shards, DCP checkpoints
+  burnin-tp  the same with tensor parallel pairs (`{dp_shard: -1, tp: 2}`): FSDP2 over ranks/2
   torchrun  `torchrun --standalone --nproc-per-node 2 --max-restarts 1 benchmarks/_torchrun_train.py`
             (torch.save checkpoints, resume from the newest on start, rank 1 kills itself on the
             first attempt); the phases come from the ranks' timestamps and the agent's log lines
@@ -61,7 +62,7 @@ from _common import cpu_stall_us, machine, pressure  # benchmarks/ is on sys.pat
 HERE = Path(__file__).resolve().parent
 PHASES = ("detection_s", "teardown_s", "restart_s", "checkpoint_load_s", "first_step_s", "total_s")
 COMMON = ("kill_to_spawn_s", "spawn_to_pg_s", "checkpoint_load_s", "first_step_s", "total_s")
-SYSTEMS = ("burnin", "burnin-cold", "burnin-fsdp", "torchrun")
+SYSTEMS = ("burnin", "burnin-cold", "burnin-fsdp", "burnin-tp", "torchrun")
 
 
 def torchrun_args(ranks: int) -> list[str]:
@@ -71,14 +72,14 @@ _GLOG = re.compile(r"^[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)(\.\d+) ")
 
 # -- burnin ----------------------------------------------------------------------------------
 
-def run_burnin(work: Path, spares: bool, ranks: int, sharded: bool = False) -> dict[str, Any]:
+def run_burnin(work: Path, spares: bool, ranks: int, parallel: dict[str, int] | None = None) -> dict[str, Any]:
     from burnin.core.events import read_events
     from burnin.harness.runner import run_scenario
     from burnin.scenarios.loader import load_scenario
 
     overrides: dict[str, Any] = {"recovery.spares": spares, "workload.ranks": ranks}
-    if sharded:  # FSDP2 over every rank: each holds 1/ranks of the state, snapshots of its own shards
-        overrides["workload.parallel"] = {"dp_shard": -1}
+    if parallel is not None:  # FSDP2 (and tensor parallel): each rank holds its part, snapshots of its own shards
+        overrides["workload.parallel"] = parallel
     sc = load_scenario("kill-rank", overrides=overrides)
     result = run_scenario(sc, out_dir=work / "burnin")
     fault = result.faults[0]
@@ -418,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_torchrun(work, i, n)
                     else:
                         r = run_burnin(work, spares=system != "burnin-cold", ranks=n,
-                                       sharded=system == "burnin-fsdp")
+                                       parallel={"burnin-fsdp": {"dp_shard": -1},
+                                                 "burnin-tp": {"dp_shard": -1, "tp": 2}}.get(system))
                     runs[str(n)][system].append(r)
                     say(f"{n} ranks, repeat {i + 1}/{args.repeats} {system:11s} total {r['phases']['total_s']:6.2f} s"
                         f"  lost {r['lost_steps']}  " + "  ".join(f"{k} {v:.3f}" for k, v in r["phases"].items()

@@ -267,6 +267,8 @@ _flag_values = {
         "--metrics-textfile": _paths.map(lambda p: p + ".prom" if p and p[-1:].isalnum() else p) | _paths,
         "--pushgateway": st.sampled_from(["http://127.0.0.1:9091", "ftp://x", "http://", "", "x"]),
         "--push-instance": st.sampled_from(["node1", "", " "]),
+        "--resume-from": st.sampled_from(["afile", "/dev/null", "missing", "ro", ".", "", "/proc", "\x00", "loop",
+                                          "a" * 5000]) | _paths,
     },
     "campaign": {
         "--out": _paths | st.text(max_size=12),

@@ -19,8 +19,9 @@ the supervisor, so it outlives any rank. Layout, per rank, two slots written alt
 Sharded: the replicas are bit-identical under DDP, so the model + optimizer image (every tensor's
 bytes, 64-byte aligned, in state-dict order) is cut at tensor boundaries into one contiguous piece
 per rank. Each rank copies and checksums only its piece (1/world_size of the work, in parallel),
-and a restore all-gathers the pieces (so each rank reads only its own files: ranks on several
-machines each read their machine's shared memory). Every rank stores its own RNG state.
+and a restore reads every rank's piece from its slot (the ranks a supervisor starts share the host and
+its shared memory; the ranks first agree that each of them read every piece). Every rank stores its own
+RNG state.
 
 Commit protocol of one slot: mark the header `writing` (with the step), copy the shard and the
 meta, checksum them, mark the header `committed` with the checksum. A rank killed mid-write leaves

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from burnin.core.checkpoints import MANIFEST, Checkpoint, listed, newest_valid, step_dir, verify
-from burnin.errors import CheckpointError, UserError
+from burnin.errors import CheckpointError, UserError, oneline
 from burnin.scenarios.schema import Workload
 
 __all__ = ["Source", "resolve", "install"]
@@ -64,21 +64,26 @@ def resolve(arg: str, scenario: Any) -> tuple[Any, Source]:
     """The checkpoint `arg` names, verified and fit for `scenario`, and the scenario as it will run (in
     tolerance mode when the resume changes the workload). UserError, one line, when it cannot be used."""
     path = Path(arg)
-    if not arg.strip() or not path.exists():
-        raise UserError(f"{FLAG}: {arg!r} does not exist; give a run directory, or one of its checkpoints "
+    try:
+        there, is_run = path.exists(), (path / "checkpoints").is_dir()
+        is_ckpt = (path / MANIFEST).is_file()
+    except (OSError, ValueError):  # a name the file system cannot take (a NUL byte, too long)
+        there = is_run = is_ckpt = False
+    if not arg.strip() or not there:
+        raise UserError(f"{FLAG}: {oneline(arg)!r} does not exist; give a run directory, or one of its checkpoints "
                         "(RUN/checkpoints/step_N)")
-    if (path / "checkpoints").is_dir():
+    if is_run:
         run_dir = path
         ckpt = newest_valid(path / "checkpoints", world_size=None)  # type: ignore[arg-type]
         if ckpt is None:
             found = len(listed(path / "checkpoints"))
             raise UserError(f"{FLAG}: {path}/checkpoints holds no checkpoint that verifies ({found} found); "
                             "give a run directory with a committed checkpoint")
-    elif (path / MANIFEST).is_file() and path.name.startswith("step_") and path.name[5:].isdigit():
+    elif is_ckpt and path.name.startswith("step_") and path.name[5:].isdigit():
         run_dir = path.parent.parent
         ckpt = Checkpoint(int(path.name[5:]), path)
     else:
-        raise UserError(f"{FLAG}: {path} is neither a run directory (with checkpoints/) nor a committed "
+        raise UserError(f"{FLAG}: {oneline(path)} is neither a run directory (with checkpoints/) nor a committed "
                         "checkpoint (checkpoints/step_N with its manifest.json); give one of those")
     try:
         manifest = verify(ckpt)

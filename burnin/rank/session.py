@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from burnin.core.snapshots import SnapshotError, common_step
+from burnin.core.snapshots import SLOTS, SnapshotError, common_step
 from burnin.errors import UserError
 from burnin.faults.base import COLLECTIVE_POINTS
 from burnin.faults.network import NodeInterface
@@ -287,14 +288,20 @@ class Session:
         t0 = time.time()
         if self.save_fn is None or self._dcp:  # (a loop's own writer may keep what snapshots cannot see)
             self.snaps = _open_snapshots(spec, ctx.rank, ctx.world_size, ctx.events)
+        t_open = time.time()
         foreign = spec.get("resume_from")
         tier, start = _choose_resume(self.ckpt_dir, self.snaps, ctx.rank, ctx.world_size, ctx.events,
                                      (foreign["step"], foreign["world_size"]) if foreign else None)
+        t_choose = time.time()
         if tier is not None:
             self._load(tier, start)
         self._tier = tier
         info = ctx.extra.get("resumed", {})
+        # where the load's time went: opening (verifying) this rank's snapshots, agreeing on what to load
+        # (waits for the slowest rank; rank 0 verifies the checkpoint), and reading it into the model
         ctx.events.emit("resumed", from_step=start if tier is not None else None, tier=tier, load_s=time.time() - t0,
+                        open_s=round(t_open - t0, 4), choose_s=round(t_choose - t_open, 4),
+                        read_s=round(time.time() - t_choose, 4),
                         params=sum(p.numel() for p in self.model.parameters()), **info)
         self.start_step, self._resumed = start, True
         return start
@@ -628,20 +635,31 @@ def _choose_resume(ckpt_dir: Path, snaps: Any, rank: int, world_size: int, event
     Collective. Each rank offers the steps of its verified snapshots; rank 0 takes the newest one
     every rank has, verifies only the disk checkpoints newer than it (the newer tier wins; memory
     wins a tie: the same state, cheaper to load), and broadcasts the choice."""
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
     import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
+    # (integers in tensors, one collective each way: the pickled object collectives took two each, and
+    # this is on every recovery's critical path)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     offered: list[Any] = [None] * world_size
-    if snaps is not None:
-        dist.all_gather_object(offered, snaps.steps())
-    choice: list[Any] = [(None, 0)]
+    if snaps is not None:  # each rank's (step, layout digest) of its verified slots
+        mine = [-1] * (2 * SLOTS)
+        for i, (step, layout) in enumerate(sorted(snaps.steps().items())[:SLOTS]):
+            mine[2 * i:2 * i + 2] = [step, zlib.crc32(layout.encode())]
+        rows = [torch.zeros(2 * SLOTS, dtype=torch.int64, device=device) for _ in range(world_size)]
+        dist.all_gather(rows, torch.tensor(mine, dtype=torch.int64, device=device))
+        offered = [{int(r[2 * i]): str(int(r[2 * i + 1])) for i in range(SLOTS) if r[2 * i] >= 0}
+                   for r in (row.tolist() for row in rows)]
+    choice = torch.zeros(2, dtype=torch.int64, device=device)  # (tier: 0 none, 1 memory, 2 disk; step)
     if rank == 0:
         memory = common_step(offered) if snaps is not None else None
         ckpt = checkpoint.newest_valid(
             ckpt_dir, world_size, above=memory, foreign=foreign,
             on_reject=lambda c, why: events.emit("checkpoint_rejected", checkpoint_step=c.step, reason=why))
         if ckpt is not None:
-            choice = [("disk", ckpt.step)]
+            choice[:] = torch.tensor([2, ckpt.step])
         elif memory is not None:
-            choice = [("memory", memory)]
-    dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+            choice[:] = torch.tensor([1, memory])
+    dist.broadcast(choice, src=0)
+    tier, step = choice.tolist()
+    return (None, "memory", "disk")[tier], step
