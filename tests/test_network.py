@@ -112,7 +112,10 @@ def test_nic_down_past_the_timeout_is_a_network_failure_restarted_exactly(tmp_pa
     # future of DDP's all-reduce (the comm hook's callback). Which rank fails first decides the words.
     assert re.search(r"Timed out waiting 10000ms|Application timeout caused pair closure",
                      s["failures"][0]["detail"]), s["failures"]
-    assert 9.5 <= f["detection_latency_s"] <= 20, f  # the 10 s collective timeout, not the 30 s outage
+    # the 10 s collective timeout, not the 30 s outage (bounds a busy machine cannot cross: the timeout
+    # counts from a collective begun at most a step before the link went down, and is over before the link
+    # comes back)
+    assert 9.5 <= f["detection_latency_s"] < 30, f
     # The restart waited for the link to come back rather than fail its rendezvous on a dead link.
     delayed = _first(events, "restart_delayed")
     link_up = _first(events, "fault_action", action="link up")
