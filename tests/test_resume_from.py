@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import processes_of_run, run_cli, run_dir_of, summary_of
+from conftest import main_in, processes_of_run, run_cli, run_dir_of, summary_of
 
 from burnin.core.events import read_events
 from burnin.scenarios import parse_scenario
@@ -67,14 +67,15 @@ BAD = [
 @pytest.mark.parametrize("what,source,target,message", BAD, ids=[b[0] for b in BAD])
 def test_a_checkpoint_that_cannot_be_resumed_is_refused_in_one_line(tmp_path: Path, what: str, source: str | None,
                                                                      target: str, message: str) -> None:
+    """In process, through the checks `burnin run` makes before it starts anything (the subprocess test
+    below runs the real command line)."""
     run_dir = _checkpoint(tmp_path, source) if source is not None else tmp_path / "nowhere"
     scenario = tmp_path / "target.yaml"
     scenario.write_text(target)
     out = tmp_path / "runs"
-    proc = run_cli("run", str(scenario), "--resume-from", str(run_dir), "--out", str(out))
-    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
-    assert proc.stderr.startswith("burnin: error: --resume-from: ") and proc.stderr.count("\n") == 1, proc.stderr
-    assert message in proc.stderr, proc.stderr
+    rc, err = main_in(tmp_path, ["run", str(scenario), "--resume-from", str(run_dir), "--out", str(out)])
+    assert rc == 2 and err.startswith("burnin: error: --resume-from: ") and err.count("\n") == 1, err
+    assert message in err, err
     assert not out.exists()  # nothing started, nothing left behind
 
 
@@ -83,39 +84,42 @@ def test_a_damaged_checkpoint_is_refused_and_a_run_directory_with_none_says_so(t
     (run_dir / "checkpoints" / "step_00000004" / "__1_0.distcp").write_bytes(b"rotten")
     scenario = tmp_path / "target.yaml"
     scenario.write_text("name: x\nworkload: {ranks: 4, steps: 8, batch_size: 4, parallel: {dp_shard: 4}}\n")
-    one = run_cli("run", str(scenario), "--resume-from", str(run_dir / "checkpoints" / "step_00000004"))
-    assert one.returncode == 2 and "does not verify (__1_0.distcp is 6 bytes" in one.stderr, one.stderr
-    whole = run_cli("run", str(scenario), "--resume-from", str(run_dir))
-    assert whole.returncode == 2 and "checkpoints holds no checkpoint that verifies (1 found)" in whole.stderr, whole.stderr
+    out = tmp_path / "runs"
+    one = run_cli("run", str(scenario), "--resume-from", str(run_dir / "checkpoints" / "step_00000004"),
+                  "--out", str(out))
+    assert one.returncode == 2 and one.stdout == "" and one.stderr.count("\n") == 1, one.stdout + one.stderr
+    assert "does not verify (__1_0.distcp is 6 bytes" in one.stderr and not out.exists(), one.stderr
+    rc, err = main_in(tmp_path, ["run", str(scenario), "--resume-from", str(run_dir)])
+    assert rc == 2 and "checkpoints holds no checkpoint that verifies (1 found)" in err, err
 
 
 @pytest.mark.slow
 def test_a_resume_onto_twice_the_ranks_follows_the_trajectory_it_left_and_a_lost_optimizer_state_does_not(
         tmp_path: Path) -> None:
     src = tmp_path / "src.yaml"
-    src.write_text(SOURCE + "checkpoint: {every: 4}\n")
+    src.write_text(SOURCE.replace("steps: 8", "steps: 6") + "checkpoint: {every: 3}\n")
     proc = run_cli("run", str(src), "--out", str(tmp_path / "src"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     source_run = run_dir_of(tmp_path / "src")
 
     # 4 ranks, each half the batch: the same sequences a step, resharded by DCP; killed once
     dst = tmp_path / "dst.yaml"
-    body = ("name: dst\nworkload: {ranks: 4, steps: 12, batch_size: 4, dropout: 0.0, parallel: {dp_shard: 4}}\n"
-            "checkpoint: {every: 4}\n")
-    dst.write_text(body + "faults:\n  - {fault: process.kill, rank: 3, step: 9, expect: recovered}\n")
+    body = ("name: dst\nworkload: {ranks: 4, steps: 10, batch_size: 4, dropout: 0.0, parallel: {dp_shard: 4}}\n"
+            "checkpoint: {every: 3}\n")
+    dst.write_text(body + "faults:\n  - {fault: process.kill, rank: 3, step: 7, expect: recovered}\n")
     proc = run_cli("run", str(dst), "--out", str(tmp_path / "dst"), "--resume-from", str(source_run))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary_of(tmp_path / "dst")
     t = s["tolerance"]
     assert not s["exact"] and s["comparison"] == "tolerance" and t["within"], t
-    assert "resumed at step 8 from a checkpoint of another workload (ranks 2 -> 4" in t["because"], t
+    assert "resumed at step 6 from a checkpoint of another workload (ranks 2 -> 4" in t["because"], t
     assert [f["outcome"] for f in s["faults"]] == ["recovered"]
     events = read_events(run_dir_of(tmp_path / "dst") / "events.jsonl")
     (started,) = [e for e in events if e["event"] == "resume_from"]
-    assert (started["checkpoint_step"], started["written_by_ranks"], started["writer"]) == (8, 2, "dcp")
+    assert (started["checkpoint_step"], started["written_by_ranks"], started["writer"]) == (6, 2, "dcp")
     first = [e for e in events if e["event"] == "resumed" and e.get("attempt") == 0]
-    assert first and all((e["tier"], e["from_step"]) == ("disk", 8) for e in first), first
-    assert "tolerance mode, resumed at step 8" in proc.stdout
+    assert first and all((e["tier"], e["from_step"]) == ("disk", 6) for e in first), first
+    assert "tolerance mode, resumed at step 6" in proc.stdout
     assert processes_of_run(s["run_id"]) == []
 
     # the same resume, the optimizer's moments left behind: the verdict must say no
@@ -126,7 +130,7 @@ def test_a_resume_onto_twice_the_ranks_follows_the_trajectory_it_left_and_a_lost
     assert not t["within"] and t["state_max_rdiff"] > t["state_rtol"], t
 
     # the source's own workload resumed from its own checkpoint: nothing changed, so exact as ever
-    src.write_text(SOURCE.replace("steps: 8", "steps: 12") + "checkpoint: {every: 4}\n")
+    src.write_text(SOURCE.replace("steps: 8", "steps: 10") + "checkpoint: {every: 3}\n")
     proc = run_cli("run", str(src), "--out", str(tmp_path / "again"), "--resume-from", str(source_run))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary_of(tmp_path / "again")
