@@ -127,10 +127,12 @@ def resolve(arg: str, scenario: Any) -> tuple[Any, Source]:
     data_theirs = int(theirs.get("ranks", 0)) // tp_theirs * int(theirs.get("batch_size", 0))
     data_mine = w.ranks // tp_mine * w.batch_size
     if data_theirs != data_mine:
+        per_rank, rest = divmod(data_theirs, w.ranks // tp_mine)
+        fix = f"set batch_size to {per_rank}" if not rest and per_rank else f"choose ranks and batch_size that make {data_theirs}"
         raise UserError(f"{FLAG}: the checkpoint's run trained on {data_theirs} sequences a step "
                         f"({theirs.get('ranks')} ranks / tp {tp_theirs} x batch_size {theirs.get('batch_size')}) and "
                         f"this scenario on {data_mine} ({w.ranks} / {tp_mine} x {w.batch_size}); keep the global "
-                        f"batch: set batch_size to {data_theirs * tp_mine // w.ranks if data_theirs * tp_mine % w.ranks == 0 else 'a value that makes it'} so a step trains on the same sequences")
+                        f"batch: {fix} so a step trains on the same sequences")
     ranks = int(manifest.get("world_size") or 0)
     differ = {k: (theirs.get(k), mine[k]) for k in mine
               if k not in ("steps", "compare", "tolerance") and theirs.get(k) != mine[k]}

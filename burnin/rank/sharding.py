@@ -457,16 +457,19 @@ def _replica_hook(unit: str, inner: Any, hooks: _Hooks) -> Any:
     return hook
 
 
+def _rowwise_dim(weight: Any) -> int | None:
+    """The mesh dimension over which a Linear's weight is cut by input columns (`RowwiseParallel`'s
+    Shard(1)), or None."""
+    if not isinstance(weight, DTensor):
+        return None
+    return next((d for d, pl in enumerate(weight.placements) if pl.is_shard() and pl.dim == 1), None)
+
+
 def tp_layers(model: Any) -> dict[str, Any]:
     """Name -> module of each layer whose forward ends in a tensor-parallel all-reduce: a Linear whose
     weight is cut by input columns (`RowwiseParallel`: a Shard(1) placement), burnin's or a loop's."""
-    out = {}
-    for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, torch.nn.Linear) and isinstance(w, DTensor) and any(
-                pl.is_shard() and getattr(pl, "dim", None) == 1 for pl in w.placements):
-            out[name] = m
-    return out
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and _rowwise_dim(getattr(m, "weight", None)) is not None}
 
 
 def hook_tp(model: Any, fire: Callable[..., None], armed: Callable[[str], bool]) -> list[str]:
@@ -477,9 +480,7 @@ def hook_tp(model: Any, fire: Callable[..., None], armed: Callable[[str], bool])
     forward uses). Returns the layers' names."""
     layers = tp_layers(model)
     for name, layer in layers.items():
-        mesh = next(w.device_mesh for w in [layer.weight])
-        tp_dim = next(d for d, pl in enumerate(layer.weight.placements) if pl.is_shard() and pl.dim == 1)
-        ranks = mesh.size(tp_dim)
+        ranks = layer.weight.device_mesh.size(_rowwise_dim(layer.weight))
 
         def before(module: Any, args: Any, output: Any, name: str = name, ranks: int = ranks) -> None:
             fire("tp_all_reduce", collective=_Call(name, output, None, "tp", ranks, model, "tp"))

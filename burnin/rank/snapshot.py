@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.core.snapshots import (ALIGN, COMMITTED, EMPTY, HEADER_SIZE, SLOTS, WRITING, Blob, Ref, SnapshotError,
-                                   encode_header, load_meta, peek, rank_steps, read_slot, slot_path)
+                                   encode_header, load_meta, newest_slot, peek, rank_steps, read_slot, slot_path)
 
 __all__ = ["RankSnapshots"]
 
@@ -222,9 +222,9 @@ class RankSnapshots:
         for peer in range(self.world_size):
             if peer in parts:
                 continue
+            path = next((p for s, p, _ in newest_slot(self.root, peer) if s == step), None)
             try:
-                found = next((read_slot(slot_path(self.root, peer, k), self.world_size, peer) for k in range(SLOTS)
-                              if (peek(slot_path(self.root, peer, k)) or (0, -1))[:2] == (COMMITTED, step)), None)
+                found = read_slot(path, self.world_size, peer) if path is not None else None
             except SnapshotError as exc:
                 found, why = None, str(exc)
             if found is None or found.meta["layout_crc"] != meta["layout_crc"]:

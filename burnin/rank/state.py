@@ -16,7 +16,8 @@ import torch
 
 from burnin.rank.sharding import global_digest, is_sharded, local
 
-__all__ = ["capture_rank_state", "restore_rank_state", "state_hash", "state_norms", "state_digests", "loss_bits"]
+__all__ = ["capture_rank_state", "restore_rank_state", "state_items", "state_hash", "state_norms", "state_digests",
+           "loss_bits"]
 
 
 def capture_rank_state(step: int) -> dict[str, Any]:
@@ -55,21 +56,22 @@ def _flatten_py_state(st: tuple) -> Iterable[Any]:
     yield gauss
 
 
-def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-           part: tuple[set[str], set[int]] | None = None) -> Iterable[tuple[str, Any]]:
+def state_items(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                part: tuple[set[str], set[int]] | None = None, *, whole: bool = False) -> Iterable[tuple[str, Any]]:
     """(name, value) of every parameter, buffer and optimizer state entry, in a fixed order; of a sharded
-    model (DTensor parameters), this rank's shards. With `part` (state dict keys, optimizer parameter
-    ids), only those."""
+    model (DTensor parameters), this rank's shards (the DTensors themselves with `whole`). With `part`
+    (state dict keys, optimizer parameter ids), only those."""
+    view = (lambda t: t) if whole else local
     for name, t in model.state_dict().items():
         if part is None or name in part[0]:
-            yield f"model.{name}", local(t)
+            yield f"model.{name}", view(t)
     if optimizer is not None:
         osd = optimizer.state_dict()
         for pid in sorted(osd["state"]):
             if part is not None and pid not in part[1]:
                 continue
             for key in sorted(osd["state"][pid]):
-                yield f"optim.{pid}.{key}", local(osd["state"][pid][key])
+                yield f"optim.{pid}.{key}", view(osd["state"][pid][key])
 
 
 def state_hash(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -78,7 +80,7 @@ def state_hash(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
     model, the hash of every rank's shards in rank order, the same on every rank (collective then), or
     with `local_only` of this rank's shards alone (of `part` alone when given: see `_state`)."""
     h = hashlib.sha256()
-    for name, value in _state(model, optimizer, part):
+    for name, value in state_items(model, optimizer, part):
         _update(h, name, value)
     if not local_only and is_sharded(model):
         return global_digest(h.hexdigest())
@@ -102,13 +104,8 @@ def state_norms(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None 
         elif isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
             norms[name] = float(torch.linalg.vector_norm(t.detach().to("cpu", torch.float64)))
 
-    for name, t in model.state_dict().items():
-        add(f"model.{name}", t)
-    if optimizer is not None:
-        osd = optimizer.state_dict()
-        for pid in sorted(osd["state"]):
-            for key in sorted(osd["state"][pid]):
-                add(f"optim.{pid}.{key}", osd["state"][pid][key])
+    for name, t in state_items(model, optimizer, whole=True):
+        add(name, t)
     return norms
 
 
@@ -121,7 +118,7 @@ def state_digests(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
         _update(h, name, value)
         out[name] = h.hexdigest()[:12]
 
-    for name, t in _state(model, optimizer):
+    for name, t in state_items(model, optimizer):
         add(name, t)
     rng = capture_rank_state(0)
     add("rng.torch", rng["torch_rng"])
