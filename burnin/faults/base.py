@@ -30,6 +30,7 @@ COLLECTIVE_POINTS: tuple[str, ...] = (
     "reduce_scatter",        # a unit's gradients reduced and scattered over the shard group (backward)
     "replica_all_reduce",    # HSDP: a unit's gradient shards all-reduced across the replicate group
     "tp_all_reduce",         # tensor parallel: a rowwise layer's partial outputs summed over the tp group (forward)
+    "ft_all_reduce",         # recovery.mode external: torchft's all-reduce of a group's gradients across the groups
 )
 
 #: Every point a fault may name.

@@ -22,7 +22,7 @@ from burnin.core.procs import run_tool
 from burnin.errors import HarnessError
 from burnin.faults.base import Fault
 
-__all__ = ["LinkDown", "Blackhole", "Throttle", "Partition", "SIMULATED", "simulate", "rate_bits", "NodeInterface"]
+__all__ = ["LinkDown", "Blackhole", "Throttle", "Partition", "CoordinatorCut", "SIMULATED", "simulate", "rate_bits", "NodeInterface"]
 
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}  # tc's units: SI, bits per second
@@ -162,6 +162,32 @@ class Partition(_NetworkEffect, Fault):
         return {**details, "duration_s": self.params.duration_s}
 
 
+class CoordinatorCutParams(_Params):
+    duration_s: float = Field(8.0, gt=0, le=3600, description="how long the group cannot reach the coordinator")
+
+
+class CoordinatorCut(Fault):
+    """Cut a replica group off from the coordinator of its fault tolerance (torchft's lighthouse) for
+    `duration_s` (recovery.mode external): the group's connections to the lighthouse pass through a
+    relay of burnin's, which stops moving their bytes for the duration (a blackhole: nothing is refused
+    or reset, packets just go nowhere, then flow again). The group still reaches its peers."""
+
+    name = "network.coordinator_cut"
+    summary = "recovery.mode external: cut the target rank's replica group off from the lighthouse for duration_s"
+    where = "out_of_rank"
+    Params = CoordinatorCutParams
+    effects = ("network", "hang", "timeout")
+    effect_scope = "group"
+    changes_state = False
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        cut = getattr(ctx, "cut_coordinator", None)
+        if cut is None:
+            raise HarnessError(f"{self.name} acts on the link between a replica group and its coordinator, which "
+                               "only an external-recovery run has (recovery.mode: external)")
+        return cut(self.params.duration_s)
+
+
 # -- simulated variants: no namespaces, the collective level only --------------------------------------
 
 def _collective_timeout() -> float:
@@ -285,4 +311,4 @@ class NodeInterface:
 
 #: The faults this module adds to the built-in catalogue (`burnin.faults.registry` registers them).
 FAULTS = (LinkDown, Blackhole, Throttle, Partition, SimulatedLinkDown, SimulatedBlackhole, SimulatedPartition,
-          SimulatedThrottle)
+          SimulatedThrottle, CoordinatorCut)

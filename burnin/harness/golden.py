@@ -94,7 +94,7 @@ def _environment() -> dict[str, Any]:
 
 #: The rank-side sources that decide a run's bits (besides every file of kernels/ and integrations/).
 BIT_SOURCES = ("rank/worker.py", "rank/session.py", "rank/workload.py", "rank/state.py", "rank/guard.py",
-               "rank/campaign_worker.py")
+               "rank/campaign_worker.py", "rank/external.py")
 
 
 def _code_fingerprint() -> str:
@@ -118,7 +118,10 @@ def golden_key(scenario: Scenario) -> str:
     if scenario.workload.entry is not None:
         extra["entry"] = entry_fingerprint(scenario.workload.entry)
         # a framework's loop: its version decides bits too (Lightning's resume changed between 2.4 and 2.5)
-        extra["frameworks"] = {pkg: _version(pkg) for pkg in ("lightning", "pytorch-lightning")}
+        extra["frameworks"] = {pkg: _version(pkg) for pkg in ("lightning", "pytorch-lightning", "torchft")}
+    if scenario.recovery.mode == "external":  # the groups split the batch: their number changes the bits
+        extra["external"] = {"system": scenario.recovery.external.system,
+                             "replica_groups": scenario.recovery.external.replica_groups}
     return scenario.golden_key(extra=extra)
 
 
@@ -152,7 +155,7 @@ def record_from_events(events: list[dict[str, Any]], key: str) -> GoldenRecord:
             t0 = ev["t"]
         elif kind == "run_finished":
             t1 = ev["t"]
-        elif kind == "step_done":
+        elif kind == "step_done" and ev.get("committed", True):  # (a torchft step not committed is not one)
             loss.setdefault(str(ev["rank"]), {})[str(ev["step"])] = ev["loss_bits"]
             if ev["rank"] == 0:
                 final_loss = ev["loss"]
@@ -205,6 +208,17 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     failed = False
     try:
+        if scenario.recovery.mode == "external":  # the system under test, fault-free: its groups, its lighthouse
+            from burnin.harness.external import ExternalRun  # lazy: a module of its own for the torchft launcher
+
+            if not ExternalRun(clean, run_dir, f"golden-{key}-{os.getpid()}", on_event=on_event, golden=True).run():
+                raise HarnessError(f"the golden (fault-free) run of the system under test did not finish; see "
+                                   f"{run_dir}/logs/ and {run_dir}/events.jsonl")
+            record = record_from_events(read_events(run_dir / "events.jsonl"), key)
+            tmp.write_text(record.to_json())
+            os.replace(tmp, path)
+            _prune_quietly()
+            return record, False
         sup = Supervisor(clean, run_dir, run_id=f"golden-{key}-{os.getpid()}", golden=True, on_event=on_event,
                          pool=pool)
         if not sup.run():

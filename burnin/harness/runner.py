@@ -21,6 +21,7 @@ from typing import Any, Callable
 from burnin.core.events import read_events
 from burnin.errors import UserError
 from burnin.harness import torchrun
+from burnin.harness.external import ExternalRun, lighthouse_binary
 from burnin.harness.fabric import choose_fabric
 from burnin.harness.golden import GoldenRecord, get_golden, golden_cached, golden_key
 from burnin.harness.preflight import check_device, check_out_dir
@@ -60,6 +61,9 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     run_id = run_id or new_run_id(scenario.name)
     scenario, fabric = choose_fabric(scenario, run_id)
     check_device(scenario)
+    external = scenario.recovery.mode == "external"
+    if external:
+        lighthouse_binary()  # torchft missing: one line, before anything starts
     out = check_out_dir(out_dir)
     metrics = Metrics()
     metrics.set_run(scenario.name, run_id)
@@ -91,10 +95,14 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
                       "t": time.time()})
         if resume_from is not None:  # another run's checkpoint: the newest of this run's (resume_from.install)
             install(resume_from, run_dir / "checkpoints")
-        supervisor = Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric, pool=pool,
-                                resume_from=resume_from)
-        supervisor.run()
-        if supervisor.usage_error is not None:
+        if external:  # the system under test recovers itself: launched, disturbed, watched
+            ExternalRun(scenario, run_dir, run_id, on_event=on_event).run()
+            supervisor = None
+        else:
+            supervisor = Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric,
+                                    pool=pool, resume_from=resume_from)
+            supervisor.run()
+        if supervisor is not None and supervisor.usage_error is not None:
             usage = f"{scenario.workload.entry or scenario.name}: {supervisor.usage_error} (run directory {run_dir})"
     except (KeyboardInterrupt, _Terminated) as exc:
         if pool is not None:

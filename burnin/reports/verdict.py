@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from burnin.reports.attribution import pin_detection
+from burnin.reports.external import judge_external
 from burnin.reports.result import Expectation, Failure, FaultResult, RecoveryBreakdown, RunResult
 from burnin.scenarios.burn_in import burn_in_run
 
@@ -32,6 +33,9 @@ def _outcome(injected: bool, detected: bool, finished: bool, exact: bool) -> str
 
 def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: str, run_dir: str,
           config_hash: str, error: str | None = None) -> RunResult:
+    if scenario.recovery.mode == "external":  # the system under test recovered itself: its invariants
+        return judge_external(events, scenario, golden, run_id=run_id, run_dir=run_dir, config_hash=config_hash,
+                              error=error)
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for ev in events:
         by_kind[ev.get("event", "")].append(ev)
@@ -134,13 +138,14 @@ def _tolerance(tol: Any, losses: dict[int, dict[int, str]], final: dict[str, Any
     if golden is None:
         out["why"] = "no golden run"
         return out
-    if sorted(map(str, losses)) == sorted(golden.loss_bits):
+    if tol.window == 1 and sorted(map(str, losses)) == sorted(golden.loss_bits):
         diffs = [(_rdiff(_bits_float(bits), _bits_float(golden.loss_bits[str(rank)][str(step)])), step)
                  for rank, steps in losses.items() for step, bits in steps.items()
                  if str(step) in golden.loss_bits.get(str(rank), {})]
     else:  # another world size (a resume onto another mesh): each step's loss over all ranks, the global batch's
         mine_mean, ref_mean = _step_means(losses), _step_means(
             {int(r): {int(s): b for s, b in steps.items()} for r, steps in golden.loss_bits.items()})
+        mine_mean, ref_mean = windowed(mine_mean, tol.window), windowed(ref_mean, tol.window)
         diffs = [(_rdiff(loss, ref_mean[step]), step) for step, loss in mine_mean.items() if step in ref_mean]
     out["loss_max_rdiff"], out["loss_worst_step"] = max(diffs, default=(0.0, None))
     mine, theirs = (final or {}).get("state_norms"), golden.state_norms
@@ -166,6 +171,17 @@ def _step_means(losses: dict[int, dict[int, str]]) -> dict[int, float]:
     """Each step's mean loss over the ranks (the steps every rank ran)."""
     steps = set.intersection(*(set(s) for s in losses.values())) if losses else set()
     return {step: sum(_bits_float(s[step]) for s in losses.values()) / len(losses) for step in sorted(steps)}
+
+
+def windowed(means: dict[int, float], window: int) -> dict[int, float]:
+    """Step means averaged over windows of `window` steps, keyed by each window's first step (a window
+    counts the steps of it that were run)."""
+    if window == 1:
+        return means
+    acc: dict[int, list[float]] = defaultdict(list)
+    for step, value in means.items():
+        acc[step - step % window].append(value)
+    return {start: sum(v) / len(v) for start, v in acc.items()}
 
 
 def tolerance_text(t: dict[str, Any]) -> str:

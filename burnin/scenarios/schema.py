@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 #: Every injected fault ends in exactly one of these (see docs/architecture.md).
-OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed")
-Outcome = Literal["recovered", "masked", "detected", "sdc", "failed"]
+OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed", "degraded")
+Outcome = Literal["recovered", "masked", "detected", "sdc", "failed", "degraded"]
 MODEL_PRESETS = ("tiny", "small", "gpt2-124m")
 
 MAX_RANKS = 64
@@ -78,6 +78,10 @@ class Tolerance(_Model):
                                                             "of the golden run's loss at that step")
     state_rtol: float = Field(0.01, gt=0, le=10, description="each final tensor's L2 norm within this relative "
                                                              "difference of the golden run's")
+    window: int = Field(1, ge=1, le=100_000, description="compare the loss averaged over windows of this many "
+                                                         "steps (over every rank), not step by step: a run whose "
+                                                         "batch changed (a replica group out) follows the golden "
+                                                         "curve, not its step-to-step noise")
 
 
 _ENTRY = r"^(?:[^\x00]*\.py|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*)$"
@@ -186,10 +190,51 @@ class Checkpointing(_Model):
                            "once every rank's write is done")
 
 
+#: recovery.mode external: what an observer can inject into a loop that recovers itself, where, and on what
+EXTERNAL_FAULTS = ("process.kill", "process.hang", "process.exception", "process.straggler", "corruption.bitflip",
+                   "corruption.nan", "network.coordinator_cut")
+EXTERNAL_ONLY = ("network.coordinator_cut",)
+EXTERNAL_POINTS = ("before_forward", "after_backward", "ft_all_reduce", "after_allreduce", "after_optimizer_step",
+                   "between_steps")
+EXTERNAL_TARGETS = ("param", "optimizer_state", "allreduce_payload", "grad_reduced", "activation", "batch")
+
+
+class Lighthouse(_Model):
+    """torchft's lighthouse, as burnin starts it (`torchft_lighthouse` flags of the same names)."""
+
+    min_replicas: int = Field(1, ge=1, le=1024, description="replica groups a quorum needs")
+    join_timeout_ms: int = Field(5000, ge=1, le=3_600_000, description="how long a quorum waits for stragglers")
+    quorum_tick_ms: int = Field(100, ge=1, le=60_000, description="how often it checks for a quorum")
+    heartbeat_timeout_ms: int = Field(5000, ge=1, le=3_600_000,
+                                      description="a replica group silent this long is out of the quorum")
+
+
+class External(_Model):
+    """recovery.mode external: the system under test recovers itself. burnin starts it (the lighthouse, one
+    torchrun per replica group), injects, watches and judges; it restarts and restores nothing."""
+
+    system: Literal["torchft"] = Field("torchft", description="the fault tolerance under test")
+    replica_groups: int = Field(2, ge=1, le=64, description="replica groups (each one torchrun of "
+                                                            "workload.ranks / replica_groups ranks)")
+    max_restarts: int = Field(3, ge=0, le=1000, description="torchrun's --max-restarts, per replica group")
+    group_restarts: int = Field(
+        3, ge=0, le=1000, description="the scheduler's part (torchx, Kubernetes): a replica group whose torchrun "
+                                      "exits with a failure (it gave up, or its watchdog ended it) is started "
+                                      "again, this many times at most")
+    watchdog: bool = Field(True, description="turn on torchelastic's file timer (TORCHELASTIC_ENABLE_FILE_TIMER), "
+                                             "so a loop that runs its steps under `expires()` has a hung rank "
+                                             "killed by its agent (which then ends itself: the group's restart is "
+                                             "group_restarts')")
+    lighthouse: Lighthouse = Field(default_factory=Lighthouse)
+
+
 class Recovery(_Model):
-    mode: Literal["restart", "rollback", "none"] = Field(
+    mode: Literal["restart", "rollback", "none", "external"] = Field(
         "restart", description="restart the group from the newest valid checkpoint; roll back in process to the "
-                               "last verified step (detected corruption); or stop")
+                               "last verified step (detected corruption); stop; or external: the system under "
+                               "test recovers (torchft), burnin only injects, watches and judges")
+    external: External | None = Field(None, description="recovery.mode external: the system under test and how "
+                                                         "burnin starts it (default: torchft, 2 replica groups)")
     max_restarts: int = Field(3, ge=0, le=1000)
     max_rollbacks: int = Field(10, ge=0, le=100_000, description="rollback mode: in-process rollbacks before giving up")
     spares: bool | None = Field(
@@ -481,6 +526,58 @@ class Scenario(_Model):
     faults: list[FaultSpec] = Field(default_factory=list, max_length=10_000)
     expect: Expect = Field(default_factory=Expect)
     debug: Debug = Field(default_factory=Debug)
+
+    @model_validator(mode="after")
+    def _external_fits(self) -> "Scenario":
+        """recovery.mode external: a loop of the user's, launched as replica groups, with the faults an
+        observer can inject into it (EXTERNAL_FAULTS); the coordinator cut exists only there."""
+        rec = self.recovery
+        if rec.mode != "external":
+            if rec.external is not None:
+                raise invalid(("recovery", "external"), "describes the system that recovers under recovery.mode: "
+                                                        "external; set the mode, or drop external")
+            for i, f in enumerate(self.faults):
+                if f.fault in EXTERNAL_ONLY:
+                    raise invalid(("faults", i, "fault"), f"{f.fault} cuts a replica group off from its "
+                                                          "coordinator, which only recovery.mode: external has")
+                if f.point == "ft_all_reduce":
+                    raise invalid(("faults", i, "point"), "ft_all_reduce is torchft's all-reduce across replica "
+                                                          "groups, which only recovery.mode: external has")
+            return self
+        if rec.external is None:
+            rec.external = External()
+        ext = rec.external
+        if self.workload.entry is None:
+            raise invalid(("workload", "entry"), "recovery.mode external runs a loop of yours that recovers itself "
+                                                 "(torchft: see examples/torchft/train.py); name it in workload.entry")
+        if self.workload.ranks % ext.replica_groups:
+            raise invalid(("recovery", "external", "replica_groups"),
+                          f"{ext.replica_groups} replica groups do not divide workload.ranks={self.workload.ranks}; "
+                          f"give each group the same number of ranks")
+        if ext.lighthouse.min_replicas > ext.replica_groups:
+            raise invalid(("recovery", "external", "lighthouse", "min_replicas"),
+                          f"{ext.lighthouse.min_replicas} is more than the {ext.replica_groups} replica groups: no "
+                          "quorum could form")
+        for what, value in (("campaign", self.campaign), ("burn_in", self.burn_in)):
+            if value is not None:
+                raise invalid((what,), f"recovery.mode external is judged by `burnin run`; drop {what}")
+        for i, f in enumerate(self.faults):
+            if f.fault not in EXTERNAL_FAULTS:
+                raise invalid(("faults", i, "fault"), f"{f.fault} cannot act on a loop burnin does not run the "
+                                                      f"recovery of; recovery.mode external takes "
+                                                      f"{', '.join(EXTERNAL_FAULTS)}")
+            target = f.params.get("target")
+            if target is not None and target not in EXTERNAL_TARGETS:
+                raise invalid(("faults", i, "params", "target"),
+                              f"{target} is not at hand in a torchft loop; use one of {', '.join(EXTERNAL_TARGETS)} "
+                              "(allreduce_payload: the buffer the group sends into the cross-group all-reduce)")
+            if f.point is not None and f.point not in EXTERNAL_POINTS:
+                raise invalid(("faults", i, "point"), f"{f.point} is not a point of a torchft loop; use one of "
+                                                      f"{', '.join(EXTERNAL_POINTS)}")
+            if f.point == "ft_all_reduce" and not f.fault.startswith("process."):
+                raise invalid(("faults", i, "point"), "ft_all_reduce takes the process faults; a corruption of what "
+                                                      "the group sends is target allreduce_payload (at after_backward)")
+        return self
 
     @model_validator(mode="after")
     def _faults_fit_workload(self) -> "Scenario":
