@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,lightning]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,lightning,torchft]'
 	touch $(STAMP)
 
 demo: setup

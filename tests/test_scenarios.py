@@ -177,7 +177,7 @@ BAD_CASES = [
     ("unknown-fault.yaml", 6, "faults.0.fault", "did you mean 'process.kill'?"),
     ("bad-param-value.yaml", 8, "faults.0.params.mode", "'flip', 'truncate' or 'delete' (got 'shred')"),
     ("unknown-param.yaml", 8, "faults.0.params.delay", "did you mean 'delay_s'?"),
-    ("bad-point.yaml", 7, "faults.0.point", "acts at between_steps (or inside a sharded model's all_gather, reduce_scatter, replica_all_reduce, tp_all_reduce), not at 'after_backward'"),
+    ("bad-point.yaml", 7, "faults.0.point", "acts at between_steps (or inside a sharded model's all_gather, reduce_scatter, replica_all_reduce, tp_all_reduce, ft_all_reduce), not at 'after_backward'"),
     ("duplicate-key.yaml", 7, "workload.steps", "duplicate key 'steps' (first at line 5)"),
     ("yaml-syntax.yaml", 6, None, "YAML syntax error"),
     ("tab-indent.yaml", 3, None, "YAML syntax error"),

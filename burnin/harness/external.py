@@ -100,6 +100,8 @@ class Relay:
         self._listen.listen(64)
         self.port = self._listen.getsockname()[1]
         self._cut_until = 0.0
+        self.bytes_up = 0  # what the group sent the lighthouse: its manager is heartbeating once this moves
+        self._clients: set[socket.socket] = set()
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
         self._thread = threading.Thread(target=self._serve, daemon=True, name=f"relay-{self.port}")
@@ -140,6 +142,8 @@ class Relay:
                     data = sock.recv(65536)
                     if data and other is not None:
                         other.sendall(data)
+                        if sock in self._clients:
+                            self.bytes_up += len(data)
                 except OSError:
                     data = b""
                 if not data:
@@ -157,6 +161,7 @@ class Relay:
             client.close()
             return
         self._socks.append(up)
+        self._clients.add(client)
         peers[client], peers[up] = up, client
         sel.register(client, selectors.EVENT_READ, None)
         sel.register(up, selectors.EVENT_READ, None)
@@ -309,22 +314,35 @@ class ExternalRun:
         tails: dict[Path, Tail] = {}
         pending = [] if self.golden else [(i, f) for i, f in enumerate(sc.faults) if f.fault in EXTERNAL_ONLY]
         reached: dict[int, int] = {}  # rank -> newest step it committed
+        full: dict[int, bool] = {}     # rank -> whether every group took part in that step
         exited: set[int] = set()
         launches = [0] * self.groups
         deadline = t0 + sc.timeouts.run_s
+        started: set[int] = set()
+        go, heartbeats = self.run_dir / "ranks" / "go", None
         while len(exited) < len(self.agents):
+            # the gang start: every rank up and every group's manager talking to the lighthouse, then a few
+            # heartbeats more, so the lighthouse counts every group before the first quorum
+            if not go.exists() and len(started) == sc.workload.ranks and all(r.bytes_up for r in self.relays):
+                heartbeats = heartbeats or time.monotonic()
+                if time.monotonic() - heartbeats > 0.5:
+                    go.write_text("go")
+                    self._emit("gang_started")
             for path in sorted((self.run_dir / "ranks").glob("rank*.jsonl")):
                 tail = tails.setdefault(path, Tail(path))
                 for ev in tail.read():
+                    if ev.get("event") == "rank_started":
+                        started.add(ev["rank"])
                     if ev.get("event") == "step_done" and ev.get("committed"):
                         reached[ev["rank"]] = max(reached.get(ev["rank"], -1), ev["step"])
+                        full[ev["rank"]] = ev.get("participants", 0) >= self.groups
                     if self.on_event and ev.get("event") in ("step_done", "fault_injected", "ft_heal_started",
                                                              "ft_healed", "rank_started", "rank_finished"):
                         self.on_event(ev)
-            for i, f in list(pending):
-                if reached.get(f.rank, -1) >= f.step - 1:
+            for i, f in list(pending):  # at its step, or later once every group takes part (the ranks' rule)
+                if reached.get(f.rank, -1) >= f.step - 1 and full.get(f.rank, False):
                     pending.remove((i, f))
-                    self._fire(i, f)
+                    self._fire(i, f, reached[f.rank])
             for g, agent in enumerate(self.agents):
                 if g in exited or agent.poll() is None:
                     continue
@@ -369,14 +387,15 @@ class ExternalRun:
             time.sleep(POLL_S)
         return left
 
-    def _fire(self, index: int, spec: Any) -> None:
+    def _fire(self, index: int, spec: Any, reached: int) -> None:
         g = spec.rank // self.per_group
         fault = spec.build()
 
         def healed(seconds: float, details: dict[str, Any]) -> None:
             threading.Timer(seconds, lambda: self._emit("coordinator_restored", fault_index=index, **details)).start()
 
-        self._emit("fault_injected", fault_index=index, fault=fault.name, step=spec.step, point="between_steps",
+        self._emit("fault_injected", fault_index=index, fault=fault.name, step=max(spec.step, reached + 1),
+                   point="between_steps",
                    rank=spec.rank, where="launcher", simulated=False)
         try:
             details = fault.inject(_CutContext(self.relays[g], g, healed))

@@ -114,6 +114,8 @@ class Observer:
             return
         from burnin.rank.injector import Injector  # the fault registry: imported only under burnin
 
+        _Deferring = _deferring(Injector)
+
         self.spec = spec
         sc = spec["scenario"]
         per_group = spec["ranks_per_group"]
@@ -132,25 +134,25 @@ class Observer:
         self.events = _Events(EventWriter(path, rank=self.rank, attempt=attempt, group=self.group))
         self.events.emit("rank_started", pid=os.getpid(), host=socket.gethostname(), group_rank=self.group_rank,
                          step=self.step, restart_count=attempt)
-        if attempt == 0:
-            self._gang_start(run_dir, spec["world_size"], sc["timeouts"]["connect_s"])
-        self.injector = Injector(sc["faults"], self.rank, spec["world_size"], self.events, fired,
-                                 go_timeout_s=sc["timeouts"]["connect_s"], supervised=False, self_inflicted=True)
+        self._gang_start(run_dir, sc["timeouts"]["connect_s"])
+        self.injector = _Deferring(sc["faults"], self.rank, spec["world_size"], self.events, fired,
+                                   go_timeout_s=sc["timeouts"]["connect_s"], supervised=False, self_inflicted=True)
+        groups = sc["recovery"]["external"]["replica_groups"]
+        self.injector.ready = lambda: manager.num_participants() >= groups
         self._hook()
 
-    def _gang_start(self, run_dir: Path, world: int, timeout_s: float) -> None:
-        """The first launch trains once every rank of every group is up, as a scheduler's gang start
-        would have it: a group that is slow to import must not find the others steps ahead (and a fault
-        meant for its step 8 skipped) before anything went wrong. A restarted group does not wait."""
+    def _gang_start(self, run_dir: Path, timeout_s: float) -> None:
+        """The first launch trains once every rank of every group is up and every group's manager is
+        heartbeating to the lighthouse (the launcher writes `ranks/go` then), as a scheduler's gang start
+        would have it: a group that is slow to start must not find the others steps ahead (and a fault
+        meant for its step 8 skipped) before anything went wrong. A group started again finds it there."""
+        go = run_dir / "ranks" / "go"
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            paths = [run_dir / "ranks" / f"rank{r}.jsonl" for r in range(world)]
-            up = sum(1 for p in paths if p.exists() and any(ev.get("event") == "rank_started" for ev in read_events(p)))
-            if up == world:
-                return
+        while not go.exists():
+            if time.monotonic() > deadline:
+                raise UserError(f"burnin.rank.observe: the run did not start within timeouts.connect_s={timeout_s:g} s "
+                                f"(not every rank of every group was up); see the groups' logs in {run_dir}/logs")
             time.sleep(0.05)
-        raise UserError(f"burnin.rank.observe: not every rank of the run was up within timeouts.connect_s="
-                        f"{timeout_s:g} s; see the groups' logs in {run_dir}/logs")
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -242,6 +244,21 @@ class Observer:
         self.events.emit("rank_finished", final_step=self.manager.current_step() - 1,
                          state_hash=state_hash(self.model, self.inner),
                          state_norms=state_norms(self.model, self.inner))
+
+
+def _deferring(base: type) -> type:
+    class Deferring(base):  # type: ignore[misc, valid-type]
+        """The fault schedule of a loop that heals past steps: a fault is due at its step or at the first
+        step after it at which every replica group takes part again (`ready`), so faults do not pile up
+        on a group that is still out, and a fault whose step the group skipped while it healed fires
+        once it is back, at the step it is at."""
+
+        ready: Any = staticmethod(lambda: True)
+
+        def _due(self, index: int, fault: Any, spec: dict[str, Any], step: int) -> bool:
+            return index not in self.fired and step >= spec["step"] and self.ready()
+
+    return Deferring
 
 
 class _Outgoing:

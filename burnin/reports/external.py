@@ -84,20 +84,19 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
     final_hashes = {r: ev["state_hash"] for r, ev in finals.items()}
     agree_msg = "every rank that committed a step holds the same state after it; the final states agree"
     agree_ok = disagree is None and len(set(final_hashes.values())) <= 1
-    broke: list[tuple[float, int, str]] = []  # (time, group, invariant): what an invariant's breach points at
+    broke: list[tuple[float, set[int], str]] = []  # (time, groups, invariant): what an invariant's breach points at
     if disagree is not None:
         s, by_hash = disagree
         parts = "; ".join(f"ranks {sorted({r for r, _ in c})} (quorum {', '.join(map(str, sorted({str(q) for _, q in c})))}) "
                           f"hold {h[:12]}" for h, c in by_hash.items())
         agree_msg = f"step {s} was committed with different states: {parts}"
-        # the breach is the later history's: the commits of the step made last
-        late = max(by_hash, key=lambda h: max(ev["t"] for ev in committed if ev["step"] == s and ev["state_hash"] == h))
-        t = max(ev["t"] for ev in committed if ev["step"] == s and ev["state_hash"] == late)
-        broke.append((t, by_hash[late][0][0] // per, "replica groups agree"))
+        # every group that committed the step is in the breach; it happened when the second state appeared
+        t = sorted(min(ev["t"] for ev in committed if ev["step"] == s and ev["state_hash"] == h) for h in by_hash)[1]
+        broke.append((t, {r // per for c in by_hash.values() for r, _ in c}, "replica groups agree"))
     elif not agree_ok:
         agree_msg = f"the final states differ: { {r: h[:12] for r, h in sorted(final_hashes.items())} }"
         odd_rank = min(final_hashes, key=lambda r: list(final_hashes.values()).count(final_hashes[r]))
-        broke.append((finals[odd_rank]["t"], odd_rank // per, "replica groups agree"))
+        broke.append((finals[odd_rank]["t"], {r // per for r in final_hashes}, "replica groups agree"))
 
     # 2. no update outside the quorum
     quorums: dict[int, dict[int, set[int]]] = defaultdict(dict)  # rank -> quorum id -> member groups
@@ -113,7 +112,7 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
             outside.append((ev, f"rank {ev['rank']} committed step {ev['step']} in quorum {ev.get('quorum_id')}, "
                                 f"whose members are groups {sorted(quorums[ev['rank']][ev['quorum_id']])}"))
     if outside:
-        broke.append((outside[0][0]["t"], outside[0][0]["rank"] // per, "no update outside the quorum"))
+        broke.append((outside[0][0]["t"], {outside[0][0]["rank"] // per}, "no update outside the quorum"))
     quorum_msg = (f"{len(outside)} update(s) outside a committed quorum; the first: {outside[0][1]}" if outside else
                   f"{len(committed)} commits, each in a quorum of the rank's group; no update without a commit")
 
@@ -228,7 +227,7 @@ def _golden_means(golden: Any) -> dict[int, float]:
 
 
 def _fault(i: int, spec: Any, by: dict[str, list[dict[str, Any]]], per: int, groups: int, finished: bool,
-           invariants_ok: bool, within: bool, broke: list[tuple[float, int, str]]) -> FaultResult:
+           invariants_ok: bool, within: bool, broke: list[tuple[float, set[int], str]]) -> FaultResult:
     fault = spec.build()
     g = spec.rank // per
     inj = next((ev for ev in by["fault_injected"] if ev.get("fault_index") == i), None)
@@ -254,7 +253,7 @@ def _fault(i: int, spec: Any, by: dict[str, list[dict[str, Any]]], per: int, gro
         healed or heal or inj)["t"] and ev.get("participants") == groups), None) if t_detect or heal else None
     restarted = next((ev["t"] for ev in by["rank_started"] if mine(ev) and ev["t"] > t0), None)
     dropped = t_detect is not None or heal is not None or restarted is not None
-    breach = next(((t, inv) for t, bg, inv in broke if bg == g and t >= t0), None)
+    breach = next(((t, inv) for t, gs, inv in broke if g in gs and t >= t0), None)
     if dropped:
         t_back = heal["t"] if heal else None
         phases = {"detection_s": (t_detect - t0) if t_detect else None,
@@ -283,7 +282,7 @@ def _fault(i: int, spec: Any, by: dict[str, list[dict[str, Any]]], per: int, gro
     elif dropped and (heal is None or full is None):
         res.outcome, res.details["why"] = "failed", f"group {g} never came back to full participation"
     elif not invariants_ok:
-        res.outcome, res.details["why"] = "failed", "an invariant broke"
+        res.outcome, res.details["why"] = "failed", "an invariant broke (in another group, or before this fault)"
     elif not within:
         res.outcome, res.details["why"] = "degraded", "finished outside tolerance"
     else:

@@ -235,6 +235,13 @@ class Recovery(_Model):
                                "test recovers (torchft), burnin only injects, watches and judges")
     external: External | None = Field(None, description="recovery.mode external: the system under test and how "
                                                          "burnin starts it (default: torchft, 2 replica groups)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _external_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") == "external" and data.get("external") is None:
+            return {**data, "external": {}}
+        return data
     max_restarts: int = Field(3, ge=0, le=1000)
     max_rollbacks: int = Field(10, ge=0, le=100_000, description="rollback mode: in-process rollbacks before giving up")
     spares: bool | None = Field(
@@ -544,8 +551,6 @@ class Scenario(_Model):
                     raise invalid(("faults", i, "point"), "ft_all_reduce is torchft's all-reduce across replica "
                                                           "groups, which only recovery.mode: external has")
             return self
-        if rec.external is None:
-            rec.external = External()
         ext = rec.external
         if self.workload.entry is None:
             raise invalid(("workload", "entry"), "recovery.mode external runs a loop of yours that recovers itself "

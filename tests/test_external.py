@@ -1,0 +1,264 @@
+"""torchft under burnin (`recovery.mode: external`): the system under test heals itself, burnin judges it.
+
+Real runs of examples/torchft/train.py: a torchft lighthouse and one torchrun per replica group, started
+by burnin; a kill, a hang (ended by torchelastic's watchdog) and a cut from the lighthouse, each healed
+by torchft from the live group, judged by the invariants and exit 0 with nothing left running; a loop
+that skips the heal, judged failed by the cross-group fingerprint, exit 1. The verdict's invariants are
+also checked one by one on event logs that break each of them, and the scenario checks that refuse
+what external mode cannot run, in one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import CI, run_cli, run_dir_of, summary_of
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "torchft"
+
+#: Two groups of one rank each, paced so a group's restart (seconds) costs tens of steps, not hundreds.
+HEALED = """\
+name: torchft-healed
+workload:
+  entry: train.py
+  args: [--step-time, "0.1", --watchdog, "10"]
+  ranks: 2
+  steps: 420
+  tolerance: {window: 20, loss_rtol: 0.25, state_rtol: 0.1}
+recovery:
+  mode: external
+  external:
+    replica_groups: 2
+    lighthouse: {min_replicas: 1, join_timeout_ms: 6000, heartbeat_timeout_ms: 2000}
+timeouts: {run_s: 400}
+faults:
+  - {fault: process.kill, rank: 1, step: 5, expect: recovered}
+  - {fault: process.hang, rank: 0, step: 10, point: ft_all_reduce, expect: recovered}
+  - {fault: network.coordinator_cut, rank: 1, step: 15, params: {duration_s: 4}, expect: recovered}
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torchft() -> None:
+    if importlib.util.find_spec("torchft") is None:
+        msg = "needs torchft (the `torchft` extra: pip install -e '.[dev,torchft]', as `make setup` does)"
+        if CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def _left_running(run_dir: Path) -> list[int]:
+    from burnin.harness.external import run_processes
+
+    return run_processes(run_dir / "external.json")
+
+
+@pytest.mark.slow
+def test_kill_hang_and_cut_healed_by_torchft_pass_with_nothing_left(tmp_path: Path) -> None:
+    shutil.copy(EXAMPLE / "train.py", tmp_path / "train.py")
+    (tmp_path / "s.yaml").write_text(HEALED)
+    proc = run_cli("run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), timeout=900)
+    run_dir = run_dir_of(tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _left_running(run_dir) == []
+    s = summary_of(tmp_path / "out")
+    assert s["comparison"] == "tolerance" and not s["exact"]  # never called exact
+    checks = {e["name"]: e for e in s["expectations"]}
+    for name in ("replica groups agree", "no update outside the quorum", "loss within tolerance",
+                 "final state within tolerance", "every group finishes", "nothing left running"):
+        assert checks[name]["ok"], checks[name]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    for f in s["faults"]:
+        assert f["outcome"] == "recovered", f
+        heal = f["details"]["heal"]
+        # healed by torchft from the live group: a heal of its own, a transfer, then every group takes part
+        assert heal["total_s"] > 0 and heal["transfer_s"] is not None and f["lost_steps"] is not None
+        group = f["rank"]  # one rank per group
+        assert any(e["event"] == "ft_healed" and e["rank"] == group and e["t"] > f["injected_at"] for e in events)
+    # burnin restored nothing: the groups came back by torchrun's restart, the scheduler's (after the
+    # watchdog ended the hung rank's agent), or by themselves after the cut
+    kinds = {e["event"] for e in events}
+    assert not kinds & {"resumed", "rollback", "checkpoint_saved"}
+    assert any(e["event"] == "group_restarted" and e["group"] == 0 for e in events)  # the hang's
+    assert any(e["event"] == "coordinator_restored" for e in events)
+
+
+@pytest.mark.slow
+def test_a_group_that_skips_the_heal_is_judged_failed_by_the_fingerprint(tmp_path: Path) -> None:
+    shutil.copy(EXAMPLE / "train.py", tmp_path / "train.py")
+    text = (EXAMPLE / "broken.yaml").read_text().replace("ranks: 4", "ranks: 2")
+    (tmp_path / "broken.yaml").write_text(text.replace("rank: 2, step: 10", "rank: 1, step: 10"))
+    proc = run_cli("run", str(tmp_path / "broken.yaml"), "--out", str(tmp_path / "out"), timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = summary_of(tmp_path / "out")
+    checks = {e["name"]: e for e in s["expectations"]}
+    assert not checks["replica groups agree"]["ok"]
+    assert "committed with different states" in checks["replica groups agree"]["message"]
+    assert checks["no update outside the quorum"]["ok"] and checks["nothing left running"]["ok"]
+    assert s["faults"][0]["outcome"] == "failed"
+    assert "replica groups agree" in s["faults"][0]["details"]["why"]
+    assert _left_running(run_dir_of(tmp_path / "out")) == []
+
+
+# -- the invariants, one by one, on event logs that break each ---------------------------------------
+
+def _scenario(faults: list[dict] | None = None):
+    from burnin.scenarios.schema import Scenario
+
+    return Scenario.model_validate({
+        "name": "ft", "workload": {"entry": "train.py", "ranks": 2, "steps": 3,
+                                   "tolerance": {"loss_rtol": 0.1, "state_rtol": 0.1}},
+        "recovery": {"mode": "external", "external": {"replica_groups": 2}}, "faults": faults or []})
+
+
+def _golden():
+    from burnin.harness.golden import GoldenRecord
+
+    bits = {"0": "3f800000", "1": "3f800000", "2": "3f800000"}  # 1.0 at every step
+    return GoldenRecord(key="k", state_hash="h2", loss_bits={"0": bits, "1": bits}, checkpoint_hashes={},
+                        final_loss=1.0, loss_floor=None, wall_s=1.0, state_norms={"model.w": 2.0, "optim.m": 1.0})
+
+
+def _log() -> list[dict]:
+    """A healthy log: two groups of one rank, both in quorum 1, three steps committed alike."""
+    ev: list[dict] = [{"t": 0.0, "event": "run_started", "source": "launcher"}]
+    t = 1.0
+    for step in range(3):
+        for rank in (0, 1):
+            ev.append({"t": t, "event": "ft_quorum", "rank": rank, "quorum_id": 1,
+                       "replica_ids": ["group0:a", "group1:b"]})
+            ev.append({"t": t + 0.1, "event": "step_done", "rank": rank, "step": step, "ran": step, "committed": True,
+                       "applied": True, "healed": False, "quorum_id": 1, "participants": 2, "loss": 1.0,
+                       "loss_bits": "3f800000", "state_hash": f"h{step}"})
+            t += 0.2
+    for rank in (0, 1):
+        ev.append({"t": t, "event": "rank_finished", "rank": rank, "final_step": 2, "state_hash": "h2",
+                   "state_norms": {"model.w": 2.0, "optim.m": 1.0}})
+    ev.append({"t": t + 1, "event": "run_finished", "source": "launcher", "finished": True, "left_running": []})
+    return ev
+
+
+def _checks(events: list[dict], faults: list[dict] | None = None) -> dict[str, tuple[bool, str]]:
+    from burnin.reports.external import judge_external
+
+    r = judge_external(events, _scenario(faults), _golden(), run_id="r", run_dir="/nowhere", config_hash="k")
+    return {e.name: (e.ok, e.message) for e in r.expectations}
+
+
+def test_a_healthy_log_holds_every_invariant() -> None:
+    checks = _checks(_log())
+    assert all(ok for ok, _ in checks.values()), checks
+
+
+def test_groups_holding_different_states_after_a_step_break_the_fingerprint() -> None:
+    ev = _log()
+    next(e for e in ev if e["event"] == "step_done" and e["rank"] == 1 and e["step"] == 1)["state_hash"] = "other"
+    ok, msg = _checks(ev)["replica groups agree"]
+    assert not ok and "step 1 was committed with different states" in msg
+
+
+def test_an_update_torchft_did_not_commit_breaks_the_quorum_invariant() -> None:
+    ev = _log()
+    e = next(e for e in ev if e["event"] == "step_done" and e["rank"] == 0 and e["step"] == 1)
+    e["committed"] = False  # the optimizer ran all the same
+    ok, msg = _checks(ev)["no update outside the quorum"]
+    assert not ok and "applied an update in step 1 that torchft did not commit" in msg
+
+
+def test_a_commit_in_a_quorum_without_the_group_breaks_the_quorum_invariant() -> None:
+    ev = _log()
+    for e in ev:
+        if e["event"] == "ft_quorum" and e["rank"] == 1:
+            e["replica_ids"] = ["group0:a"]
+    ok, msg = _checks(ev)["no update outside the quorum"]
+    assert not ok and "whose members are groups [0]" in msg
+
+
+def test_loss_and_final_state_out_of_tolerance_are_named() -> None:
+    ev = _log()
+    for e in ev:
+        if e["event"] == "step_done" and e["step"] == 2:
+            e["loss_bits"] = "40000000"  # 2.0 against the golden 1.0
+        if e["event"] == "rank_finished":
+            e["state_norms"] = {"model.w": 3.0, "optim.m": 9.0}  # the optimizer's moments are not compared
+    checks = _checks(ev)
+    assert not checks["loss within tolerance"][0] and "at step 2" in checks["loss within tolerance"][1]
+    ok, msg = checks["final state within tolerance"]
+    assert not ok and "differs from the golden run's by 0.5" in msg
+
+
+def test_a_group_that_never_finishes_or_a_process_left_running_fails() -> None:
+    ev = _log()
+    ev = [e for e in ev if not (e["event"] == "rank_finished" and e["rank"] == 1)]
+    ev[-1]["left_running"] = [{"pid": 4242, "cmdline": "python train.py"}]
+    checks = _checks(ev)
+    assert not checks["every group finishes"][0] and not checks["nothing left running"][0]
+    assert "4242" in checks["nothing left running"][1]
+
+
+def test_a_fault_whose_group_never_returns_fails_with_its_phases() -> None:
+    ev = _log()
+    ev.insert(3, {"t": 1.05, "event": "fault_injected", "rank": 1, "fault_index": 0, "fault": "process.kill",
+                  "step": 0})
+    # the survivor's quorum without group 1, and group 1 never heals
+    ev.append({"t": 1.5, "event": "ft_quorum", "rank": 0, "quorum_id": 2, "replica_ids": ["group0:a"]})
+    ev.sort(key=lambda e: e["t"])
+    r_faults = [{"fault": "process.kill", "rank": 1, "step": 0, "expect": "recovered"}]
+    from burnin.reports.external import judge_external
+
+    r = judge_external(ev, _scenario(r_faults), _golden(), run_id="r", run_dir="/x", config_hash="k")
+    f = r.faults[0]
+    assert f.outcome == "failed" and "never came back" in f.details["why"]
+    assert f.details["heal"]["detection_s"] == pytest.approx(0.45)
+
+
+# -- what external mode refuses, in one line --------------------------------------------------------
+
+BASE = {"name": "ft", "workload": {"entry": "train.py", "ranks": 4, "steps": 20},
+        "recovery": {"mode": "external"}}
+
+
+@pytest.mark.parametrize("change, field, fragment", [
+    ({"workload": {"entry": None}}, "workload.entry", "recovery.mode external runs a loop of yours"),
+    ({"workload": {"ranks": 3}}, "recovery.external.replica_groups", "do not divide workload.ranks=3"),
+    ({"recovery": {"external": {"replica_groups": 2, "lighthouse": {"min_replicas": 3}}}},
+     "recovery.external.lighthouse.min_replicas", "no quorum could form"),
+    ({"faults": [{"fault": "storage.checkpoint_corrupt", "step": 3}]}, "faults.0.fault",
+     "cannot act on a loop burnin does not run the recovery of"),
+    ({"faults": [{"fault": "corruption.bitflip", "step": 3, "params": {"target": "grad"}}]},
+     "faults.0.params.target", "use one of param, optimizer_state, allreduce_payload"),
+    ({"faults": [{"fault": "corruption.bitflip", "step": 3, "point": "ft_all_reduce"}]}, "faults.0.point",
+     "ft_all_reduce takes the process faults"),
+    ({"recovery": {"mode": "restart", "external": {"replica_groups": 2}}}, "recovery.external",
+     "set the mode, or drop external"),
+    ({"recovery": {"mode": "restart"}, "faults": [{"fault": "network.coordinator_cut", "step": 3}]},
+     "faults.0.fault", "which only recovery.mode: external has"),
+    ({"recovery": {"mode": "restart"}, "faults": [{"fault": "process.kill", "step": 3, "point": "ft_all_reduce"}]},
+     "faults.0.point", "which only recovery.mode: external has"),
+])
+def test_what_external_mode_cannot_run_is_refused_in_one_line(tmp_path: Path, change: dict, field: str,
+                                                              fragment: str) -> None:
+    import yaml
+
+    from burnin.errors import ScenarioError
+    from burnin.scenarios import load_scenario
+
+    data = copy.deepcopy(BASE)
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
+    if data["workload"].get("entry") is None:
+        data["workload"].pop("entry")
+    else:
+        (tmp_path / "train.py").write_text("")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    text = str(info.value)
+    assert len(text.splitlines()) == 1 and info.value.field == field and fragment in text, text
