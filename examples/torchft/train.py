@@ -124,9 +124,13 @@ def main() -> None:
         model.load_state_dict(sd["model"])
         inner.load_state_dict(sd["optim"])
 
+    # The collectives across groups time out after --timeout; the manager's calls (should_commit above all)
+    # wait twice that: a rank whose peer in the group is still waiting out a collective's timeout reaches
+    # should_commit that much later, and with one timeout for both, its peer's should_commit raises
+    # TimeoutError, the group crashes, and with the other group down too the job starts over from step 0.
     timeout = timedelta(seconds=args.timeout)
     manager = Manager(pg=ProcessGroupGloo(timeout=timeout), min_replica_size=1, load_state_dict=load_state_dict,
-                      state_dict=state_dict, replica_id=f"group{group}", timeout=timeout,
+                      state_dict=state_dict, replica_id=f"group{group}", timeout=2 * timeout,
                       quorum_timeout=timedelta(seconds=30), connect_timeout=timedelta(seconds=30),
                       # Every group starts from the same seeded weights. torchft's sync at step 0 would heal
                       # each group rank from a primary of its own (group 1 for rank 0, group 0 for rank 1): the
