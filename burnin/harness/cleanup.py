@@ -163,8 +163,13 @@ def sweep(force: bool = False) -> list[dict[str, Any]]:
 
 
 def _is_worker(pid: int) -> bool:
+    """A rank of burnin's (its worker), or any process of an external-recovery run (a torchft rank, an
+    agent, the lighthouse: each carries the run's spec path in its environment)."""
     try:
-        return b"burnin.rank.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"burnin.rank.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return True
+        return any(item.startswith(b"BURNIN_EXTERNAL_SPEC=")
+                   for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
     except OSError:
         return False
 

@@ -16,6 +16,7 @@ judges it.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import selectors
@@ -73,6 +74,15 @@ def run_processes(spec_path: str | Path) -> list[int]:
         if needle in env.split(b"\0"):
             found.append(int(entry.name))
     return found
+
+
+def _die_with_parent() -> None:
+    """In the lighthouse and each agent, before exec: SIGKILLed when burnin dies (their ranks, in sessions
+    of their own, end on their timeouts, or by `burnin cleanup`)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _group_of(pid: int) -> int | None:
@@ -255,7 +265,8 @@ class ExternalRun:
         # manager then joins: the agent's shared store keeps an attempt's keys into the next, where a rank
         # that starts late reads its peer's old address and the group's restart fails (gloo: "connectFullMesh
         # failed ... Connection refused").
-        return {**os.environ, SPEC_ENV: str(self.spec_path), "PYTHONUNBUFFERED": "1",
+        # BURNIN_RUN_ID: `burnin cleanup` finds what a supervisor that died left behind
+        return {**os.environ, SPEC_ENV: str(self.spec_path), "PYTHONUNBUFFERED": "1", "BURNIN_RUN_ID": self.run_id,
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **extra}
 
     def _start_lighthouse(self) -> None:
@@ -266,7 +277,7 @@ class ExternalRun:
                 str(lh.heartbeat_timeout_ms), "--bind", f"127.0.0.1:{self.lh_port}"]
         log = open(self.run_dir / "logs" / "lighthouse.log", "wb")
         self.lighthouse = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
-                                           start_new_session=True)
+                                           start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         deadline = time.monotonic() + self.sc.timeouts.connect_s
         while time.monotonic() < deadline:
@@ -298,7 +309,7 @@ class ExternalRun:
         log = open(self.run_dir / "logs" / f"group{g}.log", "ab")
         cwd = str(Path(entry).parent) if entry.endswith(".py") else None
         agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self._env(**extra), cwd=cwd,
-                                 start_new_session=True)
+                                 start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         if launch == 0:
             self.agents.append(agent)

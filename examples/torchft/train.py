@@ -38,8 +38,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchft import Manager, Optimizer, ProcessGroupGloo
-
 import burnin.rank
 
 VOCAB, WIDTH, CONTEXT = 256, 192, 32
@@ -86,7 +84,7 @@ def watchdog(seconds: float):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description="a torchft loop under burnin (see the module's docstring)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -101,7 +99,16 @@ def main() -> None:
                    help="pace the loop: a step takes at least this long (what a larger model or a data loader "
                         "would add), so the groups' restarts take tens of steps, not hundreds")
     p.add_argument("--break", dest="broken", choices=["skip-heal", "commit-alone"], help="a bug, on purpose")
+    p.add_argument("--plain", type=int, metavar="GROUPS", default=0,
+                   help="no torchft: the same job as GROUPS replica groups, as one DDP job over all the ranks "
+                        "(each rank reads the batch it would read in its group), recovered by burnin or torchrun "
+                        "(benchmarks/external.py compares them)")
     args = p.parse_args()
+    if args.plain:
+        plain(args)
+        return
+
+    from torchft import Manager, Optimizer, ProcessGroupGloo
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
@@ -163,6 +170,30 @@ def main() -> None:
                 optimizer.step()
             obs.step_done(loss)
             time.sleep(max(0.0, args.step_time - (time.monotonic() - t_step)))
+    dist.destroy_process_group()
+
+
+def plain(args: argparse.Namespace) -> None:
+    """The same training without torchft: one DDP job over every rank, attached with burnin.rank.attach
+    (burnin's recovery: warm spares and snapshots; or torchrun's restart from burnin's checkpoints)."""
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per = world // args.plain
+    model = TinyLM()
+    inner = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    session = burnin.rank.attach(ddp, inner)
+    for step in session.steps(args.steps):
+        t_step = time.monotonic()
+        x, y = batch(args.seed, step, rank // per, rank % per)
+        inner.zero_grad()
+        loss = F.cross_entropy(ddp(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        inner.step()
+        session.step_done(loss)
+        time.sleep(max(0.0, args.step_time - (time.monotonic() - t_step)))
     dist.destroy_process_group()
 
 
