@@ -2,7 +2,8 @@
 
 Real runs of examples/torchft/train.py: a torchft lighthouse and one torchrun per replica group, started
 by burnin; a kill, a hang (ended by torchelastic's watchdog) and a cut from the lighthouse, each healed
-by torchft from the live group, judged by the invariants and exit 0 with nothing left running; a loop
+by torchft from the live group, and a bit flipped in what a group sends across, averaged into both,
+judged by the invariants and exit 0 with nothing left running; a loop
 that skips the heal, judged failed by the cross-group fingerprint, exit 1. The verdict's invariants are
 also checked one by one on event logs that break each of them, and the scenario checks that refuse
 what external mode cannot run, in one line.
@@ -41,6 +42,8 @@ faults:
   - {fault: process.kill, rank: 1, step: 5, expect: recovered}
   - {fault: process.hang, rank: 0, step: 10, point: ft_all_reduce, expect: recovered}
   - {fault: network.coordinator_cut, rank: 1, step: 15, params: {duration_s: 4}, expect: recovered}
+  - {fault: corruption.bitflip, rank: 1, step: 20, params: {target: allreduce_payload, bit_class: mantissa_low},
+     expect: masked}
 """
 
 
@@ -74,6 +77,10 @@ def test_kill_hang_and_cut_healed_by_torchft_pass_with_nothing_left(tmp_path: Pa
                  "final state within tolerance", "every group finishes", "nothing left running"):
         assert checks[name]["ok"], checks[name]
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    # a low bit flipped in what group 1 sent into the cross-group all-reduce: averaged into both groups
+    # alike (they still agree), nothing dropped out, in tolerance
+    flip = s["faults"].pop()
+    assert flip["outcome"] == "masked" and flip["injected"] and "heal" not in flip["details"], flip
     for f in s["faults"]:
         assert f["outcome"] == "recovered", f
         heal = f["details"]["heal"]

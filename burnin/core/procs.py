@@ -22,6 +22,11 @@ __all__ = ["become_subreaper", "state_dir", "process_start_time", "proc_state", 
 _TOOL_TIMEOUT_S = 10.0
 
 
+#: recovery.mode external: the path of the run's spec for its ranks, in the environment of every process of
+#: the run (the lighthouse, the agents, the ranks), so the launcher and `burnin cleanup` find them all
+EXTERNAL_SPEC_ENV = "BURNIN_EXTERNAL_SPEC"
+
+
 def state_dir() -> Path:
     d = Path(os.environ.get("BURNIN_STATE_DIR") or Path(tempfile.gettempdir()) / f"burnin-{os.getuid()}")
     (d / "runs").mkdir(parents=True, exist_ok=True)

@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.core.events import EventWriter, Tail, read_events
-from burnin.core.procs import kill_group, proc_state
+from burnin.core.procs import EXTERNAL_SPEC_ENV, kill_group, proc_state
 from burnin.errors import HarnessError, UserError
 from burnin.harness import cleanup
-from burnin.rank.external import SPEC_ENV
 from burnin.scenarios.schema import EXTERNAL_ONLY, Scenario
 
 __all__ = ["ExternalRun", "lighthouse_binary", "run_processes"]
@@ -61,7 +60,7 @@ def _free_port() -> int:
 def run_processes(spec_path: str | Path) -> list[int]:
     """Every live process that carries this run's spec path in its environment: the lighthouse, the
     torchrun agents, their ranks and whatever those started."""
-    needle = f"{SPEC_ENV}={spec_path}".encode()
+    needle = f"{EXTERNAL_SPEC_ENV}={spec_path}".encode()
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -203,9 +202,10 @@ class ExternalRun:
     group finished, and leaves `events.jsonl` in the run directory."""
 
     def __init__(self, scenario: Scenario, run_dir: str | Path, run_id: str, *,
-                 on_event: Callable[[dict[str, Any]], None] | None = None, golden: bool = False):
+                 on_event: Callable[[dict[str, Any]], None] | None = None, golden: bool = False,
+                 metrics: Any = None):
         self.sc, self.run_dir, self.run_id = scenario, Path(run_dir), run_id
-        self.on_event, self.golden = on_event, golden
+        self.on_event, self.golden, self.metrics = on_event, golden, metrics
         self.ext = scenario.recovery.external
         self.groups = self.ext.replica_groups
         self.per_group = scenario.workload.ranks // self.groups
@@ -220,6 +220,8 @@ class ExternalRun:
         record = {"t": time.time(), "event": event, "source": "launcher", **fields}
         with self._lock:
             self.own.append(record)
+        if self.metrics is not None:
+            self.metrics.observe(record)
         if self.on_event:
             self.on_event(record)
 
@@ -266,7 +268,7 @@ class ExternalRun:
         # that starts late reads its peer's old address and the group's restart fails (gloo: "connectFullMesh
         # failed ... Connection refused").
         # BURNIN_RUN_ID: `burnin cleanup` finds what a supervisor that died left behind
-        return {**os.environ, SPEC_ENV: str(self.spec_path), "PYTHONUNBUFFERED": "1", "BURNIN_RUN_ID": self.run_id,
+        return {**os.environ, EXTERNAL_SPEC_ENV: str(self.spec_path), "PYTHONUNBUFFERED": "1", "BURNIN_RUN_ID": self.run_id,
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **extra}
 
     def _start_lighthouse(self) -> None:
@@ -317,6 +319,8 @@ class ExternalRun:
             self.agents[g] = agent
         self._emit("group_started", group=g, pid=agent.pid, launch=launch,
                    ranks=list(range(g * self.per_group, (g + 1) * self.per_group)))
+        if launch:  # `burnin cleanup` knows the new agent too
+            cleanup.register(self.run_id, self.run_dir, [p.pid for p in [self.lighthouse, *self.agents] if p is not None])
 
     def _watch(self, t0: float) -> bool:
         """Until every group's torchrun has exited (or timeouts.run_s): follow the ranks' streams, fire the
@@ -342,6 +346,8 @@ class ExternalRun:
             for path in sorted((self.run_dir / "ranks").glob("rank*.jsonl")):
                 tail = tails.setdefault(path, Tail(path))
                 for ev in tail.read():
+                    if self.metrics is not None:  # live, as the supervisor feeds them
+                        self.metrics.observe(ev)
                     if ev.get("event") == "rank_started":
                         started.add(ev["rank"])
                     if ev.get("event") == "step_done" and ev.get("committed"):
@@ -367,10 +373,9 @@ class ExternalRun:
                     self._start_group(g, launches[g])
                 else:
                     exited.add(g)
-            if time.time() > deadline:
-                self.error = (f"the system under test did not finish within timeouts.run_s={sc.timeouts.run_s:g} "
-                              f"(groups still running: {sorted(set(range(self.groups)) - exited)})")
-                self._emit("run_timeout", error=self.error)
+            if time.time() > deadline:  # the system under test's failure (it hung), not burnin's
+                self._emit("run_timeout", run_s=sc.timeouts.run_s,
+                           running=sorted(set(range(self.groups)) - exited))
                 return False
             time.sleep(POLL_S)
         for g in range(self.groups):
@@ -403,7 +408,9 @@ class ExternalRun:
         fault = spec.build()
 
         def healed(seconds: float, details: dict[str, Any]) -> None:
-            threading.Timer(seconds, lambda: self._emit("coordinator_restored", fault_index=index, **details)).start()
+            timer = threading.Timer(seconds, lambda: self._emit("coordinator_restored", fault_index=index, **details))
+            timer.daemon = True
+            timer.start()
 
         self._emit("fault_injected", fault_index=index, fault=fault.name, step=max(spec.step, reached + 1),
                    point="between_steps",

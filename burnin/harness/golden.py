@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator
 from burnin.core.events import read_events
 from burnin.core.procs import alive, process_start_time
 from burnin.errors import HarnessError, UserError
+from burnin.harness.external import ExternalRun
 from burnin.harness.supervisor import Supervisor
 from burnin.reports.history import cpu_model
 from burnin.scenarios.schema import Debug, Expect, Scenario
@@ -209,8 +210,6 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
     failed = False
     try:
         if scenario.recovery.mode == "external":  # the system under test, fault-free: its groups, its lighthouse
-            from burnin.harness.external import ExternalRun  # lazy: a module of its own for the torchft launcher
-
             if not ExternalRun(clean, run_dir, f"golden-{key}-{os.getpid()}", on_event=on_event, golden=True).run():
                 raise HarnessError(f"the golden (fault-free) run of the system under test did not finish; see "
                                    f"{run_dir}/logs/ and {run_dir}/events.jsonl")

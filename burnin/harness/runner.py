@@ -96,7 +96,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
         if resume_from is not None:  # another run's checkpoint: the newest of this run's (resume_from.install)
             install(resume_from, run_dir / "checkpoints")
         if external:  # the system under test recovers itself: launched, disturbed, watched
-            ExternalRun(scenario, run_dir, run_id, on_event=on_event).run()
+            ExternalRun(scenario, run_dir, run_id, on_event=on_event, metrics=metrics).run()
             supervisor = None
         else:
             supervisor = Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric,

@@ -44,19 +44,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from burnin.core.events import EventWriter, read_events
+from burnin.core.procs import EXTERNAL_SPEC_ENV
 from burnin.errors import UserError
+from burnin.rank.injector import Injector
 
-__all__ = ["observe", "Observer", "SPEC_ENV"]
-
-#: the path of the run's spec for its ranks, set by burnin's launcher (burnin/harness/external.py)
-SPEC_ENV = "BURNIN_EXTERNAL_SPEC"
+__all__ = ["observe", "Observer"]
 
 
 def observe(model: Any, optimizer: Any, manager: Any) -> "Observer":
     """Attach burnin to a loop whose fault tolerance is its own (torchft). `model`: the module the loop
     calls; `optimizer`: torchft's Optimizer wrapper (or the optimizer it wraps); `manager`: the
     torchft Manager. Call it once the manager exists, before the first step."""
-    path = os.environ.get(SPEC_ENV)
+    path = os.environ.get(EXTERNAL_SPEC_ENV)
     spec = json.loads(Path(path).read_text()) if path else None
     return Observer(model, optimizer, manager, spec)
 
@@ -112,10 +111,6 @@ class Observer:
         self._t0 = time.perf_counter()
         if not self.active:
             return
-        from burnin.rank.injector import Injector  # the fault registry: imported only under burnin
-
-        _Deferring = _deferring(Injector)
-
         self.spec = spec
         sc = spec["scenario"]
         per_group = spec["ranks_per_group"]
@@ -246,19 +241,16 @@ class Observer:
                          state_norms=state_norms(self.model, self.inner))
 
 
-def _deferring(base: type) -> type:
-    class Deferring(base):  # type: ignore[misc, valid-type]
-        """The fault schedule of a loop that heals past steps: a fault is due at its step or at the first
-        step after it at which every replica group takes part again (`ready`), so faults do not pile up
-        on a group that is still out, and a fault whose step the group skipped while it healed fires
-        once it is back, at the step it is at."""
+class _Deferring(Injector):
+    """The fault schedule of a loop that heals past steps: a fault is due at its step or at the first step
+    after it at which every replica group takes part again (`ready`), so faults do not pile up on a group
+    that is still out, and a fault whose step the group skipped while it healed fires once it is back, at
+    the step it is at."""
 
-        ready: Any = staticmethod(lambda: True)
+    ready: Any = staticmethod(lambda: True)
 
-        def _due(self, index: int, fault: Any, spec: dict[str, Any], step: int) -> bool:
-            return index not in self.fired and step >= spec["step"] and self.ready()
-
-    return Deferring
+    def _due(self, index: int, fault: Any, spec: dict[str, Any], step: int) -> bool:
+        return index not in self.fired and step >= spec["step"] and self.ready()
 
 
 class _Outgoing:

@@ -25,21 +25,31 @@ first step committed with every group participating); the steps lost are the one
 from __future__ import annotations
 
 import math
+import struct
 from collections import defaultdict
 from typing import Any
 
 from burnin.reports.result import Expectation, FaultResult, RecoveryBreakdown, RunResult
 
-__all__ = ["judge_external", "INVARIANTS"]
+__all__ = ["judge_external", "windowed", "INVARIANTS"]
 
 INVARIANTS = ("replica groups agree", "no update outside the quorum", "loss within tolerance",
               "final state within tolerance", "every group finishes", "nothing left running")
 
 
 def _bits_float(bits: str) -> float:
-    import struct
-
     return struct.unpack(">f", bytes.fromhex(bits))[0]
+
+
+def windowed(means: dict[int, float], window: int) -> dict[int, float]:
+    """Step means averaged over windows of `window` steps, keyed by each window's first step (a window
+    counts the steps of it that were run)."""
+    if window == 1:
+        return means
+    acc: dict[int, list[float]] = defaultdict(list)
+    for step, value in means.items():
+        acc[step - step % window].append(value)
+    return {start: sum(v) / len(v) for start, v in acc.items()}
 
 
 def _rdiff(a: float, b: float) -> float:
@@ -118,8 +128,6 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
 
     # 3./4. tolerance against the golden run of the same groups
     tol = scenario.workload.tolerance
-    from burnin.reports.verdict import windowed  # (verdict imports this module)
-
     mean_loss = windowed(_step_means(committed), tol.window)
     ref = windowed(_golden_means(golden), tol.window)
     diffs = [(_rdiff(v, ref[s]), s) for s, v in mean_loss.items() if s in ref]
@@ -189,7 +197,9 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
                     if state_max is not None else "no final state to compare"),
         Expectation("every group finishes", finished,
                     "every rank of every group committed the last step" if finished else
-                    f"final steps { {r: ev.get('final_step') for r, ev in sorted(finals.items())} } of {steps - 1}"
+                    (f"not finished within timeouts.run_s={by['run_timeout'][0]['run_s']:g} s (groups "
+                     f"{by['run_timeout'][0]['running']} still running, ended by burnin); " if by["run_timeout"] else "")
+                    + f"final steps { {r: ev.get('final_step') for r, ev in sorted(finals.items())} } of {steps - 1}"
                     + (f"; {len(finals)} of {scenario.workload.ranks} ranks finished" if len(finals) < scenario.workload.ranks else "")),
         Expectation("nothing left running", not left,
                     "the lighthouse, every agent and every rank had exited" if not left else

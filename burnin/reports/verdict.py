@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from burnin.reports.attribution import pin_detection
-from burnin.reports.external import judge_external
+from burnin.reports.external import judge_external, windowed
 from burnin.reports.result import Expectation, Failure, FaultResult, RecoveryBreakdown, RunResult
 from burnin.scenarios.burn_in import burn_in_run
 
@@ -171,17 +171,6 @@ def _step_means(losses: dict[int, dict[int, str]]) -> dict[int, float]:
     """Each step's mean loss over the ranks (the steps every rank ran)."""
     steps = set.intersection(*(set(s) for s in losses.values())) if losses else set()
     return {step: sum(_bits_float(s[step]) for s in losses.values()) / len(losses) for step in sorted(steps)}
-
-
-def windowed(means: dict[int, float], window: int) -> dict[int, float]:
-    """Step means averaged over windows of `window` steps, keyed by each window's first step (a window
-    counts the steps of it that were run)."""
-    if window == 1:
-        return means
-    acc: dict[int, list[float]] = defaultdict(list)
-    for step, value in means.items():
-        acc[step - step % window].append(value)
-    return {start: sum(v) / len(v) for start, v in acc.items()}
 
 
 def tolerance_text(t: dict[str, Any]) -> str:
