@@ -184,7 +184,7 @@ BAD_CASES = [
     ("two-documents.yaml", 3, None, "a single document"),
     ("empty.yaml", None, None, "the file is empty"),
     ("top-level-list.yaml", 2, None, "the top level must be a mapping"),
-    ("bad-expect-outcome.yaml", 7, "faults.0.expect", "'sdc' or 'failed' (got 'recoverd')"),
+    ("bad-expect-outcome.yaml", 7, "faults.0.expect", "'sdc', 'failed' or 'degraded' (got 'recoverd')"),
     ("bad-name.yaml", 2, "name", "(got 'my scenario!')"),
     ("missing-step.yaml", 4, "faults.0.step", "required key is missing"),
     ("workload-not-mapping.yaml", 3, "workload", "must be a mapping"),
@@ -321,6 +321,16 @@ _VALID_DOCS = [
           "vary": {"step": [3, 19], "nbytes": {"min": 1, "max": 64}}},
          {"fault": "process.straggler", "step": 9, "params": {"delay_s": 0.1, "steps": 2}, "vary": {"steps": [1, 3]}},
      ]},
+    # recovery.mode external (torchft): the system under test's own recovery, its groups and lighthouse
+    {"name": "ft", "workload": {"entry": "json:loads", "ranks": 4, "steps": 30, "tolerance": {"window": 5}},
+     "recovery": {"mode": "external", "external": {"replica_groups": 2, "max_restarts": 2,
+                                                   "lighthouse": {"min_replicas": 1, "join_timeout_ms": 6000}}},
+     "faults": [
+         {"fault": "process.kill", "rank": 2, "step": 5},
+         {"fault": "process.hang", "rank": 1, "step": 9, "point": "ft_all_reduce"},
+         {"fault": "network.coordinator_cut", "rank": 3, "step": 12, "params": {"duration_s": 3}},
+         {"fault": "corruption.bitflip", "rank": 0, "step": 14, "params": {"target": "allreduce_payload"}},
+     ]},
 ]
 
 _json_like = st.recursive(
@@ -335,6 +345,7 @@ _edge_values = st.sampled_from([
     True, False, 0, 1, 2, 3, -1, 127, 128, 1023, 1024, 262143, 262144, 2**31, 2**63, 0.5, 1e400, "nan",
     "wte.weight", "wpe", "ln_f.bias", "lm_head.weight", "blocks.9.ln_1.weight", "batch", "activation",
     "allreduce_payload", "optimizer_state", "grad", "exponent", "after_backward", "between_steps",
+    "external", "ft_all_reduce", "network.coordinator_cut", "torchft",
     [], [[]], [0, 1, 2], [True], {"min": 0, "max": 3}, {"min": 3, "max": 0}, {"min": True, "max": 2},
     {"min": 0, "max": 2**40}, {"min": 0}, None,
 ])
