@@ -62,15 +62,21 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _cost(run_dir: Path) -> dict[str, float | None]:
-    """What the fault cost the job, from rank 0's steps in the run's own event log: the span from its
-    first step to its last, against the span at the pace of its steps before the fault (the median gap),
-    so start-up (a warm pool or not, a golden run's cold start) does not count."""
+    """What the fault cost the job, from the run's own event log: the span from its first step to its last
+    (under torchft, each step when the first group committed it; otherwise rank 0's last execution of it),
+    against that span at the pace of the steps before the first fault (the median gap), so start-up (a
+    warm pool or not, a golden run's cold start) does not count."""
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
     t_fault = min((e["t"] for e in events if e.get("event") == "fault_injected"), default=None)
     done: dict[int, float] = {}
     for e in events:
-        if e.get("event") == "step_done" and e.get("rank") == 0 and e.get("committed", True):
-            done[e["step"]] = e["t"]  # the last execution of a step counts
+        if e.get("event") != "step_done":
+            continue
+        if "committed" in e:  # torchft: the job is past a step once any group committed it (rank 0 may be out)
+            if e["committed"]:
+                done[e["step"]] = min(done.get(e["step"], e["t"]), e["t"])
+        elif e.get("rank") == 0:
+            done[e["step"]] = e["t"]  # a replayed step: its last execution counts
     times = [done[s] for s in sorted(done)]
     before = [b - a for a, b in zip(times, times[1:]) if t_fault is None or b < t_fault]
     if len(times) < 2 or not before:

@@ -39,6 +39,8 @@ from burnin.scenarios.schema import EXTERNAL_ONLY, Scenario
 __all__ = ["ExternalRun", "lighthouse_binary", "run_processes"]
 
 POLL_S = 0.1
+#: steps in a row with every group taking part before the next fault is armed: the system has settled
+STABLE_STEPS = 3
 
 
 def lighthouse_binary() -> str:
@@ -323,13 +325,19 @@ class ExternalRun:
             cleanup.register(self.run_id, self.run_dir, [p.pid for p in [self.lighthouse, *self.agents] if p is not None])
 
     def _watch(self, t0: float) -> bool:
-        """Until every group's torchrun has exited (or timeouts.run_s): follow the ranks' streams, fire the
-        launcher's own faults when their rank reaches their step."""
+        """Until every group's torchrun has exited (or timeouts.run_s): follow the ranks' streams, arm the
+        faults one at a time (fire the launcher's own), start a group again whose torchrun gave up."""
         sc = self.sc
         tails: dict[Path, Tail] = {}
-        pending = [] if self.golden else [(i, f) for i, f in enumerate(sc.faults) if f.fault in EXTERNAL_ONLY]
+        # The faults, one at a time in step order: the next is armed (a launcher's fault: fired) once its rank
+        # has reached its step and every group has taken part in STABLE_STEPS steps in a row since the
+        # fault before it fired; the ranks fire an armed fault of theirs at its point (burnin/rank/external.py)
+        pending = [] if self.golden else sorted(enumerate(sc.faults), key=lambda x: (x[1].step, x[0]))
+        armed: tuple[int, Any] | None = None
+        t_fired = 0.0
+        (self.run_dir / "ranks" / "armed").mkdir(exist_ok=True)
         reached: dict[int, int] = {}  # rank -> newest step it committed
-        full: dict[int, bool] = {}     # rank -> whether every group took part in that step
+        stable: dict[int, int] = {}   # rank -> its steps committed in a row with every group, since the last fault
         exited: set[int] = set()
         launches = [0] * self.groups
         deadline = t0 + sc.timeouts.run_s
@@ -352,14 +360,24 @@ class ExternalRun:
                         started.add(ev["rank"])
                     if ev.get("event") == "step_done" and ev.get("committed"):
                         reached[ev["rank"]] = max(reached.get(ev["rank"], -1), ev["step"])
-                        full[ev["rank"]] = ev.get("participants", 0) >= self.groups
+                        everyone = ev.get("participants", 0) >= self.groups and ev["t"] > t_fired
+                        stable[ev["rank"]] = stable.get(ev["rank"], 0) + 1 if everyone else 0
+                    if armed is not None and ev.get("event") == "fault_injected" and ev.get("fault_index") == armed[0]:
+                        armed, t_fired, stable = None, ev["t"], {}
                     if self.on_event and ev.get("event") in ("step_done", "fault_injected", "ft_heal_started",
                                                              "ft_healed", "rank_started", "rank_finished"):
                         self.on_event(ev)
-            for i, f in list(pending):  # at its step, or later once every group takes part (the ranks' rule)
-                if reached.get(f.rank, -1) >= f.step - 1 and full.get(f.rank, False):
-                    pending.remove((i, f))
-                    self._fire(i, f, reached[f.rank])
+            if armed is None and pending:
+                i, f = pending[0]
+                if reached.get(f.rank, -1) >= f.step - 1 and stable.get(f.rank, 0) >= STABLE_STEPS:
+                    pending.pop(0)
+                    if f.fault in EXTERNAL_ONLY:
+                        self._fire(i, f, reached[f.rank])
+                        t_fired, stable = time.time(), {}
+                    else:
+                        armed = (i, f)
+                        (self.run_dir / "ranks" / "armed" / str(i)).write_text(str(reached[f.rank] + 1))
+                        self._emit("fault_armed", fault_index=i, rank=f.rank, at_step=reached[f.rank] + 1)
             for g, agent in enumerate(self.agents):
                 if g in exited or agent.poll() is None:
                     continue

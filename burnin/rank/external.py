@@ -132,8 +132,7 @@ class Observer:
         self._gang_start(run_dir, sc["timeouts"]["connect_s"])
         self.injector = _Deferring(sc["faults"], self.rank, spec["world_size"], self.events, fired,
                                    go_timeout_s=sc["timeouts"]["connect_s"], supervised=False, self_inflicted=True)
-        groups = sc["recovery"]["external"]["replica_groups"]
-        self.injector.ready = lambda: manager.num_participants() >= groups
+        self.injector.armed_dir = run_dir / "ranks" / "armed"
         self._hook()
 
     def _gang_start(self, run_dir: Path, timeout_s: float) -> None:
@@ -242,15 +241,17 @@ class Observer:
 
 
 class _Deferring(Injector):
-    """The fault schedule of a loop that heals past steps: a fault is due at its step or at the first step
-    after it at which every replica group takes part again (`ready`), so faults do not pile up on a group
-    that is still out, and a fault whose step the group skipped while it healed fires once it is back, at
-    the step it is at."""
+    """The fault schedule of a loop that heals past steps: a fault is due once the launcher has armed it
+    (`ranks/armed/<index>`), which it does one fault at a time, at the fault's step or later, once every
+    replica group has taken part in a few steps in a row since the fault before (burnin/harness/external.py):
+    faults do not pile up on a group that is still out, and a fault whose step its group skipped while it
+    healed fires once it is back, at the step it is at."""
 
-    ready: Any = staticmethod(lambda: True)
+    armed_dir: Path | None = None
 
     def _due(self, index: int, fault: Any, spec: dict[str, Any], step: int) -> bool:
-        return index not in self.fired and step >= spec["step"] and self.ready()
+        return (index not in self.fired and step >= spec["step"] and self.armed_dir is not None
+                and (self.armed_dir / str(index)).exists())
 
 
 class _Outgoing:

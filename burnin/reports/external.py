@@ -248,12 +248,14 @@ def _fault(i: int, spec: Any, by: dict[str, list[dict[str, Any]]], per: int, gro
         res.details["why"] = "never fired"
         return res
     t0 = inj["t"]
+    # what happened up to the next fault is this fault's (the launcher arms one fault at a time)
+    t_next = min((ev["t"] for ev in by["fault_injected"] if ev["t"] > t0), default=float("inf"))
 
     def mine(ev: dict[str, Any]) -> bool:
-        return ev.get("rank") is not None and ev["rank"] // per == g
+        return ev.get("rank") is not None and ev["rank"] // per == g and ev["t"] < t_next
 
     # detection: the survivors' first quorum without the group
-    t_detect = next((ev["t"] for ev in by["ft_quorum"] if ev["t"] >= t0 and not mine(ev)
+    t_detect = next((ev["t"] for ev in by["ft_quorum"] if t0 <= ev["t"] < t_next and ev["rank"] // per != g
                      and g not in {_group_of(x) for x in ev.get("replica_ids", [])}), None)
     # the group's return: its first heal after the fault (a restarted group, or one back from a cut)
     heal = next((ev for ev in by["ft_heal_started"] if ev["t"] >= t0 and mine(ev)), None)
