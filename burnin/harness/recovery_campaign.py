@@ -24,11 +24,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from burnin.core.events import read_events
 from burnin.harness import cleanup
+from burnin.harness.external import ExternalRun
 from burnin.harness.golden import get_golden, golden_key
 from burnin.harness.runner import run_judged
 from burnin.harness.spares import open_pool
 from burnin.reports.trials import CAMPAIGN_SCHEMA_VERSION, outcome_rates, wilson
+from burnin.reports.verdict import judge
 from burnin.reports.writers import write_reports
 from burnin.scenarios.campaign import trial_scenario
 from burnin.scenarios.schema import Scenario
@@ -37,14 +40,15 @@ __all__ = ["run_trials",
            "summarize", "PHASES"]
 
 PHASES = ("detection_s", "teardown_s", "restart_s", "checkpoint_load_s", "first_step_s", "total_s")
-OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed")
+OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed", "degraded")
 
 
 def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[str, Any]], done: dict[int, Any],
                record: Callable[[dict[str, Any]], None], on_event: Callable[[dict[str, Any]], None] | None,
                metrics: Any) -> None:
     """Run the trials of `plan` not in `done`, one supervised run each, over one spare pool."""
-    pool, _ = open_pool(scenario, run_dir, run_id)
+    external = scenario.recovery.mode == "external"  # each trial the system under test, launched anew
+    pool = None if external else open_pool(scenario, run_dir, run_id)[0]
     goldens: dict[str, Any] = {}
     try:
         for trial in plan:
@@ -64,8 +68,14 @@ def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[s
             if on_event:
                 on_event({"event": "trial_started", "trial": k, "t": time.time()})
             t0 = time.time()
-            result, events = run_judged(sc, tdir, run_id, golden=golden, pool=pool, metrics=metrics,
-                                        judged_as=f"{run_id}/trials/{k:04d}")
+            if external:
+                ExternalRun(sc, tdir, f"{run_id}-{k:04d}", metrics=metrics).run()
+                events = read_events(tdir / "events.jsonl")
+                result = judge(events, sc, golden, run_id=f"{run_id}/trials/{k:04d}", run_dir=str(tdir),
+                               config_hash=key)
+            else:
+                result, events = run_judged(sc, tdir, run_id, golden=golden, pool=pool, metrics=metrics,
+                                            judged_as=f"{run_id}/trials/{k:04d}")
             wall = time.time() - t0
             if metrics is not None:
                 metrics.from_result(result)
@@ -157,8 +167,8 @@ def markdown(summary: dict[str, Any], run_dir: Path) -> str:
     lines += [f"Bit-exact against the golden run: {ex['count']}/{summary['trials']} "
               f"(95 % CI {ex['ci95'][0]:.3f}–{ex['ci95'][1]:.3f}). "
               f"Unexplained failures: {summary['unexplained_failures']}.", "",
-              "| fault | trials | recovered | masked | detected | sdc | failed | exact | lost steps (max) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| fault | trials | " + " | ".join(OUTCOMES) + " | exact | lost steps (max) |",
+              "|---|---|" + "---|" * len(OUTCOMES) + "---|---|"]
     for name, b in summary["by_fault"].items():
         o = b["outcomes"]
         lost = b["lost_steps"]

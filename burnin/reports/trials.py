@@ -28,7 +28,7 @@ def outcome_rates(outcomes: list[str]) -> dict[str, dict[str, Any]]:
     """Per outcome: count, rate and its 95 % Wilson interval."""
     n = len(outcomes)
     out = {}
-    for o in ("recovered", "masked", "detected", "sdc", "failed"):
+    for o in ("recovered", "masked", "detected", "sdc", "failed", "degraded"):
         k = outcomes.count(o)
         out[o] = {"count": k, "rate": k / n if n else 0.0, "ci95": list(wilson(k, n))}
     return out

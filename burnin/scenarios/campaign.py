@@ -72,6 +72,8 @@ def check_templates(scenario: Scenario) -> None:
         if f.fault not in RECOVERY_FAULTS:
             raise ScenarioError(f"faults.{i}.fault: a campaign draws either process faults ({', '.join(RECOVERY_FAULTS)}) "
                                 f"or in-rank data faults, not both; {f.fault} is the other kind (split the campaign)")
+    if scenario.recovery.mode == "external":  # the system under test restarts and heals its groups itself
+        return
     if scenario.recovery.mode == "none" or scenario.recovery.max_restarts < 1:
         raise ScenarioError("recovery.max_restarts: a process-fault campaign studies recoveries; allow at least one "
                             "restart (recovery.mode: restart, max_restarts >= 1)")

@@ -47,7 +47,7 @@ NOT_A_BOOLEAN = "must be a number, not a boolean"
 #: The faults a process-fault (recovery) campaign draws from; a campaign draws these or in-rank data
 #: faults, not both.
 RECOVERY_FAULTS = ("process.kill", "process.hang", "process.exception", "storage.checkpoint_corrupt",
-                   "storage.snapshot_corrupt", "storage.save_crash")
+                   "storage.snapshot_corrupt", "storage.save_crash", "network.coordinator_cut")
 
 
 # --- numbers are not booleans ---------------------------------------------------------

@@ -563,9 +563,9 @@ class Scenario(_Model):
             raise invalid(("recovery", "external", "lighthouse", "min_replicas"),
                           f"{ext.lighthouse.min_replicas} is more than the {ext.replica_groups} replica groups: no "
                           "quorum could form")
-        for what, value in (("campaign", self.campaign), ("burn_in", self.burn_in)):
-            if value is not None:
-                raise invalid((what,), f"recovery.mode external is judged by `burnin run`; drop {what}")
+        if self.burn_in is not None:
+            raise invalid(("burn_in",), "recovery.mode external runs under `burnin run` (a long list of faults, as "
+                                        "examples/torchft/soak.yaml) or `burnin campaign`; drop burn_in")
         for i, f in enumerate(self.faults):
             if f.fault not in EXTERNAL_FAULTS:
                 raise invalid(("faults", i, "fault"), f"{f.fault} cannot act on a loop burnin does not run the "
