@@ -213,14 +213,11 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
             if not ExternalRun(clean, run_dir, f"golden-{key}-{os.getpid()}", on_event=on_event, golden=True).run():
                 raise HarnessError(f"the golden (fault-free) run of the system under test did not finish; see "
                                    f"{run_dir}/logs/ and {run_dir}/events.jsonl")
-            record = record_from_events(read_events(run_dir / "events.jsonl"), key)
-            tmp.write_text(record.to_json())
-            os.replace(tmp, path)
-            _prune_quietly()
-            return record, False
-        sup = Supervisor(clean, run_dir, run_id=f"golden-{key}-{os.getpid()}", golden=True, on_event=on_event,
-                         pool=pool)
-        if not sup.run():
+            sup = None
+        else:
+            sup = Supervisor(clean, run_dir, run_id=f"golden-{key}-{os.getpid()}", golden=True, on_event=on_event,
+                             pool=pool)
+        if sup is not None and not sup.run():
             failed = True
             if sup.usage_error is not None:  # bad input a rank found (a loop's misuse of burnin): one line, exit 2
                 raise UserError(f"{scenario.workload.entry or scenario.name}: {sup.usage_error} (in the golden run: "
