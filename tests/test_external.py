@@ -24,13 +24,15 @@ from conftest import CI, run_cli, run_dir_of, summary_of
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "torchft"
 
 #: Two groups of one rank each, paced so a group's restart (seconds) costs tens of steps, not hundreds.
+#: The faults are armed one at a time, each once the one before has healed: quiet, the three absences take
+#: ~26 s (~300 steps with the settling between them); 600 steps leave room for restarts twice as slow.
 HEALED = """\
 name: torchft-healed
 workload:
   entry: train.py
   args: [--step-time, "0.1", --watchdog, "10"]
   ranks: 2
-  steps: 420
+  steps: 600
   tolerance: {window: 20, loss_rtol: 0.25, state_rtol: 0.1}
 recovery:
   mode: external
