@@ -185,7 +185,8 @@ class Observer:
     def _before_forward(self, module: Any, args: tuple[Any, ...]) -> None:
         if not self._forwarded and module.training:
             self._forwarded = True
-            self._point("before_forward")
+            batch = args[0] if args and hasattr(args[0], "data_ptr") else None  # the target `batch`
+            self._point("before_forward", **({"batch": batch} if batch is not None else {}))
 
     def _after_optimizer(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._applied = True
