@@ -364,6 +364,10 @@ class ExternalRun:
                         stable[ev["rank"]] = stable.get(ev["rank"], 0) + 1 if everyone else 0
                     if armed is not None and ev.get("event") == "fault_injected" and ev.get("fault_index") == armed[0]:
                         armed, t_fired, stable = None, ev["t"], {}
+                    if ev.get("event") == "fault_error":  # burnin's failure, not the system's: the run stops
+                        self.error = "the run was stopped: a fault could not be applied"
+                        self._emit("run_stopped", why=self.error, fault_index=ev["fault_index"])
+                        return False
                     if self.on_event and ev.get("event") in ("step_done", "fault_injected", "ft_heal_started",
                                                              "ft_healed", "rank_started", "rank_finished"):
                         self.on_event(ev)

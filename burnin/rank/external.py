@@ -124,7 +124,7 @@ class Observer:
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         path = run_dir / "ranks" / f"rank{self.rank}.jsonl"
         fired = {ev["fault_index"] for ev in (read_events(path) if path.exists() else [])
-                 if ev.get("event") == "fault_injected"}
+                 if ev.get("event") in ("fault_injected", "fault_error")}  # (one that could not be applied: once)
         fired |= set(spec.get("not_in_rank", []))  # the launcher's own faults (a cut from the lighthouse)
         self.events = _Events(EventWriter(path, rank=self.rank, attempt=attempt, group=self.group))
         self.events.emit("rank_started", pid=os.getpid(), host=socket.gethostname(), group_rank=self.group_rank,

@@ -165,8 +165,9 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
               for i, spec in enumerate(scenario.faults)]
     fault_errors = [f"fault[{ev['fault_index']}] {ev['fault']} could not be applied: {ev['error']}"
                     for ev in by["fault_error"]]
+    errored = {ev["fault_index"] for ev in by["fault_error"]}
     never = [f"fault[{f.index}] {f.fault} never fired: rank {f.rank}'s group did not run step {f.step} (it had "
-             f"healed past it, or the run ended first)" for f in faults if not f.injected]
+             f"healed past it, or the run ended first)" for f in faults if not f.injected and f.index not in errored]
     if fault_errors or never:
         error = "; ".join(([error] if error else []) + fault_errors + never)
 

@@ -68,7 +68,7 @@ def batch(seed: int, step: int, group: int, rank: int, size: int = 16) -> tuple[
         noise = torch.rand(size, 1, generator=g) < 0.1
         seq.append(torch.where(noise, torch.randint(0, VOCAB, (size, 1), generator=g), nxt))
     tokens = torch.cat(seq, dim=1)
-    return tokens[:, :-1], tokens[:, 1:]
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
 @contextlib.contextmanager
