@@ -20,8 +20,9 @@ A hung rank is ended by torchelastic's watchdog (each step runs under `expires()
 file timer is on, TORCHELASTIC_ENABLE_FILE_TIMER=1), so torchrun restarts the group and torchft heals it.
 
 `--break skip-heal` makes a group that comes back ignore the state its peer sends (a bug in the loop's
-load_state_dict), and `--break commit-alone` steps the optimizer even when torchft votes not to commit:
-both are judged failed, each by the invariant it breaks.
+load_state_dict): judged failed by "replica groups agree" (examples/torchft/broken.yaml). `--break
+commit-alone` steps the optimizer even when torchft votes not to commit: judged failed by "no update
+outside the quorum" once a step is refused (a kill at point ft_all_reduce makes the peers' all-reduce fail).
 """
 
 from __future__ import annotations
