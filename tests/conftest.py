@@ -155,6 +155,17 @@ def long_run(tmp_path: Path) -> Path:
     return path
 
 
+def require_module(module: str, extra: str) -> None:
+    """Skip a module's tests when `module` (installed by the `extra`) is missing; in CI, fail them."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        msg = f"needs {module} (the `{extra}` extra: pip install -e '.[dev,{extra}]', as `make setup` does)"
+        if CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 def main_in(directory: Path, argv: list[str]) -> tuple[int, str]:
     """`burnin ARGV` in this process, from `directory`, stopping after the checks that come before any
     work (`prepare_only`): (exit status, what it wrote to stderr)."""

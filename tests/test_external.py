@@ -12,14 +12,13 @@ what external mode cannot run, in one line.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import CI, run_cli, run_dir_of, summary_of
+from conftest import require_module, run_cli, run_dir_of, summary_of
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "torchft"
 
@@ -51,11 +50,7 @@ faults:
 
 @pytest.fixture(scope="module", autouse=True)
 def _torchft() -> None:
-    if importlib.util.find_spec("torchft") is None:
-        msg = "needs torchft (the `torchft` extra: pip install -e '.[dev,torchft]', as `make setup` does)"
-        if CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_module("torchft", "torchft")
 
 
 def _left_running(run_dir: Path) -> list[int]:

@@ -9,7 +9,6 @@ the script still trains alone under plain torchrun, where the callback does noth
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CI, run_cli, run_dir_of, summary_of
+from conftest import require_module, run_cli, run_dir_of, summary_of
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lightning"
 
@@ -28,11 +27,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def _lightning() -> None:
-    if importlib.util.find_spec("lightning") is None:
-        msg = "needs Lightning (the `lightning` extra: pip install -e '.[dev,lightning]', as `make setup` does)"
-        if CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_module("lightning", "lightning")
 
 
 def test_lightning_example_killed_and_raising_recovers_exactly(tmp_path: Path) -> None:

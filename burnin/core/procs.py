@@ -73,15 +73,17 @@ def alive(pid: int) -> bool:
         return False
 
 
-def run_id_of(pid: int) -> str | None:
+def environ_of(pid: int) -> dict[str, str] | None:
+    """A process's environment as it was started (None when it is gone or not ours to read)."""
     try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return None
-    for item in env:
-        if item.startswith(b"BURNIN_RUN_ID="):
-            return item.split(b"=", 1)[1].decode(errors="replace")
-    return None
+    return dict(item.decode(errors="replace").partition("=")[::2] for item in raw.split(b"\0") if item)
+
+
+def run_id_of(pid: int) -> str | None:
+    return (environ_of(pid) or {}).get("BURNIN_RUN_ID")
 
 
 def set_parent_death_signal(parent: int | None = None) -> None:

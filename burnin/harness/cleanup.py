@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from burnin.core import snapshots as snapshot
-from burnin.core.procs import EXTERNAL_SPEC_ENV, alive, kill_group, process_start_time, run_id_of, state_dir
+from burnin.core.procs import EXTERNAL_SPEC_ENV, alive, environ_of, kill_group, process_start_time, run_id_of, state_dir
 
 __all__ = ["register", "unregister", "register_network", "unregister_network", "sweep"]
 
@@ -168,8 +168,7 @@ def _is_worker(pid: int) -> bool:
     try:
         if b"burnin.rank.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
             return True
-        return any(item.startswith(EXTERNAL_SPEC_ENV.encode() + b"=")
-                   for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
     except OSError:
         return False
+    return EXTERNAL_SPEC_ENV in (environ_of(pid) or {})
 

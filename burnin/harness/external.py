@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.core.events import EventWriter, Tail, read_events
-from burnin.core.procs import EXTERNAL_SPEC_ENV, kill_group, proc_state
+from burnin.core.procs import EXTERNAL_SPEC_ENV, environ_of, kill_group, proc_state
 from burnin.errors import HarnessError, UserError
 from burnin.harness import cleanup
 from burnin.scenarios.schema import EXTERNAL_ONLY, Scenario
@@ -62,19 +62,8 @@ def _free_port() -> int:
 def run_processes(spec_path: str | Path) -> list[int]:
     """Every live process that carries this run's spec path in its environment: the lighthouse, the
     torchrun agents, their ranks and whatever those started."""
-    needle = f"{EXTERNAL_SPEC_ENV}={spec_path}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as fh:
-                env = fh.read()
-        except OSError:
-            continue
-        if needle in env.split(b"\0"):
-            found.append(int(entry.name))
-    return found
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit() and int(e.name) != os.getpid()
+            and (environ_of(int(e.name)) or {}).get(EXTERNAL_SPEC_ENV) == str(spec_path)]
 
 
 def _die_with_parent() -> None:
@@ -88,14 +77,8 @@ def _die_with_parent() -> None:
 
 def _group_of(pid: int) -> int | None:
     """The replica group a process of the run belongs to (its REPLICA_GROUP_ID), None for the lighthouse."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            for item in fh.read().split(b"\0"):
-                if item.startswith(b"REPLICA_GROUP_ID="):
-                    return int(item.split(b"=", 1)[1])
-    except (OSError, ValueError):
-        pass
-    return None
+    group = (environ_of(pid) or {}).get("REPLICA_GROUP_ID", "")
+    return int(group) if group.isdigit() else None
 
 
 class Relay:

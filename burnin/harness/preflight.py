@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from burnin.errors import ScenarioError, UserError, oneline as _show, reason
+from burnin.harness.external import lighthouse_binary
 from burnin.harness.fabric import choose_fabric
 from burnin.reports.endpoint import endpoint_error
 from burnin.scenarios.campaign import draw_trials
@@ -143,7 +144,14 @@ def cuda_device_count() -> tuple[int, str]:
 
 
 def check_device(scenario: Any, source: str | Path | None = None, overrides: dict[str, Any] | None = None) -> None:
-    """`workload.device: cuda` needs a CUDA device; `auto` takes what there is, `cpu` needs nothing."""
+    """`workload.device: cuda` needs a CUDA device; `auto` takes what there is, `cpu` needs nothing. And
+    `recovery.mode: external` needs its system under test installed (torchft's lighthouse)."""
+    if scenario.recovery.mode == "external":
+        try:
+            lighthouse_binary()
+        except UserError as exc:
+            file, line = _where(source, "recovery.mode")
+            raise ScenarioError(str(exc), file=file, line=line, field="recovery.mode") from None
     if scenario.workload.device != "cuda":
         return
     count, why = cuda_device_count()

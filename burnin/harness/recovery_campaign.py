@@ -34,13 +34,12 @@ from burnin.reports.trials import CAMPAIGN_SCHEMA_VERSION, outcome_rates, wilson
 from burnin.reports.verdict import judge
 from burnin.reports.writers import write_reports
 from burnin.scenarios.campaign import trial_scenario
-from burnin.scenarios.schema import Scenario
+from burnin.scenarios.schema import OUTCOMES, Scenario
 
 __all__ = ["run_trials",
            "summarize", "PHASES"]
 
 PHASES = ("detection_s", "teardown_s", "restart_s", "checkpoint_load_s", "first_step_s", "total_s")
-OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed", "degraded")
 
 
 def run_trials(scenario: Scenario, run_dir: Path, run_id: str, plan: list[dict[str, Any]], done: dict[int, Any],

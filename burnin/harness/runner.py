@@ -21,7 +21,7 @@ from typing import Any, Callable
 from burnin.core.events import read_events
 from burnin.errors import UserError
 from burnin.harness import torchrun
-from burnin.harness.external import ExternalRun, lighthouse_binary
+from burnin.harness.external import ExternalRun
 from burnin.harness.fabric import choose_fabric
 from burnin.harness.golden import GoldenRecord, get_golden, golden_cached, golden_key
 from burnin.harness.preflight import check_device, check_out_dir
@@ -60,10 +60,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
     # privilege, no CUDA device, an --out that cannot hold a run directory, a metrics port in use.
     run_id = run_id or new_run_id(scenario.name)
     scenario, fabric = choose_fabric(scenario, run_id)
-    check_device(scenario)
+    check_device(scenario)  # (torchft missing, for recovery.mode external: one line, before anything starts)
     external = scenario.recovery.mode == "external"
-    if external:
-        lighthouse_binary()  # torchft missing: one line, before anything starts
     out = check_out_dir(out_dir)
     metrics = Metrics()
     metrics.set_run(scenario.name, run_id)

@@ -268,12 +268,6 @@ class _Outgoing:
     def buffer(self) -> Any:
         return self._tensor
 
-    def parameters(self) -> list[Any]:
-        return []
-
-    def gradients(self) -> list[Any]:
-        return []
-
 
 class _QuorumWatch:
     """torchft's manager client, passed through; each quorum it returns is recorded first."""

@@ -25,37 +25,16 @@ first step committed with every group participating); the steps lost are the one
 from __future__ import annotations
 
 import math
-import struct
 from collections import defaultdict
 from typing import Any
 
+from burnin.reports.tolerance import bits_float, rdiff, windowed
 from burnin.reports.result import Expectation, FaultResult, RecoveryBreakdown, RunResult
 
-__all__ = ["judge_external", "windowed", "INVARIANTS"]
+__all__ = ["judge_external", "INVARIANTS"]
 
 INVARIANTS = ("replica groups agree", "no update outside the quorum", "loss within tolerance",
               "final state within tolerance", "every group finishes", "nothing left running")
-
-
-def _bits_float(bits: str) -> float:
-    return struct.unpack(">f", bytes.fromhex(bits))[0]
-
-
-def windowed(means: dict[int, float], window: int) -> dict[int, float]:
-    """Step means averaged over windows of `window` steps, keyed by each window's first step (a window
-    counts the steps of it that were run)."""
-    if window == 1:
-        return means
-    acc: dict[int, list[float]] = defaultdict(list)
-    for step, value in means.items():
-        acc[step - step % window].append(value)
-    return {start: sum(v) / len(v) for start, v in acc.items()}
-
-
-def _rdiff(a: float, b: float) -> float:
-    if a == b:
-        return 0.0
-    return abs(a - b) / max(abs(b), 1e-12)
 
 
 def _group_of(replica_id: str) -> int | None:
@@ -130,7 +109,7 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
     tol = scenario.workload.tolerance
     mean_loss = windowed(_step_means(committed), tol.window)
     ref = windowed(_golden_means(golden), tol.window)
-    diffs = [(_rdiff(v, ref[s]), s) for s, v in mean_loss.items() if s in ref]
+    diffs = [(rdiff(v, ref[s]), s) for s, v in mean_loss.items() if s in ref]
     loss_max, loss_step = max(diffs, default=(None, None))
     rank0 = finals.get(0, {})
     # the model's parameters and buffers: the optimizer's moments follow the batch step by step, and a
@@ -141,9 +120,9 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
     # when the batch of a few steps changed); the tensor that moved most, beside it
     state_max = worst = worst_rdiff = None
     if mine and theirs and set(mine) == set(theirs):
-        state_max = _rdiff(math.sqrt(sum(v * v for v in mine.values())), math.sqrt(sum(v * v for v in theirs.values())))
-        worst = max(theirs, key=lambda n: _rdiff(mine[n], theirs[n]))
-        worst_rdiff = _rdiff(mine[worst], theirs[worst])
+        state_max = rdiff(math.sqrt(sum(v * v for v in mine.values())), math.sqrt(sum(v * v for v in theirs.values())))
+        worst = max(theirs, key=lambda n: rdiff(mine[n], theirs[n]))
+        worst_rdiff = rdiff(mine[worst], theirs[worst])
     finished = bool(end and end.get("finished")) and len(finals) == scenario.workload.ranks and all(
         ev.get("final_step") == steps - 1 for ev in finals.values())
     loss_ok = loss_max is not None and loss_max <= tol.loss_rtol
@@ -223,7 +202,7 @@ def _step_means(committed: list[dict[str, Any]]) -> dict[int, float]:
     acc: dict[int, dict[int, float]] = defaultdict(dict)
     for ev in committed:
         if not ev.get("healed"):
-            acc[ev["step"]][ev["rank"]] = _bits_float(ev["loss_bits"])
+            acc[ev["step"]][ev["rank"]] = bits_float(ev["loss_bits"])
     return {s: sum(v.values()) / len(v) for s, v in acc.items() if v}
 
 
@@ -233,7 +212,7 @@ def _golden_means(golden: Any) -> dict[int, float]:
     acc: dict[int, list[float]] = defaultdict(list)
     for steps in golden.loss_bits.values():
         for s, bits in steps.items():
-            acc[int(s)].append(_bits_float(bits))
+            acc[int(s)].append(bits_float(bits))
     return {s: sum(v) / len(v) for s, v in acc.items()}
 
 

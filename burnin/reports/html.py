@@ -25,6 +25,7 @@ from burnin.reports import plots
 from burnin.reports.plots import OUTCOME_COLORS, PHASE_COLORS, PHASES
 from burnin.reports.result import is_simulated, passed
 from burnin.reports.verdict import exactness, judge_burn_in
+from burnin.scenarios.schema import OUTCOMES
 
 __all__ = ["write_run_report", "write_campaign_report", "write_burn_in_report", "write_compare_report",
            "run_page", "campaign_page", "burn_in_page", "compare_page", "rebuild"]
@@ -405,7 +406,7 @@ def campaign_page(summary: dict[str, Any], run_dir: str | Path = "") -> str:
         body.append(f'<div class="banner error"><b>harness error</b>: {_e(summary["error"])}</div>')
     out = summary.get("outcomes") or {}
     kp = [("trials", n)]
-    for o in ("recovered", "masked", "detected", "sdc", "failed"):
+    for o in OUTCOMES:
         if o in out and (out[o]["count"] or o == "sdc"):
             v = out[o]
             kp.append((f"{o} (95 % interval)", f"{v['rate']:.2f} ({v['ci95'][0]:.2f}–{v['ci95'][1]:.2f})"))
@@ -468,12 +469,12 @@ def _recovery_sections(summary: dict[str, Any]) -> str:
     for name, b in by_fault.items():
         o = b["outcomes"]
         cells = [f"{o[k]['count']} ({o[k]['ci95'][0]:.2f}–{o[k]['ci95'][1]:.2f})" if o[k]["count"] else "0"
-                 for k in ("recovered", "masked", "detected", "sdc", "failed")]
+                 for k in OUTCOMES]
         lost = b["lost_steps"]
         rows.append([name, b["trials"], *cells, f"{b['exact']['count']}/{b['trials']}",
                      lost["max"] if lost["max"] is not None else "–",
                      ", ".join(f"{k}: {v}" for k, v in b["tiers"].items())])
-    parts.append(_table("by-fault", ["fault", "trials", "recovered", "masked", "detected", "sdc", "failed", "exact",
+    parts.append(_table("by-fault", ["fault", "trials", *OUTCOMES, "exact",
                                      "lost steps (max)", "resumed from"], rows, num={1}))
     parts.append("<h2>Recovery time</h2>")
     parts.append(_figure("phases-plot", _e("Per fault: the median of each recovery phase, stacked; the bar and the "

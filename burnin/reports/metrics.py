@@ -25,6 +25,7 @@ from prometheus_client import (
     write_to_textfile,
 )
 
+from burnin.scenarios.schema import OUTCOMES
 from burnin.reports.endpoint import endpoint_error
 from burnin.reports.result import RecoveryBreakdown, RunResult
 
@@ -35,7 +36,6 @@ CAUSES: tuple[str, ...] = (
     "killed", "hang", "exception", "illegal_memory_access", "network", "signal", "timeout", "exit", "corruption",
 )
 #: Fault outcomes (DESIGN "Outcomes"); anything else is counted as "other".
-OUTCOMES: tuple[str, ...] = ("recovered", "masked", "detected", "sdc", "failed", "degraded")
 #: Parts of a recovery, in order; the names match RecoveryBreakdown's fields without `_s`.
 PHASES: tuple[str, ...] = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
 #: In-rank detectors (burnin.rank.detectors, plus step recomputation); anything else is "other".

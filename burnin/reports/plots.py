@@ -23,7 +23,7 @@ __all__ = ["OUTCOME_COLORS", "PHASE_COLORS", "loss_plot", "timeline_plot", "rate
            "recovery_phases_plot", "health_plot", "compare_plot"]
 
 OUTCOME_COLORS = {"recovered": "#009E73", "masked": "#8C8C8C", "detected": "#E69F00", "sdc": "#D55E00",
-                  "failed": "#000000", "unverified": "#CC79A7"}
+                  "failed": "#000000", "degraded": "#56B4E9", "unverified": "#CC79A7"}
 PHASES = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
 PHASE_COLORS = {"detection": "#E69F00", "teardown": "#D55E00", "restart": "#CC79A7", "checkpoint_load": "#0072B2",
                 "first_step": "#009E73"}

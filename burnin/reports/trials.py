@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from burnin.scenarios.schema import OUTCOMES
+
 __all__ = ["CAMPAIGN_SCHEMA_VERSION", "Z95", "wilson", "outcome_rates", "judge_trial"]
 
 #: campaign.json's schema version (data-fault and recovery campaigns alike).
@@ -28,7 +30,7 @@ def outcome_rates(outcomes: list[str]) -> dict[str, dict[str, Any]]:
     """Per outcome: count, rate and its 95 % Wilson interval."""
     n = len(outcomes)
     out = {}
-    for o in ("recovered", "masked", "detected", "sdc", "failed", "degraded"):
+    for o in OUTCOMES:
         k = outcomes.count(o)
         out[o] = {"count": k, "rate": k / n if n else 0.0, "ci95": list(wilson(k, n))}
     return out

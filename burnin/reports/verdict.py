@@ -9,14 +9,13 @@ never called exact.
 
 from __future__ import annotations
 
-import math
-import struct
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from burnin.reports.attribution import pin_detection
-from burnin.reports.external import judge_external, windowed
+from burnin.reports.external import judge_external
+from burnin.reports.tolerance import bits_float, rdiff, windowed
 from burnin.reports.result import Expectation, Failure, FaultResult, RecoveryBreakdown, RunResult
 from burnin.scenarios.burn_in import burn_in_run
 
@@ -116,18 +115,6 @@ def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: s
     return result
 
 
-def _bits_float(bits: str) -> float:
-    return struct.unpack(">f", bytes.fromhex(bits))[0]
-
-
-def _rdiff(a: float, b: float) -> float:
-    if a == b:
-        return 0.0
-    if not (math.isfinite(a) and math.isfinite(b)):
-        return math.inf
-    return abs(a - b) / max(abs(b), 1e-12)
-
-
 def _tolerance(tol: Any, losses: dict[int, dict[int, str]], final: dict[str, Any] | None, golden: Any,
                finished: bool) -> dict[str, Any]:
     """Tolerance mode: the largest relative difference of any step's loss (every rank) and of any final
@@ -139,14 +126,14 @@ def _tolerance(tol: Any, losses: dict[int, dict[int, str]], final: dict[str, Any
         out["why"] = "no golden run"
         return out
     if tol.window == 1 and sorted(map(str, losses)) == sorted(golden.loss_bits):
-        diffs = [(_rdiff(_bits_float(bits), _bits_float(golden.loss_bits[str(rank)][str(step)])), step)
+        diffs = [(rdiff(bits_float(bits), bits_float(golden.loss_bits[str(rank)][str(step)])), step)
                  for rank, steps in losses.items() for step, bits in steps.items()
                  if str(step) in golden.loss_bits.get(str(rank), {})]
     else:  # another world size (a resume onto another mesh): each step's loss over all ranks, the global batch's
         mine_mean, ref_mean = _step_means(losses), _step_means(
             {int(r): {int(s): b for s, b in steps.items()} for r, steps in golden.loss_bits.items()})
         mine_mean, ref_mean = windowed(mine_mean, tol.window), windowed(ref_mean, tol.window)
-        diffs = [(_rdiff(loss, ref_mean[step]), step) for step, loss in mine_mean.items() if step in ref_mean]
+        diffs = [(rdiff(loss, ref_mean[step]), step) for step, loss in mine_mean.items() if step in ref_mean]
     out["loss_max_rdiff"], out["loss_worst_step"] = max(diffs, default=(0.0, None))
     mine, theirs = (final or {}).get("state_norms"), golden.state_norms
     if not mine or not theirs:
@@ -156,8 +143,8 @@ def _tolerance(tol: Any, losses: dict[int, dict[int, str]], final: dict[str, Any
     if missing:
         out["why"] = f"the final states hold different tensors ({missing[0]}, ...)"
         return out
-    name = max(theirs, key=lambda n: _rdiff(mine[n], theirs[n]))
-    out["state_max_rdiff"], out["state_worst_tensor"] = _rdiff(mine[name], theirs[name]), name
+    name = max(theirs, key=lambda n: rdiff(mine[n], theirs[n]))
+    out["state_max_rdiff"], out["state_worst_tensor"] = rdiff(mine[name], theirs[name]), name
     out["within"] = bool(finished and out["loss_max_rdiff"] <= tol.loss_rtol and out["state_max_rdiff"] <= tol.state_rtol)
     if not out["within"]:
         out["why"] = ("the run did not finish" if not finished else
@@ -170,7 +157,7 @@ def _tolerance(tol: Any, losses: dict[int, dict[int, str]], final: dict[str, Any
 def _step_means(losses: dict[int, dict[int, str]]) -> dict[int, float]:
     """Each step's mean loss over the ranks (the steps every rank ran)."""
     steps = set.intersection(*(set(s) for s in losses.values())) if losses else set()
-    return {step: sum(_bits_float(s[step]) for s in losses.values()) / len(losses) for step in sorted(steps)}
+    return {step: sum(bits_float(s[step]) for s in losses.values()) / len(losses) for step in sorted(steps)}
 
 
 def tolerance_text(t: dict[str, Any]) -> str:
