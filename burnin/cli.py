@@ -386,6 +386,9 @@ def _prepare_burn_in(args: argparse.Namespace) -> tuple[Any, float, int]:
         run_dir = preflight.check_out_dir(args.resume, "--resume", must_exist=True,
                                           fix="give the run directory of a burn-in")
         scenario, duration, seed, _, _ = read_resume_state(run_dir)
+        if scenario.recovery.mode == "external":
+            raise UserError(f"--resume: the burn-in in {run_dir} ran a job that recovers itself (recovery.mode "
+                            "external), whose state lived in its processes, gone with the burn-in's; start a new one")
         preflight.check_device(scenario, args.resume, {})
         return scenario, duration, seed
     scenario = load_scenario(args.scenario)
@@ -437,13 +440,23 @@ def _cmd_burn_in(args: argparse.Namespace) -> int:
             text = f"fault {ev['fault']} on rank {ev['rank']} at step {ev['step']} ({ev['point']})"
         elif kind == "failure_detected":
             text = f"failure: {ev['cause']} on rank {ev.get('rank')} ({'explained' if ev.get('fault_indices') else 'UNEXPLAINED'})"
+        elif kind == "ft_healed":
+            text = f"rank {ev.get('rank')} (replica group {ev.get('group')}) healed from a peer"
+        elif kind == "golden_started" and "steps" in ev:
+            text = f"the reference: {ev['steps']} steps of the same groups without faults"
         elif kind == "window_replay":
             text = f"verifying window {ev['k'] + 1}/{ev['of']}: steps {ev['start']}-{ev['end']} replayed without faults"
         if text:
             print(f"[{time.time() - t0:7.1f}s] {text}", file=sys.stderr, flush=True)
 
-    summary = run_burn_in(None if args.resume else scenario, args.out, duration_s=duration, seed=seed, on_event=say,
-                          resume=args.resume, history=args.history)
+    if scenario.recovery.mode == "external":  # the job recovers itself: launched, disturbed, watched, judged
+        from burnin.harness.external_burn_in import run_external_burn_in
+
+        summary = run_external_burn_in(scenario, args.out, duration_s=duration, seed=seed, on_event=say,
+                                       history=args.history)
+    else:
+        summary = run_burn_in(None if args.resume else scenario, args.out, duration_s=duration, seed=seed,
+                              on_event=say, resume=args.resume, history=args.history)
     for r in summary["health"]["ranks"]:
         print(f"rank {r['rank']}: {r['verdict']}" + (f" ({'; '.join(r['reasons'])})" if r["reasons"] else ""))
     f = summary["faults"]

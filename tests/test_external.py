@@ -1,12 +1,14 @@
 """torchft under burnin (`recovery.mode: external`): the system under test heals itself, burnin judges it.
 
 Real runs of examples/torchft/train.py: a torchft lighthouse and one torchrun per replica group, started
-by burnin; a kill, a hang (ended by torchelastic's watchdog) and a cut from the lighthouse, each healed
-by torchft from the live group, and a bit flipped in what a group sends across, averaged into both,
-judged by the invariants and exit 0 with nothing left running; a loop
-that skips the heal, judged failed by the cross-group fingerprint, exit 1. The verdict's invariants are
-also checked one by one on event logs that break each of them, and the scenario checks that refuse
-what external mode cannot run, in one line.
+by burnin; a hang (ended by torchelastic's watchdog) and a cut from the lighthouse, each healed by torchft
+from the live group, and a bit flipped in what a group sends across, averaged into both, judged by the
+invariants and exit 0 with nothing left running; a loop that skips the heal, judged failed by the
+cross-group fingerprint, exit 1; FSDP2 inside the groups, a rank killed in its group's all-gather and
+healed shard by shard, a flip in a group's reduce-scatter carried to every group; a burn-in, faults at
+drawn instants, every group stopped at one step, a health verdict per rank. The verdict's invariants are
+also checked one by one on event logs that break each of them, and the scenario checks that refuse what
+external mode cannot run, in one line.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from conftest import require_module, run_cli, run_dir_of, summary_of
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "torchft"
 
 #: Two groups of one rank each, paced so a group's restart (seconds) costs tens of steps, not hundreds.
-#: The faults are armed one at a time, each once the one before has healed: quiet, the three absences take
-#: ~26 s (~300 steps with the settling between them); 600 steps leave room for restarts twice as slow.
+#: The faults are armed one at a time, each once the one before has healed: quiet, the two absences take
+#: ~20 s (~220 steps with the settling between them); 450 steps leave room for restarts twice as slow.
+#: (A kill healed by torchft: the burn-in's and the FSDP2 test's.)
 HEALED = """\
 name: torchft-healed
 workload:
   entry: train.py
   args: [--step-time, "0.1", --watchdog, "10"]
   ranks: 2
-  steps: 600
+  steps: 450
   tolerance: {window: 20, loss_rtol: 0.25, state_rtol: 0.1}
 recovery:
   mode: external
@@ -40,7 +43,6 @@ recovery:
     lighthouse: {min_replicas: 1, join_timeout_ms: 6000, heartbeat_timeout_ms: 2000}
 timeouts: {run_s: 400}
 faults:
-  - {fault: process.kill, rank: 1, step: 5, expect: recovered}
   - {fault: process.hang, rank: 0, step: 10, point: ft_all_reduce, expect: recovered}
   - {fault: network.coordinator_cut, rank: 1, step: 15, params: {duration_s: 4}, expect: recovered}
   - {fault: corruption.bitflip, rank: 1, step: 20, params: {target: allreduce_payload, bit_class: mantissa_low},
@@ -60,7 +62,7 @@ def _left_running(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_kill_hang_and_cut_healed_by_torchft_pass_with_nothing_left(tmp_path: Path) -> None:
+def test_a_hang_and_a_cut_healed_by_torchft_pass_with_nothing_left(tmp_path: Path) -> None:
     shutil.copy(EXAMPLE / "train.py", tmp_path / "train.py")
     (tmp_path / "s.yaml").write_text(HEALED)
     proc = run_cli("run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), timeout=900)
@@ -245,6 +247,18 @@ BASE = {"name": "ft", "workload": {"entry": "train.py", "ranks": 4, "steps": 20}
      "faults.0.fault", "which only recovery.mode: external has"),
     ({"recovery": {"mode": "restart"}, "faults": [{"fault": "process.kill", "step": 3, "point": "ft_all_reduce"}]},
      "faults.0.point", "which only recovery.mode: external has"),
+    # a burn-in's fault kinds, as its arrivals will be
+    ({"burn_in": {"duration_s": 60, "faults": [{"fault": "storage.checkpoint_corrupt", "per_hour": 10}]}},
+     "burn_in.faults.0.fault", "cannot act on a loop burnin does not run the recovery of"),
+    ({"burn_in": {"duration_s": 60, "faults": [{"fault": "process.kill", "per_hour": 10,
+                                                "points": ["between_steps", "tp_all_reduce"]}]}},
+     "burn_in.faults.0.points", "tp_all_reduce is not a point of a torchft loop"),
+    ({"recovery": {"mode": "restart"},
+      "burn_in": {"duration_s": 60, "faults": [{"fault": "network.coordinator_cut", "per_hour": 10}]}},
+     "burn_in.faults.0.fault", "which only recovery.mode: external has"),
+    ({"recovery": {"mode": "restart"},
+      "burn_in": {"duration_s": 60, "faults": [{"fault": "process.hang", "per_hour": 10, "points": ["ft_all_reduce"]}]}},
+     "burn_in.faults.0.points", "which only recovery.mode: external has"),
 ])
 def test_what_external_mode_cannot_run_is_refused_in_one_line(tmp_path: Path, change: dict, field: str,
                                                               fragment: str) -> None:
@@ -266,3 +280,169 @@ def test_what_external_mode_cannot_run_is_refused_in_one_line(tmp_path: Path, ch
         load_scenario(path)
     text = str(info.value)
     assert len(text.splitlines()) == 1 and info.value.field == field and fragment in text, text
+
+
+# -- a burn-in of torchft ---------------------------------------------------------------------------
+
+def test_a_group_that_leaves_the_quorum_with_no_fault_is_an_unexplained_failure_of_its_ranks() -> None:
+    from types import SimpleNamespace
+
+    from burnin.harness.burn_in import assess
+    from burnin.harness.external_burn_in import unexplained_drops
+    from burnin.scenarios.schema import Scenario
+
+    sc = Scenario.model_validate({
+        "name": "ft", "workload": {"entry": "train.py", "ranks": 2, "steps": 3},
+        "recovery": {"mode": "external", "external": {"replica_groups": 2}},
+        "burn_in": {"duration_s": 60, "faults": [{"fault": "process.kill", "per_hour": 60}]}})
+
+    def full(t: float, step: int) -> list[dict]:
+        return [{"t": t, "event": "step_done", "rank": r, "step": step, "committed": True, "participants": 2}
+                for r in (0, 1)]
+
+    ev = [*full(1, 0), *full(2, 1),
+          # a kill of group 1: its restart and heal are the fault's
+          {"t": 4, "event": "fault_injected", "rank": 1, "fault_index": 0, "step": 3},
+          {"t": 5, "event": "rank_started", "rank": 1, "attempt": 1},
+          {"t": 6, "event": "ft_heal_started", "rank": 1}, *full(7, 5),
+          # group 0 heals with no fault since it took part again: one drop, seen twice
+          {"t": 10, "event": "ft_heal_started", "rank": 0},
+          {"t": 10.5, "event": "rank_started", "rank": 0, "attempt": 1}, *full(12, 9),
+          # and again, after taking part in between: a second drop
+          {"t": 15, "event": "group_restarted", "group": 0}]
+    from burnin.reports.result import FaultResult
+
+    kill = FaultResult(index=0, fault="process.kill", rank=1, step=0, point=None, expected=["recovered"],
+                       outcome="recovered", injected=True, injected_at=4.0, details={"heal": {"total_s": 3.0}})
+    drops = unexplained_drops(ev, sc, [kill])
+    assert [(d.rank, d.time) for d in drops] == [(0, 10), (0, 15)]
+    assert drops[0].fault_index is None and "healed from a peer" in drops[0].signature
+    health = assess(sc, SimpleNamespace(failures=drops), ev, [])
+    verdicts = {r["rank"]: r["verdict"] for r in health["ranks"]}
+    assert verdicts == {0: "faulty", 1: "healthy"}, health  # two drops: a lemon at burn_in.health.lemon_failures=2
+
+
+#: Two groups of one rank for 30 s: the seed draws a kill (~15 s in) and a cut from the lighthouse (~25 s in).
+BURN_IN = """\
+name: torchft-burn-in
+workload:
+  entry: train.py
+  args: [--step-time, "0.1", --watchdog, "10"]
+  ranks: 2
+  steps: 10
+  tolerance: {window: 20, loss_rtol: 0.25, state_rtol: 0.1}
+recovery:
+  mode: external
+  external:
+    replica_groups: 2
+    lighthouse: {min_replicas: 1, join_timeout_ms: 6000, heartbeat_timeout_ms: 2000}
+burn_in:
+  duration_s: 30
+  seed: 3
+  quiet_start_s: 5
+  quiet_end_s: 5
+  faults:
+    - {fault: process.kill, per_hour: 300}
+    - {fault: network.coordinator_cut, per_hour: 200, params: {duration_s: 4}}
+"""
+
+
+@pytest.mark.slow
+def test_a_burn_in_of_torchft_heals_every_fault_stops_every_group_at_one_step_and_judges_each_rank(
+        tmp_path: Path) -> None:
+    import yaml
+
+    shutil.copy(EXAMPLE / "train.py", tmp_path / "train.py")
+    (tmp_path / "b.yaml").write_text(BURN_IN)
+    out = tmp_path / "out"
+    proc = run_cli("burn-in", str(tmp_path / "b.yaml"), "--out", str(out), timeout=600)
+    run_dir = run_dir_of(out)
+    s = json.loads((run_dir / "burn-in.json").read_text())
+    # the exit status is the health verdicts' too, which a busy machine can change: the recovery must hold
+    assert proc.returncode == (0 if s["ok"] else 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert s["recovery"]["ok"] and s["error"] is None, s["recovery"]
+    assert {i["name"] for i in s["recovery"]["invariants"]} >= {"replica groups agree", "no update outside the quorum",
+                                                                "loss within tolerance", "every group finishes"}
+    drawn = json.loads((run_dir / "schedule-drawn.json").read_text())["faults"]
+    assert [f["fault"] for f in drawn] == ["process.kill", "network.coordinator_cut"]  # from the seed alone
+    assert s["faults"]["fired"] >= 1 and s["faults"]["list"][0]["fault"] == "process.kill"
+    for f in s["faults"]["list"]:
+        assert f["outcome"] == "recovered" and f["fired_at_s"] >= f["at_s"], f
+    kill = s["faults"]["list"][0]
+    assert kill["heal"]["total_s"] > 0 and kill["heal"]["transfer_s"] is not None
+    # the time was up, the groups settled: every rank stopped after the same step, the reference as long
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    stop = [e for e in events if e["event"] == "burn_in_stop"]
+    assert len(stop) == 1 and stop[0]["elapsed_s"] >= 30
+    finals = {e["rank"]: e["final_step"] for e in events if e["event"] == "rank_finished"}
+    assert finals == {0: stop[0]["steps"] - 1, 1: stop[0]["steps"] - 1}
+    assert s["steps"]["job_steps"] == stop[0]["steps"] and 0 < s["steps"]["goodput_steps"] < 1
+    # a verdict per rank, from the rolled-up forward times, with its thresholds
+    assert [r["rank"] for r in s["health"]["ranks"]] == [0, 1]
+    for r in s["health"]["ranks"]:
+        assert r["verdict"] in ("healthy", "degraded", "faulty") and r["median_compute_s"] > 0
+        assert (r["verdict"] == "healthy") == (not r["reasons"])
+    assert sum(r["unexplained_failures"] for r in s["health"]["ranks"]) == sum(
+        g["count"] for g in s["health"]["unexplained_failures"])  # (none, on a quiet machine: a drop is a fault's)
+    assert [e for e in events if e["event"] == "burn_in_rollup"]
+    assert _left_running(run_dir) == []
+    for name in ("burn-in.md", "junit.xml", "report.html", "metrics.prom"):
+        assert (run_dir / name).is_file(), name
+    assert "## Invariants" in (run_dir / "burn-in.md").read_text()
+    # the realised schedule replays as a plain external run
+    replay = yaml.safe_load((run_dir / "schedule.yaml").read_text())
+    assert replay["recovery"]["mode"] == "external" and [f["fault"] for f in replay["faults"]] == [
+        f["fault"] for f in s["faults"]["list"]]
+    (tmp_path / "replay.yaml").write_text((run_dir / "schedule.yaml").read_text())
+    assert run_cli("validate", str(tmp_path / "replay.yaml")).returncode == 0
+
+
+#: FSDP2 inside each of two replica groups of two ranks: a rank killed in the middle of its group's all-gather,
+#: then a low bit flipped in what a rank puts into its group's reduce-scatter. The kill's heal takes ~10 s
+#: (~100 steps; 18 s on a loaded machine), and the flip waits for it: 220 steps leave room.
+FSDP = """\
+name: torchft-fsdp
+workload:
+  entry: train.py
+  args: [--fsdp, --step-time, "0.1", --watchdog, "10"]
+  ranks: 4
+  steps: 220
+  tolerance: {window: 20, loss_rtol: 0.25, state_rtol: 0.1}
+recovery:
+  mode: external
+  external:
+    replica_groups: 2
+    lighthouse: {min_replicas: 1, join_timeout_ms: 6000, heartbeat_timeout_ms: 2000}
+timeouts: {run_s: 400}
+faults:
+  - {fault: process.kill, rank: 3, step: 5, point: all_gather, expect: recovered}
+  - {fault: corruption.bitflip, rank: 0, step: 10, params: {target: reduce_scatter_input, bit_class: mantissa_low},
+     expect: masked}
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_groups_heal_shard_by_shard_and_a_flip_in_a_groups_reduce_scatter_reaches_every_group(
+        tmp_path: Path) -> None:
+    shutil.copy(EXAMPLE / "train.py", tmp_path / "train.py")
+    (tmp_path / "s.yaml").write_text(FSDP)
+    proc = run_cli("run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), timeout=900)
+    run_dir = run_dir_of(tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _left_running(run_dir) == []
+    s = summary_of(tmp_path / "out")
+    kill, flip = s["faults"]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    # the kill landed inside group 1's all-gather; torchrun restarted the group, each rank healed its shard
+    assert kill["outcome"] == "recovered" and kill["details"]["heal"]["transfer_s"] is not None, kill
+    assert next(e for e in events if e["event"] == "fault_injected" and e["fault_index"] == 0)["point"] == "all_gather"
+    assert {e["rank"] for e in events if e["event"] == "ft_healed" and e["t"] > kill["injected_at"]} == {2, 3}
+    # the flip, in what rank 0 put into its group's reduce-scatter, reached one shard of group 0, and torchft's
+    # average carried it to that shard in group 1 too: every shard agrees across the groups
+    hit = next(e for e in events if e["event"] == "fault_injected" and e["fault_index"] == 1)
+    assert hit["point"] == "reduce_scatter" and "parameter" in hit["details"], hit
+    assert flip["outcome"] == "masked", flip
+    checks = {e["name"]: e for e in s["expectations"]}
+    assert checks["replica groups agree"]["ok"], checks["replica groups agree"]
+    shards = {e["rank"]: e["shard"] for e in events if e["event"] == "rank_finished"}
+    assert shards == {0: 0, 1: 1, 2: 0, 3: 1}

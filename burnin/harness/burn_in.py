@@ -65,7 +65,7 @@ from burnin.reports.writers import junit_xml, write_html_safely
 from burnin.scenarios.burn_in import LEVELS, runtime_scenario
 from burnin.scenarios.schema import Scenario
 
-__all__ = ["LEVELS", "draw_schedule", "parse_duration", "run_burn_in", "assess", "SCHEMA_VERSION"]
+__all__ = ["LEVELS", "draw_schedule", "parse_duration", "run_burn_in", "assess", "write_reports", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 
@@ -85,7 +85,9 @@ KEEP_LIMIT = 256
 
 #: Step points, read as the phase of the step a fault landed in (after passing that point).
 PHASE = {"before_forward": "forward/backward", "after_backward": "all-reduce", "after_allreduce": "optimizer step",
-         "after_optimizer_step": "checkpoint and snapshot", "between_steps": "between steps"}
+         "after_optimizer_step": "checkpoint and snapshot", "between_steps": "between steps",
+         "all_gather": "all-gather", "reduce_scatter": "reduce-scatter", "replica_all_reduce": "all-reduce across replicas",
+         "tp_all_reduce": "tensor-parallel all-reduce", "ft_all_reduce": "all-reduce across replica groups"}
 
 
 def parse_duration(text: str) -> float:
@@ -462,7 +464,11 @@ def _unexplained_findings(events: list[dict[str, Any]]) -> dict[int, list[dict[s
 def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: float = 0, seed: int = 0,
                 on_event: Callable[[dict[str, Any]], None] | None = None,
                 resume: str | Path | None = None, history: str | None = None) -> dict[str, Any]:
-    """Run a burn-in (or, with `resume`, continue one whose supervisor died); returns the summary."""
+    """Run a burn-in (or, with `resume`, continue one whose supervisor died); returns the summary. A job that
+    recovers itself (recovery.mode external) runs by `external_burn_in.run_external_burn_in`."""
+    if scenario is not None and scenario.recovery.mode == "external":
+        raise UserError(f"{scenario.name}: recovery.mode external: a burn-in of a job that recovers itself runs by "
+                        "burnin.harness.external_burn_in.run_external_burn_in (`burnin burn-in` picks it)")
     before: dict[str, Any] = {"elapsed_s": 0.0, "fired": set(), "first_attempt": 0, "events": []}
     if resume is not None:
         run_dir = check_out_dir(resume, "--resume", must_exist=True, fix="give the run directory of a burn-in")
@@ -534,7 +540,7 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
     summary["ok"] = (summary["recovery"]["ok"] and all(r["verdict"] == "healthy" for r in health["ranks"])
                      and interrupted is None and result.error is None)
     summary["run_dir"] = str(run_dir)
-    _write(run_dir, summary, sc)
+    write_reports(run_dir, summary, sc)
     metrics.burn_in(summary)
     metrics.write_textfile(run_dir / "metrics.prom")
 
@@ -693,7 +699,8 @@ def _usage_trend(rollups: list[dict[str, Any]]) -> dict[str, Any]:
             "fds_growth": last["fds"] - first["fds"], "max_rss_mib": max(p["supervisor"]["rss_mib"] for p in rows)}
 
 
-def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
+def write_reports(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
+    """burn-in.json, schedule.yaml (the realised schedule, replayable), burn-in.md, junit.xml and report.html."""
     atomic_write(run_dir / "burn-in.json", json.dumps(summary, indent=1, default=str).encode())
     # the realised schedule as a scenario `burnin run` takes: each fault at the step and point it hit (a
     # scenario names only the points where a fault can wait for the supervisor: one that landed mid-step
@@ -709,7 +716,7 @@ def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
                          "params": sc.faults[f["index"]].params, "expect": sc.faults[f["index"]].expected})
     data = sc.model_dump(mode="json", exclude={"burn_in", "campaign"})
     last = max([f["step"] for f in realised] or [0])
-    data["workload"]["steps"] = max(summary["steps"]["useful"], last + 2)
+    data["workload"]["steps"] = max(summary["steps"].get("job_steps") or summary["steps"]["useful"], last + 2)
     data["faults"] = realised
     data["name"] = (sc.name + "-replay")[:64]
     left_out = _replayable(data)
@@ -720,11 +727,20 @@ def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
         head += f"# Left out (a fresh run cannot replay it): {fault['fault']} at step {fault['step']}: {why}\n"
     atomic_write(run_dir / "schedule.yaml", (head + yaml.safe_dump(data, sort_keys=False)).encode())
     h = summary["health"]
+    external = summary.get("comparison") == "invariants"
+    st = summary["steps"]
+    goodput = (f"goodput {st['useful']} of {st['executed']} group-steps committed (each of {summary['replica_groups']} "
+               f"replica groups' part of each of {st['job_steps']} steps)" if external else
+               f"goodput {st['useful']} useful of {st['executed']} executed steps")
     lines = [f"# Burn-in {summary['scenario']}: {'PASS' if summary['ok'] else 'FAIL'}", "",
              f"{summary['wall_s']:.0f} s (asked {summary['duration_s']:.0f} s), seed {summary['seed']}; "
              f"{summary['faults']['fired']} faults fired of {summary['faults']['scheduled']} scheduled; "
-             f"{summary['restarts']} restarts; goodput {summary['steps']['useful']} useful of "
-             f"{summary['steps']['executed']} executed steps.", ""]
+             f"{summary['restarts']} restarts; {goodput}.", ""]
+    if external:
+        lines += [f"Recovery by the system under test ({summary['system']}, recovery.mode: external): judged by its "
+                  "invariants, not bit for bit; health on each rank's forward time per step.", ""]
+    if summary.get("error"):
+        lines += [f"**error: {summary['error']}**", ""]
     if summary["interrupted"]:
         lines += [f"**{summary['interrupted']}**", ""]
     lines += ["| rank | verdict | straggler score | unexplained failures | reasons |", "|---|---|---|---|---|"]
@@ -746,16 +762,24 @@ def _write(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
                   "|---|---|---|---|"]
         for g in h["unexplained_failures"]:
             lines.append(f"| `{g['signature']}` | {g['rank']} | {g['count']} | {g['cause']} |")
-    lines += ["", "## Verification windows", "",
-              "Each stretch with faults was replayed without them from its first checkpoint; the state hash at its "
-              "last checkpoint must match.", "", "| from step | to step | faults | exact |", "|---|---|---|---|"]
-    for wdw in summary["recovery"]["windows"]:
-        lines.append(f"| {wdw['start']} | {wdw['end']} | {', '.join(map(str, wdw['faults']))} | {wdw['exact']} |")
+    if external:
+        lines += ["", "## Invariants", "", "| invariant | ok | evidence |", "|---|---|---|"]
+        lines += [f"| {i['name']} | {i['ok']} | {i['message']} |" for i in summary["recovery"]["invariants"]]
+    else:
+        lines += ["", "## Verification windows", "",
+                  "Each stretch with faults was replayed without them from its first checkpoint; the state hash at "
+                  "its last checkpoint must match.", "", "| from step | to step | faults | exact |",
+                  "|---|---|---|---|"]
+        for wdw in summary["recovery"]["windows"]:
+            lines.append(f"| {wdw['start']} | {wdw['end']} | {', '.join(map(str, wdw['faults']))} | {wdw['exact']} |")
     atomic_write(run_dir / "burn-in.md", ("\n".join(lines) + "\n").encode())
 
     cases = [(f"rank {r['rank']}", r["verdict"] == "healthy", f"{r['verdict']}: " + "; ".join(r["reasons"]))
              for r in h["ranks"]]
-    cases.append(("recovery", summary["recovery"]["ok"], "an injected fault was not recovered exactly"))
+    cases.append(("recovery", summary["recovery"]["ok"], "; ".join(
+        [f"{i['name']}: {i['message']}" for i in summary["recovery"].get("invariants", []) if not i["ok"]]
+        + [f"fault {f['index']} {f['fault']}: {f['outcome']}" + (f" ({f['why']})" if f.get("why") else "")
+           for f in summary["faults"]["list"] if not f["ok"]]) or "an injected fault was not recovered exactly"))
     xml = junit_xml(f"burn-in.{summary['scenario']}", cases, wall_s=summary["wall_s"],
                     started_at=time.time() - summary["wall_s"], error=summary["error"],
                     properties={"run_dir": run_dir, "seed": summary["seed"], "duration_s": summary["duration_s"]},

@@ -188,9 +188,13 @@ class ExternalRun:
 
     def __init__(self, scenario: Scenario, run_dir: str | Path, run_id: str, *,
                  on_event: Callable[[dict[str, Any]], None] | None = None, golden: bool = False,
-                 metrics: Any = None):
+                 metrics: Any = None, burn_in_s: float | None = None):
         self.sc, self.run_dir, self.run_id = scenario, Path(run_dir), run_id
         self.on_event, self.golden, self.metrics = on_event, golden, metrics
+        # a burn-in (burnin/harness/external_burn_in.py): the faults come at their `at_s` after the gang start,
+        # and after burn_in_s the groups are told the step to stop after (`ranks/stop`) once they are settled
+        self.burn_in_s = burn_in_s
+        self.t_go: float | None = None
         self.ext = scenario.recovery.external
         self.groups = self.ext.replica_groups
         self.per_group = scenario.workload.ranks // self.groups
@@ -315,7 +319,7 @@ class ExternalRun:
         # The faults, one at a time in step order: the next is armed (a launcher's fault: fired) once its rank
         # has reached its step and every group has taken part in STABLE_STEPS steps in a row since the
         # fault before it fired; the ranks fire an armed fault of theirs at its point (burnin/rank/external.py)
-        pending = [] if self.golden else sorted(enumerate(sc.faults), key=lambda x: (x[1].step, x[0]))
+        pending = [] if self.golden else sorted(enumerate(sc.faults), key=lambda x: (x[1].step, x[1].at_s or 0, x[0]))
         armed: tuple[int, Any] | None = None
         t_fired = 0.0
         (self.run_dir / "ranks" / "armed").mkdir(exist_ok=True)
@@ -326,6 +330,9 @@ class ExternalRun:
         deadline = t0 + sc.timeouts.run_s
         started: set[int] = set()
         go, heartbeats = self.run_dir / "ranks" / "go", None
+        stopping = False
+        pace: list[float] = []  # the committed steps' durations, for the stop's margin
+        self._last_progress = 0.0
         while len(exited) < len(self.agents):
             # the gang start: every rank up and every group's manager talking to the lighthouse, then a few
             # heartbeats more, so the lighthouse counts every group before the first quorum
@@ -333,6 +340,7 @@ class ExternalRun:
                 heartbeats = heartbeats or time.monotonic()
                 if time.monotonic() - heartbeats > 0.5:
                     go.write_text("go")
+                    self.t_go = time.time()
                     self._emit("gang_started")
             for path in sorted((self.run_dir / "ranks").glob("rank*.jsonl")):
                 tail = tails.setdefault(path, Tail(path))
@@ -343,6 +351,7 @@ class ExternalRun:
                         started.add(ev["rank"])
                     if ev.get("event") == "step_done" and ev.get("committed"):
                         reached[ev["rank"]] = max(reached.get(ev["rank"], -1), ev["step"])
+                        pace.append(ev.get("dt") or 0.0)
                         everyone = ev.get("participants", 0) >= self.groups and ev["t"] > t_fired
                         stable[ev["rank"]] = stable.get(ev["rank"], 0) + 1 if everyone else 0
                     if armed is not None and ev.get("event") == "fault_injected" and ev.get("fault_index") == armed[0]:
@@ -354,7 +363,12 @@ class ExternalRun:
                     if self.on_event and ev.get("event") in ("step_done", "fault_injected", "ft_heal_started",
                                                              "ft_healed", "rank_started", "rank_finished"):
                         self.on_event(ev)
-            if armed is None and pending:
+            now = time.time()
+            if self.burn_in_s is not None and self.t_go is not None and not stopping:
+                stopping = self._burn_in_clock(now, armed, reached, stable, pace, pending)
+            # (a burn-in's arrival still waiting when its time is up never fires: the groups are let settle)
+            if armed is None and pending and not stopping and (pending[0][1].at_s is None or (
+                    self.t_go is not None and self.t_go + pending[0][1].at_s <= now < self.t_go + self.burn_in_s)):
                 i, f = pending[0]
                 if reached.get(f.rank, -1) >= f.step - 1 and stable.get(f.rank, 0) >= STABLE_STEPS:
                     pending.pop(0)
@@ -387,6 +401,36 @@ class ExternalRun:
             if self.agents[g].returncode != 0:
                 return False
         return True
+
+    def _burn_in_clock(self, now: float, armed: Any, reached: dict[int, int], stable: dict[int, int],
+                       pace: list[float], pending: list[Any]) -> bool:
+        """A burn-in's time: progress every 10 s; once burn_in_s is up and no fault is armed and every rank
+        has committed STABLE_STEPS steps in a row with every group since the last fault, the step every group
+        stops after (`ranks/stop`: the loops end when torchft's step reaches it), far enough ahead that none
+        has passed it. Returns whether the stop is written."""
+        elapsed = now - self.t_go
+        if self.on_event and now - self._last_progress >= 10.0:
+            self._last_progress = now
+            self.on_event({"event": "burn_in_progress", "elapsed_s": elapsed, "step": max(reached.values(), default=-1),
+                           "faults_fired": self._fired(), "t": now})
+        if elapsed < self.burn_in_s or armed is not None:
+            return False
+        ranks = range(self.sc.workload.ranks)
+        if not all(stable.get(r, 0) >= STABLE_STEPS for r in ranks):
+            return False  # a group is still out (the last fault's heal): the stop waits for it
+        recent = sorted(pace[-40:]) or [0.05]
+        margin = 5 + int(1.0 / max(recent[len(recent) // 2], 1e-3))
+        stop = max(reached.values()) + 1 + margin  # the number of steps: the last one committed is stop - 1
+        tmp = self.run_dir / "ranks" / "stop.tmp"
+        tmp.write_text(str(stop))
+        os.replace(tmp, self.run_dir / "ranks" / "stop")
+        self._emit("burn_in_stop", steps=stop, elapsed_s=elapsed, unfired=[i for i, _ in pending])
+        return True
+
+    def _fired(self) -> int:
+        """Faults armed or fired so far (a rank's own injection is in its stream: counted when armed)."""
+        with self._lock:
+            return sum(1 for e in self.own if e["event"] in ("fault_armed", "fault_injected"))
 
     def _stop_group(self, g: int) -> list[dict[str, Any]]:
         """Every process of group `g` still running once its torchrun is gone (ranks an agent killed by its

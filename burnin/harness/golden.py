@@ -147,6 +147,7 @@ def record_from_events(events: list[dict[str, Any]], key: str) -> GoldenRecord:
     loss: dict[str, dict[str, str]] = {}
     ckpts: dict[str, str] = {}
     final: dict[int, str] = {}
+    shards: dict[Any, set[str]] = {}  # (an external run's sharded ranks: each shard agrees with its replicas)
     norms = None
     final_loss = floor = None
     t0 = t1 = None
@@ -164,11 +165,12 @@ def record_from_events(events: list[dict[str, Any]], key: str) -> GoldenRecord:
             ckpts[str(ev["checkpoint_step"])] = ev["state_hash"]
         elif kind == "rank_finished":
             final[ev["rank"]] = ev["state_hash"]
+            shards.setdefault(ev.get("shard"), set()).add(ev["state_hash"])
             if ev["rank"] == 0:
                 norms = ev.get("state_norms")
         elif kind == "resumed" and ev.get("rank") == 0:
             floor = ev.get("loss_floor")
-    if not final or len(set(final.values())) != 1:
+    if not final or any(len(hashes) != 1 for hashes in shards.values()):
         raise HarnessError(f"golden run did not finish with agreeing replicas: {final}")
     return GoldenRecord(key=key, state_hash=final[0], loss_bits=loss, checkpoint_hashes=ckpts,
                         final_loss=final_loss, loss_floor=floor, wall_s=(t1 or 0) - (t0 or 0), state_norms=norms)

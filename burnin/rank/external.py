@@ -46,6 +46,7 @@ from typing import Any, Iterator
 from burnin.core.events import EventWriter, read_events
 from burnin.core.procs import EXTERNAL_SPEC_ENV
 from burnin.errors import UserError
+from burnin.faults.base import COLLECTIVE_POINTS
 from burnin.rank.injector import Injector
 
 __all__ = ["observe", "Observer"]
@@ -108,7 +109,8 @@ class Observer:
         self.step = manager.current_step()
         self._loss: Any = None
         self._applied = False
-        self._t0 = time.perf_counter()
+        self._t0 = self._t_fwd = time.perf_counter()
+        self._fwd_s: float | None = None
         if not self.active:
             return
         self.spec = spec
@@ -130,7 +132,9 @@ class Observer:
         self.events.emit("rank_started", pid=os.getpid(), host=socket.gethostname(), group_rank=self.group_rank,
                          step=self.step, restart_count=attempt)
         self._gang_start(run_dir, sc["timeouts"]["connect_s"])
-        self.injector = _Deferring(sc["faults"], self.rank, spec["world_size"], self.events, fired,
+        # (a burn-in's arrival times are the launcher's: it arms each fault when its time has come)
+        faults = [{**f, "at_s": None} for f in sc["faults"]]
+        self.injector = _Deferring(faults, self.rank, spec["world_size"], self.events, fired,
                                    go_timeout_s=sc["timeouts"]["connect_s"], supervised=False, self_inflicted=True)
         self.injector.armed_dir = run_dir / "ranks" / "armed"
         self._hook()
@@ -152,6 +156,7 @@ class Observer:
 
     def _hook(self) -> None:
         self.model.register_forward_pre_hook(self._before_forward)
+        self.model.register_forward_hook(self._after_forward)
         self.inner.register_step_pre_hook(lambda opt, a, k: self._point("after_allreduce"))
         self.inner.register_step_post_hook(self._after_optimizer)
         manager = self.manager
@@ -170,6 +175,7 @@ class Observer:
             return self._commit
 
         manager.should_commit = watched_should_commit
+        self._hook_collectives()
         client = manager._client  # torchft 0.2's quorum call: what each group is told, recorded as it is told
         manager._client = _QuorumWatch(client, self.events)
         handler = _TorchftLog(self.events)
@@ -179,14 +185,37 @@ class Observer:
             log.setLevel(logging.INFO)
         self._forwarded = False
 
+    def _hook_collectives(self) -> None:
+        """FSDP2 inside the replica group: its all-gathers and reduce-scatters fire the collective points, as in
+        a sharded loop under burnin's own recovery (`burnin.rank.sharding.hook_collectives`). A fault at such a
+        point of a model that has none is refused before the first step."""
+        from burnin.rank.sharding import fsdp_units, hook_collectives  # lazy: torch
+
+        model = getattr(self.model, "module", self.model)  # (DDP's wrapped module)
+        units = hook_collectives(model, self._point, self.injector.armed) if fsdp_units(model) else {}
+        # a sharded rank holds its shard: its state is compared with the same shard's in the other groups
+        self.shard = self.group_rank if units else None
+        for index, name, point in self.injector.points_named():
+            if point in COLLECTIVE_POINTS and point != "ft_all_reduce" and (not units or point not in (
+                    "all_gather", "reduce_scatter")):
+                raise UserError(f"faults[{index}] {name} at point {point}: this loop's model has no FSDP2 collectives "
+                                "inside its replica group to act in (it is not sharded with fully_shard); use a step "
+                                "point, or ft_all_reduce")
+
     def _point(self, name: str, **tensors: Any) -> None:
         self.injector.fire(name, self.step, model=self.model, optimizer=self.inner, **tensors)
 
     def _before_forward(self, module: Any, args: tuple[Any, ...]) -> None:
         if not self._forwarded and module.training:
             self._forwarded = True
+            self._t_fwd = time.perf_counter()
             batch = args[0] if args and hasattr(args[0], "data_ptr") else None  # the target `batch`
             self._point("before_forward", **({"batch": batch} if batch is not None else {}))
+
+    def _after_forward(self, module: Any, args: Any, output: Any) -> None:
+        if self._fwd_s is None and self._forwarded:  # the step's first forward: the rank's own compute (no peer
+            self._fwd_s = time.perf_counter() - self._t_fwd  # is waited for in DDP's forward): the straggler score's
+        return None
 
     def _after_optimizer(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._applied = True
@@ -197,12 +226,15 @@ class Observer:
     def steps(self, total: int | None = None) -> Iterator[int]:
         """The manager's current step, again and again, until the last step is committed (the scenario's
         `workload.steps` under burnin, `total` without)."""
+        stop = None
         if self.active:
             total = self.spec["scenario"]["workload"]["steps"]
+            stop = Path(self.spec["run_dir"]) / "ranks" / "stop"  # a burn-in's end: the step count, when it is up
         elif total is None:
             raise UserError("obs.steps(): give the number of steps (no burnin run to take it from)")
-        while (step := self.manager.current_step()) < total:
+        while (step := self.manager.current_step()) < min(total, _stop_at(stop)):
             self.step, self._loss, self._applied, self._forwarded, self._commit = step, None, False, False, None
+            self._fwd_s = None
             self._t0 = time.perf_counter()
             yield step
             if self.active:
@@ -229,7 +261,8 @@ class Observer:
                          commit_asked=self._commit is not None, quorum_id=getattr(m, "_quorum_id", None),
                          participants=m.num_participants(), participating=m.is_participating(),
                          errored=str(m.errored())[:300] if m.errored() is not None else None,
-                         state_hash=state_hash(self.model, self.inner), dt=time.perf_counter() - self._t0)
+                         state_hash=state_hash(self.model, self.inner, local_only=True), shard=self.shard,
+                         dt=time.perf_counter() - self._t0, fwd_s=self._fwd_s)
 
     def finish(self) -> None:
         from burnin.rank.state import state_hash, state_norms  # lazy: torch
@@ -237,8 +270,18 @@ class Observer:
         if not self.active:
             return
         self.events.emit("rank_finished", final_step=self.manager.current_step() - 1,
-                         state_hash=state_hash(self.model, self.inner),
+                         state_hash=state_hash(self.model, self.inner, local_only=True), shard=self.shard,
                          state_norms=state_norms(self.model, self.inner))
+
+
+def _stop_at(path: Path | None) -> float:
+    """The number of steps a burn-in's launcher has told the groups to stop at (`ranks/stop`), or infinity."""
+    if path is None:
+        return float("inf")
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return float("inf")
 
 
 class _Deferring(Injector):

@@ -48,10 +48,14 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
     ext = scenario.recovery.external
     groups = ext.replica_groups
     per = scenario.workload.ranks // groups
-    steps = scenario.workload.steps
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for ev in events:
         by[ev.get("event", "")].append(ev)
+    # a burn-in's groups stop where the launcher told them once its time was up; the arrivals still waiting
+    # then never fire, which is no error
+    stop = by["burn_in_stop"][-1] if by["burn_in_stop"] else None
+    steps = stop["steps"] if stop else scenario.workload.steps
+    unfired = set(stop["unfired"]) if stop else set()
     started = by["run_started"][0]["t"] if by["run_started"] else (events[0]["t"] if events else 0.0)
     end = next((ev for ev in reversed(by["run_finished"]) if ev.get("source") == "launcher"), None)
     if end and end.get("error") and not error:
@@ -63,22 +67,29 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
     # 1. the groups agree: every rank that committed step S holds the same state after it
     # step -> state hash -> the commits that left it: (rank, quorum id); a step committed twice (a group
     # that started over from scratch in a quorum of its own) counts both times
-    at_step: dict[int, dict[str, list[tuple[int, Any]]]] = defaultdict(lambda: defaultdict(list))
+    # (a sharded group's rank holds one shard, `shard` in its events: compared with the same shard in the other
+    # groups; an unsharded rank holds the whole state, compared with every rank)
+    at_step: dict[tuple[int, Any], dict[str, list[tuple[int, Any]]]] = defaultdict(lambda: defaultdict(list))
     for ev in committed:
-        at_step[ev["step"]][ev["state_hash"]].append((ev["rank"], ev.get("quorum_id")))
-    disagree = next(((s, h) for s, h in sorted(at_step.items()) if len(h) > 1), None)
+        at_step[(ev["step"], ev.get("shard"))][ev["state_hash"]].append((ev["rank"], ev.get("quorum_id")))
+    disagree = next((((s, shard), h) for (s, shard), h in sorted(at_step.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
+                     if len(h) > 1), None)
     finals = {}
     for ev in by["rank_finished"]:
         finals[ev["rank"]] = ev  # the last attempt's
     final_hashes = {r: ev["state_hash"] for r, ev in finals.items()}
+    final_by_shard: dict[Any, set[str]] = defaultdict(set)
+    for ev in finals.values():
+        final_by_shard[ev.get("shard")].add(ev["state_hash"])
     agree_msg = "every rank that committed a step holds the same state after it; the final states agree"
-    agree_ok = disagree is None and len(set(final_hashes.values())) <= 1
+    agree_ok = disagree is None and all(len(h) <= 1 for h in final_by_shard.values())
     broke: list[tuple[float, set[int], str]] = []  # (time, groups, invariant): what an invariant's breach points at
     if disagree is not None:
-        s, by_hash = disagree
+        (s, shard), by_hash = disagree
         parts = "; ".join(f"ranks {sorted({r for r, _ in c})} (quorum {', '.join(map(str, sorted({str(q) for _, q in c})))}) "
                           f"hold {h[:12]}" for h, c in by_hash.items())
-        agree_msg = f"step {s} was committed with different states: {parts}"
+        agree_msg = (f"step {s} was committed with different states{'' if shard is None else f' of shard {shard}'}: "
+                     f"{parts}")
         # every group that committed the step is in the breach; it happened when the second state appeared
         t = sorted(min(ev["t"] for ev in committed if ev["step"] == s and ev["state_hash"] == h) for h in by_hash)[1]
         broke.append((t, {r // per for c in by_hash.values() for r, _ in c}, "replica groups agree"))
@@ -146,7 +157,8 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
                     for ev in by["fault_error"]]
     errored = {ev["fault_index"] for ev in by["fault_error"]}
     never = [f"fault[{f.index}] {f.fault} never fired: rank {f.rank}'s group did not run step {f.step} (it had "
-             f"healed past it, or the run ended first)" for f in faults if not f.injected and f.index not in errored]
+             f"healed past it, or the run ended first)" for f in faults
+             if not f.injected and f.index not in errored | unfired]
     if fault_errors or never:
         error = "; ".join(([error] if error else []) + fault_errors + never)
 
@@ -163,7 +175,8 @@ def judge_external(events: list[dict[str, Any]], scenario: Any, golden: Any, *, 
         loss_floor=None, faults=faults, error=error, comparison="tolerance", tolerance=tolerance)
     ex = [Expectation(f"fault[{f.index}] {f.fault}@rank{f.rank}:step{f.step}", f.ok,
                       f"outcome {f.outcome}, expected {' or '.join(f.expected)}" + (
-                          f"; {f.details['why']}" if f.details.get("why") else "")) for f in faults]
+                          f"; {f.details['why']}" if f.details.get("why") else "")) for f in faults
+          if f.index not in unfired]
     ex += [
         Expectation("replica groups agree", agree_ok, agree_msg),
         Expectation("no update outside the quorum", not outside, quorum_msg),
@@ -245,7 +258,11 @@ def _fault(i: int, spec: Any, by: dict[str, list[dict[str, Any]]], per: int, gro
         healed or heal or inj)["t"] and ev.get("participants") == groups), None) if t_detect or heal else None
     restarted = next((ev["t"] for ev in by["rank_started"] if mine(ev) and ev["t"] > t0), None)
     dropped = t_detect is not None or heal is not None or restarted is not None
-    breach = next(((t, inv) for t, gs, inv in broke if g in gs and t >= t0), None)
+    # a breach between this fault and the next is this fault's (in its group: it broke it; in another, the
+    # fault cannot be called recovered); one before it leaves nothing to judge it by; a later one is not its
+    breach = next(((t, inv) for t, gs, inv in broke if g in gs and t0 <= t < t_next), None)
+    elsewhere = next((inv for t, gs, inv in broke if g not in gs and t0 <= t < t_next), None)
+    earlier = next((inv for t, gs, inv in broke if t < t0), None)
     if dropped:
         t_back = heal["t"] if heal else None
         phases = {"detection_s": (t_detect - t0) if t_detect else None,
@@ -273,8 +290,12 @@ def _fault(i: int, spec: Any, by: dict[str, list[dict[str, Any]]], per: int, gro
         res.outcome, res.details["why"] = "failed", "the job did not finish"
     elif dropped and (heal is None or full is None):
         res.outcome, res.details["why"] = "failed", f"group {g} never came back to full participation"
-    elif not invariants_ok:
-        res.outcome, res.details["why"] = "failed", "an invariant broke (in another group, or before this fault)"
+    elif elsewhere is not None:
+        res.outcome, res.details["why"] = "failed", f"'{elsewhere}' broke in another group after it"
+    elif earlier is not None:
+        res.outcome, res.details["why"] = "failed", f"'{earlier}' had broken before it"
+    elif not invariants_ok and not broke:
+        res.outcome, res.details["why"] = "failed", "an invariant broke"
     elif not within:
         res.outcome, res.details["why"] = "degraded", "finished outside tolerance"
     else:

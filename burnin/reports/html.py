@@ -527,15 +527,22 @@ def burn_in_page(summary: dict[str, Any], *, events: list[dict[str, Any]], run_d
     if summary.get("error"):
         body.append(f'<div class="banner error"><b>harness error</b>: {_e(summary["error"])}</div>')
     verdicts = [r["verdict"] for r in h["ranks"]]
+    external = summary.get("comparison") == "invariants"  # recovery by the system under test (torchft)
     body.append(_kpis([
         ("wall time", f"{summary.get('wall_s', 0):.0f} s"),
         ("ranks healthy", f"{verdicts.count('healthy')} of {len(verdicts)}"),
         ("faults fired (scheduled)", f"{summary['faults']['fired']} ({summary['faults']['scheduled']})"
          if summary.get("faults") else "–"),
-        ("faults recovered exactly", "yes" if (summary.get("recovery") or {}).get("ok") else "no"),
+        ("faults recovered, invariants held" if external else "faults recovered exactly",
+         "yes" if (summary.get("recovery") or {}).get("ok") else "no"),
         ("restarts", summary.get("restarts", 0)),
-        ("goodput (useful / executed steps)", f"{steps.get('useful')} / {steps.get('executed')}"),
+        ("goodput (group-steps committed / of all groups)" if external else "goodput (useful / executed steps)",
+         f"{steps.get('useful')} / {steps.get('executed')}"),
     ]))
+    if external:
+        body.append(f'<p class="small">Recovery by the system under test ({_e(summary.get("system"))}, recovery.mode: '
+                    "external): judged by its invariants, not bit for bit; compute per step is each rank's forward "
+                    "time.</p>")
     body.append("</header><h2>Health per rank</h2>")
     rows = [[r["rank"], _badge(r["verdict"]), _num(r.get("straggler_score")),
              f"{r['median_compute_s'] * 1000:.1f} ms" if r.get("median_compute_s") else "–",
@@ -580,13 +587,19 @@ def burn_in_page(summary: dict[str, Any], *, events: list[dict[str, Any]], run_d
         tl_failures, ranks = [], len(h["ranks"]) or 1
     body.append(_timeline_figure(tl_faults, tl_failures, events, ranks, "Each bar is one attempt of one rank."))
     wins = (summary.get("recovery") or {}).get("windows") or []
-    body.append("<h2>Verification windows</h2>")
-    body.append("<p>Each stretch with faults was replayed without them from its first checkpoint; the state hash at "
-                "its last checkpoint must match.</p>")
-    body.append(_table("windows", ["from step", "to step", "faults", "exact"],
-                       [[w["start"], w["end"], ", ".join(map(str, w["faults"])),
-                         _Raw(f'<span class="{"ok" if w["exact"] else "bad"}">{"yes" if w["exact"] else "NO"}</span>')]
-                        for w in wins], num={0, 1}) if wins else "<p>No window to replay.</p>")
+    if external:
+        body.append("<h2>Invariants</h2>")
+        body.append(_table("invariants", ["invariant", "held", "evidence"], [
+            [i["name"], _Raw(f'<span class="{"ok" if i["ok"] else "bad"}">{"yes" if i["ok"] else "NO"}</span>'),
+             i["message"]] for i in summary["recovery"].get("invariants") or []]))
+    else:
+        body.append("<h2>Verification windows</h2>")
+        body.append("<p>Each stretch with faults was replayed without them from its first checkpoint; the state hash "
+                    "at its last checkpoint must match.</p>")
+        body.append(_table("windows", ["from step", "to step", "faults", "exact"],
+                           [[w["start"], w["end"], ", ".join(map(str, w["faults"])),
+                             _Raw(f'<span class="{"ok" if w["exact"] else "bad"}">{"yes" if w["exact"] else "NO"}</span>')]
+                            for w in wins], num={0, 1}) if wins else "<p>No window to replay.</p>")
     files = _files(Path(run_dir), ["burn-in.md", "burn-in.json", "junit.xml", "schedule.yaml", "events.jsonl",
                                    "metrics.prom"]) if run_dir else []
     return _page(f"{'PASS' if summary.get('ok') else 'FAIL'} · burnin burn-in {summary.get('scenario')}",

@@ -195,8 +195,28 @@ EXTERNAL_FAULTS = ("process.kill", "process.hang", "process.exception", "process
                    "corruption.nan", "network.coordinator_cut")
 EXTERNAL_ONLY = ("network.coordinator_cut",)
 EXTERNAL_POINTS = ("before_forward", "after_backward", "ft_all_reduce", "after_allreduce", "after_optimizer_step",
-                   "between_steps")
-EXTERNAL_TARGETS = ("param", "optimizer_state", "allreduce_payload", "grad_reduced", "activation", "batch")
+                   "between_steps", "all_gather", "reduce_scatter")  # (the last two: FSDP2 inside a replica group)
+EXTERNAL_TARGETS = ("param", "optimizer_state", "allreduce_payload", "grad_reduced", "activation", "batch",
+                    "all_gather_output", "reduce_scatter_input", "reduce_scatter_output")
+
+
+def _external_fault_problem(fault: str, params: dict[str, Any], point: str | None) -> tuple[tuple[str, ...], str] | None:
+    """Why a fault cannot act on a loop that recovers itself (recovery.mode external), or None: the fields to
+    blame under the fault's own entry, and a message."""
+    if fault not in EXTERNAL_FAULTS:
+        return ("fault",), (f"{fault} cannot act on a loop burnin does not run the recovery of; recovery.mode "
+                            f"external takes {', '.join(EXTERNAL_FAULTS)}")
+    target = params.get("target")
+    if target is not None and target not in EXTERNAL_TARGETS:
+        return ("params", "target"), (f"{target} is not at hand in a torchft loop; use one of "
+                                      f"{', '.join(EXTERNAL_TARGETS)} (allreduce_payload: the buffer the group sends "
+                                      "into the cross-group all-reduce)")
+    if point is not None and point not in EXTERNAL_POINTS:
+        return ("point",), f"{point} is not a point of a torchft loop; use one of {', '.join(EXTERNAL_POINTS)}"
+    if point == "ft_all_reduce" and not fault.startswith("process."):
+        return ("point",), ("ft_all_reduce takes the process faults; a corruption of what the group sends is "
+                            "target allreduce_payload (at after_backward)")
+    return None
 
 
 class Lighthouse(_Model):
@@ -543,13 +563,17 @@ class Scenario(_Model):
             if rec.external is not None:
                 raise invalid(("recovery", "external"), "describes the system that recovers under recovery.mode: "
                                                         "external; set the mode, or drop external")
-            for i, f in enumerate(self.faults):
-                if f.fault in EXTERNAL_ONLY:
-                    raise invalid(("faults", i, "fault"), f"{f.fault} cuts a replica group off from its "
-                                                          "coordinator, which only recovery.mode: external has")
-                if f.point == "ft_all_reduce":
-                    raise invalid(("faults", i, "point"), "ft_all_reduce is torchft's all-reduce across replica "
-                                                          "groups, which only recovery.mode: external has")
+            kinds = [(("faults", i), f.fault, [f.point]) for i, f in enumerate(self.faults)]
+            kinds += [(("burn_in", "faults", i), bf.fault, bf.points or [])
+                      for i, bf in enumerate(self.burn_in.faults if self.burn_in is not None else [])]
+            for where, fault, points in kinds:
+                if fault in EXTERNAL_ONLY:
+                    raise invalid((*where, "fault"), f"{fault} cuts a replica group off from its coordinator, which "
+                                                     "only recovery.mode: external has")
+                if "ft_all_reduce" in points:
+                    raise invalid((*where, "point" if where[0] == "faults" else "points"),
+                                  "ft_all_reduce is torchft's all-reduce across replica groups, which only "
+                                  "recovery.mode: external has")
             return self
         ext = rec.external
         if self.workload.entry is None:
@@ -563,25 +587,14 @@ class Scenario(_Model):
             raise invalid(("recovery", "external", "lighthouse", "min_replicas"),
                           f"{ext.lighthouse.min_replicas} is more than the {ext.replica_groups} replica groups: no "
                           "quorum could form")
-        if self.burn_in is not None:
-            raise invalid(("burn_in",), "recovery.mode external runs under `burnin run` (a long list of faults, as "
-                                        "examples/torchft/soak.yaml) or `burnin campaign`; drop burn_in")
         for i, f in enumerate(self.faults):
-            if f.fault not in EXTERNAL_FAULTS:
-                raise invalid(("faults", i, "fault"), f"{f.fault} cannot act on a loop burnin does not run the "
-                                                      f"recovery of; recovery.mode external takes "
-                                                      f"{', '.join(EXTERNAL_FAULTS)}")
-            target = f.params.get("target")
-            if target is not None and target not in EXTERNAL_TARGETS:
-                raise invalid(("faults", i, "params", "target"),
-                              f"{target} is not at hand in a torchft loop; use one of {', '.join(EXTERNAL_TARGETS)} "
-                              "(allreduce_payload: the buffer the group sends into the cross-group all-reduce)")
-            if f.point is not None and f.point not in EXTERNAL_POINTS:
-                raise invalid(("faults", i, "point"), f"{f.point} is not a point of a torchft loop; use one of "
-                                                      f"{', '.join(EXTERNAL_POINTS)}")
-            if f.point == "ft_all_reduce" and not f.fault.startswith("process."):
-                raise invalid(("faults", i, "point"), "ft_all_reduce takes the process faults; a corruption of what "
-                                                      "the group sends is target allreduce_payload (at after_backward)")
+            if (problem := _external_fault_problem(f.fault, f.params, f.point)) is not None:
+                raise invalid(("faults", i, *problem[0]), problem[1])
+        for i, bf in enumerate(self.burn_in.faults if self.burn_in is not None else []):
+            for point in bf.points or [None]:
+                if (problem := _external_fault_problem(bf.fault, bf.params, point)) is not None:
+                    field = ("points",) if problem[0] == ("point",) else problem[0]
+                    raise invalid(("burn_in", "faults", i, *field), problem[1])
         return self
 
     @model_validator(mode="after")

@@ -99,6 +99,10 @@ def main() -> None:
     p.add_argument("--step-time", type=float, default=0.0,
                    help="pace the loop: a step takes at least this long (what a larger model or a data loader "
                         "would add), so the groups' restarts take tens of steps, not hundreds")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model over each replica group's ranks with FSDP2 (fully_shard) instead of DDP; "
+                        "torchft then averages each rank's gradient shard with the same shard of the other groups, "
+                        "and heals a rank from its peer of the same shard")
     p.add_argument("--break", dest="broken", choices=["skip-heal", "commit-alone"], help="a bug, on purpose")
     p.add_argument("--plain", type=int, metavar="GROUPS", default=0,
                    help="no torchft: the same job as GROUPS replica groups, as one DDP job over all the ranks "
@@ -121,13 +125,23 @@ def main() -> None:
         configure(FileTimerClient(os.environ["TORCHELASTIC_TIMER_FILE"]))
 
     model = TinyLM()
+    if args.fsdp:  # within the group: each rank holds a shard of every layer (the MLP its own unit, then the root)
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model.mlp)
+        fully_shard(model)
     inner = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     def state_dict() -> dict:
+        if args.fsdp:
+            return sharded_state(model, inner)
         return {"model": model.state_dict(), "optim": inner.state_dict()}
 
     def load_state_dict(sd: dict) -> None:
         if args.broken == "skip-heal":
+            return
+        if args.fsdp:
+            load_sharded_state(model, inner, sd)
             return
         model.load_state_dict(sd["model"])
         inner.load_state_dict(sd["optim"])
@@ -145,7 +159,8 @@ def main() -> None:
                       # two ranks of a group would then average different gradients in step 0 and their DDP
                       # replicas part for good (burnin's cross-group fingerprint shows it; docs/external.md).
                       init_sync=False)
-    ddp = nn.parallel.DistributedDataParallel(model)  # averages within the group
+    # averages within the group (FSDP2: its reduce-scatter, already)
+    ddp = model if args.fsdp else nn.parallel.DistributedDataParallel(model)
     optimizer = Optimizer(manager, inner)
     obs = burnin.rank.observe(ddp, optimizer, manager)
 
@@ -156,8 +171,9 @@ def main() -> None:
             optimizer.zero_grad()  # torchft starts the step's quorum here
             loss = F.cross_entropy(ddp(x).flatten(0, 1), y.flatten())
             loss.backward()
-            # across the groups: one flat buffer, averaged over the groups in the quorum
-            grads = [q.grad for q in model.parameters()]
+            # across the groups: one flat buffer, averaged over the groups in the quorum (FSDP2: this rank's
+            # shard of each gradient, with the same shard of the other groups)
+            grads = [local(q.grad) for q in model.parameters()]
             flat = torch.cat([g.flatten() for g in grads])
             manager.allreduce(flat).wait()
             offset = 0
@@ -172,6 +188,32 @@ def main() -> None:
             obs.step_done(loss)
             time.sleep(max(0.0, args.step_time - (time.monotonic() - t_step)))
     dist.destroy_process_group()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP2), a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def sharded_state(model: nn.Module, inner: torch.optim.Optimizer) -> dict:
+    """What this rank sends a peer of the same shard that heals: its shard of every parameter and of the
+    optimizer's state, by parameter name."""
+    params = dict(model.named_parameters())
+    return {"model": {n: local(p).detach() for n, p in params.items()},
+            "optim": {n: {k: local(v) for k, v in inner.state[p].items()} for n, p in params.items() if p in inner.state}}
+
+
+def load_sharded_state(model: nn.Module, inner: torch.optim.Optimizer, sd: dict) -> None:
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            local(p).copy_(sd["model"][n])
+            inner.state.pop(p, None)
+            for k, v in sd["optim"].get(n, {}).items():  # (a DTensor moment again, on the parameter's mesh)
+                inner.state[p][k] = (DTensor.from_local(v.clone(), p.device_mesh, p.placements, run_check=False,
+                                                       shape=p.shape, stride=p.stride())
+                                     if isinstance(p, DTensor) and v.dim() else v.clone())
 
 
 def plain(args: argparse.Namespace) -> None:
