@@ -367,8 +367,9 @@ class ExternalRun:
             if self.burn_in_s is not None and self.t_go is not None and not stopping:
                 stopping = self._burn_in_clock(now, armed, reached, stable, pace, pending)
             # (a burn-in's arrival still waiting when its time is up never fires: the groups are let settle)
-            if armed is None and pending and not stopping and (pending[0][1].at_s is None or (
-                    self.t_go is not None and self.t_go + pending[0][1].at_s <= now < self.t_go + self.burn_in_s)):
+            at_s = pending[0][1].at_s if pending else None
+            if armed is None and pending and not stopping and (at_s is None or (self.t_go is not None and (
+                    self.t_go + at_s <= now and (self.burn_in_s is None or now < self.t_go + self.burn_in_s)))):
                 i, f = pending[0]
                 if reached.get(f.rank, -1) >= f.step - 1 and stable.get(f.rank, 0) >= STABLE_STEPS:
                     pending.pop(0)
