@@ -271,7 +271,10 @@ def _fault(i: int, spec: Any, by: dict[str, list[dict[str, Any]]], per: int, gro
                   "transfer_s": (healed["t"] - heal["t"]) if healed and heal else None,
                   "rejoin_s": (full["t"] - (healed or heal)["t"]) if full and (healed or heal) else None,
                   "total_s": (full["t"] - t0) if full else None}
-        first = next((ev for ev in by["step_done"] if mine(ev) and ev.get("committed") and ev["t"] > t0), None)
+        # the group's first commit once back (after its heal: a peer's commit of the step in flight when the
+        # fault hit is not a return)
+        back_from = (heal or inj)["t"]
+        first = next((ev for ev in by["step_done"] if mine(ev) and ev.get("committed") and ev["t"] >= back_from), None)
         if first is not None:  # the steps the group skipped: it took its peer's state of a later step
             res.lost_steps = max(0, first["step"] - max(before, default=-1) - 1)
             phases["lost_steps"] = res.lost_steps

@@ -130,18 +130,22 @@ def main() -> None:
 
         fully_shard(model.mlp)
         fully_shard(model)
+    # The sharded parameters, by name, taken now: torchft calls state_dict from its quorum thread while the
+    # loop runs forward, when FSDP2 has the unsharded parameters registered in their place (a heal then gets
+    # a whole tensor where a shard belongs: "The size of tensor a (128) must match the size of tensor b (256)").
+    params = dict(model.named_parameters())
     inner = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     def state_dict() -> dict:
         if args.fsdp:
-            return sharded_state(model, inner)
+            return sharded_state(params, inner)
         return {"model": model.state_dict(), "optim": inner.state_dict()}
 
     def load_state_dict(sd: dict) -> None:
         if args.broken == "skip-heal":
             return
         if args.fsdp:
-            load_sharded_state(model, inner, sd)
+            load_sharded_state(params, inner, sd)
             return
         model.load_state_dict(sd["model"])
         inner.load_state_dict(sd["optim"])
@@ -173,7 +177,7 @@ def main() -> None:
             loss.backward()
             # across the groups: one flat buffer, averaged over the groups in the quorum (FSDP2: this rank's
             # shard of each gradient, with the same shard of the other groups)
-            grads = [local(q.grad) for q in model.parameters()]
+            grads = [local(q.grad) for q in params.values()]
             flat = torch.cat([g.flatten() for g in grads])
             manager.allreduce(flat).wait()
             offset = 0
@@ -195,19 +199,18 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def sharded_state(model: nn.Module, inner: torch.optim.Optimizer) -> dict:
-    """What this rank sends a peer of the same shard that heals: its shard of every parameter and of the
-    optimizer's state, by parameter name."""
-    params = dict(model.named_parameters())
+def sharded_state(params: dict[str, torch.Tensor], inner: torch.optim.Optimizer) -> dict:
+    """What this rank sends a peer of the same shard that heals: its shard of every parameter (`params`: the
+    sharded ones, by name) and of the optimizer's state."""
     return {"model": {n: local(p).detach() for n, p in params.items()},
             "optim": {n: {k: local(v) for k, v in inner.state[p].items()} for n, p in params.items() if p in inner.state}}
 
 
-def load_sharded_state(model: nn.Module, inner: torch.optim.Optimizer, sd: dict) -> None:
+def load_sharded_state(params: dict[str, torch.Tensor], inner: torch.optim.Optimizer, sd: dict) -> None:
     from torch.distributed.tensor import DTensor
 
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for n, p in params.items():
             local(p).copy_(sd["model"][n])
             inner.state.pop(p, None)
             for k, v in sd["optim"].get(n, {}).items():  # (a DTensor moment again, on the parameter's mesh)
