@@ -26,8 +26,10 @@ The step points: `before_forward` (a forward pre-hook on the model), `after_back
 `ft_all_reduce` (the manager's cross-group all-reduce, before it is sent: what it sends is the target
 `allreduce_payload`; a kill or a hang there stops the rank on its way in), `after_allreduce` and
 `after_optimizer_step` (the inner optimizer's step hooks, which fire only when torchft commits), and
-`between_steps` (in `steps()`, after the step's event). Out-of-rank faults (a kill, a hang) are applied
-by the rank to itself at the point, as under torchrun.
+`between_steps` (in `steps()`, after the step's event); with FSDP2 inside the group, its `all_gather` and
+`reduce_scatter` (`burnin.rank.sharding.hook_collectives`). Out-of-rank faults (a kill, a hang) are applied
+by the rank to itself at the point, as under torchrun. In a burn-in, `steps()` also ends at the step count
+the launcher writes to `ranks/stop` once the time is up.
 
 Outside burnin the observer is inert: `steps(n)` yields the manager's step until `n`.
 """
@@ -213,9 +215,10 @@ class Observer:
             self._point("before_forward", **({"batch": batch} if batch is not None else {}))
 
     def _after_forward(self, module: Any, args: Any, output: Any) -> None:
-        if self._fwd_s is None and self._forwarded:  # the step's first forward: the rank's own compute (no peer
-            self._fwd_s = time.perf_counter() - self._t_fwd  # is waited for in DDP's forward): the straggler score's
-        return None
+        """The step's first forward, timed: the rank's own compute (DDP waits for no peer there), which a
+        burn-in's straggler score reads."""
+        if self._fwd_s is None and self._forwarded:
+            self._fwd_s = time.perf_counter() - self._t_fwd
 
     def _after_optimizer(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._applied = True
