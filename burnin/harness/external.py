@@ -202,6 +202,7 @@ class ExternalRun:
         self.own: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self.error: str | None = None
+        self.usage_error: str | None = None  # bad input a rank found (a fault the loop has no place for)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -356,6 +357,12 @@ class ExternalRun:
                         stable[ev["rank"]] = stable.get(ev["rank"], 0) + 1 if everyone else 0
                     if armed is not None and ev.get("event") == "fault_injected" and ev.get("fault_index") == armed[0]:
                         armed, t_fired, stable = None, ev["t"], {}
+                    if ev.get("event") == "rank_error" and ev.get("error_type") == "UserError":
+                        # the loop's use of burnin is wrong (one line, exit 2), not the system under test
+                        self.usage_error = str(ev.get("message") or "UserError").splitlines()[0]
+                        self.error = f"stopped: {self.usage_error}"
+                        self._emit("run_stopped", why=self.error)
+                        return False
                     if ev.get("event") == "fault_error":  # burnin's failure, not the system's: the run stops
                         self.error = "the run was stopped: a fault could not be applied"
                         self._emit("run_stopped", why=self.error, fault_index=ev["fault_index"])

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.core.events import EventWriter, read_events
+from burnin.errors import UserError
 from burnin.harness.burn_in import PHASE, assess, draw_schedule, write_reports
 from burnin.harness.external import ExternalRun
 from burnin.harness.golden import get_golden
@@ -70,6 +71,8 @@ def run_external_burn_in(scenario: Scenario, out_dir: str | Path, *, duration_s:
         interrupted = "interrupted by SIGINT: the verdict covers what ran"
     except Exception as exc:  # burnin's failure (the lighthouse did not start, ...): reported, judged as far as it got
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+    if launcher.usage_error is not None:  # bad input a rank found: one line, exit 2
+        raise UserError(f"{scenario.workload.entry}: {launcher.usage_error} (run directory {run_dir})")
     events = read_events(run_dir / "events.jsonl")
     stop = next((e for e in reversed(events) if e.get("event") == "burn_in_stop"), None)
     golden = None

@@ -212,7 +212,11 @@ def get_golden(scenario: Scenario, *, refresh: bool = False,
     failed = False
     try:
         if scenario.recovery.mode == "external":  # the system under test, fault-free: its groups, its lighthouse
-            if not ExternalRun(clean, run_dir, f"golden-{key}-{os.getpid()}", on_event=on_event, golden=True).run():
+            launcher = ExternalRun(clean, run_dir, f"golden-{key}-{os.getpid()}", on_event=on_event, golden=True)
+            finished = launcher.run()
+            if not finished and launcher.usage_error is not None:  # bad input a rank found: one line, exit 2
+                raise UserError(f"{scenario.workload.entry}: {launcher.usage_error} (in the golden run: {run_dir})")
+            if not finished:
                 raise HarnessError(f"the golden (fault-free) run of the system under test did not finish; see "
                                    f"{run_dir}/logs/ and {run_dir}/events.jsonl")
             sup = None

@@ -94,7 +94,10 @@ def run_scenario(scenario: Scenario, out_dir: str | Path = "runs", *, metrics_po
         if resume_from is not None:  # another run's checkpoint: the newest of this run's (resume_from.install)
             install(resume_from, run_dir / "checkpoints")
         if external:  # the system under test recovers itself: launched, disturbed, watched
-            ExternalRun(scenario, run_dir, run_id, on_event=on_event, metrics=metrics).run()
+            launcher = ExternalRun(scenario, run_dir, run_id, on_event=on_event, metrics=metrics)
+            launcher.run()
+            if launcher.usage_error is not None:  # bad input a rank found: one line, exit 2
+                usage = f"{scenario.workload.entry}: {launcher.usage_error} (run directory {run_dir})"
             supervisor = None
         else:
             supervisor = Supervisor(scenario, run_dir, run_id, metrics=metrics, on_event=on_event, fabric=fabric,

@@ -200,9 +200,11 @@ class Observer:
         for index, name, point in self.injector.points_named():
             if point in COLLECTIVE_POINTS and point != "ft_all_reduce" and (not units or point not in (
                     "all_gather", "reduce_scatter")):
-                raise UserError(f"faults[{index}] {name} at point {point}: this loop's model has no FSDP2 collectives "
-                                "inside its replica group to act in (it is not sharded with fully_shard); use a step "
-                                "point, or ft_all_reduce")
+                message = (f"faults[{index}] {name} at point {point}: this loop's model has no FSDP2 collectives "
+                           "inside its replica group to act in (it is not sharded with fully_shard); use a step "
+                           "point, or ft_all_reduce")
+                self.events.emit("rank_error", error_type="UserError", message=message)  # the launcher stops the run
+                raise UserError(message)
 
     def _point(self, name: str, **tensors: Any) -> None:
         self.injector.fire(name, self.step, model=self.model, optimizer=self.inner, **tensors)
