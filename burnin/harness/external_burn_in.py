@@ -15,8 +15,9 @@ second run as long as the burn-in's training, cached like any other).
 
 Health per rank (`burn_in.assess`, the same thresholds): the straggler score on the rank's forward time
 per step (in DDP no peer is waited for there), its trend over the burn-in, and the times its group left
-the quorum that no injected fault explains (a drop is explained by a fault injected before it, while the
-group has not yet committed a step with every group since that fault).
+the quorum that no injected fault explains (a drop is explained by the newest fault before it while that
+fault's heal lasts, or, for a fault that caused no heal, until the group commits a later step with every
+group).
 """
 
 from __future__ import annotations
