@@ -65,7 +65,8 @@ from burnin.reports.writers import junit_xml, write_html_safely
 from burnin.scenarios.burn_in import LEVELS, runtime_scenario
 from burnin.scenarios.schema import Scenario
 
-__all__ = ["LEVELS", "draw_schedule", "parse_duration", "run_burn_in", "assess", "write_reports", "SCHEMA_VERSION"]
+__all__ = ["LEVELS", "draw_schedule", "parse_duration", "run_burn_in", "assess", "conclude", "period_stats",
+           "write_reports", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 
@@ -281,15 +282,19 @@ class Clock:
         if any(self.steps.values()):
             out = {"t": now, "elapsed_s": now - self.clock0, "last_step": self.last_step,
                    "executed": self.executed, "supervisor": _own_usage(),
-                   "ranks": {str(r): {"n": len(xs), "median_compute_s": statistics.median(xs),
-                                      "min_compute_s": min(xs), "max_compute_s": max(xs)}
-                             for r, xs in sorted(self.steps.items()) if xs}}
+                   "ranks": {str(r): period_stats(xs) for r, xs in sorted(self.steps.items()) if xs}}
             self.rollups.append(out)
         if self.metrics is not None and self.executed:
             self.metrics.goodput.set((self.last_step + 1) / self.executed)
         self.steps = defaultdict(list)
         self.last_rollup = now
         return out
+
+
+def period_stats(xs: list[float]) -> dict[str, Any]:
+    """One rank's compute times of one roll-up period in a few numbers (what `assess` reads)."""
+    return {"n": len(xs), "median_compute_s": statistics.median(xs), "min_compute_s": min(xs),
+            "max_compute_s": max(xs)}
 
 
 # -- verification windows ------------------------------------------------------------------------
@@ -534,17 +539,25 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
             pool.close()
         cleanup.unregister(session)
     summary = _summary(scenario, sc, result, events, clock, checked, wall, duration_s, seed, interrupted)
-    summary["sessions"] = before.get("sessions", 0) + 1
-    health = assess(scenario, result, events, clock.rollups)
+    return conclude(scenario, sc, summary, result, events, clock.rollups, run_dir=run_dir, metrics=metrics,
+                    history=history, started_at=clock.clock0, sessions=before.get("sessions", 0) + 1)
+
+
+def conclude(scenario: Scenario, sc: Scenario, summary: dict[str, Any], result: Any, events: list[dict[str, Any]],
+             rollups: list[dict[str, Any]], *, run_dir: Path, metrics: Any, history: str | None, started_at: float,
+             sessions: int) -> dict[str, Any]:
+    """A finished burn-in's health per rank, its verdict, its reports, metrics and history row; returns the
+    summary (`sc`: the run the burn-in was, `result`: its judged run)."""
+    summary["sessions"] = sessions
+    health = assess(scenario, result, events, rollups)
     summary["health"] = health
     summary["ok"] = (summary["recovery"]["ok"] and all(r["verdict"] == "healthy" for r in health["ranks"])
-                     and interrupted is None and result.error is None)
+                     and summary["interrupted"] is None and result.error is None)
     summary["run_dir"] = str(run_dir)
     write_reports(run_dir, summary, sc)
     metrics.burn_in(summary)
     metrics.write_textfile(run_dir / "metrics.prom")
-
-    hist.record_burn_in(summary, result, hist.history_path(history), clock.clock0)
+    hist.record_burn_in(summary, result, hist.history_path(history), started_at)
     return summary
 
 

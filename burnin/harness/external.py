@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from burnin.core.events import EventWriter, Tail, read_events
+from burnin.core.files import atomic_write_text
 from burnin.core.procs import EXTERNAL_SPEC_ENV, environ_of, kill_group, proc_state
 from burnin.errors import HarnessError, UserError
 from burnin.harness import cleanup
@@ -429,9 +430,7 @@ class ExternalRun:
         recent = sorted(pace[-40:]) or [0.05]
         margin = 5 + int(1.0 / max(recent[len(recent) // 2], 1e-3))
         stop = max(reached.values()) + 1 + margin  # the number of steps: the last one committed is stop - 1
-        tmp = self.run_dir / "ranks" / "stop.tmp"
-        tmp.write_text(str(stop))
-        os.replace(tmp, self.run_dir / "ranks" / "stop")
+        atomic_write_text(self.run_dir / "ranks" / "stop", str(stop))
         self._emit("burn_in_stop", steps=stop, elapsed_s=elapsed, unfired=[i for i, _ in pending])
         return True
 

@@ -31,12 +31,11 @@ from typing import Any, Callable
 
 from burnin.core.events import EventWriter, read_events
 from burnin.errors import UserError
-from burnin.harness.burn_in import PHASE, assess, draw_schedule, write_reports
+from burnin.harness.burn_in import PHASE, conclude, draw_schedule, period_stats
 from burnin.harness.external import ExternalRun
 from burnin.harness.golden import get_golden
 from burnin.harness.preflight import check_device, check_out_dir
 from burnin.harness.runner import make_run_dir, new_run_id
-from burnin.reports import history as hist
 from burnin.reports.external import INVARIANTS
 from burnin.reports.metrics import Metrics
 from burnin.reports.result import Failure
@@ -92,24 +91,13 @@ def run_external_burn_in(scenario: Scenario, out_dir: str | Path, *, duration_s:
     t_go = launcher.t_go or t0
     rollups = rollups_of(events, t_go)
     with EventWriter(run_dir / "events.jsonl") as log:  # the health over time, as any burn-in's log has it
-        for r in rollups:
-            log.emit("burn_in_rollup", source="supervisor", **r)
-        log.emit("burn_in_ended", source="supervisor", interrupted=interrupted)
-    events = read_events(run_dir / "events.jsonl")
+        events += [log.emit("burn_in_rollup", source="supervisor", **r) for r in rollups]
+        events.append(log.emit("burn_in_ended", source="supervisor", interrupted=interrupted))
     result = judge(events, sc, golden, run_id=run_id, run_dir=str(run_dir), config_hash="burn-in", error=error)
     result.failures = unexplained_drops(events, sc, result.faults)
     summary = _summary(scenario, sc, result, events, t_go, stop, time.time() - t_go, duration_s, seed, interrupted)
-    health = assess(scenario, result, events, rollups)
-    summary["health"] = health
-    summary["sessions"] = 1
-    summary["ok"] = (summary["recovery"]["ok"] and all(r["verdict"] == "healthy" for r in health["ranks"])
-                     and interrupted is None and result.error is None)
-    summary["run_dir"] = str(run_dir)
-    write_reports(run_dir, summary, sc)
-    metrics.burn_in(summary)
-    metrics.write_textfile(run_dir / "metrics.prom")
-    hist.record_burn_in(summary, result, hist.history_path(history), t_go)
-    return summary
+    return conclude(scenario, sc, summary, result, events, rollups, run_dir=run_dir, metrics=metrics,
+                    history=history, started_at=t_go, sessions=1)
 
 
 def rollups_of(events: list[dict[str, Any]], t_go: float) -> list[dict[str, Any]]:
@@ -128,8 +116,7 @@ def rollups_of(events: list[dict[str, Any]], t_go: float) -> list[dict[str, Any]
         ranks = periods[k]
         executed += len(ranks.get(0, []))
         out.append({"elapsed_s": (k + 1) * PERIOD_S, "last_step": last[k], "executed": executed,
-                    "ranks": {str(r): {"n": len(xs), "median_compute_s": statistics.median(xs), "min_compute_s": min(xs),
-                                       "max_compute_s": max(xs)} for r, xs in sorted(ranks.items())}})
+                    "ranks": {str(r): period_stats(xs) for r, xs in sorted(ranks.items())}})
     return out
 
 

@@ -237,7 +237,8 @@ class Observer:
             stop = Path(self.spec["run_dir"]) / "ranks" / "stop"  # a burn-in's end: the step count, when it is up
         elif total is None:
             raise UserError("obs.steps(): give the number of steps (no burnin run to take it from)")
-        while (step := self.manager.current_step()) < min(total, _stop_at(stop)):
+        last = min(total, _stop_at(stop))
+        while (step := self.manager.current_step()) < last:
             self.step, self._loss, self._applied, self._forwarded, self._commit = step, None, False, False, None
             self._fwd_s = None
             self._t0 = time.perf_counter()
@@ -245,6 +246,8 @@ class Observer:
             if self.active:
                 self._report(step)
                 self._point("between_steps")
+                if last == total:  # (read until it is there, once)
+                    last = min(total, _stop_at(stop))
         self.finish()
 
     def step_done(self, loss: Any) -> None:
