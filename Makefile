@@ -20,12 +20,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/burnin run smoke
 
-# System packages the tests need: Prometheus, promtool and the Pushgateway (tests/test_prometheus.py) and
-# Chromium (tests/test_browser.py opens the HTML reports in it, headless). Debian's packages, installed
-# only when missing and only as root with apt-get. Their services must not start (policy-rc.d says no
-# for the install; stopped and disabled after it in case they did), so no port stays taken.
-SYS_BINS := prometheus promtool prometheus-pushgateway chromium
-SYS_PKGS := prometheus prometheus-pushgateway chromium
+# System packages the tests need: Prometheus, promtool and the Pushgateway (tests/test_prometheus.py),
+# Chromium (tests/test_browser.py opens the HTML reports in it, headless), and Slurm with munge
+# (tests/test_fleet.py starts its own munged, slurmctld and three slurmd on this host). Debian's packages,
+# installed only when missing and only as root with apt-get. Their services must not start (policy-rc.d
+# says no for the install; stopped and disabled after it in case they did), so no port stays taken.
+SYS_BINS := prometheus promtool prometheus-pushgateway chromium slurmctld slurmd srun munged
+SYS_PKGS := prometheus prometheus-pushgateway chromium slurm-wlm munge
 
 sysdeps:
 	@missing=""; for b in $(SYS_BINS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
@@ -40,7 +41,7 @@ sysdeps:
 	echo "sysdeps: apt-get install $(SYS_PKGS)"; \
 	{ apt-get update -qq && apt-get install -y -qq --no-install-recommends $(SYS_PKGS) >/dev/null; } \
 	  || echo "sysdeps: apt-get failed: the tests that need them will be skipped"; \
-	for svc in prometheus prometheus-pushgateway; do \
+	for svc in prometheus prometheus-pushgateway slurmctld slurmd munge; do \
 	  if [ -d /run/systemd/system ]; then systemctl disable --now $$svc >/dev/null 2>&1 || true; \
 	  elif [ -x /etc/init.d/$$svc ]; then /etc/init.d/$$svc stop >/dev/null 2>&1 || true; fi; \
 	done

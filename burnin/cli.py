@@ -97,6 +97,43 @@ def _parser() -> argparse.ArgumentParser:
                                                             "$BURNIN_HISTORY, else ~/.local/share/burnin/history.sqlite; "
                                                             "`off`: none)")
 
+    fleet = sub.add_parser("fleet", help="burn in many nodes at once (Slurm, by hand, or --local stand-ins); one "
+                                         "verdict per node, lemons named, faulty nodes drained")
+    fsub = fleet.add_subparsers(dest="fleet_command", metavar="{run,report,score}")
+    frun = fsub.add_parser("run", help="burn in this node (under srun: every node of the step), or --local N "
+                                       "stand-in nodes on this host; then judge the fleet")
+    frun.add_argument("scenario", nargs="?", default="fleet",
+                      help="a scenario with a `burn_in:` section (file or bundled name; default: fleet)")
+    flen = frun.add_mutually_exclusive_group()
+    flen.add_argument("--duration", help="how long each node burns in: 60s, 10m, 2h (default: burn_in.duration_s)")
+    flen.add_argument("--level", choices=list(LEVELS), help="a stated length, as `burnin burn-in --level`")
+    frun.add_argument("--seed", type=int, help="override burn_in.seed; every node runs the same job and schedule")
+    frun.add_argument("--out", required=True, metavar="DIR",
+                      help="the fleet directory (on storage every node sees, under Slurm): nodes/<name>/ per node")
+    where = frun.add_mutually_exclusive_group()
+    where.add_argument("--local", type=int, metavar="N", help="run N stand-in nodes on this host (1..64)")
+    where.add_argument("--node", metavar="NAME", help="this node's name (default: $SLURMD_NODENAME under Slurm, "
+                                                      "else the host name)")
+    frun.add_argument("--plant", metavar="FILE", help="with --local: defects to plant from outside the nodes' "
+                                                      "burn-ins (YAML: node-2: {slow: {cpu_fraction: 0.8}}, node-3: "
+                                                      "{silent: \"every=50,bit=10,rank=1\"}), sealed for scoring")
+    frun.add_argument("--drain", action="store_true", help="under Slurm: drain every faulty node with its reason "
+                                                          "(scontrol update NodeName=X State=DRAIN Reason=...)")
+    frun.add_argument("--pushgateway", metavar="URL", help="push each node's health to this Pushgateway, grouped "
+                                                          "by fleet and node")
+    frun.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
+    frun.add_argument("--history", metavar="PATH", help="record the fleet (and each node's record) in this SQLite "
+                                                        "history (default: $BURNIN_HISTORY, else "
+                                                        "~/.local/share/burnin/history.sqlite; `off`: none)")
+    frep = fsub.add_parser("report", help="judge a fleet directory again and rewrite its reports")
+    frep.add_argument("dir", metavar="DIR", help="a fleet directory (nodes/<name>/ per node)")
+    frep.add_argument("--drain", action="store_true", help="drain every faulty node with its reason (Slurm)")
+    frep.add_argument("--pushgateway", metavar="URL", help="push each node's health to this Pushgateway")
+    frep.add_argument("--history", metavar="PATH", help="the history that knows earlier fleets' nodes (read only)")
+    fsc = fsub.add_parser("score", help="score a fleet's verdict against the defects that were planted")
+    fsc.add_argument("dir", metavar="DIR", help="a judged fleet directory")
+    fsc.add_argument("--sealed", metavar="FILE", help="what was planted (default: DIR/sealed/planted.json)")
+
     cmp_ = sub.add_parser("compare", help="is B better, the same or worse than A? Rates and recovery times, with "
                                           "intervals and exact tests")
     cmp_.add_argument("a", help="a run, campaign or burn-in directory, or history:SCENARIO[@COMMIT]")
@@ -137,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     hist = sub.add_parser("history", help="list recorded runs, campaigns and burn-ins")
     hist.add_argument("--history", metavar="PATH", help="the SQLite history (default: as for run)")
     hist.add_argument("--scenario", help="only this scenario")
-    hist.add_argument("--kind", choices=["run", "campaign", "burn-in"], help="only this kind")
+    hist.add_argument("--kind", choices=["run", "campaign", "burn-in", "fleet"], help="only this kind")
     hist.add_argument("--commit", help="only runs started at this git commit (a prefix will do)")
     hist.add_argument("--limit", type=int, default=20, help="at most this many, newest first (default 20; 0: all)")
     hist.add_argument("--json", action="store_true", help="JSON lines instead of a table")
@@ -892,7 +929,137 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "campaign": _cmd_campaign, "burn-in": _cmd_burn_in, "history": _cmd_history, "compare": _cmd_compare, "triage": _cmd_triage, "bisect": _cmd_bisect, "shrink": _cmd_shrink, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
+def _check_pushgateway(url: str | None) -> None:
+    if url is None:
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UserError(f"--pushgateway: {url!r} is not an http(s) URL; give one such as http://localhost:9091")
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    import time
+    from types import SimpleNamespace
+
+    from burnin.harness import fleet as fl
+    from burnin.harness import preflight
+
+    if args.fleet_command is None:
+        raise UserError("fleet: say what to do: `burnin fleet run`, `burnin fleet report DIR` or "
+                        "`burnin fleet score DIR`")
+    t0 = time.time()
+
+    def say(text: str) -> None:
+        if not getattr(args, "quiet", False):
+            print(f"[{time.time() - t0:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+    if args.fleet_command == "score":
+        fleet_dir = preflight.check_out_dir(args.dir, "DIR", must_exist=True, fix="give a judged fleet directory")
+        try:
+            fleet = json.loads((fleet_dir / "fleet.json").read_text())
+        except (OSError, ValueError):
+            raise UserError(f"DIR: {fleet_dir} holds no readable fleet.json; judge it first: "
+                            f"`burnin fleet report {fleet_dir}`") from None
+        planted = fl.read_sealed(fleet_dir, args.sealed)
+        result = fl.score(fleet, planted)
+        from burnin.core.files import atomic_write_text
+
+        atomic_write_text(fleet_dir / "score.json", json.dumps(result, indent=1, sort_keys=True))
+        print(f"planted {result['planted']} in {result['nodes']} nodes: found {len(result['found'])}, missed "
+              f"{len(result['missed'])}, false alarms {len(result['false_alarms'])}")
+        for row in result["missed"]:
+            print(f"missed {row['node']} ({row['planted']}): {row['verdict']}")
+        for row in result["false_alarms"]:
+            print(f"false alarm {row['node']}: {row['verdict']} ({'; '.join(row['reasons'])})")
+        return 0 if not result["missed"] and not result["false_alarms"] else 1
+    _check_pushgateway(args.pushgateway)
+    if args.fleet_command == "report":
+        _check_history_flag(args.history)
+        fleet_dir = preflight.check_out_dir(args.dir, "DIR", must_exist=True, fix="give a fleet directory")
+        if not (fleet_dir / "nodes").is_dir() or not any((fleet_dir / "nodes").iterdir()):
+            raise UserError(f"DIR: {fleet_dir} is not a fleet directory (no nodes/<name>/ in it); give the --out of "
+                            "a `burnin fleet run`")
+        fleet = fl.report_fleet(fleet_dir, history=args.history)
+        return _fleet_end(args, fleet, say)
+    # fleet run: check everything first
+    if args.local is not None and not 1 <= args.local <= 64:
+        raise UserError(f"--local: {args.local} nodes; give 1 to 64")
+    if args.plant and args.local is None:
+        raise UserError("--plant: defects are planted in a local fleet only; add --local N")
+    if args.drain and args.local is not None:
+        raise UserError("--drain: stand-in nodes are no Slurm nodes; drain under srun (drop --local)")
+    burn = SimpleNamespace(scenario=args.scenario, duration=args.duration, level=args.level, seed=args.seed,
+                           resume=None, out=args.out, history=args.history)
+    scenario, duration, seed = _prepare_burn_in(burn)
+    if scenario.recovery.mode == "external":
+        raise UserError(f"{args.scenario}: recovery.mode external: a fleet burns in burnin's own recovery; use a "
+                        "scenario with recovery.mode restart")
+    fleet_dir = preflight.check_out_dir(args.out)
+    task = fl.slurm_task() if args.local is None else None
+    plant = fl.parse_plant(args.plant, args.local) if args.plant else None
+    if args.local is not None:
+        if (fleet_dir / "nodes").is_dir() and any((fleet_dir / "nodes").iterdir()):
+            raise UserError(f"--out: {fleet_dir} holds a fleet already (nodes/ is not empty); give a new directory")
+        if args.prepare_only:
+            return 0
+        fleet = fl.run_local_fleet(args.scenario, scenario, fleet_dir, args.local, duration_s=duration, seed=seed,
+                                   plant=plant, history=args.history, say=say)
+        return _fleet_end(args, fleet, say)
+    node = fl.check_node_name(args.node or (task["node"] if task else __import__("platform").node()))
+    if (fleet_dir / "nodes" / node / "started.json").exists():
+        raise UserError(f"--out: node {node} burned in in {fleet_dir} already (nodes/{node}); give a new fleet "
+                        "directory")
+    if args.prepare_only:
+        return 0
+    if task is not None and task["procid"] == 0:
+        from burnin.core.files import atomic_write_text
+
+        fleet_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(fleet_dir / "fleet-run.json", json.dumps(
+            {"fleet_id": fleet_dir.name, "scenario": scenario.name, "seed": seed, "duration_s": duration,
+             "started_at": time.time(), "mode": "slurm", "job": task["job"], "nodes": task["nnodes"]}, indent=1))
+    say(f"node {node}: burning in for {duration:g} s (seed {seed})")
+    res = fl.run_node(scenario, fleet_dir, node, duration_s=duration, seed=seed, history=args.history)
+    meta = res["meta"]
+    print(f"node {node}: " + (f"error: {meta['error']}" if meta.get("error") else
+                               f"{'PASS' if meta['ok'] else 'FAIL'} {fleet_dir / 'nodes' / node / meta['run_dir']}"))
+    if task is None:
+        return 0 if meta.get("ok") else 1
+    if task["procid"] != 0:
+        return 0  # the node's result is in its directory; rank 0 of the step judges the fleet
+    missing = fl.wait_for_nodes(fleet_dir, task["nnodes"], timeout_s=max(600.0, duration), say=say)
+    if missing:
+        say(f"nodes that did not finish: {', '.join(missing)}")
+    fleet = fl.report_fleet(fleet_dir, history=args.history, record=True)
+    return _fleet_end(args, fleet, say)
+
+
+def _fleet_end(args: argparse.Namespace, fleet: dict[str, Any], say: Any) -> int:
+    from burnin.harness import fleet as fl
+
+    for name in fleet["ranking"]:
+        n = fleet["nodes"][name]
+        print(f"node {name}: {n['verdict']}" + (f" ({'; '.join(n['reasons'])})" if n["reasons"] else ""))
+    c = fleet["counts"]
+    share = fleet["concentration"]["top_k_share"]
+    print(f"fleet: {c['healthy']} healthy, {c['degraded']} degraded, {c['faulty']} faulty"
+          + (f"; the top node holds {share['1']:.0%} of {fleet['concentration']['findings']} findings"
+             if fleet["concentration"]["findings"] else "")
+          + (f"; repeat offenders: {', '.join(fleet['repeat_offenders'])}" if fleet["repeat_offenders"] else ""))
+    if getattr(args, "drain", False):
+        fl.drain(fleet, say)
+    if getattr(args, "pushgateway", None):
+        try:
+            fl.push_nodes(fleet, args.pushgateway)
+        except OSError as exc:
+            print(f"burnin: warning: push to {args.pushgateway} failed: {exc}", file=sys.stderr)
+    print(f"{'PASS' if fleet['ok'] else 'FAIL'} {fleet['fleet_dir']}")
+    return 0 if fleet["ok"] else 1
+
+
+_COMMANDS = {"fleet": _cmd_fleet, "run": _cmd_run, "campaign": _cmd_campaign, "burn-in": _cmd_burn_in, "history": _cmd_history, "compare": _cmd_compare, "triage": _cmd_triage, "bisect": _cmd_bisect, "shrink": _cmd_shrink, "list": _cmd_list, "validate": _cmd_validate, "schema": _cmd_schema,
              "cleanup": _cmd_cleanup, "report": _cmd_report, "check-determinism": _cmd_check_determinism, "rules": _cmd_rules, "doctor": _cmd_doctor, "forecast": _cmd_forecast, "pool": _cmd_pool}
 
 

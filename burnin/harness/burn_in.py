@@ -23,9 +23,10 @@ that against whole golden runs. Stretches without faults are screened by the det
 enables (cross-rank fingerprints, recomputation), whose findings no injected fault explains are the
 burn-in's SDC findings.
 
-Health per rank (`assess`): the median of its compute time per step (forward and backward up to the
-first gradient bucket: the part no peer waits in) against the best rank's (a straggler score),
-failures that no injected fault explains (grouped by signature), detector findings no fault
+Health per rank (`assess`): its compute time per step (forward and backward up to the first gradient
+bucket: the part no peer waits in), less the time it waited for a CPU, against the other ranks' period
+by period, slow only when persistent and significant (`judge_speed`, `burnin.reports.outliers`: a
+busy host is not a slow rank), failures that no injected fault explains (grouped by signature), detector findings no fault
 explains, and repeated trouble on one rank (a lemon). Verdicts `healthy`, `degraded`, `faulty`, each
 with its reasons and the thresholds that decided them.
 """
@@ -41,7 +42,7 @@ import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 from pydantic import ValidationError
@@ -60,6 +61,7 @@ from burnin.harness.supervisor import Supervisor
 from burnin.reports import history as hist
 from burnin.reports.html import write_burn_in_report
 from burnin.reports.metrics import Metrics
+from burnin.reports.outliers import MIN_PERIODS, persistent_outliers
 from burnin.reports.verdict import judge
 from burnin.reports.writers import junit_xml, write_html_safely
 from burnin.scenarios.burn_in import LEVELS, runtime_scenario
@@ -152,7 +154,10 @@ class Clock:
         self.in_flight: dict[int, tuple[int, int]] = {}  # fired fault -> (attempt, step) it fired at
         self.stopping_at: int | None = None
         self.ckpt_hashes: dict[int, str] = {}  # step -> state hash, the newest saving of each checkpoint
-        self.steps = defaultdict(list)         # rank -> compute_s of the steps in this roll-up period
+        self.steps = defaultdict(list)         # rank -> (compute_s, cpu_wait_s, dt) of this roll-up period's steps
+        self.period_s = scenario.burn_in.health.period_s if scenario.burn_in else 10.0
+        # each rank's loss bits per step (the last execution of a step wins): what a fleet's nodes compare
+        self.fingerprints = open(run_dir / "fingerprints.txt", "a", encoding="ascii")
         self.rollups: list[dict[str, Any]] = []
         self.last_rollup = time.time()
         self.executed = 0                      # steps executed by rank 0, replays included
@@ -186,7 +191,9 @@ class Clock:
         kind = ev.get("event")
         if kind == "step_done":
             if ev.get("compute_s") is not None:
-                self.steps[ev["rank"]].append(ev["compute_s"])
+                self.steps[ev["rank"]].append((ev["compute_s"], ev.get("cpu_wait_s"), ev.get("dt")))
+            if ev.get("loss_bits") is not None and not self.fingerprints.closed:
+                self.fingerprints.write(f"{ev['step']} {ev['rank']} {ev['loss_bits']} {ev.get('grad_bits', '-')}\n")
             if ev.get("rank") == 0:
                 self.executed += 1
                 self.last_step = max(self.last_step, ev["step"])
@@ -257,7 +264,9 @@ class Clock:
                 self.pending.insert(0, (now + 0.5, index))  # nothing on disk to damage yet: a little later
                 break
             sup.fire_now(target, index)  # (its fault_injected event puts it in flight)
-        if now - self.last_rollup >= 10.0:
+        # periods end on wall-clock multiples of period_s, the same instants on every node of a fleet (a busy
+        # moment of a shared host falls in the same period of each)
+        if now // self.period_s != self.last_rollup // self.period_s:
             rollup = self.rollup(now)
             if rollup is not None:  # in the event log, so a resumed burn-in has it
                 sup._emit("burn_in_rollup", **{k: v for k, v in rollup.items() if k != "t"})
@@ -269,7 +278,7 @@ class Clock:
     def _stop(self, ranks: list[Any]) -> None:
         """Time is up: every rank stops at one step, far enough ahead that none has passed it."""
         steps = [r.last_step for r in ranks if r.last_step is not None] or [self.last_step]
-        rate = statistics.median([x for xs in self.steps.values() for x in xs[-20:]] or [0.05])
+        rate = statistics.median([x[0] for xs in self.steps.values() for x in xs[-20:]] or [0.05])
         self.stopping_at = max(steps) + 5 + int(1.0 / max(rate, 1e-3))
         tmp = self.stop_file.with_suffix(".tmp")
         tmp.write_text(str(self.stopping_at))
@@ -280,10 +289,14 @@ class Clock:
         the supervisor holds (resident memory, open files: flat over hours, or something leaks)."""
         out = None
         if any(self.steps.values()):
-            out = {"t": now, "elapsed_s": now - self.clock0, "last_step": self.last_step,
+            out = {"t": now, "period": int(self.last_rollup // self.period_s), "span_s": now - self.last_rollup,
+                   "elapsed_s": now - self.clock0,
+                   "last_step": self.last_step,
                    "executed": self.executed, "supervisor": _own_usage(),
-                   "ranks": {str(r): period_stats(xs) for r, xs in sorted(self.steps.items()) if xs}}
+                   "ranks": {str(r): period_stats(*zip(*xs)) for r, xs in sorted(self.steps.items()) if xs}}
             self.rollups.append(out)
+        if not self.fingerprints.closed:
+            self.fingerprints.flush()
         if self.metrics is not None and self.executed:
             self.metrics.goodput.set((self.last_step + 1) / self.executed)
         self.steps = defaultdict(list)
@@ -291,10 +304,19 @@ class Clock:
         return out
 
 
-def period_stats(xs: list[float]) -> dict[str, Any]:
-    """One rank's compute times of one roll-up period in a few numbers (what `assess` reads)."""
-    return {"n": len(xs), "median_compute_s": statistics.median(xs), "min_compute_s": min(xs),
-            "max_compute_s": max(xs)}
+def period_stats(xs: Sequence[float], waits: Sequence[float | None] = (), dts: Sequence[float | None] = ()
+                 ) -> dict[str, Any]:
+    """One rank's steps of one roll-up period in a few numbers (what `assess` and a fleet's report read):
+    compute time per step, and where the steps say, the part of it spent waiting for a CPU, the compute time
+    less that wait (`median_net_compute_s`, the straggler score's measure) and the whole step's time."""
+    out = {"n": len(xs), "median_compute_s": statistics.median(xs), "min_compute_s": min(xs),
+           "max_compute_s": max(xs)}
+    if waits and all(w is not None for w in waits):
+        out["median_cpu_wait_s"] = statistics.median(waits)
+        out["median_net_compute_s"] = statistics.median(max(0.0, x - w) for x, w in zip(xs, waits))
+    if dts and all(d is not None for d in dts):
+        out["median_step_s"] = statistics.median(dts)
+    return out
 
 
 # -- verification windows ------------------------------------------------------------------------
@@ -380,29 +402,19 @@ def assess(scenario: Scenario, result: Any, events: list[dict[str, Any]], rollup
     h = scenario.burn_in.health
     n = scenario.workload.ranks
     reasons: dict[int, list[tuple[str, str]]] = {r: [] for r in range(n)}   # (level, reason)
-    # step time: the median of the per-period medians of compute time (bounded memory over hours)
-    medians: dict[int, float] = {}
-    for r in range(n):
-        xs = _period_medians(rollups, r)
-        if xs:
-            medians[r] = statistics.median(xs)
-    best = min(medians.values()) if medians else None
-    straggler = {}
-    for r, m in medians.items():
-        score = m / best if best else 1.0
-        straggler[r] = score
-        if score >= h.straggler_ratio:
-            reasons[r].append(("degraded", f"straggler: median compute per step {m * 1000:.1f} ms is {score:.2f}x the "
-                                           f"best rank's {best * 1000:.1f} ms (threshold {h.straggler_ratio:.2f}x)"))
-    # against its own best: the last third of the burn-in against its best period (a rank that wears out)
-    for r in range(n):
-        xs = _period_medians(rollups, r)
-        if len(xs) >= 3:
-            late, own_best = statistics.median(xs[-max(1, len(xs) // 3):]), min(xs)
-            if own_best > 0 and late / own_best >= h.slowdown_ratio:
-                reasons[r].append(("degraded", f"slowed down: median compute per step {late * 1000:.1f} ms in the last "
-                                               f"third is {late / own_best:.2f}x its own best period's "
-                                               f"{own_best * 1000:.1f} ms (threshold {h.slowdown_ratio:.2f}x)"))
+    speed = judge_speed(rollups, n, h)
+    for r, j in speed["ranks"].items():
+        if j["outlier"]:
+            reasons[r].append(("degraded", f"straggler: {speed['measure_text']} {j['score']:.2f}x the other ranks' "
+                                           f"median in {j['above']} of {j['periods']} periods (sign test p = "
+                                           f"{j['p_value']:.2g}; thresholds {h.straggler_ratio:.2f}x, p < "
+                                           f"{h.significance:g})"))
+        s = speed["slowdown"][r]
+        if s["outlier"]:
+            reasons[r].append(("degraded", f"slowed down: {speed['measure_text']} in the last third of the burn-in "
+                                           f"{s['score']:.2f}x its first third's in {s['above']} of {s['periods']} "
+                                           f"periods (sign test p = {s['p_value']:.2g}; thresholds "
+                                           f"{h.slowdown_ratio:.2f}x, p < {h.significance:g})"))
     # failures no injected fault explains, grouped by signature
     groups: dict[tuple[str, int | None], list[Any]] = defaultdict(list)
     for f in result.failures:
@@ -432,21 +444,62 @@ def assess(scenario: Scenario, result: Any, events: list[dict[str, Any]], rollup
     for r in range(n):
         levels = [lvl for lvl, _ in reasons[r]]
         verdict = "faulty" if "faulty" in levels else "degraded" if "degraded" in levels else "healthy"
+        j = speed["ranks"][r]
         ranks.append({"rank": r, "verdict": verdict, "reasons": [txt for _, txt in reasons[r]],
-                      "median_compute_s": medians.get(r), "straggler_score": straggler.get(r),
+                      "median_compute_s": speed["median_compute_s"].get(r), "straggler_score": j["score"],
+                      "straggler": j, "cpu_wait_share": speed["cpu_wait_share"].get(r),
                       "unexplained_failures": per_rank_failures.get(r, 0),
                       "unexplained_findings": len(findings.get(r, []))})
     return {"ranks": ranks, "unexplained_failures": unexplained,
             "thresholds": {"straggler_ratio": h.straggler_ratio, "slowdown_ratio": h.slowdown_ratio,
-                           "lemon_failures": h.lemon_failures}}
+                           "significance": h.significance, "period_s": h.period_s, "min_periods": MIN_PERIODS,
+                           "lemon_failures": h.lemon_failures, "measure": speed["measure"]}}
 
 
-def _period_medians(rollups: list[dict[str, Any]], rank: int, min_steps: int = 10) -> list[float]:
-    """A rank's median compute time per 10-second period, leaving out periods of a few steps (an outage,
-    a restart): one slow step there would weigh as much as a period of hundreds."""
-    rows = [p["ranks"][str(rank)] for p in rollups if str(rank) in p["ranks"]]
-    full = [x["median_compute_s"] for x in rows if x["n"] >= min_steps]
-    return full or [x["median_compute_s"] for x in rows]
+def judge_speed(rollups: list[dict[str, Any]], n: int, h: Any) -> dict[str, Any]:
+    """Which ranks are slow, against the others period by period (`reports.outliers`), and which slowed down
+    against their own first third. The measure is the compute time per step less the time the rank waited
+    for a CPU (a busy host's descheduling, a CPU limit: the host's trouble, judged at the fleet level, not the
+    rank's) where the steps report it, else the compute time."""
+    from scipy.stats import binomtest  # lazy: scipy is slow to import
+
+    net = all("median_net_compute_s" in x for p in rollups for x in p["ranks"].values())
+    measure = "median_net_compute_s" if net and rollups else "median_compute_s"
+    table = {r: _period_values(rollups, r, measure) for r in range(n)}
+    ranks = persistent_outliers(table, h.straggler_ratio, h.significance)
+    slowdown = {}
+    for r in range(n):
+        xs = [x for x in table[r] if x is not None]
+        third = len(xs) // 3
+        late = [x / statistics.median(xs[:third]) for x in xs[-third:]] if third else []
+        above = sum(1 for x in late if x >= h.slowdown_ratio)
+        p = float(binomtest(above, len(late), 0.5, alternative="greater").pvalue) if late else None
+        score = statistics.median(late) if late else None
+        slowdown[r] = {"score": score, "periods": len(late), "above": above, "p_value": p,
+                       "outlier": bool(late) and len(late) >= MIN_PERIODS and score >= h.slowdown_ratio
+                       and p < h.significance}
+    compute, wait = {}, {}
+    for r in range(n):
+        xs = [x for x in _period_values(rollups, r, "median_compute_s") if x is not None]
+        ws = [x for x in _period_values(rollups, r, "median_cpu_wait_s") if x is not None]
+        if xs:
+            compute[r] = statistics.median(xs)
+            if ws and compute[r] > 0:
+                wait[r] = min(1.0, statistics.median(ws) / compute[r])
+    return {"measure": measure, "ranks": ranks, "slowdown": slowdown, "median_compute_s": compute,
+            "cpu_wait_share": wait,
+            "measure_text": ("compute per step less its wait for a CPU" if measure == "median_net_compute_s"
+                             else "compute per step")}
+
+
+def _period_values(rollups: list[dict[str, Any]], rank: int, key: str, min_steps: int = 5) -> list[float | None]:
+    """A rank's `key` per roll-up period, aligned with the periods (None where it ran fewer than `min_steps`
+    steps, an outage or a restart: one slow step there would weigh as much as a period of hundreds)."""
+    out: list[float | None] = []
+    for p in rollups:
+        x = p["ranks"].get(str(rank))
+        out.append(x[key] if x is not None and x["n"] >= min_steps and key in x else None)
+    return out
 
 
 def _unexplained_findings(events: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
@@ -518,6 +571,7 @@ def run_burn_in(scenario: Scenario | None, out_dir: str | Path, *, duration_s: f
             final = clock.rollup(time.time())
             if final is not None:
                 log.emit("burn_in_rollup", source="supervisor", **final)
+            clock.fingerprints.close()
             log.emit("burn_in_ended", source="supervisor", interrupted=interrupted)
         wall = time.time() - clock.clock0
         events = read_events(run_dir / "events.jsonl")
@@ -761,8 +815,11 @@ def write_reports(run_dir: Path, summary: dict[str, Any], sc: Scenario) -> None:
         score = f"{r['straggler_score']:.2f}" if r["straggler_score"] is not None else "–"
         lines.append(f"| {r['rank']} | {r['verdict']} | {score} | {r['unexplained_failures']} | "
                      f"{'; '.join(r['reasons']) or '–'} |")
-    lines += ["", f"Thresholds: straggler {h['thresholds']['straggler_ratio']}x the best rank; lemon at "
-                  f"{h['thresholds']['lemon_failures']} unexplained failures.", "",
+    t = h["thresholds"]
+    lines += ["", f"Thresholds: straggler {t['straggler_ratio']}x the other ranks' median "
+                  f"({t.get('measure', 'median_compute_s')}, per {t.get('period_s', 10):g}-second period), in most "
+                  f"periods at p < {t.get('significance', 0.01):g} (sign test, at least {t.get('min_periods', 5)} "
+                  f"periods); lemon at {t['lemon_failures']} unexplained failures.", "",
               "## Faults", "", "| # | fault | rank | at (s) | step | phase | outcome | recovery (s) |",
               "|---|---|---|---|---|---|---|---|"]
     for f in summary["faults"]["list"]:

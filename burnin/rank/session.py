@@ -33,6 +33,7 @@ burnin's own workload (`burnin.rank.worker`) is the first user of this API.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -131,6 +132,9 @@ class Session:
         self.start_step: int | None = None
         self.grad_norm = 0.0
         self.t_compute: float | None = None
+        self.w_compute: float | None = None  # the loop thread's run-queue wait so far, at the same instant
+        self.grad_digest: Any = None  # this rank's gradient buckets before the all-reduce (_bits_sum, summed)
+        self._schedstat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
         self._loss: Any = None
         self._forwarded = False
         self._priming = False
@@ -256,9 +260,20 @@ class Session:
         """The step's loss (a tensor): the last call of a step's body."""
         self._loss = loss
 
+    def waited(self) -> float | None:
+        """Seconds the loop's thread has spent runnable but waiting for a CPU (the kernel's schedstat
+        run_delay: descheduled by other work, or held back by a CPU limit); readable from DDP's hook threads
+        too. None where the kernel does not say."""
+        try:
+            with open(self._schedstat, "rb") as f:
+                return int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return None
+
     def begin(self, step: int) -> None:
         """Start executing `step` (steps() does it; a campaign's trials call it by hand)."""
-        self.step, self.t_compute, self._forwarded, self._loss = step, None, False, None
+        self.step, self.t_compute, self.w_compute, self._forwarded, self._loss = step, None, None, False, None
+        self.grad_digest = None
 
     def steps(self, total: int | None = None) -> Iterator[int]:
         """The steps to run: from the resume point to the scenario's last step (`workload.steps`; `total` is
@@ -401,7 +416,7 @@ class Session:
         self._stop_file, self._stop_at = spec.get("stop_file"), None
         self._trace = bool(spec.get("trace_state"))  # check-determinism: a digest of every state at each step
         self._again = False  # the guard asked for the same step once more (recomputation)
-        self._t_step, self._t_compute = 0.0, None
+        self._t_step, self._t_compute, self._w_step, self._w_compute = 0.0, None, None, None
 
     def _stopping(self, step: int) -> bool:
         if self._stop_file is not None and self._stop_at is None and os.path.exists(self._stop_file):
@@ -411,6 +426,7 @@ class Session:
     def _open(self, step: int) -> None:
         if not self._again:  # a recomputed step is timed from its first execution
             self._t_step, self._t_compute = time.perf_counter(), None
+            self._w_step, self._w_compute = self.waited(), None
             self.guard.before_step(step)
         self.begin(step)
 
@@ -420,6 +436,7 @@ class Session:
 
         events, ck = self.ctx.events, self.scenario["checkpoint"]
         self._t_compute = self.t_compute if self._t_compute is None else self._t_compute
+        self._w_compute = self.w_compute if self._w_compute is None else self._w_compute
         # detect: detectors, agreement across ranks, and rollback or recomputation when they find something
         try:
             next_step, lossf, bits = self.guard.after_step(step, float(loss.item()), loss_bits(loss), self.grad_norm)
@@ -437,11 +454,15 @@ class Session:
                 self.snaps.discard(newer_than=next_step)
             return next_step
         # compute_s: from the step's start to its first gradient bucket ready for the all-reduce, the part
-        # of the step no peer waits in (a burn-in's straggler score)
+        # of the step no peer waits in; cpu_wait_s: how much of it the loop thread spent runnable but waiting
+        # for a CPU (a busy host, a CPU limit), which a burn-in's straggler score leaves out
         t_step, t_compute = self._t_step, self._t_compute
+        cpu_wait_s = (self._w_compute - self._w_step) if None not in (self._w_compute, self._w_step) else None
         trace = {"digests": state_digests(self.model, self.optimizer)} if self._trace else {}
+        if self.grad_digest is not None:
+            trace["grad_bits"] = f"{int(self.grad_digest) & (2**64 - 1):016x}"
         events.emit("step_done", step=step, loss=lossf, loss_bits=bits, dt=time.perf_counter() - t_step,
-                    compute_s=(t_compute - t_step) if t_compute is not None else None, **trace)
+                    compute_s=(t_compute - t_step) if t_compute is not None else None, cpu_wait_s=cpu_wait_s, **trace)
         done = step + 1
         if self._pending is not None:
             self._commit_if_written()
@@ -600,10 +621,25 @@ def _allreduce_hook(session: Session, bucket):  # noqa: ANN001 -- DDP inspects t
     import torch.distributed as dist  # lazy: torch; `import burnin.rank` stays torch-free
 
     if session.t_compute is None:
-        session.t_compute = time.perf_counter()
+        session.t_compute, session.w_compute = time.perf_counter(), session.waited()
+    # this rank's own gradient as it computed it, before any injected fault and before the average hides
+    # whose it was: a fleet's fingerprint. Summed over every bucket, so DDP's bucket layout (rebuilt after a
+    # restart's first step) does not enter it.
+    digest = _bits_sum(bucket.buffer())
+    session.grad_digest = digest if session.grad_digest is None else session.grad_digest + digest
     session.point("after_backward", bucket=bucket)
     buf = bucket.buffer().div_(dist.get_world_size())
     return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def _bits_sum(t: Any) -> Any:
+    """The sum of a tensor's elements read as integers (a 0-d int64 tensor, not synchronised): any one bit
+    flipped in it changes the sum. Cheap: one pass, no hashing."""
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
+
+    flat = t.detach().reshape(-1)
+    view = {4: torch.int32, 2: torch.int16, 8: torch.int64}.get(flat.element_size(), torch.uint8)
+    return flat.view(view).sum(dtype=torch.int64)
 
 
 def _grad_norm(model: Any) -> float:

@@ -26,7 +26,7 @@ from typing import Any
 from burnin.core.events import EventWriter
 from burnin.core.procs import set_parent_death_signal
 from burnin.errors import UserError
-from burnin.faults import registry
+from burnin.faults import defect, registry
 from burnin.kernels import _runtime
 from burnin.rank.campaign_worker import run_trials
 from burnin.rank.session import RunContext, Session, _set_current
@@ -113,6 +113,8 @@ def train(spec: dict[str, Any], ctx: Any) -> Any:
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     ctx.extra["resumed"] = {"loss_floor": data.entropy_rate}
     session = Session(ddp, optimizer, state={}, save=None, load=None, ddp_hook=True, ctx=ctx)
+    defect.install(model, rank, step_of=lambda: session.step)  # a simulated silent defect, where this node's
+    # environment plants one
 
     def one_step(step: int) -> Any:
         x, y = data.batch(step, data_rank, w["batch_size"], w["seq_len"], device)

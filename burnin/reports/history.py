@@ -30,13 +30,13 @@ from burnin.errors import UserError, oneline
 from burnin.reports.trials import judge_trial
 
 __all__ = ["history_path", "connect", "record_run", "record_campaign", "record_burn_in", "select_runs",
-           "machine_info", "git_info", "cpu_model"]
+           "record_fleet", "node_record", "machine_info", "git_info", "cpu_model"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT UNIQUE NOT NULL,
-    kind TEXT NOT NULL,              -- run | campaign | burn-in
+    kind TEXT NOT NULL,              -- run | campaign | burn-in | fleet
     scenario TEXT NOT NULL,
     config_hash TEXT,
     started_at REAL NOT NULL,
@@ -56,7 +56,11 @@ CREATE TABLE IF NOT EXISTS failures (
     run_id TEXT NOT NULL, trial INTEGER, attempt INTEGER, signature TEXT NOT NULL, cause TEXT, detector TEXT,
     rank INTEGER, step INTEGER, explained_by TEXT, time REAL
 );
+CREATE TABLE IF NOT EXISTS nodes (
+    run_id TEXT NOT NULL, node TEXT NOT NULL, verdict TEXT NOT NULL, findings INTEGER NOT NULL, reasons TEXT
+);
 CREATE INDEX IF NOT EXISTS runs_scenario ON runs (scenario, started_at);
+CREATE INDEX IF NOT EXISTS nodes_node ON nodes (node);
 CREATE INDEX IF NOT EXISTS failures_signature ON failures (signature);
 """
 
@@ -268,6 +272,54 @@ def record_burn_in(summary: dict[str, Any], result: Any, path: Path | None, star
     failures = [(run_id, None, x.attempt, x.signature, x.cause, x.detector, x.rank, x.last_step,
                  _explained(result, x), x.time) for x in result.failures]
     _write(path, run, faults, failures)
+
+
+def record_fleet(fleet: dict[str, Any], path: Path | None) -> None:
+    """A fleet burn-in: one runs row (kind fleet) and a row per node (its verdict and findings), so the next
+    fleet knows which nodes keep failing."""
+    if path is None:
+        return
+    run_id = fleet["fleet_id"]
+    counts: dict[str, int] = {}
+    for n in fleet["nodes"].values():
+        counts[n["verdict"]] = counts.get(n["verdict"], 0) + 1
+    run = {"run_id": run_id, "kind": "fleet", "scenario": fleet["scenario"] or "?", "config_hash": None,
+           "started_at": fleet["started_at"] or time.time(), "finished_at": time.time(), "ok": int(bool(fleet["ok"])),
+           "run_dir": fleet["fleet_dir"], "figures": json.dumps({"nodes": counts})}
+    _write(path, run, [], [])
+    try:
+        con = connect(path)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("DELETE FROM nodes WHERE run_id = ?", (run_id,))
+            con.executemany("INSERT INTO nodes VALUES (?,?,?,?,?)",
+                            [(run_id, name, n["verdict"], len(n["reasons"]), json.dumps(n["reasons"]))
+                             for name, n in sorted(fleet["nodes"].items())])
+            con.execute("COMMIT")
+        finally:
+            con.close()
+    except (sqlite3.Error, OSError) as exc:
+        print(f"burnin: warning: nodes not recorded in the history {path}: {exc}", file=sys.stderr)
+
+
+def node_record(path: Path | None, nodes: list[str], exclude: str | None = None) -> dict[str, dict[str, int]]:
+    """Per node, over the fleets recorded before (`exclude`: the fleet being judged): how many it took part
+    in, how many times it was not healthy, and its findings in all."""
+    out = {n: {"fleets": 0, "not_healthy": 0, "findings": 0} for n in nodes}
+    if path is None or not path.is_file() or "nodes" not in _tables(path):
+        return out
+    con = _read_only(path)
+    try:
+        for node, verdict, findings in con.execute(
+                f"SELECT node, verdict, findings FROM nodes WHERE run_id != ? AND node IN ({','.join('?' * len(nodes))})",
+                [exclude or "", *nodes]):
+            rec = out[node]
+            rec["fleets"] += 1
+            rec["not_healthy"] += verdict != "healthy"
+            rec["findings"] += findings
+    finally:
+        con.close()
+    return out
 
 
 def select_runs(path: Path, *, scenario: str | None = None, kind: str | None = None, commit: str | None = None,

@@ -489,11 +489,17 @@ class BurnInFault(_Model):
 class BurnInHealth(_Model):
     """The thresholds of the per-rank verdict (each reason in the report names the one that decided it)."""
 
-    straggler_ratio: float = Field(1.10, gt=1, le=100, description="degraded: median step time this many times the "
-                                                                   "best peer's (gpu-burn's 10 %)")
-    slowdown_ratio: float = Field(1.5, gt=1, le=100, description="degraded: a rank's median compute per step in the "
-                                                                 "last third of the burn-in this many times its own "
-                                                                 "best 10-second period's")
+    straggler_ratio: float = Field(1.10, gt=1, le=100, description="degraded: compute per step (less any wait for a "
+                                                                   "CPU) this many times the other ranks' median in "
+                                                                   "most periods, significantly (gpu-burn's 10 %)")
+    slowdown_ratio: float = Field(1.5, gt=1, le=100, description="degraded: a rank's compute per step (less any wait "
+                                                                 "for a CPU) in the last third of the burn-in this "
+                                                                 "many times its own best period's, in most of them")
+    significance: float = Field(0.01, gt=0, lt=0.5, description="a slowness counts only when a one-sided sign test "
+                                                                "over the periods says so at this level (a false "
+                                                                "alarm drains a good node)")
+    period_s: float = Field(10.0, ge=1, le=3600, description="length of a roll-up period: step times are compared "
+                                                            "period by period")
     lemon_failures: int = Field(2, ge=1, le=1000, description="faulty: this many failures on one rank that no "
                                                               "injected fault explains (one already makes it degraded)")
 
