@@ -770,6 +770,10 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     from burnin.harness.golden import clear_cache, prune_cache
 
     report = sweep(force=args.force)
+    from burnin.core import cgroups
+
+    for name in cgroups.sweep():
+        print(f"removed the empty cgroup {name} (its fleet launcher is gone)")
     for item in report:
         if item["action"] == "cleaned":
             ns = f", removed network namespace(s) {item['namespaces']}" if item.get("namespaces") else ""

@@ -287,20 +287,34 @@ _flag_values = {
         "--history": _paths.map(lambda p: p + ".sqlite" if p and p[-1:].isalnum() else p) | st.just("off"),
         "--resume": st.sampled_from(["afile", "/dev/null", "missing", "ro", ".", "", "/proc", "\x00"]),
     },
+    "fleet run": {
+        "--duration": st.sampled_from(["60s", "10m", "4s", "0", "x", ""]) | st.text(max_size=6),
+        "--level": st.sampled_from(["quick", "", "QUICK"]),
+        "--seed": st.one_of(st.integers(-3, 2**64), st.sampled_from(["x", ""])).map(_as_str),
+        "--local": st.one_of(st.integers(-2, 70), st.sampled_from([10**9, "x", ""])).map(_as_str),
+        "--node": st.sampled_from(["n1", "node-7", "", "a b", "../x", ".hidden", "a" * 80, "\x00"])
+        | st.text(max_size=8),
+        "--plant": st.sampled_from(["afile", "missing", ".", "", "/dev/null", "plant-ok.yaml", "plant-bad.yaml"]),
+        "--pushgateway": st.sampled_from(["http://127.0.0.1:9091", "ftp://x", "http://", "", "x"]),
+        "--history": st.just("off") | st.sampled_from(["notadb", "other.sqlite"]),
+    },
 }
 _flag_values["run"]["--history"] = _flag_values["campaign"]["--history"]
 _scenarios = {"run": ["smoke", "kill-rank", "sdc-campaign", "no-such-one"],
               "campaign": ["sdc-campaign", "smoke", "no-such-one"],
-              "burn-in": ["burn-in", "smoke", "no-such-one"]}
+              "burn-in": ["burn-in", "smoke", "no-such-one"],
+              "fleet run": ["fleet", "burn-in", "smoke", "no-such-one"]}
 
 
 @st.composite
 def _argv(draw: st.DrawFn) -> list[str]:
-    command = draw(st.sampled_from(["run", "campaign", "burn-in"]))
+    command = draw(st.sampled_from(["run", "campaign", "burn-in", "fleet run"]))
     flags = draw(st.lists(st.sampled_from(sorted(_flag_values[command])), unique=True, max_size=4))
     if command == "campaign" and "--trials" not in flags and "--resume" not in flags:
         flags.append("--trials")  # sdc-campaign's own 200 trials are drawn fine but take a while
-    argv = [command, draw(st.sampled_from(_scenarios[command]))]
+    argv = [*command.split(), draw(st.sampled_from(_scenarios[command]))]
+    if command == "fleet run":  # its --out is required: a fleet directory of the user's choosing
+        argv.append(f"--out={draw(_paths | st.text(max_size=12))}")
     for flag in flags:
         argv += [f"{flag}={draw(_flag_values[command][flag])}"]
     return argv
@@ -313,6 +327,8 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory):
     (d / "notadb").write_bytes(b"SQLite format 2\x00 and then garbage")
     _other_database(d / "other.sqlite")
     (d / "empty.sqlite").write_bytes(b"")
+    (d / "plant-ok.yaml").write_text("node-1: {silent: 'every=50,bit=10,rank=1'}\n")
+    (d / "plant-bad.yaml").write_text("node-1: {slow: {cpu_fraction: 7}}\n")
     (d / "loop").symlink_to(d / "loop")
     (d / "ro").mkdir()
     # a read-only mount where root may mount one; a plain directory elsewhere
@@ -328,7 +344,8 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory):
 @settings(max_examples=150, deadline=None)
 @given(argv=_argv())
 def test_fuzz_cli_flags(argv: list[str], fuzz_dir: Path) -> None:
-    """In process, through the same checks `run`, `campaign` and `burn-in` make before they start anything."""
+    """In process, through the same checks `run`, `campaign`, `burn-in` and `fleet run` make before they start
+    anything."""
     before = _files_under(fuzz_dir)
     rc, text = main_in(fuzz_dir, argv)
     event(f"exit {rc}")
@@ -351,12 +368,18 @@ def test_fuzz_examples_accept_and_refuse(fuzz_dir: Path) -> None:
         with contextlib.redirect_stderr(io.StringIO()) as err:
             assert main(["run", "smoke", "--out", "new/runs", "--metrics-port", "0"], prepare_only=True) == 0
             assert main(["campaign", "sdc-campaign", "--trials", "5", "--out", "new"], prepare_only=True) == 0
+            assert main(["fleet", "run", "--local", "3", "--duration", "60s", "--out", "new/fleet", "--plant",
+                         "plant-ok.yaml"], prepare_only=True) == 0
+            assert main(["fleet", "run", "fleet", "--node", "n1", "--out", "new/fleet"], prepare_only=True) == 0
             assert err.getvalue() == ""
             for argv, needle in ((["run", "--out", "afile"], "--out"), (["run", "--metrics-linger", "nan"], "--metrics-linger"),
                                  (["run", "--metrics-port", "0", "--metrics-addr", "999.1.1.1"], "--metrics-addr"),
                                  (["campaign", "sdc-campaign", "--trials", "1000001"], "--trials"),
                                  (["campaign", "--resume", "afile"], "--resume"),
-                                 (["run", "--metrics-textfile", "/dev/null"], "--metrics-textfile")):
+                                 (["run", "--metrics-textfile", "/dev/null"], "--metrics-textfile"),
+                                 (["fleet", "run", "--out", "new", "--local", "2", "--plant", "plant-bad.yaml"],
+                                  "cpu_fraction"),
+                                 (["fleet", "run", "--out", "new", "--node", "a b"], "--node")):
                 err.truncate(0)
                 err.seek(0)
                 assert main(argv, prepare_only=True) == 2, argv

@@ -20,6 +20,7 @@ import pytest
 from conftest import CI, run_cli, run_dir_of
 
 from burnin.core.events import read_events
+from burnin.reports.fleet import write_fleet_reports
 from burnin.reports.result import FaultResult
 
 SDC = """\
@@ -402,11 +403,14 @@ def test_every_page_renders_in_headless_chromium_without_an_error(smoke: Path, c
     compare = tmp_path / "compare.html"
     proc = run_cli("compare", str(campaign), str(campaign), "--html", str(compare))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    fleet_dir = tmp_path / "fleet"
+    fleet_dir.mkdir()
+    write_fleet_reports(_a_fleet(), fleet_dir)
     pages = {"run": smoke / "report.html", "forecast": smoke / "forecast.html", "campaign": campaign / "report.html",
-             "burn-in": burn_in / "report.html", "compare": compare}
+             "burn-in": burn_in / "report.html", "compare": compare, "fleet": fleet_dir / "fleet.html"}
     expected = {"run": {"loss-plot", "timeline-plot"}, "forecast": {"forecast-plot"},
                 "campaign": {"outcomes-plot", "scorecard-plot"}, "burn-in": {"health-plot", "timeline-plot"},
-                "compare": {"compare-plot"}}
+                "compare": {"compare-plot"}, "fleet": set()}
     shots = Path(os.environ.get("BURNIN_SCREENSHOTS") or tmp_path / "screenshots")
     for name, path in pages.items():
         page = _browser.open_page(path, shots / name)
@@ -419,3 +423,20 @@ def test_every_page_renders_in_headless_chromium_without_an_error(smoke: Path, c
             assert fig["drawn"] > 10, (name, fid, fig)
             assert _browser.ink(page.figure_shots[fid]) > 0.02, (name, fid, "blank")
         assert _browser.ink(page.screenshot) > 0.02
+
+
+def _a_fleet() -> dict:
+    """A judged fleet of three nodes, one of each verdict (what `burnin.reports.fleet.judge_fleet` returns)."""
+    def node(name: str, verdict: str, step_s: float, reasons: list[str]) -> dict:
+        return {"node": name, "verdict": verdict, "reasons": reasons,
+                "metrics": {"step_s": step_s, "compute_s": step_s / 2, "cpu_wait_share": 0.4, "recovery_s": 0.4,
+                            "checkpoint_s": 0.07, "unexplained_failures": 0, "goodput_steps": 0.99},
+                "quorum": {"status": "minority" if verdict == "faulty" else "agrees",
+                           "step": 99 if verdict == "faulty" else None}}
+    nodes = {"n1": node("n1", "healthy", 0.10, []),
+             "n2": node("n2", "degraded", 0.13, ["slow: step time 1.30x its class's median in 12 of 12 periods"]),
+             "n3": node("n3", "faulty", 0.10, ["SDC suspect: outvoted by the determinism quorum at step 99"])}
+    return {"fleet_id": "fleet-html", "scenario": "fleet", "seed": 1, "started_at": 0.0, "ok": False,
+            "counts": {"healthy": 1, "degraded": 1, "faulty": 1}, "nodes": nodes, "ranking": ["n3", "n2", "n1"],
+            "concentration": {"findings": 2, "top_k_share": {"1": 0.5}}, "repeat_offenders": [], "classes": [],
+            "thresholds": {"slow_ratio": 1.05, "significance": 0.01, "min_periods": 5, "min_steps_per_period": 5}}

@@ -463,9 +463,13 @@ def _result(faults: list[FaultResult], **kw: Any) -> RunResult:
 
 
 def test_docs_catalogue_matches_the_registry():
+    from burnin.reports.fleet import node_metrics
+
     documented = _documented()
     registered = {}
-    for fam in _exercised().registry.collect():
+    fleet = {"counts": {"healthy": 1, "degraded": 0, "faulty": 0},
+             "nodes": {"n1": {"verdict": "healthy", "metrics": {"step_s": 0.1}}}}
+    for fam in [*_exercised().registry.collect(), *node_metrics(fleet).collect()]:  # a run's, a fleet's
         name = fam.name + "_total" if fam.type == "counter" else fam.name
         labels = {k for s in fam.samples for k in s.labels if k != "le"}
         registered[name] = {"type": fam.type, "labels": labels}
@@ -562,3 +566,32 @@ def test_linger_waits_for_one_scrape_after_the_end():
     t0 = time.monotonic()
     m2.stop(linger_s=0.5)  # nobody scrapes: gives up at the bound
     assert 0.5 <= time.monotonic() - t0 < 2
+
+
+def test_a_fleet_pushes_each_node_as_a_group_of_its_own(pushgateway):
+    """`burnin fleet run/report --pushgateway`: one group per node, {job="burnin", fleet, node}, holding that
+    node's health (0 healthy, 1 degraded, 2 faulty) and step time; a later push of one node replaces only
+    that node's group."""
+    from burnin.harness.fleet import push_nodes
+
+    def fleet(verdicts: dict[str, str]) -> dict:
+        return {"fleet_id": "fleet-push-test", "counts": {}, "nodes": {
+            name: {"verdict": v, "metrics": {"step_s": 0.1 + i / 100}} for i, (name, v) in enumerate(verdicts.items())}}
+
+    def groups() -> dict[str, dict[str, float]]:
+        with urllib.request.urlopen(f"{pushgateway.url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        out: dict[str, dict[str, float]] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.labels.get("fleet") == "fleet-push-test" and s.name.startswith("burnin_node_"):
+                    assert s.labels["job"] == "burnin"
+                    out.setdefault(s.labels["node"], {})[s.name] = s.value
+        return out
+
+    push_nodes(fleet({"n1": "healthy", "n2": "degraded", "n3": "faulty"}), pushgateway.url)
+    got = groups()
+    assert {n: g["burnin_node_health"] for n, g in got.items()} == {"n1": 0.0, "n2": 1.0, "n3": 2.0}
+    assert got["n2"]["burnin_node_step_seconds"] == pytest.approx(0.11)
+    push_nodes(fleet({"n3": "healthy"}), pushgateway.url)  # n3 judged again: only its group changes
+    assert {n: g["burnin_node_health"] for n, g in groups().items()} == {"n1": 0.0, "n2": 1.0, "n3": 0.0}

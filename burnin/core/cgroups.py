@@ -10,10 +10,11 @@ parent group first, so nothing is left behind.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
-__all__ = ["CpuGroup", "available"]
+__all__ = ["CpuGroup", "available", "sweep"]
 
 _V2 = Path("/sys/fs/cgroup")
 _V1 = Path("/sys/fs/cgroup/cpu")
@@ -41,15 +42,36 @@ def available() -> str | None:
     return None
 
 
+def sweep() -> list[str]:
+    """Remove the groups whose owner (the pid in their name) is gone and that hold no process: what a
+    launcher killed before its teardown left. Returns the groups removed."""
+    found = _root()
+    removed: list[str] = []
+    if found is None:
+        return removed
+    for path in found[0].glob("burnin-*"):
+        owner = path.name.split("-")[1]
+        if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+            continue
+        try:
+            if not (path / "cgroup.procs").read_text().split():
+                path.rmdir()
+                removed.append(path.name)
+        except OSError:
+            continue
+    return removed
+
+
 class CpuGroup:
-    """A cgroup with the cpu controller, `burnin-<name>` under the hierarchy's root."""
+    """A cgroup with the cpu controller, `burnin-<pid>-<name>` under the hierarchy's root (the pid: this
+    process, its owner, so that `sweep` knows a group whose owner died)."""
 
     def __init__(self, name: str, *, weight: int = 100):
         found = _root()
         if found is None:
             raise OSError("no cgroup cpu controller is mounted (/sys/fs/cgroup)")
         root, self.version = found
-        self.path = root / f"burnin-{name}"
+        self.path = root / f"burnin-{os.getpid()}-{name}"
         self.path.mkdir(exist_ok=True)
         if self.version == 2:
             if "cpu" not in (root / "cgroup.subtree_control").read_text().split():
@@ -75,6 +97,21 @@ class CpuGroup:
             return [int(x) for x in (self.path / "cgroup.procs").read_text().split()]
         except OSError:
             return []
+
+    def kill(self, timeout_s: float = 10.0) -> None:
+        """SIGKILL every process in the group, again until none is left (bounded): what a process group
+        misses (children in sessions of their own) a cgroup holds all the same."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Move what is left in the group back to the parent and remove the group (bounded)."""

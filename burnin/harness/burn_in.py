@@ -308,7 +308,8 @@ def period_stats(xs: Sequence[float], waits: Sequence[float | None] = (), dts: S
                  ) -> dict[str, Any]:
     """One rank's steps of one roll-up period in a few numbers (what `assess` and a fleet's report read):
     compute time per step, and where the steps say, the part of it spent waiting for a CPU, the compute time
-    less that wait (`median_net_compute_s`, the straggler score's measure) and the whole step's time."""
+    less that wait (`median_net_compute_s`, the straggler score's measure) and the whole step's time (its
+    mean: a fleet's speed measure; a CPU limit makes step times bimodal, and their median jumps)."""
     out = {"n": len(xs), "median_compute_s": statistics.median(xs), "min_compute_s": min(xs),
            "max_compute_s": max(xs)}
     if waits and all(w is not None for w in waits):
@@ -316,6 +317,7 @@ def period_stats(xs: Sequence[float], waits: Sequence[float | None] = (), dts: S
         out["median_net_compute_s"] = statistics.median(max(0.0, x - w) for x, w in zip(xs, waits))
     if dts and all(d is not None for d in dts):
         out["median_step_s"] = statistics.median(dts)
+        out["mean_step_s"] = statistics.fmean(dts)
     return out
 
 

@@ -91,7 +91,11 @@ def run_node(scenario: Any, fleet_dir: Path, node: str, *, duration_s: float, se
     # whatever the node is (its machine, its cgroup) and be judged as the node's all the same.
     os.environ.pop("BURNIN_POOL", None)
     node_dir = fleet_dir / "nodes" / node
-    node_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        node_dir.mkdir(parents=True)  # atomic: of two tasks on one node, one goes on
+    except FileExistsError:
+        raise UserError(f"--out: node {node} burned in in {fleet_dir} already (two tasks on one node? run one per "
+                        "node: srun --ntasks-per-node 1); give a new fleet directory") from None
     started = time.time()
     meta: dict[str, Any] = {"node": node, "class": node_class(scenario, seed), "started_at": started,
                             "host": platform.node(), "pid": os.getpid()}
@@ -260,6 +264,8 @@ def run_local_fleet(scenario_arg: str, scenario: Any, fleet_dir: Path, n: int, *
         (fleet_dir / "sealed").mkdir(exist_ok=True)
         atomic_write_text(fleet_dir / "sealed" / "planted.json", json.dumps(plant, indent=1, sort_keys=True))
     why_not = cgroups.available()
+    if why_not is None:
+        cgroups.sweep()  # what an earlier launcher, killed before its teardown, left
     quota = node_quota(n)
     if why_not:
         say(f"no CPU cgroup per node ({why_not}): the nodes share the host's CPUs as plain processes")
@@ -303,19 +309,16 @@ def run_local_fleet(scenario_arg: str, scenario: Any, fleet_dir: Path, n: int, *
             if time.monotonic() - last >= 10:
                 last = time.monotonic()
                 running = sum(p.poll() is None for p in procs.values())
-                say(f"elapsed {time.monotonic() - t0:.0f}/{duration_s:g} s, {running} of {n} node(s) running")
+                elapsed = time.monotonic() - t0
+                say(f"elapsed {elapsed:.0f}/{duration_s:g} s, {running} of {n} node(s) running" if elapsed < duration_s
+                    else f"elapsed {elapsed:.0f} s: {running} of {n} node(s) replaying their fault windows")
         for name, p in procs.items():
             if p.poll() is None:
                 say(f"{name}: still running past its time; stopped")
     finally:
-        for p in hogs:
-            _stop_group(p)
-        for p in procs.values():
-            _stop_group(p)
+        _stop_all([*procs.values(), *hogs], list(groups.values()))
         for log in logs:
             log.close()
-        for g in groups.values():
-            g.close()
     for name, p in procs.items():
         if p.returncode not in (0, 1):
             tail = (fleet_dir / "logs" / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
@@ -323,20 +326,32 @@ def run_local_fleet(scenario_arg: str, scenario: Any, fleet_dir: Path, n: int, *
     return report_fleet(fleet_dir, history=history, record=True)
 
 
-def _stop_group(p: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """End a child's process group: SIGINT (a burn-in ends cleanly on it), then SIGKILL (bounded)."""
-    if p.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGKILL, 5.0)):
+def _stop_all(procs: list[subprocess.Popen], groups: list[Any], grace_s: float = 20.0) -> None:
+    """End every node: SIGINT to each process group at once (a burn-in ends cleanly on it, its ranks with
+    it), a shared grace period, then SIGKILL to what is left: the process groups, and everything in the
+    nodes' cgroups (ranks live in sessions of their own); then the cgroups go."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for p in procs:
         try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            p.wait(timeout=wait)
-            return
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            continue
+            pass
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+    for g in groups:
+        g.kill()
+        g.close()
 
 
 def read_sealed(fleet_dir: Path, sealed: str | None) -> dict[str, dict[str, Any]]:

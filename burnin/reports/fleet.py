@@ -10,7 +10,7 @@ where its burn-in's run directory is, how it ended) beside that run directory. `
   per-step loss on every rank must be the same bits whatever faults each one took. Step by step the
   majority wins; a node outvoted is an SDC suspect, with the first step and ranks where it parted; where no
   strict majority exists the nodes that differ are `ambiguous`, never guessed.
-- **Speed against the class**: each node's median step time per roll-up period against the median of the
+- **Speed against the class**: each node's mean step time per roll-up period against the median of the
   other nodes of its class in the same period; slow only when persistent and significant
   (`burnin.reports.outliers`). How much of its ranks' compute was spent waiting for a CPU is reported beside
   it: something else running on the node, or a CPU limit.
@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
 from burnin.core.events import read_events
 from burnin.core.files import atomic_write_text
-from burnin.reports.outliers import MIN_PERIODS, persistent_outliers
+from burnin.reports.outliers import MIN_PERIODS, MIN_SAMPLES, persistent_outliers, slow_samples
 from burnin.reports.writers import junit_xml
 
 __all__ = ["SCHEMA_VERSION", "THRESHOLDS", "judge_fleet", "load_node", "quorum", "write_fleet_reports",
@@ -44,7 +44,7 @@ VERDICTS = ("healthy", "degraded", "faulty")
 
 #: A node is slow when its step time is this many times its class's median in most periods, at p < significance.
 THRESHOLDS = {"slow_ratio": 1.05, "significance": 0.01, "min_periods": MIN_PERIODS, "min_steps_per_period": 5,
-              "top_k": 3}
+              "slow_checkpoint_ratio": 1.5, "slow_recovery_ratio": 1.5, "min_samples": MIN_SAMPLES, "top_k": 3}
 
 
 # -- reading a node ----------------------------------------------------------------------------------
@@ -95,16 +95,20 @@ def load_node(node_dir: Path, min_steps: int) -> dict[str, Any]:
     events = read_events(run_dir / "events.jsonl")
     rollups = [ev for ev in events if ev.get("event") == "burn_in_rollup" and "period" in ev]
     for ev in rollups[1:-1]:  # the first and the last period are cut short by the start and the end
-        ranks = [x for x in ev["ranks"].values() if x["n"] >= min_steps]
+        ranks = [x for x in ev["ranks"].values() if x["n"] >= min_steps and "mean_step_s" in x]
         if not ranks or len(ranks) < len(ev["ranks"]):
             continue
         node["periods"][ev["period"]] = ({
-            # throughput: the period's length over the steps done in it (the ranks step together)
-            "step_s": ev["span_s"] / statistics.median(x["n"] for x in ranks),
+            # the mean time of the period's steps: not their median (under a CPU limit a step is throttled or
+            # not, and the median jumps between the two), not the period over the step count (a count of 10
+            # is 10 % off by one step)
+            "step_s": statistics.median(x["mean_step_s"] for x in ranks),
             "compute_s": statistics.median(x["median_compute_s"] for x in ranks),
             "cpu_wait_s": statistics.median(x.get("median_cpu_wait_s", 0.0) for x in ranks)})
-    node["checkpoint_s"] = _median([e["seconds"] for e in events if e.get("event") == "checkpoint_saved"
-                                    and e.get("seconds") is not None])
+    node["checkpoints"] = [e["seconds"] for e in events if e.get("event") == "checkpoint_saved"
+                           and e.get("seconds") is not None]
+    node["checkpoint_s"] = _median(node["checkpoints"])
+    node["recoveries"] = [f["recovery_s"] for f in node["summary"]["faults"]["list"] if f.get("recovery_s") is not None]
     node["fingerprints"] = read_fingerprints(run_dir / "fingerprints.txt")
     return node
 
@@ -187,7 +191,13 @@ def judge_fleet(fleet_dir: str | Path, thresholds: dict[str, Any] | None = None,
     reasons: dict[str, list[tuple[str, str]]] = {name: [] for name in nodes}
     quorums: dict[str, dict[str, Any]] = {}
     speeds: dict[str, dict[str, Any]] = {}
+    slow_ckpt: dict[str, dict[str, Any]] = {}
+    slow_recovery: dict[str, dict[str, Any]] = {}
     for members in classes.values():
+        slow_ckpt.update(slow_samples({m: nodes[m]["checkpoints"] for m in members}, th["slow_checkpoint_ratio"],
+                                      th["significance"], th["min_samples"]))
+        slow_recovery.update(slow_samples({m: nodes[m]["recoveries"] for m in members}, th["slow_recovery_ratio"],
+                                          th["significance"], th["min_samples"]))
         quorums.update(quorum({m: nodes[m]["fingerprints"] for m in members}))
         # periods end on the same wall-clock instants on every node: compared index by index
         keys = sorted({k for m in members for k in nodes[m]["periods"]})
@@ -228,6 +238,13 @@ def judge_fleet(fleet_dir: str | Path, thresholds: dict[str, Any] | None = None,
                                       f"{th['slow_ratio']:.2f}x, p < {th['significance']:g})"
                                       + (f"; its ranks waited for a CPU {wait:.0%} of their compute time"
                                          if wait is not None else "")))
+            for what, judged, key in (("checkpoint saves", slow_ckpt, "slow_checkpoint_ratio"),
+                                      ("recoveries", slow_recovery, "slow_recovery_ratio")):
+                j = judged.get(name)
+                if j and j["outlier"]:
+                    r.append(("degraded", f"slow {what}: median {j['ratio']:.2f}x the class's other nodes' over "
+                                          f"{j['samples']} (Mann-Whitney p = {j['p_value']:.2g}; thresholds "
+                                          f"{th[key]:.2f}x, p < {th['significance']:g})"))
         levels = [lvl for lvl, _ in r]
         verdict = "faulty" if "faulty" in levels else "degraded" if "degraded" in levels else "healthy"
         out_nodes[name] = _node_row(name, n, verdict, [txt for _, txt in r], quorums.get(name), speeds.get(name))
@@ -255,7 +272,7 @@ def judge_fleet(fleet_dir: str | Path, thresholds: dict[str, Any] | None = None,
             "concentration": {"findings": total, "top_k_share": top},
             "repeat_offenders": repeat, "thresholds": th,
             "method": {"quorum": "per-step loss bits of every rank, compared across the nodes of a class; the strict "
-                                 "majority wins", "speed": "median step time per roll-up period against the other "
+                                 "majority wins", "speed": "mean step time per roll-up period against the other "
                                  "nodes' median in that period; slow when at or above slow_ratio in most periods "
                                  "by a one-sided sign test at `significance`"}}
 
@@ -294,9 +311,8 @@ def _node_row(name: str, n: dict[str, Any], verdict: str, reasons: list[str], q:
 
 # -- reports -----------------------------------------------------------------------------------------
 
-METRICS = (("step_s", "step time (s)"), ("compute_s", "compute (s)"), ("cpu_wait_share", "CPU wait"),
-           ("recovery_s", "recovery (s)"), ("checkpoint_s", "checkpoint (s)"),
-           ("unexplained_failures", "unexplained failures"))
+METRICS = (("step_s", "step time"), ("compute_s", "compute"), ("cpu_wait_share", "CPU wait"),
+           ("recovery_s", "recovery"), ("checkpoint_s", "checkpoint"), ("unexplained_failures", "unexplained failures"))
 
 
 def write_fleet_reports(fleet: dict[str, Any], fleet_dir: str | Path) -> None:
@@ -332,7 +348,8 @@ def node_metrics(fleet: dict[str, Any], only: str | None = None) -> Any:
     reg = CollectorRegistry()
     health = Gauge("burnin_node_health", "A fleet burn-in's verdict per node: 0 healthy, 1 degraded, 2 faulty.",
                    ["node"], registry=reg)
-    step = Gauge("burnin_node_step_seconds", "A node's median step time in a fleet burn-in.", ["node"], registry=reg)
+    step = Gauge("burnin_node_step_seconds", "A node's step time in a fleet burn-in (the median of its periods' "
+                 "means).", ["node"], registry=reg)
     for name, n in sorted(fleet["nodes"].items()):
         if only is not None and name != only:
             continue
@@ -376,10 +393,12 @@ def _markdown(fleet: dict[str, Any]) -> str:
     share = ", ".join(f"top {k}: {v:.0%}" for k, v in fleet["concentration"]["top_k_share"].items())
     lines += ["", f"Findings: {fleet['concentration']['findings']} in all ({share or 'none'}). Repeat offenders "
                   f"(not healthy in an earlier fleet and now): {', '.join(fleet['repeat_offenders']) or 'none'}.", "",
-              f"Thresholds: slow at {th['slow_ratio']}x the class's median step time in most periods, p < "
+              f"Thresholds: slow at {th['slow_ratio']}x the class's median of mean step times in most periods, p < "
               f"{th['significance']} (one-sided sign test, at least {th['min_periods']} periods of "
-              f"{th['min_steps_per_period']}+ steps); quorum: the strict majority of a class's nodes, per step and "
-              "rank, on the loss bits.", ""]
+              f"{th['min_steps_per_period']}+ steps); slow checkpoint saves or recoveries at {th['slow_checkpoint_ratio']}x / "
+              f"{th['slow_recovery_ratio']}x the other nodes' (Mann-Whitney, p < {th['significance']}, at least "
+              f"{th['min_samples']} of them); quorum: the strict majority of a class's nodes, per step and rank, on "
+              "the loss and gradient bits.", ""]
     for cls in fleet["classes"]:
         lines.append(f"- class {json.dumps(cls['class'], sort_keys=True)}: {', '.join(cls['nodes'])}")
     return "\n".join(lines) + "\n"
@@ -407,9 +426,12 @@ def _html(fleet: dict[str, Any]) -> str:
                 heat = max(0.0, min(1.0, (ratio - 1.0) / 0.5))
                 shade = f"rgba(198, 40, 40, {heat:.2f})"
             cells.append(f'<td style="background:{shade}" title="{e(str(v))}">{e(_fmt(key, v))}</td>')
-        rows.append(f'<tr><th>{e(name)}</th><td style="color:{colors[n["verdict"]]};font-weight:bold">'
-                    f'{e(n["verdict"])}</td>{"".join(cells)}<td>{e("; ".join(n["reasons"]) or "–")}</td></tr>')
-    head = "".join(f"<th>{e(label)}</th>" for _, label in METRICS)
+        q = n.get("quorum") or {}
+        qtxt = q.get("status", "–") + (f" (step {q['step']})" if q.get("step") is not None else "")
+        rows.append(f'<tr data-node="{e(name)}" data-verdict="{e(n["verdict"])}"><th>{e(name)}</th>'
+                    f'<td style="color:{colors[n["verdict"]]};font-weight:bold">{e(n["verdict"])}</td>'
+                    f'{"".join(cells)}<td>{e(qtxt)}</td><td>{e("; ".join(n["reasons"]) or "–")}</td></tr>')
+    head = "".join(f"<th>{e(label)}</th>" for _, label in METRICS) + "<th>quorum</th>"
     c = fleet["counts"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Fleet burn-in {e(fleet['fleet_id'])}</title>

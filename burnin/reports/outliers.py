@@ -30,10 +30,13 @@ import statistics
 from typing import Any, Hashable, Mapping, Sequence
 
 
-__all__ = ["persistent_outliers", "robust_z", "MIN_PERIODS"]
+__all__ = ["persistent_outliers", "slow_samples", "robust_z", "MIN_PERIODS", "MIN_SAMPLES"]
 
 #: Periods below which no member can be called slow (a sign test of 4 periods cannot reach p < 0.05).
 MIN_PERIODS = 5
+
+#: Samples (checkpoint saves, recoveries) a member needs before it can be called slow at them.
+MIN_SAMPLES = 5
 
 
 def robust_z(x: float, xs: Sequence[float]) -> float | None:
@@ -79,4 +82,27 @@ def persistent_outliers(table: Mapping[Hashable, Sequence[float | None]], thresh
         out[m] = {"score": score, "share": above / len(r), "periods": len(r), "above": above, "p_value": p,
                   "robust_z": robust_z(score, list(scores.values())),
                   "outlier": (not undecided) and score >= threshold and p < alpha, "undecided": undecided}
+    return out
+
+
+def slow_samples(samples: Mapping[Hashable, Sequence[float]], threshold: float, alpha: float,
+                 min_samples: int = MIN_SAMPLES) -> dict[Hashable, dict[str, Any]]:
+    """For what comes as a handful of durations per member rather than a value per period (checkpoint
+    saves, recoveries): each member's median against the median of every other member's samples pooled
+    (`ratio`), and a one-sided Mann-Whitney U test that its samples are larger (`p_value`). Slow when the
+    ratio is at or above `threshold` and p < `alpha`, with at least `min_samples` of its own."""
+    from scipy.stats import mannwhitneyu  # lazy: scipy is slow to import
+
+    out: dict[Hashable, dict[str, Any]] = {}
+    for m, own in samples.items():
+        others = [x for o, xs in samples.items() if o != m for x in xs]
+        if not own or not others:
+            out[m] = {"ratio": None, "p_value": None, "samples": len(own), "outlier": False, "undecided": True}
+            continue
+        base = statistics.median(others)
+        ratio = statistics.median(own) / base if base > 0 else None
+        p = float(mannwhitneyu(own, others, alternative="greater").pvalue)
+        undecided = len(own) < min_samples
+        out[m] = {"ratio": ratio, "p_value": p, "samples": len(own), "undecided": undecided,
+                  "outlier": not undecided and ratio is not None and ratio >= threshold and p < alpha}
     return out
