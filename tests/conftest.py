@@ -98,7 +98,7 @@ def _warm_pool(_isolated_dirs: None) -> Iterator[None]:
 #: (xdist's own order, by number of tests, handed the three-test torchrun module out last). A module
 #: not listed counts 5 s.
 MODULE_SECONDS = {
-    "test_network.py": 168, "test_external.py": 280, "test_burn_in.py": 148, "test_torchrun.py": 110, "test_regressions.py": 126,
+    "test_network.py": 168, "test_external.py": 280, "test_burn_in.py": 165, "test_fleet.py": 130, "test_torchrun.py": 110, "test_regressions.py": 126,
     "test_sdc.py": 91, "test_html_report.py": 78, "test_e2e.py": 65, "test_pool_server.py": 50,
     "test_spares.py": 61, "test_sharded.py": 90, "test_pytest_plugin.py": 56, "test_lightning.py": 46,
     "test_snapshots.py": 42, "test_cli.py": 42, "test_schedules.py": 36, "test_memory_faults.py": 32,
