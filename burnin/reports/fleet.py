@@ -376,7 +376,7 @@ def _fmt(key: str, v: Any) -> str:
 
 
 def _markdown(fleet: dict[str, Any]) -> str:
-    th = fleet["thresholds"]
+    th = {**THRESHOLDS, **fleet["thresholds"]}  # a fleet.json from before a threshold existed renders too
     c = fleet["counts"]
     lines = [f"# Fleet burn-in {fleet['fleet_id']}", "",
              f"Scenario {fleet.get('scenario')}, seed {fleet.get('seed')}, {len(fleet['nodes'])} node(s): "
