@@ -99,6 +99,16 @@ def test_campaign_same_seed_same_summary_and_resume(tmp_path: Path) -> None:
     a = _campaign_summary(run_dir_of(tmp_path / "a"))
     assert a["trials"] == 10 and a["complete"]
     assert sum(v["count"] for v in a["outcomes"].values()) == 10
+    # the silent outcomes' effect classes, against a noise band the campaign measured (control trials beside
+    # the 10, which count for nothing else)
+    effects, band = a["effects"], a["noise_band"]
+    assert effects["silent_trials"] == a["outcomes"]["masked"]["count"] + a["outcomes"]["sdc"]["count"]
+    assert sum(effects[e]["count"] for e in ("benign", "transient", "degraded", "diverged")) == effects["silent_trials"]
+    assert band["measured"] and band["controls"] >= 1 and band["spread_windows"] == 4 and band["how"]
+    assert all(band[k] >= band["floor"][k] for k in ("final", "eval", "step"))
+    lines = [json.loads(x) for x in (run_dir_of(tmp_path / "a") / "trials.jsonl").read_text().splitlines()]
+    total = len(lines)
+    assert total == 10 + sum(1 for x in lines if x.get("control")) and all("eval_loss" in x for x in lines)
 
     out_b = tmp_path / "b"
     proc = subprocess.Popen(burnin_cmd(*args, "--out", str(out_b)), stdout=subprocess.PIPE,
@@ -115,11 +125,11 @@ def test_campaign_same_seed_same_summary_and_resume(tmp_path: Path) -> None:
     assert proc.returncode == 130
     run_b = run_dir_of(out_b)
     partial = len((run_b / "trials.jsonl").read_text().splitlines())
-    assert 4 <= partial < 10
+    assert 4 <= partial < total
     resumed = run_cli("campaign", "--resume", str(run_b), timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     b = _campaign_summary(run_b)
-    assert len((run_b / "trials.jsonl").read_text().splitlines()) == 10  # no trial twice
+    assert len((run_b / "trials.jsonl").read_text().splitlines()) == total  # no trial twice
     assert b == a
 
 

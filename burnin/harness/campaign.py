@@ -25,16 +25,21 @@ from burnin.harness.supervisor import Supervisor
 from burnin.reports import history as hist
 from burnin.reports.html import write_campaign_report
 from burnin.reports.metrics import Metrics
+from burnin.reports.effects import EFFECTS, classify_effect, effect_rates, noise_band
 from burnin.reports.trials import CAMPAIGN_SCHEMA_VERSION, judge_trial, outcome_rates, wilson
 from burnin.reports.writers import write_html_safely
-from burnin.scenarios.campaign import draw_trials, is_recovery_campaign
+from burnin.scenarios.campaign import draw_controls, draw_trials, is_recovery_campaign
 from burnin.scenarios.schema import Scenario
 
 __all__ = ["run_campaign", "summarize"]
 
 def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[str, Any] | None) -> dict[str, Any]:
-    """Outcome rates with Wilson intervals and the detector scorecard. Deterministic for a seed."""
-    judged = sorted((judge_trial(t) for t in trials), key=lambda t: t["trial"])
+    """Outcome rates with Wilson intervals, the effect classes of the silent outcomes against the noise band
+    the control trials measured, and the detector scorecard. Deterministic for a seed."""
+    controls = [t for t in trials if t.get("control")]
+    trials = [t for t in trials if not t.get("control")]
+    band = noise_band(controls, reference)
+    judged = sorted((classify_effect(judge_trial(t), t, reference, band) for t in trials), key=lambda t: t["trial"])
     n = len(judged)
     outcomes = outcome_rates([t["outcome"] for t in judged])
     detectors = sorted({d for t in judged for d in t["detectors"]} |
@@ -53,6 +58,8 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[
         sdc = sum(t["outcome"] == "sdc" for t in ts)
         row["sdc"] = {"count": sdc, "rate": sdc / len(ts), "ci95": list(wilson(sdc, len(ts)))}
         row["masked"] = sum(t["outcome"] == "masked" for t in ts)
+        row["effects"] = {e: {"count": k, "rate": k / len(ts), "ci95": list(wilson(k, len(ts)))}
+                          for e in EFFECTS for k in [sum(t.get("effect") == e for t in ts)]}
         scorecard.append(row)
     ref_alarms = (reference or {}).get("false_alarms", [])
     fault_free_steps = (reference or {}).get("steps", 0)
@@ -65,6 +72,8 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[
         "seed": scenario.campaign.seed if scenario.campaign else None,
         "trials": n,
         "outcomes": outcomes,
+        "effects": effect_rates(judged),
+        "noise_band": band,
         "scorecard": scorecard,
         "false_alarms": {"reference_window_steps": fault_free_steps, "reference": dict(alarms_by_detector),
                          "in_trials_before_fault": sum(t["false_alarms"] for t in judged)},
@@ -89,6 +98,8 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
         out = check_out_dir(out_dir)
     check_device(scenario)
     plan = draw_trials(scenario, trials, seed)
+    if not is_recovery_campaign(scenario):
+        plan += draw_controls(scenario, plan)  # the noise band's control trials, after the trials
     if resume is None:
         run_dir = make_run_dir(out, new_run_id(scenario.name), scenario.model_dump_json(indent=1))
         (run_dir / "campaign-meta.json").write_text(json.dumps({"trials": trials, "seed": seed}))
@@ -103,7 +114,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
 
     def remaining() -> dict[str, Any]:
         c = scenario.campaign
-        return {"campaign": {"warmup": c.warmup, "window": c.window,
+        return {"campaign": {"warmup": c.warmup, "window": c.window, "spread_windows": c.spread_windows,
                              "trials": [t for t in plan if t["trial"] not in done]}}
 
     def record(rec: dict[str, Any]) -> None:
@@ -111,7 +122,8 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
             return  # judged once: a trial is never counted twice
         done[rec["trial"]] = rec
         log.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        if metrics is not None and rec.get("kind") != "recovery":  # a recovery trial's run records its own
+        if metrics is not None and rec.get("kind") != "recovery" and not rec.get("control"):
+            # (a recovery trial's run records its own; a control trial measures the noise band, no outcome)
             j = judge_trial(rec)
             metrics.fault_injected(j["fault"])
             metrics.outcome(j["fault"], j["outcome"])
@@ -129,7 +141,8 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
             record({k: v for k, v in ev.items() if k not in ("t", "event", "rank", "attempt")})
         elif kind == "campaign_reference":
             state["reference"] = {"state_hash": ev["state_hash"], "false_alarms": ev["false_alarms"],
-                                  "steps": ev["steps"], "window_s": ev["window_s"]}
+                                  "steps": ev["steps"], "window_s": ev["window_s"], "losses": ev.get("losses"),
+                                  "eval_loss": ev.get("eval_loss"), "spread": ev.get("spread") or []}
         elif kind == "fault_error":
             # The trial's fault could not be applied: no outcome for it, and the campaign stops.
             state["error"] = f"trial {state['current']}: {ev['fault']} could not be applied: {ev['error']}"
@@ -137,9 +150,9 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
             trial = state["current"]
             state["current"] = None
             record({"trial": trial, "template": plan[trial]["template"], "fault": plan[trial]["faults"][0],
-                    "crash": f"{ev['cause']}: {ev['signature']}"})
+                    "crash": f"{ev['cause']}: {ev['signature']}", "control": bool(plan[trial].get("control"))})
         if on_event:
-            on_event({**ev, "trials_done": len(done), "trials_total": trials})
+            on_event({**ev, "trials_done": len(done), "trials_total": len(plan)})
 
     if metrics is None:
         metrics = Metrics()
@@ -152,7 +165,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
                     on_event({**ev, "trials_done": len(done), "trials_total": trials})
 
             recovery_campaign.run_trials(scenario, run_dir, run_dir.name, plan, done, record, on_trial, metrics)
-        elif len(done) < trials:
+        elif len(done) < len(plan):
             base = scenario.model_copy(update={"faults": []})
             Supervisor(base, run_dir, run_dir.name, metrics=metrics, on_event=watch, extra_spec=remaining).run()
     finally:
@@ -174,7 +187,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
     elif (run_dir / "reference.json").exists():
         state["reference"] = json.loads((run_dir / "reference.json").read_text())
     summary = summarize(scenario, list(done.values()), state["reference"])
-    summary["complete"] = len(done) == trials
+    summary["complete"] = len(done) == len(plan)
     if state.get("error"):
         summary["error"] = state["error"]
     # Timing lives apart from the summary proper, which is a pure function of the seed.
@@ -216,6 +229,16 @@ def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
     lines += ["| outcome | trials | rate | 95 % CI (Wilson) |", "|---|---|---|---|"]
     for o, v in summary["outcomes"].items():
         lines.append(f"| {o} | {v['count']} | {v['rate']:.3f} | {v['ci95'][0]:.3f}–{v['ci95'][1]:.3f} |")
+    eff, band = summary.get("effects"), summary.get("noise_band")
+    if eff:
+        lines += ["", f"## What the silent outcomes did ({eff['silent_trials']} masked or sdc trials)", "",
+                  "| effect | trials | rate | 95 % CI (Wilson) |", "|---|---|---|---|"]
+        for e in ("benign", "transient", "degraded", "diverged", "harmful"):
+            v = eff[e]
+            lines.append(f"| {e} | {v['count']} | {v['rate']:.3f} | {v['ci95'][0]:.3f}–{v['ci95'][1]:.3f} |")
+        lines += ["", f"Noise band (relative to the fault-free window): final loss {band['final']:.3g}, held-out loss "
+                      f"{band['eval']:.3g}, largest per-step deviation {band['step']:.3g}; measured from "
+                      f"{band['how']}. Diverged: NaN/Inf, or {band['diverged_ratio']}x the reference's loss."]
     lines += ["", "## Detector scorecard", "",
               "Detection rate per target and bit class (median latency in steps); `sdc` is the silent escape rate.", ""]
     dets = sorted({d for row in summary["scorecard"] for d in row["detectors"]})

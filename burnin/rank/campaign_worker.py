@@ -29,11 +29,13 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
     warmup, window = campaign["warmup"], campaign["window"]
     end = warmup + window
 
-    def window_run(start_snapshot: Any) -> tuple[str, list[str], float]:
+    def window_run(start_snapshot: Any) -> tuple[str, list[str], float, list[float], float | None]:
+        """The window from the snapshot: the final state hash, each step's loss bits and loss (the last
+        execution of a step), its wall time, and the held-out loss at its end (every rank evaluates)."""
         guard._restore(start_snapshot)
         guard.rollbacks, guard.log = 0, []
         guard.snap = start_snapshot if guard.mode == "rollback" and guard.active else None
-        bits_seen: list[str] = []
+        seen: dict[int, tuple[str, float]] = {}
         step = warmup
         t0 = time.perf_counter()
         while step < end:
@@ -41,10 +43,14 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
             loss, bits, gnorm = one_step(step)
             nxt, loss, bits = guard.after_step(step, loss, bits, gnorm, rerun=one_step)
             if nxt > step:
-                bits_seen.append(bits)
+                seen[step] = (bits, float(loss))
                 run.injector.fire("between_steps", step, model=guard.model, optimizer=guard.optimizer)
             step = nxt
-        return state_hash(guard.model, guard.optimizer), bits_seen, time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        held_out = run.held_out_loss()
+        ordered = [seen[s] for s in sorted(seen)]
+        return (state_hash(guard.model, guard.optimizer), [b for b, _ in ordered], wall, [x for _, x in ordered],
+                held_out[0] if held_out else None)
 
     # warmup: detectors learn what normal looks like; nothing is injected
     run.injector = Injector([], rank, world_size, events, set(), go_timeout_s=60)
@@ -54,17 +60,28 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
     base = guard._take(warmup)
 
     # the reference window, twice: the second run must repeat the first bit for bit
-    ref_hash, ref_bits, ref_s = window_run(base)
+    ref_hash, ref_bits, ref_s, ref_losses, ref_eval = window_run(base)
     alarms = list(guard.log)
-    again, again_bits, _ = window_run(base)
-    if (again, again_bits) != (ref_hash, ref_bits):
+    again, again_bits, _, _, again_eval = window_run(base)
+    if (again, again_bits, again_eval) != (ref_hash, ref_bits, ref_eval):
         raise HarnessError("replaying the fault-free window from its snapshot changed the bits: "
                            "trials cannot be judged (is the workload deterministic?)")
     alarms += guard.log
     all_alarms = _gather(alarms, world_size)
+    # the seed-to-seed spread: the same window from the same state over other batches (a data seed of its own
+    # each), fault-free; what a final or held-out loss may differ by without anything having gone wrong
+    spread = []
+    for k in range(1, campaign.get("spread_windows", 0) + 1):
+        run.data_offset = k * 1_000_003
+        try:
+            _, _, _, losses_k, eval_k = window_run(base)
+        finally:
+            run.data_offset = 0
+        spread.append({"final_loss": losses_k[-1] if losses_k else None, "eval_loss": eval_k, "losses": losses_k})
     if rank == 0:
         events.emit("campaign_reference", state_hash=ref_hash, window_s=ref_s, steps=2 * window,
-                    false_alarms=[a for part in all_alarms for a in part])
+                    false_alarms=[a for part in all_alarms for a in part], losses=ref_losses, eval_loss=ref_eval,
+                    spread=spread)
 
     for trial in campaign["trials"]:
         faults = trial["faults"]
@@ -72,7 +89,7 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
         run.injector.quiet = True
         if rank == 0:
             events.emit("trial_started", trial=trial["trial"])
-        final, bits, wall = window_run(base)
+        final, bits, wall, losses, held_out = window_run(base)
         mine = {"injected": [{"index": i, "step": s, "details": d} for i, s, d in run.injector.injected],
                 "findings": guard.log, "rollbacks": guard.rollbacks}
         parts = _gather(mine, world_size)
@@ -84,7 +101,7 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
                         state_hash=final, exact=final == ref_hash,
                         diverged_at_step=next((warmup + i for i, (a, b) in enumerate(zip(bits, ref_bits)) if a != b),
                                               None),
-                        wall_s=wall)
+                        wall_s=wall, losses=losses, eval_loss=held_out, control=bool(trial.get("control")))
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:

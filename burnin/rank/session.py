@@ -94,7 +94,7 @@ def _set_current(ctx: RunContext | None) -> None:
 
 def attach(model: Any, optimizer: Any, *, state: Mapping[str, Any] | None = None,
            save: Callable[[Path], None] | None = None, load: Callable[[Path], None] | None = None,
-           ddp_hook: bool = True) -> "Session":
+           ddp_hook: bool = True, evaluate: Callable[[], Any] | None = None) -> "Session":
     """Attach burnin to a loop's model (a DistributedDataParallel module, or a plain one) and optimizer.
 
     - `state`: more objects the step changes, whose `state_dict()`/`load_state_dict()` a checkpoint and an
@@ -107,17 +107,25 @@ def attach(model: Any, optimizer: Any, *, state: Mapping[str, Any] | None = None
       burnin saves the model's and optimizer's state dicts itself.
     - `ddp_hook=False`: leave the DDP communication hook alone (the loop has its own); the `after_backward`
       point then never fires.
+    - `evaluate()`: the loss on held-out data (a float or a 0-d tensor), computed without gradients and
+      without changing any state the step changes; burnin calls it on every rank at the end of the run (the
+      `eval_loss` of `rank_finished`), so that the effect of a silent corruption is judged on held-out data
+      as well as on the training loss.
 
     Call it after `init_process_group` and after wrapping the model in DDP."""
+    if evaluate is not None and not callable(evaluate):
+        raise UserError(f"attach: evaluate: {type(evaluate).__name__} is not callable; give a function of no "
+                        "arguments that returns the held-out loss")
     return Session(model, optimizer, state=dict(state or {}), save=save, load=load, ddp_hook=ddp_hook,
-                   ctx=current())
+                   ctx=current(), evaluate=evaluate)
 
 
 class Session:
     """One rank's link to the run. See the module docstring; made by `attach`."""
 
     def __init__(self, model: Any, optimizer: Any, *, state: dict[str, Any], save: Callable[[Path], None] | None,
-                 load: Callable[[Path], None] | None, ddp_hook: bool, ctx: RunContext | None):
+                 load: Callable[[Path], None] | None, ddp_hook: bool, ctx: RunContext | None,
+                 evaluate: Callable[[], Any] | None = None):
         if (save is None) != (load is None):
             raise UserError("burnin.rank.attach: give both save= and load= (a checkpoint burnin writes through "
                             "the loop's writer must be read back through its reader), or neither")
@@ -128,6 +136,8 @@ class Session:
         self.optimizer = optimizer
         self.extra = state
         self.save_fn, self.load_fn = save, load
+        self.evaluate = evaluate
+        self.data_offset = 0  # the built-in workload reads batch step + data_offset (a campaign's spread windows)
         self.step = 0
         self.start_step: int | None = None
         self.grad_norm = 0.0
@@ -488,8 +498,28 @@ class Session:
             final_step = self.step
         self._commit_pending()  # the last asynchronous save is committed before the rank says it finished
         self.ctx.finished = True
+        held_out = self.held_out_loss()
         self.ctx.events.emit("rank_finished", final_step=final_step, state_hash=state_hash(self.model, self.optimizer),
-                             state_norms=state_norms(self.model, self.optimizer))
+                             state_norms=state_norms(self.model, self.optimizer),
+                             **({"eval_loss": held_out[0], "eval_loss_bits": held_out[1]} if held_out else {}))
+
+    def held_out_loss(self) -> tuple[float, str] | None:
+        """The loop's `evaluate()` (no gradient, no step point fires), as (value, its bits); None without one. A
+        collective inside it (a sharded model's all-gathers) needs every rank to call it."""
+        if self.evaluate is None:
+            return None
+        import torch  # lazy: torch; `import burnin.rank` stays torch-free
+
+        from burnin.rank.state import loss_bits  # lazy: torch; `import burnin.rank` stays torch-free
+
+        was, self._priming = self._priming, True
+        try:
+            with torch.no_grad():
+                value = self.evaluate()
+        finally:
+            self._priming = was
+        t = value.detach().float().reshape(()) if hasattr(value, "detach") else torch.tensor(float(value))
+        return float(t.item()), loss_bits(t)
 
     def _kept_loss(self, step: int) -> Any:
         if self._loss is None:

@@ -112,12 +112,24 @@ def train(spec: dict[str, Any], ctx: Any) -> Any:
     if not w.get("parallel"):
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     ctx.extra["resumed"] = {"loss_floor": data.entropy_rate}
-    session = Session(ddp, optimizer, state={}, save=None, load=None, ddp_hook=True, ctx=ctx)
+    # held-out data: steps -1, -2, ... of the same language, never trained on (training steps count from 0)
+    held_out = [data.batch(-1 - k, 0, w["batch_size"], w["seq_len"], device) for k in range(w["eval_batches"])]
+
+    def evaluate() -> Any:
+        model.eval()  # no dropout; the inner module: no DDP hooks (a sharded model's collectives run on every rank)
+        try:
+            return torch.stack([model(x, y)[1] for x, y in held_out]).mean()
+        finally:
+            model.train()
+
+    session = Session(ddp, optimizer, state={}, save=None, load=None, ddp_hook=True, ctx=ctx,
+                      evaluate=evaluate if held_out else None)
     defect.install(model, rank, step_of=lambda: session.step)  # a simulated silent defect, where this node's
     # environment plants one
 
     def one_step(step: int) -> Any:
-        x, y = data.batch(step, data_rank, w["batch_size"], w["seq_len"], device)
+        # session.data_offset: a campaign's seed-spread windows train the same steps on other batches
+        x, y = data.batch(step + session.data_offset, data_rank, w["batch_size"], w["seq_len"], device)
         _, loss = ddp(x, y)                    # before_forward: the forward pre-hook
         optimizer.zero_grad(set_to_none=True)
         loss.backward()                        # after_backward: the comm hook, on each local bucket

@@ -13,7 +13,7 @@ from burnin.errors import ScenarioError
 from burnin.scenarios.checks import RECOVERY_FAULTS
 from burnin.scenarios.schema import FaultSpec, Scenario
 
-__all__ = ["draw_trials", "is_recovery_campaign", "check_templates", "companion_faults", "trial_scenario"]
+__all__ = ["draw_trials", "draw_controls", "is_recovery_campaign", "check_templates", "companion_faults", "trial_scenario"]
 
 #: What a trial adds to make its fault matter: a damaged checkpoint (or snapshot) only costs something
 #: when a restart has to read it, so its trial kills the same rank right after, at the same step point.
@@ -59,6 +59,21 @@ def draw_trials(scenario: Scenario, trials: int, seed: int) -> list[dict[str, An
         FaultSpec.model_validate(spec)  # the drawn parameters must be valid too
         extra = companion_faults(spec) if recovery else []
         out.append({"trial": k, "template": template, "faults": [spec, *extra]})
+    return out
+
+
+def draw_controls(scenario: Scenario, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The control trials (`campaign.controls`, at most half as many as the trials): the first bit-flip trials of
+    `plan` again, at the same step,
+    rank, tensor and element, with bit 0 (the lowest mantissa bit), numbered after the trials. Their effect
+    is the chaotic floor a real corruption's effect is measured against."""
+    n = min(scenario.campaign.controls if scenario.campaign else 0, len(plan) // 2)  # at most half the trials
+    flips = [t for t in plan if t["faults"][0]["fault"] == "corruption.bitflip"][:n]
+    out = []
+    for k, t in enumerate(flips):
+        spec = {**t["faults"][0], "params": {**t["faults"][0]["params"], "bit": 0}}
+        out.append({"trial": len(plan) + k, "template": t["template"], "faults": [spec], "control": True,
+                    "control_of": t["trial"]})
     return out
 
 

@@ -163,6 +163,9 @@ class Workload(_Model):
     seed: int = Field(0, ge=0, lt=2**63, description="seed of the model init, data and dropout")
     batch_size: int = Field(4, ge=1, le=4096, description="sequences per rank per step")
     seq_len: int = Field(32, ge=2, le=8192, description="tokens per sequence")
+    eval_batches: int = Field(4, ge=0, le=256, description="held-out batches (of batch_size sequences) the built-in "
+                                                          "workload evaluates without gradients at the end of a run "
+                                                          "and of a campaign's trial; 0: none")
     lr: float = Field(3e-3, gt=0, le=10, description="AdamW learning rate")
     weight_decay: float = Field(0.1, ge=0, le=10)
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout makes the torch RNG part of the state")
@@ -442,6 +445,14 @@ class Campaign(_Model):
     seed: int = Field(0, ge=0, description="the trials' parameters are drawn from it: same seed, same campaign")
     warmup: int = Field(8, ge=0, description="steps trained before the window (detectors learn what is normal)")
     window: int = Field(8, ge=1, le=10_000, description="steps per trial")
+    controls: int = Field(0, ge=0, le=10_000, description="control trials for the noise band (at most half as many "
+                                                          "as the trials): the first bit-flip "
+                                                          "trials again with the lowest mantissa bit (a flip that "
+                                                          "cannot matter); their spread is what a silent corruption's "
+                                                          "effect is measured against")
+    spread_windows: int = Field(0, ge=0, le=100, description="fault-free windows over other batches from the same "
+                                                             "state: the seed-to-seed spread of the final and the "
+                                                             "held-out loss, the noise band's other half")
 
 
 class BurnInFault(_Model):

@@ -1,0 +1,72 @@
+"""Effect classes of silent outcomes against a measured noise band (burnin.reports.effects), on records
+shaped as a campaign's `trial_done` and `campaign_reference` write them; bad values of the new fields."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from burnin.errors import ScenarioError, UserError
+from burnin.reports.effects import classify_effect, effect_rates, noise_band
+from burnin.scenarios import load_scenario
+
+REF = {"losses": [3.0, 2.9, 2.8, 2.7], "eval_loss": 2.75,
+       "spread": [{"final_loss": 2.7 * 1.02, "eval_loss": 2.75 * 1.005, "losses": [3.0, 2.9 * 1.03, 2.8, 2.7 * 1.02]},
+                  {"final_loss": 2.7 * 0.99, "eval_loss": 2.75, "losses": [3.0, 2.9, 2.8 * 0.98, 2.7 * 0.99]}]}
+
+
+def _trial(losses: list[float], eval_loss: float, outcome: str = "sdc") -> tuple[dict, dict]:
+    return {"trial": 0, "outcome": outcome}, {"losses": losses, "eval_loss": eval_loss}
+
+
+def test_the_band_is_the_larger_of_the_chaotic_floor_and_the_seed_spread() -> None:
+    control = {"losses": [3.0, 2.9, 2.8 + 1e-6, 2.7 + 1e-6], "eval_loss": 2.75 + 1e-6, "control": True}
+    band = noise_band([control], REF)
+    assert band["measured"] and band["controls"] == 1 and band["spread_windows"] == 2
+    assert band["final"] == pytest.approx(0.02) and band["eval"] == pytest.approx(0.005)
+    assert band["step"] == pytest.approx(0.03)  # the median window's largest per-step difference (the upper of two)
+    assert band["floor"]["final"] == pytest.approx(1e-6 / 2.7)
+    none = noise_band([], {"losses": REF["losses"], "eval_loss": 2.75})
+    assert not none["measured"] and none["final"] == none["step"] == 0.0 and "not measured" in none["how"]
+
+
+def test_each_class_from_what_the_trial_did() -> None:
+    band = noise_band([], REF)
+    cases = {
+        "benign": ([3.0, 2.9, 2.8, 2.7 * 1.01], 2.75 * 1.001),           # inside the band everywhere
+        "transient": ([3.0, 2.9 * 1.5, 2.8, 2.7 * 1.01], 2.75),          # a spike that came back
+        "degraded": ([3.0, 2.9, 2.8, 2.7 * 1.2], 2.75 * 1.1),            # ends outside the band
+        "diverged": ([3.0, 2.9, math.nan, math.nan], math.nan),          # NaN
+    }
+    for want, (losses, ev) in cases.items():
+        judged, rec = _trial(losses, ev)
+        assert classify_effect(judged, rec, REF, band)["effect"] == want, want
+    far = classify_effect(*_trial([3.0, 2.9, 2.8, 2.7 * 1.6], 2.75 * 1.7), REF, band)
+    assert far["effect"] == "diverged"  # far above the reference's loss: no longer training
+    assert classify_effect({"trial": 1, "outcome": "masked"}, {}, REF, band)["effect"] == "benign"
+    assert "effect" not in classify_effect({"trial": 2, "outcome": "recovered"}, {}, REF, band)
+    rates = effect_rates([classify_effect(*_trial(l, e), REF, band) for l, e in cases.values()])
+    assert rates["silent_trials"] == 4 and rates["harmful"]["count"] == 3
+    assert sum(rates[e]["count"] for e in ("benign", "transient", "degraded", "diverged")) == 4
+
+
+def test_bad_values_of_the_new_fields_are_one_line_errors(tmp_path: Path) -> None:
+    from burnin.rank.session import attach
+
+    with pytest.raises(UserError) as exc:
+        attach(object(), object(), evaluate=5)
+    assert "evaluate" in str(exc.value) and "\n" not in str(exc.value)
+    for field, value in (("controls", -1), ("spread_windows", 1000), ("controls", "many")):
+        path = tmp_path / f"{field}.yaml"
+        path.write_text(f"name: x\nworkload: {{model: tiny, ranks: 2, steps: 16}}\ncampaign: {{trials: 4, {field}: "
+                        f"{value}}}\nfaults:\n  - {{fault: corruption.bitflip, step: 9, params: {{target: param}}}}\n")
+        with pytest.raises(ScenarioError) as exc:
+            load_scenario(str(path))
+        assert field in str(exc.value) and "\n" not in str(exc.value).strip(), str(exc.value)
+    path = tmp_path / "eval.yaml"
+    path.write_text("name: x\nworkload: {model: tiny, ranks: 2, steps: 16, eval_batches: -2}\n")
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(str(path))
+    assert "eval_batches" in str(exc.value)
