@@ -99,7 +99,7 @@ def _warm_pool(_isolated_dirs: None) -> Iterator[None]:
 #: not listed counts 5 s.
 MODULE_SECONDS = {
     "test_network.py": 168, "test_external.py": 280, "test_burn_in.py": 165, "test_fleet.py": 130, "test_torchrun.py": 110, "test_regressions.py": 126,
-    "test_sdc.py": 91, "test_html_report.py": 78, "test_e2e.py": 65, "test_pool_server.py": 50,
+    "test_sdc.py": 115, "test_html_report.py": 78, "test_e2e.py": 65, "test_pool_server.py": 50,
     "test_spares.py": 61, "test_sharded.py": 90, "test_pytest_plugin.py": 56, "test_lightning.py": 46,
     "test_snapshots.py": 42, "test_cli.py": 42, "test_schedules.py": 36, "test_memory_faults.py": 32,
     "test_recovery_campaign.py": 30, "test_user_loop.py": 29, "test_resume_from.py": 25, "test_cli_bad_input.py": 22,
