@@ -30,6 +30,7 @@ CONFIGS = {
     "nonfinite": {"nonfinite": {}},
     "loss_spike": {"loss_spike": {}},
     "grad_norm_spike": {"grad_norm_spike": {}},
+    "update_rms_spike": {"update_rms_spike": {}},
     "fingerprint_every_1": {"fingerprint": {"every": 1}},
     "recompute_every_4": {"recompute": {"every": 4}},
 }

@@ -54,7 +54,8 @@ def test_detectors_raise_no_false_alarm_in_a_fault_free_run(tmp_path: Path) -> N
     scenario.write_text(
         "name: clean\n"
         "workload: {steps: 30}\n"
-        "detectors: {nonfinite: {}, loss_spike: {}, grad_norm_spike: {}, fingerprint: {every: 1}, recompute: {every: 5}}\n"
+        "detectors: {nonfinite: {}, loss_spike: {}, grad_norm_spike: {}, update_rms_spike: {}, fingerprint: {every: 1},"
+        " recompute: {every: 5}}\n"
         "recovery: {mode: rollback}\n")
     out = tmp_path / "runs"
     proc = run_cli("run", str(scenario), "--out", str(out))
@@ -63,6 +64,28 @@ def test_detectors_raise_no_false_alarm_in_a_fault_free_run(tmp_path: Path) -> N
     assert s["false_alarms"] == 0 and s["rollbacks"] == 0 and s["exact"]
     events = read_events(run_dir_of(out) / "events.jsonl")
     assert not [e for e in events if e["event"] == "detection"]
+
+
+def test_the_update_rms_detector_sees_a_flip_in_the_optimizer_state_before_the_loss_does(tmp_path: Path) -> None:
+    """The top exponent bit of an Adam first moment (~1e-3: the bit is 0, the value becomes ~1e35): the next
+    optimizer step moves that parameter by ~1e36, and the update's RMS over the model leaves its running
+    median at that step, before any loss could show it; rolled back, exact."""
+    scenario = tmp_path / "adam.yaml"
+    scenario.write_text(
+        "name: adam\n"
+        "workload: {steps: 20}\n"
+        "detectors: {update_rms_spike: {}}\n"
+        "recovery: {mode: rollback}\n"
+        "faults:\n"
+        "  - {fault: corruption.bitflip, rank: 0, step: 12, expect: recovered,\n"
+        "     params: {target: optimizer_state, state: exp_avg, tensor: blocks.0.mlp.c_fc.weight, bit: 30, seed: 4}}\n")
+    out = tmp_path / "runs"
+    proc = run_cli("run", str(scenario), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary_of(out)
+    (f,) = s["faults"]
+    assert f["detected_by"] == "update_rms_spike" and f["outcome"] == "recovered" and s["exact"], f
+    assert f["details"]["detection_latency_steps"] <= 1
 
 
 def test_recomputation_catches_an_activation_flip(tmp_path: Path) -> None:

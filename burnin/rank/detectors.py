@@ -101,6 +101,15 @@ class GradNormSpike(_RobustSpike):
     name, point, cost, key = "grad_norm_spike", "after_allreduce", "the gradient norm (one pass over grads)", "grad_norm"
 
 
+class UpdateRmsSpike(_RobustSpike):
+    """The root mean square of the step's parameter update (after minus before the optimizer step) far from its
+    running median: a corrupted gradient or optimizer state shows in the update before it shows in the loss
+    (Altenbernd et al., arXiv 2604.00726)."""
+
+    name, point, key = "update_rms_spike", "after_optimizer_step", "update_rms"
+    cost = "a copy of the parameters before each optimizer step, one pass over them after it"
+
+
 class Fingerprint(Detector):
     """Cross-replica fingerprint every K steps, all-gathered; a majority names the odd rank.
 
@@ -291,7 +300,8 @@ def state_digest(model: Any, optimizer: Any, part: tuple[set[str], set[int]] | N
     return h.digest()
 
 
-DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NonFinite, LossSpike, GradNormSpike, Fingerprint,
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NonFinite, LossSpike, GradNormSpike, UpdateRmsSpike,
+                                                              Fingerprint,
                                                               Checksum, GatherHash)}
 
 

@@ -63,6 +63,8 @@ class Guard:
         self._pending: tuple[int, list[Finding], tuple[str, str]] | None = None  # a step to execute again
         self.active = bool(self.detectors) or self.recompute_every > 0
         self.needs_grad_norm = any(d.name in ("nonfinite", "grad_norm_spike") for d in self.local)
+        self.needs_update_rms = any(d.name == "update_rms_spike" for d in self.local)
+        self.update_rms = 0.0  # the step's parameter update RMS (the session's optimizer hooks set it)
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -126,7 +128,7 @@ class Guard:
         else:
             findings = []
             for d in self.local:
-                f = d.check(step, loss=loss, grad_norm=grad_norm)
+                f = d.check(step, loss=loss, grad_norm=grad_norm, update_rms=self.update_rms)
                 if f:
                     findings.append(f)
             if self._pre is not None:  # sampled recomputation: run the step again from the state before it

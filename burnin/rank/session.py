@@ -137,6 +137,7 @@ class Session:
         self.extra = state
         self.save_fn, self.load_fn = save, load
         self.evaluate = evaluate
+        self._before_update: list[Any] | None = None  # the parameters before the optimizer step (update_rms_spike)
         self.data_offset = 0  # the built-in workload reads batch step + data_offset (a campaign's spread windows)
         self.step = 0
         self.start_step: int | None = None
@@ -260,8 +261,13 @@ class Session:
         self.point("after_allreduce")
         if self.guard is not None and self.guard.needs_grad_norm:
             self.grad_norm = _grad_norm(self.model)
+        if self.guard is not None and self.guard.needs_update_rms:
+            self._before_update = [_local(p).detach().clone() for p in self.model.parameters()]
 
     def _after_optimizer(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.guard is not None and self.guard.needs_update_rms and self._before_update is not None:
+            self.guard.update_rms = _update_rms(self.model, self._before_update)
+            self._before_update = None
         self.point("after_optimizer_step")
 
     # -- the loop ------------------------------------------------------------------------------
@@ -670,6 +676,24 @@ def _bits_sum(t: Any) -> Any:
     flat = t.detach().reshape(-1)
     view = {4: torch.int32, 2: torch.int16, 8: torch.int64}.get(flat.element_size(), torch.uint8)
     return flat.view(view).sum(dtype=torch.int64)
+
+
+def _local(p: Any) -> Any:
+    """A parameter's local tensor (a sharded model's DTensor: this rank's shard)."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _update_rms(model: Any, before: list[Any]) -> float:
+    """The root mean square of (parameters now - `before`) over this rank's elements (its shards)."""
+    import torch  # lazy: torch; `import burnin.rank` stays torch-free
+
+    sq = torch.zeros((), dtype=torch.float64)
+    n = 0
+    for p, q in zip(model.parameters(), before):
+        d = _local(p).detach().double() - q.double()
+        sq += (d * d).sum().cpu()
+        n += d.numel()
+    return float((sq / max(n, 1)).sqrt())
 
 
 def _grad_norm(model: Any) -> float:

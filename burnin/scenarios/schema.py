@@ -298,6 +298,9 @@ class Detectors(_Model):
     nonfinite: dict[str, Any] | None = Field(None, description="NaN/Inf in loss or gradient norm")
     loss_spike: SpikeDetector | None = None
     grad_norm_spike: SpikeDetector | None = None
+    update_rms_spike: SpikeDetector | None = Field(
+        None, description="the RMS of each step's parameter update far from its running median (costs a copy of "
+                          "the parameters)")
     fingerprint: FingerprintDetector | None = None
     checksum: ChecksumDetector | None = Field(
         None, description="a digest of each rank's own parameters and optimizer state, taken at the end of a "
