@@ -201,7 +201,8 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
 
 
 def _record(summary: dict[str, Any], done: dict[int, Any], history: str | None, t0: float) -> None:
-    hist.record_campaign(summary, [done[k] for k in sorted(done)], hist.history_path(history), t0)
+    trials = [done[k] for k in sorted(done) if not done[k].get("control")]  # controls measure the band only
+    hist.record_campaign(summary, trials, hist.history_path(history), t0)
 
 
 def read_campaign_meta(run_dir: str | Path) -> tuple[int, int]:
