@@ -70,3 +70,46 @@ def test_bad_values_of_the_new_fields_are_one_line_errors(tmp_path: Path) -> Non
     with pytest.raises(ScenarioError) as exc:
         load_scenario(str(path))
     assert "eval_batches" in str(exc.value)
+
+
+# -- faults beyond one bit -------------------------------------------------------------------------
+
+def test_several_bits_in_one_word_and_a_warp_aligned_burst_of_elements() -> None:
+    import random
+
+    import torch
+
+    from burnin.scenarios.schema import FaultSpec
+
+    flip = FaultSpec.model_validate({"fault": "corruption.bitflip", "step": 3,
+                                     "params": {"bit_class": "mantissa_high", "bits": 3, "burst": 32}}).build()
+    t = torch.linspace(0.1, 1.0, 100)
+    ref = t.clone()
+    d = flip.corrupt(t, 45, random.Random(7))
+    assert d["pattern"] == "burst multi-bit" and d["elements"] == [32, 64] and len(set(d["bits"])) == 3
+    assert all(12 <= b <= 22 for b in d["bits"])  # float32 mantissa_high
+    changed = (t.view(torch.int32) ^ ref.view(torch.int32)).nonzero().flatten().tolist()
+    assert changed == list(range(32, 64))  # the 32 elements of the aligned run, nothing else
+    xor = int((t.view(torch.int32)[45] ^ ref.view(torch.int32)[45]).item())
+    assert sorted(b for b in range(32) if xor >> b & 1) == d["bits"]  # the same 3 bits in each
+    one = FaultSpec.model_validate({"fault": "corruption.bitflip", "step": 3, "params": {"bit": 0}}).build()
+    assert one.corrupt(torch.ones(4), 2, random.Random(0))["pattern"] == "single"
+
+
+def test_a_pattern_that_does_not_fit_is_a_one_line_error_at_load(tmp_path: Path) -> None:
+    cases = {
+        "burst": "{target: param, tensor: blocks.0.ln_1.weight, burst: 4096}",   # 128 elements
+        "bits": "{target: param, bit_class: sign, bits: 2}",                    # one sign bit
+    }
+    for field, params in cases.items():
+        path = tmp_path / f"{field}.yaml"
+        path.write_text(f"name: x\nworkload: {{model: tiny, ranks: 2, steps: 16}}\nfaults:\n"
+                        f"  - {{fault: corruption.bitflip, step: 9, params: {params}}}\n")
+        with pytest.raises(ScenarioError) as exc:
+            load_scenario(str(path))
+        assert field in str(exc.value) and "\n" not in str(exc.value).strip(), str(exc.value)
+    ok = tmp_path / "vary.yaml"  # both drawable in a campaign
+    ok.write_text("name: x\nworkload: {model: tiny, ranks: 2, steps: 16}\ncampaign: {trials: 4, warmup: 4, window: 4}\n"
+                  "faults:\n  - {fault: corruption.bitflip, step: 5, params: {target: param, tensor: wte.weight},"
+                  " vary: {bits: [1, 2, 3], burst: [1, 32]}}\n")
+    load_scenario(str(ok))

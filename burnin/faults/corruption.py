@@ -104,6 +104,11 @@ class BitflipParams(_CorruptionParams):
     bit: int | None = Field(None, ge=0, le=63, description="exact bit (0 = least significant)")
     bit_class: Literal["sign", "exponent", "mantissa_high", "mantissa_low", "any"] = Field(
         "any", description="the class a drawn bit comes from")
+    bits: int = Field(1, ge=1, le=8, description="bits flipped in each element hit: `bit` (or a drawn one) and "
+                                                 "bits-1 more drawn from the same class")
+    burst: int = Field(1, ge=1, le=4096, description="adjacent elements hit, the same bits in each: a run of `burst` "
+                                                     "elements aligned to a multiple of it (32: a warp's lanes) that "
+                                                     "holds the element")
 
 
 class NaNParams(_CorruptionParams):
@@ -228,11 +233,31 @@ class Bitflip(_TensorCorruption):
     def corrupt(self, tensor: Any, index: int, rng: random.Random) -> dict[str, Any]:
         from burnin.faults.bits import draw_bit, flip_bit_  # lazy: torch, in the rank only
 
+        from burnin.faults.bits import bits_of  # lazy: torch, in the rank only
+
         p = self.params
         bit = p.bit if p.bit is not None else draw_bit(tensor.dtype, p.bit_class, rng)
-        before, after = flip_bit_(tensor, index, bit)
-        return {"bit": bit, "bit_class": p.bit_class if p.bit is None else _class_of(tensor.dtype, bit),
-                "before": f"{before:#x}", "after": f"{after:#x}"}
+        cls = p.bit_class if p.bit is None else _class_of(tensor.dtype, bit)
+        flipped = [bit]
+        pool = [b for b in bits_of(tensor.dtype, cls if cls != "any" else "any") if b != bit]
+        if p.bits > 1:
+            if len(pool) < p.bits - 1:
+                raise ValueError(f"{self.name}: bits={p.bits}, but a {tensor.dtype} element has "
+                                 f"{len(pool) + 1} {cls} bits")
+            flipped += rng.sample(sorted(pool), p.bits - 1)
+        start = index - index % p.burst
+        end = min(start + p.burst, tensor.numel())
+        before, after = 0, 0
+        for i in range(start, end):
+            for b in flipped:
+                was, now = flip_bit_(tensor, i, b)
+                if i == index:
+                    before = was if b == flipped[0] else before
+                    after = now
+        pattern = ("burst" if p.burst > 1 else "") + (" " if p.burst > 1 and p.bits > 1 else "") + \
+            ("multi-bit" if p.bits > 1 else "")
+        return {"bit": bit, "bit_class": cls, "before": f"{before:#x}", "after": f"{after:#x}",
+                "bits": sorted(flipped), "elements": [start, end], "pattern": pattern or "single"}
 
 
 class NaN(_TensorCorruption):
@@ -301,6 +326,12 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
         return ("target", "value"), (f"the batch holds int64 tokens, which cannot hold {p.value}; "
                                      "use corruption.bitflip to damage the batch")
     if fault == Bitflip.name:
+        cls = p.bit_class if p.bit is None else None
+        in_class = {"sign": 1, "exponent": 8, "mantissa_high": 11, "mantissa_low": 12, "any": bits}
+        if p.bits > 1 and target != "batch" and cls is not None and p.bits > in_class[cls]:
+            return ("bits", "bit_class"), (f"bits {p.bits} in one word, but a float32 element has "
+                                           f"{in_class[cls]} {cls} bit(s); use bits <= {in_class[cls]} or another "
+                                           "bit_class")
         if p.bit is not None and p.bit >= bits:
             return ("bit", "target"), (f"bit {p.bit} is outside a {dtype} element of target {target} "
                                        f"(bits 0..{bits - 1})")
@@ -326,6 +357,17 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
             return ("tensor",), (f"the {model} model has no {what} {shown!r} for target {target}; {hint}"
                                  f"({len(sizes)} {what}s: {examples}, ...)")
         sizes = {p.tensor: sizes[p.tensor]}
+    burst = getattr(p, "burst", 1)
+    if burst > 1 and target not in ("allreduce_payload", "activation"):
+        small = {n: k for n, k in sizes.items() if k < burst}
+        if small and len(small) == len(sizes):
+            name, n = min(small.items(), key=lambda kv: kv[1])
+            return ("burst", "tensor"), (f"a burst of {burst} elements does not fit {name} ({n} elements); use a "
+                                         f"burst of at most {n}, or a larger tensor")
+        if small and p.tensor is None:
+            return ("burst", "tensor"), (f"a burst of {burst} elements does not fit {len(small)} of the {what}s a "
+                                         f"drawn tensor may be (e.g. {min(small, key=small.get)}, "
+                                         f"{min(small.values())} elements); name a `tensor` or use a smaller burst")
     if p.index is None:
         return None
     if target == "allreduce_payload":

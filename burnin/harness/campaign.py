@@ -44,12 +44,13 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[
     outcomes = outcome_rates([t["outcome"] for t in judged])
     detectors = sorted({d for t in judged for d in t["detectors"]} |
                        {name for name, v in scenario.detectors.model_dump().items() if v is not None})
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for t in judged:
-        groups[(t["target"] or "?", t["bit_class"] or "?")].append(t)
+        groups[(t["target"] or "?", t["bit_class"] or "?", t.get("pattern") or "single")].append(t)
     scorecard = []
-    for (target, bit_class), ts in sorted(groups.items()):
-        row: dict[str, Any] = {"target": target, "bit_class": bit_class, "trials": len(ts), "detectors": {}}
+    for (target, bit_class, pattern), ts in sorted(groups.items()):
+        row: dict[str, Any] = {"target": target, "bit_class": bit_class, "pattern": pattern, "trials": len(ts),
+                               "detectors": {}}
         for d in detectors:
             hits = [t["latency_steps"][d] for t in ts if d in t["latency_steps"]]
             lo, hi = wilson(len(hits), len(ts))
@@ -251,7 +252,8 @@ def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
             v = row["detectors"].get(d)
             cells.append("–" if v is None else f"{v['rate']:.2f} ({v['median_latency_steps']})"
                          if v["detected"] else "0.00")
-        lines.append(f"| {row['target']} | {row['bit_class']} | {row['trials']} | " + " | ".join(cells)
+        label = row["bit_class"] + (f" ({row['pattern']})" if row.get("pattern", "single") != "single" else "")
+        lines.append(f"| {row['target']} | {label} | {row['trials']} | " + " | ".join(cells)
                      + f" | {row['sdc']['rate']:.2f} |")
     fa = summary["false_alarms"]
     lines += ["", f"False alarms: {sum(fa['reference'].values())} in {fa['reference_window_steps']} fault-free "

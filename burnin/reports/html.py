@@ -434,6 +434,12 @@ def campaign_page(summary: dict[str, Any], run_dir: str | Path = "") -> str:
     return _page(f"burnin campaign {summary.get('scenario')}", "\n".join(body), files)
 
 
+def _bit_label(row: dict[str, Any]) -> str:
+    """A scorecard row's bit class, with its pattern when it is not a single bit (multi-bit, burst)."""
+    pattern = row.get("pattern", "single")
+    return row["bit_class"] if pattern == "single" else f"{row['bit_class']} ({pattern})"
+
+
 def _scorecard_section(summary: dict[str, Any]) -> str:
     card = summary.get("scorecard") or []
     dets = sorted({d for row in card for d in row["detectors"]})
@@ -450,7 +456,7 @@ def _scorecard_section(summary: dict[str, Any]) -> str:
             cells.append("–" if v is None else f"{v['rate']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
                          + (f" · {v['median_latency_steps']} steps" if v.get("median_latency_steps") is not None else ""))
         s = row["sdc"]
-        rows.append([row["target"], row["bit_class"], row["trials"], *cells,
+        rows.append([row["target"], _bit_label(row), row["trials"], *cells,
                      f"{s['rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]", row.get("masked", 0)])
     parts.append("<details><summary>The scorecard as a table (rates with 95 % intervals)</summary>"
                  + _table("scorecard", ["target", "bit class", "trials", *dets, "sdc", "masked"], rows, num={2})

@@ -494,7 +494,9 @@ def _draw_scorecard(fig: Any, scorecard: list[dict[str, Any]], dets: list[str]) 
 
     gs = fig.add_gridspec(1, 2, width_ratios=[max(len(dets), 1), 1], wspace=0.08)
     ax, ax_sdc = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
-    labels = [f"{r['target']} / {r['bit_class']}  (n={r['trials']})" for r in scorecard]
+    labels = [f"{r['target']} / {r['bit_class']}"
+              + (f" ({r['pattern']})" if r.get("pattern", "single") != "single" else "") + f"  (n={r['trials']})"
+              for r in scorecard]
     rates = np.array([[row["detectors"][d]["rate"] if d in row["detectors"] else np.nan for d in dets]
                       for row in scorecard] or [[np.nan]], dtype=float).reshape(len(scorecard) or 1, max(len(dets), 1))
     sdc = np.array([[row["sdc"]["rate"]] for row in scorecard] or [[np.nan]], dtype=float)

@@ -60,6 +60,6 @@ def judge_trial(rec: dict[str, Any]) -> dict[str, Any]:
         outcome = "masked" if rec["exact"] else "sdc"
     return {"trial": rec["trial"], "fault": fault["fault"], "target": details.get("target", fault["params"].get("target")),
             "bit_class": details.get("bit_class") or details.get("value") or "n/a", "tensor": details.get("tensor"),
-            "bit": details.get("bit"), "outcome": outcome, "detectors": sorted(latency), "latency_steps": latency,
+            "bit": details.get("bit"), "pattern": details.get("pattern", "single"), "outcome": outcome, "detectors": sorted(latency), "latency_steps": latency,
             "false_alarms": len(before), "rollbacks": rec.get("rollbacks", 0), "exact": rec["exact"],
             "diverged_at_step": rec.get("diverged_at_step")}
