@@ -235,7 +235,10 @@ class Supervisor:
                     break
                 time.sleep(POLL_S)
             evidence += self._stopped(ranks, time.time())
-            evidence.sort(key=lambda e: (_priority(e), e.time))
+            # Of the ranks' own errors, a connection error comes after any other: it is what a peer's exception
+            # leaves on the ranks that were waiting for it (which rank's process exits first, and so is seen
+            # first, is a race: under load the peer's can win).
+            evidence.sort(key=lambda e: (_priority(e), e.detector == "rank_error" and e.cause == "network", e.time))
             self._failure(attempt, evidence, ranks)
             return False, evidence[0]
         finally:
