@@ -145,6 +145,7 @@ class Session:
         self.t_compute: float | None = None
         self.w_compute: float | None = None  # the loop thread's run-queue wait so far, at the same instant
         self.grad_digest: Any = None  # this rank's gradient buckets before the all-reduce (_bits_sum, summed)
+        self._digest_grads = False
         self._schedstat = f"/proc/self/task/{threading.get_native_id()}/schedstat"
         self._loss: Any = None
         self._forwarded = False
@@ -430,6 +431,7 @@ class Session:
         # A burn-in ends at a step the supervisor writes to this file once its time is up (ahead of every
         # rank's position, so all ranks stop at the same step).
         self._stop_file, self._stop_at = spec.get("stop_file"), None
+        self._digest_grads = self._stop_file is not None  # only a burn-in records fingerprints (fingerprints.txt)
         self._trace = bool(spec.get("trace_state"))  # check-determinism: a digest of every state at each step
         self._again = False  # the guard asked for the same step once more (recomputation)
         self._t_step, self._t_compute, self._w_step, self._w_compute = 0.0, None, None, None
@@ -661,8 +663,9 @@ def _allreduce_hook(session: Session, bucket):  # noqa: ANN001 -- DDP inspects t
     # this rank's own gradient as it computed it, before any injected fault and before the average hides
     # whose it was: a fleet's fingerprint. Summed over every bucket, so DDP's bucket layout (rebuilt after a
     # restart's first step) does not enter it.
-    digest = _bits_sum(bucket.buffer())
-    session.grad_digest = digest if session.grad_digest is None else session.grad_digest + digest
+    if session._digest_grads:  # a burn-in's fingerprint only: the rest of runs keep their step as it was
+        digest = _bits_sum(bucket.buffer())
+        session.grad_digest = digest if session.grad_digest is None else session.grad_digest + digest
     session.point("after_backward", bucket=bucket)
     buf = bucket.buffer().div_(dist.get_world_size())
     return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
