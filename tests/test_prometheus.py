@@ -40,20 +40,20 @@ INSTANCE = "ci-runner-1"
 LIVE_JOB = "burnin-live"
 QUERY_BOUND_S = 60  # the first scraped sample is queryable ~5 s after start; rules need a cycle more
 
-# 2 ranks, 20 steps: an undetected flip of a local gradient before the all-reduce is averaged into
-# both replicas and ends `sdc` (no detectors); the kill then restarts the group from checkpoint 10
-# (`memory_every: 0`: no memory snapshot, so the restart replays steps 10-12, which the counters
-# must count once each).
+# 2 ranks, 20 steps: the kill restarts the group from checkpoint 10 (`memory_every: 0`: no memory
+# snapshot, so the restart replays steps 10-12, which the counters must count once each); then an
+# undetected flip of a local gradient before the all-reduce is averaged into both replicas and ends
+# `sdc` (no detectors).
 # The flip is a high mantissa bit of a gradient that is never zero, so the final state differs on
 # any CPU (a low bit of a drawn element can be absorbed by rounding, which depends on the CPU).
-# With the state off the golden one, the kill can only end `detected`.
+# The kill's recovery matched the golden run step for step until the flip's divergence: `recovered`.
 SCENARIO_YAML = f"""\
 name: {SCENARIO}
 workload: {{model: tiny, ranks: 2, steps: 20, threads: 1}}
 checkpoint: {{every: 5, keep: 2, memory_every: 0}}
 recovery: {{mode: restart, max_restarts: 2}}
 faults:
-  - {{fault: corruption.bitflip, rank: 0, step: 5, expect: sdc,
+  - {{fault: corruption.bitflip, rank: 0, step: 14, expect: sdc,
      params: {{target: grad, tensor: blocks.0.ln_1.weight, bit_class: mantissa_high, seed: 1}}}}
   - {{fault: process.kill, rank: 1, step: 12, expect: [recovered, detected]}}
 expect: {{exact: false, max_restarts: 1}}
@@ -184,7 +184,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, prometheus: _Server, pushgatew
     summary = json.loads((run_dir / "summary.json").read_text())
     assert processes_of_run(summary["run_id"]) == []
     outcomes = {f["fault"]: f["outcome"] for f in summary["faults"]}
-    assert outcomes == {"corruption.bitflip": "sdc", "process.kill": "detected"}, outcomes
+    assert outcomes == {"corruption.bitflip": "sdc", "process.kill": "recovered"}, outcomes
     return {"run_dir": run_dir, "summary": summary, "events": read_events(run_dir / "events.jsonl"),
             "textfile": textfile}
 
@@ -353,11 +353,11 @@ def test_sdc_alert_fires(run, prometheus):
     series = _eventually(lambda: _vector(prometheus, 'ALERTS{alertname="BurninSilentDataCorruption",'
                                                      'alertstate="firing",job="burnin"}'), bool)
     assert [dict(k)["fault"] for k in series] == ["corruption.bitflip"]
-    # Both faults of the run failed (the kill could not get back to the golden state): the ratio
-    # alert is at least pending (it waits 1m before firing).
+    # The flip failed (the kill recovered): the ratio alert for the flip's fault type is at least pending
+    # (it waits 1m before firing); none for the kill's.
     ratio = _eventually(lambda: _by(prometheus, 'ALERTS{alertname="BurninFaultFailureRatioHigh",job="burnin"}',
-                                    "fault"), lambda g: len(g) == 2)
-    assert set(ratio) == {"corruption.bitflip", "process.kill"}
+                                    "fault"), lambda g: len(g) >= 1)
+    assert set(ratio) == {"corruption.bitflip"}
 
 
 @pytest.mark.slow

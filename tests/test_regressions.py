@@ -214,20 +214,32 @@ def test_git_bisect_run_finds_the_commit_that_broke_recovery(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_shrink_finds_the_one_fault_that_causes_the_failure(tmp_path: Path) -> None:
-    """Six faults; five are recovered exactly, one (a bit flip in a parameter's exponent, no detector on)
-    escapes silently. Shrink reduces the schedule to that fault, and the result fails the same way."""
-    faults = [("process.kill", 1, 4), ("process.exception", 0, 6), ("corruption.bitflip", 1, 7),
-              ("process.kill", 0, 9), ("process.exception", 1, 11), ("process.kill", 1, 13)]
-    lines = []
-    for name, rank, step in faults:
-        extra = ", params: {target: param, bit_class: exponent, seed: 3}" if name == "corruption.bitflip" else ""
-        lines.append(f"  - {{fault: {name}, rank: {rank}, step: {step}{extra}}}\n")
+    """Six faults: kills, an exception, a damaged checkpoint that nothing loads (every restart resumes from a
+    memory snapshot), and one exponent flip in a local gradient before the all-reduce, which no replica
+    fingerprint can see. The verdict pins the divergence on the flip alone: the recoveries before it matched
+    the golden run until it (`recovered`), the damage nobody read is `masked`, the faults after the divergence
+    are `unjudged`. Shrink reduces the schedule to the flip, and the result fails the same way."""
+    faults = ["{fault: process.kill, rank: 1, step: 3}", "{fault: process.exception, rank: 0, step: 5}",
+              "{fault: storage.checkpoint_corrupt, step: 7, params: {mode: truncate}}",
+              "{fault: corruption.bitflip, rank: 0, step: 8, params: {target: grad, tensor: blocks.0.ln_1.weight, "
+              "bit_class: exponent, seed: 3}}",
+              "{fault: process.kill, rank: 0, step: 10}", "{fault: process.kill, rank: 1, step: 12}"]
     scenario = tmp_path / "six.yaml"
-    scenario.write_text("name: six\nworkload: {steps: 16}\nrecovery: {max_restarts: 8}\nfaults:\n" + "".join(lines))
+    scenario.write_text("name: six\nworkload: {steps: 16}\nrecovery: {max_restarts: 8}\nfaults:\n"
+                        + "".join(f"  - {f}\n" for f in faults))
     out = tmp_path / "runs"
     first = run_cli("run", str(scenario), "--out", str(out))
     assert first.returncode == 1, first.stdout + first.stderr
     run_dir = run_dir_of(out)
+    s = json.loads((run_dir / "summary.json").read_text())
+    outcomes = [f["outcome"] for f in s["faults"]]
+    assert outcomes == ["recovered", "recovered", "masked", "sdc", "unjudged", "unjudged"], (outcomes, first.stdout)
+    assert "nothing loaded the damaged checkpoint" in s["faults"][2]["details"]["why"]
+    flip_step = s["faults"][3]["step"]
+    # the first divergent step comes after the flip and before the faults that read `unjudged`
+    assert flip_step < s["diverged_at_step"] < s["faults"][4]["step"] and s["faults"][3]["details"]["diverged_at_step"] == s["diverged_at_step"]
+    junit = (run_dir / "junit.xml").read_text()
+    assert 'skipped="2"' in junit and 'failures="2"' in junit, junit
     proc = run_cli("shrink", str(run_dir), "--max-runs", "20", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "6 faults -> 1" in proc.stdout, proc.stdout + proc.stderr
@@ -235,7 +247,7 @@ def test_shrink_finds_the_one_fault_that_causes_the_failure(tmp_path: Path) -> N
 
     small = load_scenario(str(run_dir / "shrunk.yaml"))
     assert [f.fault for f in small.faults] == ["corruption.bitflip"]
-    assert small.faults[0].step <= 7 and small.workload.steps <= 16
+    assert small.faults[0].step <= flip_step and small.workload.steps <= 16
     again = run_cli("run", str(run_dir / "shrunk.yaml"), "--out", str(tmp_path / "again"))
     assert again.returncode == 1
     s = json.loads((run_dir_of(tmp_path / "again") / "summary.json").read_text())

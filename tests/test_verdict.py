@@ -100,6 +100,7 @@ def _expectation(result, name: str):
 
 KILL = {"fault": "process.kill", "rank": 1, "step": 4, "expect": "recovered"}
 STRAGGLER = {"fault": "process.straggler", "rank": 0, "step": 4, "expect": ["masked"]}
+FLIP = {"fault": "corruption.bitflip", "rank": 0, "step": 4, "params": {"target": "param"}, "expect": ["masked"]}
 
 
 def _kill_and_restart(log: Log, *, final: tuple[str, str] = (GOLDEN_HASH, GOLDEN_HASH), bits=_bits) -> None:
@@ -133,10 +134,10 @@ def test_outcome_of_a_finished_run(detected: bool, exact: bool, outcome: str) ->
         log.start()
         log.attempt(0, None)
         log.steps(0, range(0, 4))
-        log.injected(0, "process.straggler", rank=0, step=4)
+        log.injected(0, "corruption.bitflip", rank=0, step=4)
         log.steps(0, range(4, STEPS))
         log.finish(0, final)
-        sc = _scenario(STRAGGLER)
+        sc = _scenario(FLIP)
     r = _judge(log, sc)
     assert r.finished and r.exact is exact
     [f] = r.faults
@@ -490,3 +491,70 @@ def test_a_recurring_fault_gets_one_recovery_per_failure():
     assert f.outcome == "recovered" and f.details["failures"] == 2
     assert [x["resumed_from_step"] for x in f.details["recoveries"]] == [2, 3]
     assert f.lost_steps == (3 - 2) + (4 - 3)
+
+
+# -- which fault a divergence belongs to -------------------------------------------------------------
+
+
+def _off_from(first: int):
+    """Loss bits that part from the golden run's at step `first`."""
+    return lambda step, rank: _bits(step, rank) if step < first else f"{0x50000000 + 1000 * step + rank:08x}"
+
+
+def test_a_divergence_belongs_to_the_faults_at_or_before_its_first_step() -> None:
+    """A kill recovered exactly, then a silent flip that the losses show from the next step on, then a kill:
+    the flip is `sdc`, the first kill `recovered` (its recovery matched the golden run until the flip's
+    divergence), the last kill `unjudged` (after the divergence: no expectation of its own fails); a delay
+    cannot change the bits (`masked`), nor can a damaged checkpoint that nothing loaded."""
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(0, 3))
+    log.injected(0, "process.kill", rank=1, step=2)
+    log.failure(0, fault_index=0, max_step=2)
+    log.attempt(1, 3)
+    log.injected(1, "process.straggler", rank=0, step=3)
+    log.injected(2, "storage.checkpoint_corrupt", rank=0, step=3, details={"checkpoint_step": 3})
+    log.steps(1, range(3, 5))
+    log.injected(3, "corruption.bitflip", rank=0, step=4)
+    log.steps(1, range(5, 7), _off_from(5))
+    log.injected(4, "process.kill", rank=0, step=6)
+    log.failure(1, fault_index=4, rank=0, max_step=6)
+    log.attempt(2, 7)
+    log.steps(2, range(7, STEPS), _off_from(5))
+    log.finish(2, (OTHER_HASH, OTHER_HASH))
+    sc = _scenario({**KILL, "step": 2}, {**STRAGGLER, "step": 3, "expect": "recovered"},
+                   {"fault": "storage.checkpoint_corrupt", "step": 3},
+                   {**FLIP, "expect": "recovered"}, {**KILL, "rank": 0, "step": 6})
+    r = _judge(log, sc)
+    assert r.diverged_at_step == 5
+    assert [f.outcome for f in r.faults] == ["recovered", "masked", "masked", "sdc", "unjudged"]
+    assert "nothing loaded the damaged checkpoint of step 3" in r.faults[2].details["why"]
+    assert r.faults[3].details["diverged_at_step"] == 5
+    last = _expectation(r, "fault[4] process.kill@rank0:step6")
+    assert last.ok and last.skipped and "after the run had diverged" in last.message
+    assert not _expectation(r, "fault[3] corruption.bitflip@rank0:step4").ok
+    assert not r.ok  # the run failed all the same: the final state is not the golden run's
+
+
+def test_damage_that_a_later_resume_threw_away_is_masked() -> None:
+    """A silent flip at step 4, then a kill whose restart resumes from step 3 (before the flip): the flip's
+    damage is gone (`masked`); a later flip is the one the divergence belongs to."""
+    log = Log()
+    log.start()
+    log.attempt(0, None)
+    log.steps(0, range(0, 4))
+    log.injected(0, "corruption.bitflip", rank=0, step=4)
+    log.steps(0, range(4, 6), _off_from(5))
+    log.injected(1, "process.kill", rank=1, step=5)
+    log.failure(0, fault_index=1, max_step=5)
+    log.attempt(1, 3)
+    log.steps(1, range(3, 7))
+    log.injected(2, "corruption.bitflip", rank=1, step=7)
+    log.steps(1, range(7, STEPS), _off_from(8))
+    log.finish(1, (OTHER_HASH, OTHER_HASH))
+    sc = _scenario(FLIP, {**KILL, "step": 5}, {**FLIP, "rank": 1, "step": 7})
+    r = _judge(log, sc)
+    assert r.diverged_at_step == 8
+    assert [f.outcome for f in r.faults] == ["masked", "recovered", "sdc"]
+    assert "thrown away" in r.faults[0].details["why"]

@@ -1,9 +1,12 @@
 """`burnin shrink RUN_DIR`: the smallest scenario that fails the way a run failed.
 
 The run's *failure key*: the run-level expectations it failed (exact, finish, max_restarts, no
-unexplained failures, harness), the (fault, outcome) of each fault expectation it failed, and the
-signatures of the failures no fault explained. A candidate fails *the same way* when it fails and
-its key holds the original's. The schedule is shrunk as data, never as a seed: delta debugging
+unexplained failures, harness), the (fault, outcome) of each guilty fault (one the verdict found at
+the root of the failure: `sdc` at or before the first divergent step, or `failed`), and the
+signatures of the failures no fault explained. A candidate fails *the same way* when its key is the
+original's: the same failed expectations and the same guilty faults. Faults the verdict cleared
+(`masked` damage nothing read, `recovered` recoveries, `unjudged` faults after the divergence) are
+not in the key, so nothing keeps them. The schedule is shrunk as data, never as a seed: delta debugging
 (ddmin) over the fault list, then each remaining fault simplified (an earlier step, by bisection;
 rank 0 for rank 1 when the workload allows fewer ranks), then the run shortened to just past its
 last fault, then fewer ranks. Every candidate is a real run (its golden run cached by workload) on
@@ -33,8 +36,9 @@ __all__ = ["failure_key", "shrink"]
 
 def failure_key(result: Any) -> set[str]:
     """What identifies how a run failed. A fault expectation counts only when the fault itself escaped
-    (`sdc`) or ended the run (`failed`): a fault judged `detected` because the run as a whole did not end
-    exact is a consequence, already in "final state equals golden"."""
+    (`sdc`: the verdict names it among the faults that can have caused the divergence) or ended the run
+    (`failed`): a fault judged `detected` because the run as a whole did not end exact is a consequence,
+    already in "final state equals golden"."""
     key = set()
     for e in result.expectations:
         if e.ok:
@@ -81,7 +85,7 @@ class Runner:
         result, _ = run_judged(sc, self.out / run_id, run_id, fabric=fabric,
                                pool=self._pool(sc) if fabric is None else None)
         key = failure_key(result)
-        same = bool(key) and key0 <= key
+        same = bool(key) and key == key0
         self.say(f"run {self.runs:>3}/{self.max_runs}: {what}: "
                  + ("fails the same way" if same else "passes" if not key else "fails otherwise: " + ", ".join(sorted(key))))
         return same

@@ -73,7 +73,7 @@ class FaultResult:
     step: int
     point: str
     expected: list[str]
-    outcome: str               # recovered | masked | detected | sdc | failed
+    outcome: str               # recovered | masked | detected | sdc | failed | unjudged
     injected: bool             # False when the run never reached the fault's step
     injected_at: float | None = None
     detected_by: str | None = None
@@ -86,7 +86,9 @@ class FaultResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in self.expected
+        """The outcome is one the scenario expected; an `unjudged` fault (injected after the run had diverged
+        from the golden run) fails no expectation of its own: the divergence is another fault's."""
+        return self.outcome in self.expected or self.outcome == "unjudged"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -102,6 +104,8 @@ class Expectation:
     name: str
     ok: bool
     message: str
+    #: nothing could judge it (a fault injected after the run had diverged); ok, and a JUnit <skipped>
+    skipped: bool = False
 
 
 @dataclass

@@ -96,6 +96,8 @@ def judge(events: list[dict[str, Any]], scenario: Any, golden: Any, *, run_id: s
     detections, false_alarms = _attribute_detections(by_kind, scenario)
     faults = [_fault_result(i, spec, by_kind, failures, finished, matched, detections.get(i, []))
               for i, spec in enumerate(scenario.faults)]
+    if golden is not None and tolerance is None and finished and not exact:
+        _by_divergence(faults, scenario, by_kind, diverged)
     for ev in by_kind["fault_error"]:
         f = faults[ev["fault_index"]]
         f.outcome, f.details["error"] = "failed", ev["error"]
@@ -270,6 +272,97 @@ def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], f
     return res
 
 
+def _by_divergence(faults: list[FaultResult], scenario: Any, by_kind: dict[str, list[dict[str, Any]]],
+                   diverged: int | None) -> None:
+    """Which fault a run's divergence from the golden run belongs to, from the evidence (the run finished,
+    its final state differs). The first step whose loss bits differ names the faults that can have caused it:
+    those at or before it. What else the evidence says, fault by fault:
+
+    - damage that nothing read (a checkpoint or snapshot never loaded), or that a later resume or rollback to
+      a step before it threw away, or a fault that cannot change the bits: `masked`;
+    - an undetected fault at or before the first divergent step: `sdc` (guilty; one of these caused it);
+    - a fault injected after the divergence: `unjudged`, no outcome of its own (nothing to compare it with);
+    - a detected fault whose recovery matched the golden run step for step until a later fault's divergence:
+      `recovered`; one that restored a state already carrying an earlier fault's damage: `unjudged`.
+
+    Without a divergent step (every loss the golden run's: the difference came after the last loss), every
+    step counts as before it."""
+    first = diverged if diverged is not None else float("inf")
+    # every later start from an earlier state: a restart's resume and an in-rank rollback, (time, step run next)
+    restarts = sorted([(ev["t"], ev["from_step"]) for ev in by_kind["resumed"]
+                       if ev.get("rank") == 0 and ev.get("from_step") is not None]
+                      + [(ev["t"], ev["to_step"]) for ev in by_kind["rollback"] if ev.get("rank", 0) == 0])
+    where = f"step {diverged}" if diverged is not None else "the final state (every step's loss agreed)"
+
+    def step_of(f: FaultResult) -> int:
+        ev = next((e for e in by_kind["fault_injected"] if e["fault_index"] == f.index), None)
+        return int(ev["step"]) if ev and ev.get("step") is not None else f.step
+
+    guilty: list[FaultResult] = []
+    for f, spec in zip(faults, scenario.faults):
+        if f.outcome != "sdc" or f.injected_at is None:
+            continue
+        s = step_of(f)
+        acts_from = s + 1 if f.point == "between_steps" else s
+        stored, unread = _damage_unread(f, by_kind)
+        wiped = None if stored else next(((t, step) for t, step in restarts
+                                          if t > f.injected_at and step <= acts_from), None)
+        if not spec.build().changes_state:
+            f.outcome, f.details["why"] = "masked", "it cannot change the training's bits without stopping the group"
+        elif unread:
+            f.outcome, f.details["why"] = "masked", unread
+        elif wiped is not None:
+            f.outcome = "masked"
+            f.details["why"] = f"a later resume ran step {wiped[1]} again from a state before it: its damage was thrown away"
+        elif s > first:
+            f.outcome = "unjudged"
+            f.details["why"] = f"injected at step {s}, after the run had diverged from the golden run at {where}"
+        else:
+            guilty.append(f)
+            f.details["diverged_at_step"] = diverged
+    for f in guilty:
+        others = [g.index for g in guilty if g is not f]
+        f.details["why"] = (f"nothing detected it and the run diverged from the golden run at {where}"
+                            + (f"; so may fault(s) {', '.join(map(str, others))}" if others else ""))
+    for f in faults:
+        if f.outcome != "detected" or f.injected_at is None:
+            continue
+        s = step_of(f)
+        seen_at = f.injected_at + (f.detection_latency_s or 0.0)
+        back = next(((t, step) for t, step in restarts if t >= seen_at), None)  # its recovery: the next start
+        before = [g.index for g in guilty if g.injected_at < f.injected_at]
+        after = [g.index for g in guilty if back is not None and g.injected_at > back[0]]
+        if s > first:
+            f.outcome = "unjudged"
+            f.details["why"] = f"injected at step {s}, after the run had diverged from the golden run at {where}"
+        elif before:
+            f.outcome = "unjudged"
+            f.details["why"] = (f"its recovery restored a state that already carried the damage of fault(s) "
+                                f"{', '.join(map(str, before))}")
+        elif after and back is not None and back[1] <= first:
+            f.outcome = "recovered"
+            f.details["why"] = (f"its recovery (from step {back[1]}) matched the golden run step for step until "
+                                f"the divergence at {where}, after fault(s) {', '.join(map(str, after))}")
+
+
+def _damage_unread(f: FaultResult, by_kind: dict[str, list[dict[str, Any]]]) -> tuple[bool, str | None]:
+    """(whether the fault damaged stored state, why nothing read it after the damage: None when something did).
+    A checkpoint or memory snapshot counts as read when a resume loaded that step from that tier; a load that
+    rejected it made the fault `detected` already."""
+    d = f.details
+    if d.get("checkpoint_step") is not None:
+        step = d["checkpoint_step"]
+        read = any(ev.get("tier") == "disk" and ev.get("from_step") == step and ev["t"] > f.injected_at
+                   for ev in by_kind["resumed"])
+        return True, None if read else f"nothing loaded the damaged checkpoint of step {step}"
+    if d.get("snapshot_step") is not None:
+        steps = set(d.get("snapshot_steps") or [d["snapshot_step"]])
+        read = any(ev.get("tier") == "memory" and ev.get("rank") == f.rank and ev.get("from_step") in steps
+                   and ev["t"] > f.injected_at for ev in by_kind["resumed"])
+        return True, None if read else f"nothing loaded the damaged snapshot(s) of step {', '.join(map(str, sorted(steps)))}"
+    return False, None
+
+
 def _recovery(failure: Failure, injected_at: float,
               by_kind: dict[str, list[dict[str, Any]]]) -> tuple[RecoveryBreakdown | None, int | None]:
     nxt = failure.attempt + 1
@@ -323,6 +416,11 @@ def _expectations(r: RunResult, scenario: Any, replicas_agree: bool, finals: dic
             msg += f"; detected by {f.detected_by} ({f.cause})"
         if not f.injected:
             msg += "; the fault never fired"
+        if f.outcome == "unjudged":
+            ex.append(Expectation(f"fault[{f.index}] {where}", True, str(f.details.get("why")), skipped=True))
+            continue
+        if f.details.get("why"):
+            msg += f"; {f.details['why']}"
         ex.append(Expectation(f"fault[{f.index}] {where}", f.outcome in f.expected, msg))
     e = scenario.expect
     if e.finish:

@@ -130,15 +130,20 @@ def _x(value: Any) -> str:
     return _XML_ILLEGAL.sub("?", "" if value is None else str(value))
 
 
-def junit_xml(suite_name: str, cases: list[tuple[str, bool, str]], *, wall_s: float, started_at: float,
-              properties: dict[str, Any], error: str | None = None, system_out: str = "") -> str:
-    """A JUnit document of one suite: a testcase per (name, ok, message), plus a `harness` testcase with
-    an <error> when a harness error ended the run (JUnit's <error> keeps it apart from a failed check)."""
+def junit_xml(suite_name: str, cases: list[tuple[str, bool, str]] | list[tuple[str, bool, str, bool]], *,
+              wall_s: float, started_at: float, properties: dict[str, Any], error: str | None = None,
+              system_out: str = "") -> str:
+    """A JUnit document of one suite: a testcase per (name, ok, message[, skipped]), plus a `harness` testcase
+    with an <error> when a harness error ended the run (JUnit's <error> keeps it apart from a failed check);
+    a check nothing could judge is <skipped>."""
     elements: list[ET.Element] = []
-    failures = errors = 0
-    for name, ok, message in cases:
+    failures = errors = skipped = 0
+    for name, ok, message, *rest in cases:
         case = ET.Element("testcase", classname=_x(suite_name), name=_x(name), time="0")
-        if not ok:
+        if rest and rest[0]:
+            skipped += 1
+            ET.SubElement(case, "skipped", message=_x(message))
+        elif not ok:
             failures += 1
             failure = ET.SubElement(case, "failure", message=_x(message), type="expectation")
             failure.text = _x(message)
@@ -149,7 +154,7 @@ def junit_xml(suite_name: str, cases: list[tuple[str, bool, str]], *, wall_s: fl
         err = ET.SubElement(case, "error", message=_x(error.splitlines()[0] if error else ""), type="harness")
         err.text = _x(error)
         elements.append(case)
-    counts = {"tests": str(len(elements)), "failures": str(failures), "errors": str(errors), "skipped": "0",
+    counts = {"tests": str(len(elements)), "failures": str(failures), "errors": str(errors), "skipped": str(skipped),
               "time": f"{max(wall_s, 0.0):.3f}"}
     root = ET.Element("testsuites", name="burnin", **counts)
     # The JUnit schema's timestamp has no zone; it is UTC.
@@ -168,7 +173,7 @@ def _junit_xml(result: RunResult) -> str:
     props = {key: getattr(result, key) for key in ("run_id", "config_hash", "final_state_hash", "golden_state_hash",
                                                    "device")}
     props["simulated"] = str(is_simulated(result)).lower()
-    return junit_xml(f"burnin.{result.scenario}", [(e.name, e.ok, e.message) for e in result.expectations],
+    return junit_xml(f"burnin.{result.scenario}", [(e.name, e.ok, e.message, e.skipped) for e in result.expectations],
                      wall_s=result.wall_s, started_at=result.started_at, properties=props, error=result.error,
                      system_out=render_plain(result))
 
@@ -269,7 +274,7 @@ def _summary_md(result: RunResult) -> str:
     if result.expectations:
         lines += ["## Expectations", ""]
         for e in result.expectations:
-            mark = "PASS" if e.ok else "FAIL"
+            mark = "NOT JUDGED" if e.skipped else "PASS" if e.ok else "FAIL"
             lines.append(f"- {mark} {_cell(e.name)}" + (f": {_cell(e.message)}" if e.message else ""))
         lines.append("")
     return "\n".join(lines)
@@ -291,8 +296,13 @@ def render_plain(result: RunResult) -> str:
             extra.append("simulated")
         if not f.injected:
             extra.append("not injected")
+        verdict = "ok" if f.outcome in f.expected else "UNEXPECTED"
+        if f.details.get("why"):
+            extra.append(str(f.details["why"]))
+        if f.outcome == "unjudged":
+            verdict = "not judged"
         lines.append(f"{_fault_label(f)} {f.point} -> {f.outcome} (expected {'|'.join(f.expected)}) "
-                     f"{'ok' if f.ok else 'UNEXPECTED'}" + (f" [{', '.join(extra)}]" if extra else ""))
+                     f"{verdict}" + (f" [{', '.join(extra)}]" if extra else ""))
     if result.tolerance is not None and not result.exact:
         lines.append(exactness(result))
     if result.error:

@@ -41,7 +41,9 @@ __all__ = [
 ]
 
 #: Every injected fault ends in exactly one of these (see docs/architecture.md).
-OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed", "degraded")
+#: Every outcome a fault can end in; `unjudged` (injected after the run had diverged: no outcome of its own)
+#: is the verdict's, never an expectation.
+OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed", "degraded", "unjudged")
 Outcome = Literal["recovered", "masked", "detected", "sdc", "failed", "degraded"]
 MODEL_PRESETS = ("tiny", "small", "gpt2-124m")
 
