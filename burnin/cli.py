@@ -233,6 +233,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="the time of one training step (default: measured); converts lost steps to time")
     fc.add_argument("--snapshot-seconds", type=float, metavar="S",
                     help="the in-memory snapshot's cost per step (default: measured between steps)")
+    fc.add_argument("--sdc-per-gpu-day", type=float, metavar="R",
+                    help="a data-fault campaign's forecast: silent data corruption events per GPU per day (default: "
+                         "the failure model's `Silent data corruption` interruptions, a lower bound)")
     fc.add_argument("--json", action="store_true", help="print the forecast as JSON instead of the table")
     fc.add_argument("--out", metavar="FILE", help="the HTML page with the plot (default: DIR/forecast.html)")
     return p
@@ -898,7 +901,24 @@ def _cmd_forecast(args: argparse.Namespace) -> int:
     if args.out is not None and ("\x00" in args.out or out.is_dir() or not out.parent.is_dir()):
         raise UserError(f"--out: {oneline(args.out)!r} is not a file path in an existing directory; give the path of "
                         "the page to write, e.g. forecast.html")
+    sdc_rate = getattr(args, "sdc_per_gpu_day", None)
+    if sdc_rate is not None and not (math.isfinite(sdc_rate) and 0 < sdc_rate <= 1e3):
+        raise UserError(f"--sdc-per-gpu-day: {sdc_rate:g} is out of range; give events per GPU per day, above 0 and at "
+                        "most 1000")
     model = load_failure_model(args.failure_model)
+    if fc.is_sdc_campaign(args.source):
+        # a data-fault campaign: harmful silent corruptions per day, not goodput (it measured no recovery)
+        result = fc.sdc_forecast(args.source, model, gpus, per_gpu_day=sdc_rate)
+        if getattr(args, "prepare_only", False):
+            return 0
+        from burnin.core.files import atomic_write
+
+        atomic_write(Path(args.source) / "forecast-sdc.json", json.dumps(result, indent=1).encode())
+        print(json.dumps(result, indent=1, allow_nan=False) if args.json else fc.sdc_text(result))
+        return 0
+    if sdc_rate is not None:
+        raise UserError(f"--sdc-per-gpu-day: {oneline(args.source)} is not a data-fault campaign with effect classes; "
+                        "the flag forecasts a bit-flip campaign (e.g. `burnin campaign sdc-campaign`)")
     measured = fc.read_source(args.source)
     result = fc.forecast(measured, model, gpus, checkpoint_s=args.checkpoint_seconds, step_s=args.step_seconds,
                          snapshot_s=args.snapshot_seconds)

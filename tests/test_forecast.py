@@ -322,6 +322,9 @@ def fixed_dir(tmp_path: Path) -> Path:
     (["--failure-model", "llama4"], "--failure-model"), (["--failure-model", "/dev/null"], "--failure-model"),
     (["--failure-model", "."], "--failure-model"), (["--failure-model", "a\x00b"], "--failure-model"),
     (["--out", "/no/such/dir/f.html"], "--out"), (["--out", "."], "--out"), (["--out", "a\x00b"], "--out"),
+    (["--sdc-per-gpu-day", "nan"], "--sdc-per-gpu-day"), (["--sdc-per-gpu-day", "0"], "--sdc-per-gpu-day"),
+    (["--sdc-per-gpu-day", "-1"], "--sdc-per-gpu-day"), (["--sdc-per-gpu-day", "often"], "--sdc-per-gpu-day"),
+    (["--sdc-per-gpu-day", "0.001"], "not a data-fault campaign"),
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_bad_flags_one_line_exit_2(fixed_dir: Path, args: list[str], needle: str) -> None:
@@ -353,6 +356,7 @@ _flag_values = {
     "--checkpoint-seconds": st.sampled_from(["60", "0", "-1", "nan", "inf", "1e-9", "1e8", "x", ""]),
     "--step-seconds": st.sampled_from(["0.5", "0", "-0", "nan", "1e7", "x"]),
     "--snapshot-seconds": st.sampled_from(["0", "0.001", "-1", "inf", "x"]),
+    "--sdc-per-gpu-day": st.sampled_from(["0.001", "0", "-1", "nan", "1e9", "x"]),
     "--out": st.sampled_from(["f.html", "", ".", "nodir/f.html", "/dev/null/x"]) | st.text(max_size=6),
 }
 
@@ -427,3 +431,43 @@ def test_fuzz_damaged_run_directory(tmp_path_factory: pytest.TempPathFactory, wh
         assert len(err.strip().splitlines()) == 1, err
     else:
         assert err == "" and json.loads(out)["tiers"]
+
+
+def _sdc_campaign(d: Path, *, trials: int = 40, sdc: int = 20, harmful: int = 4, unchecked_harmful: int = 9) -> Path:
+    """The parts of a data-fault campaign's campaign.json the SDC forecast reads (a real one: test_sdc.py)."""
+    d.mkdir(parents=True)
+    rates = lambda k, n: {"count": k, "rate": k / n, "ci95": [0.0, 1.0]}  # noqa: E731
+    summary = {"scenario": "sdc", "seed": 1, "trials": trials,
+               "outcomes": {"sdc": rates(sdc, trials), "masked": rates(trials - sdc, trials)},
+               "effects": {"silent_trials": trials, "harmful": rates(harmful, trials)},
+               "unchecked_effects": {"silent_trials": trials, "harmful": rates(unchecked_harmful, trials)},
+               "noise_band": {"final": 0.05, "eval": 0.01, "step": 0.05, "how": "12 control trials"}}
+    (d / "campaign.json").write_text(json.dumps(summary))
+    return d
+
+
+def test_the_sdc_forecast_scales_the_campaign_shares_by_a_per_device_rate(tmp_path: Path) -> None:
+    """Harmful silent corruptions per day: the per-GPU rate (the failure model's noticed SDCs unless given) x the
+    GPU count x the campaign's share, with the share's Wilson bounds carried through."""
+    d = _sdc_campaign(tmp_path / "c")
+    rc, out, err = _main(["forecast", str(d), "--gpus", "1k,10k", "--json"])
+    assert rc == 0, err
+    f = json.loads(out)
+    llama = load("llama3")
+    want_rate = 6 / (llama.gpus * llama.days)
+    assert f["rate_per_gpu_day"]["how"] == "assumed" and f["rate_per_gpu_day"]["value"] == pytest.approx(want_rate)
+    assert "Silent data corruption" in f["rate_per_gpu_day"]["where"]
+    for p in f["points"]:
+        events = p["gpus"] * want_rate
+        assert p["silent_harmful"]["per_day"] == pytest.approx(events * 4 / 40)
+        assert p["unchecked_harmful"]["per_day"] == pytest.approx(events * 9 / 40)
+        lo, hi = p["silent_harmful"]["ci95"]
+        assert lo < p["silent_harmful"]["per_day"] < hi
+    assert (d / "forecast-sdc.json").exists()
+    # a failure model without an SDC category needs the rate given
+    (tmp_path / "m.yaml").write_text("name: m\ngpus: 64\ndays: 2\ncategories: [{name: a, count: 3, scope: machine}]\n")
+    rc, _, err = _main(["forecast", str(d), "--failure-model", str(tmp_path / "m.yaml")])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--sdc-per-gpu-day" in err, err
+    rc, out, _ = _main(["forecast", str(d), "--failure-model", str(tmp_path / "m.yaml"), "--sdc-per-gpu-day", "0.01",
+                        "--gpus", "100"])
+    assert rc == 0 and "silent_harmful" in out

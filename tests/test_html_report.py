@@ -28,7 +28,7 @@ name: sdc-html
 workload: {model: tiny, ranks: 2, steps: 12, threads: 1}
 detectors: {nonfinite: {}, fingerprint: {every: 1}}
 recovery: {mode: rollback, max_rollbacks: 4}
-campaign: {trials: 4, seed: 5, warmup: 4, window: 6}
+campaign: {trials: 4, seed: 5, warmup: 4, window: 6, controls: 2}
 faults:
   - fault: corruption.bitflip
     step: 4
@@ -305,6 +305,12 @@ def test_a_campaign_page_shows_outcome_rates_and_the_scorecard_heat_map(campaign
     # the interval of each rate is on the page as well as in the plot
     for o, v in summary["outcomes"].items():
         assert f"{v['ci95'][0]:.3f} – {v['ci95'][1]:.3f}" in text
+    # the effect classes of the silent trials, and each detector against harm (every trial run unchecked)
+    assert "effects" in ids and "detector-harm" in ids and "unchecked" in ids
+    harm = summary["detector_harm"]
+    assert harm["trials"] == 4 and harm["unknown"] == 0 and set(harm["detectors"]) == {*dets, "any"}
+    for d, v in harm["detectors"].items():
+        assert f"<td>{d}</td><td>{v['harmful_caught']['count']}/{harm['harmful']}</td>" in text
     # `burnin report` rebuilds a campaign's page from its summary
     (campaign / "report.html").unlink()
     proc = run_cli("report", str(campaign))

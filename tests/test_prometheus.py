@@ -442,6 +442,9 @@ def _exercised() -> Metrics:
     m.judged_fault("corruption.bitflip", "recovered", "fingerprint", 1, "param", "exponent")
     m.burn_in({"health": {"ranks": [{"rank": 0, "verdict": "healthy"}]}, "steps": {"goodput_steps": 1.0},
                "faults": {"per_hour": 60.0}})
+    rate = {"count": 1, "rate": 0.5, "ci95": [0.1, 0.9]}
+    m.campaign_effects({"effects": {"benign": rate}, "unchecked_effects": {"diverged": rate},
+                        "detector_harm": {"detectors": {"any": {"harmful_caught": rate, "benign_flagged": rate}}}})
     return m
 
 

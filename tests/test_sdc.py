@@ -132,6 +132,39 @@ def test_campaign_same_seed_same_summary_and_resume(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (run_dir_of(tmp_path / "a") / "trials.jsonl").read_text().splitlines()]
     total = len(lines)
     assert total == 10 + sum(1 for x in lines if x.get("control")) and all("eval_loss" in x for x in lines)
+    # every trial a detector acted on ran once more unchecked (the same fault; detectors watching, not acting):
+    # up to the acted run's first finding the two runs are the same, so that finding is in the unchecked one too
+    caught = [x for x in lines if x.get("findings") and not x.get("control")]
+    assert caught and all("observed" in x for x in caught)
+    assert not any("observed" in x for x in lines if not x.get("findings"))
+    for x in caught:
+        first = min(x["findings"], key=lambda f: f["step"])
+        assert any(f["detector"] == first["detector"] and f["step"] == first["step"] for f in x["observed"]["findings"])
+    harm = a["detector_harm"]
+    assert harm["unknown"] == 0 and harm["harmful"] + harm["benign"] == harm["trials"] == 10
+    anyone = harm["detectors"]["any"]
+    for d, v in harm["detectors"].items():
+        assert v["harmful_caught"]["count"] <= anyone["harmful_caught"]["count"]
+        assert v["benign_flagged"]["count"] <= anyone["benign_flagged"]["count"]
+    assert sum(row["unchecked"]["trials"] for row in a["scorecard"]) == 10
+    # the metrics say the same, and the forecast turns the harmful share into escapes per day at scale
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in text_string_to_metric_families(
+        (run_dir_of(tmp_path / "a") / "metrics.prom").read_text()) for s in fam.samples}
+    for d, v in harm["detectors"].items():
+        for m in ("harmful_caught", "benign_flagged"):
+            if v[m]["rate"] is not None:
+                assert prom[("burnin_detector_harm_ratio", (("detector", d), ("measure", m)))] == v[m]["rate"]
+    for e in ("benign", "transient", "degraded", "diverged"):
+        assert prom[("burnin_sdc_effect_trials", (("effect", e), ("scope", "silent")))] == effects[e]["count"]
+    fc = run_cli("forecast", str(run_dir_of(tmp_path / "a")), "--gpus", "10k", "--sdc-per-gpu-day", "0.001", "--json")
+    assert fc.returncode == 0, fc.stdout + fc.stderr
+    f = json.loads(fc.stdout)
+    share = effects["harmful"]["count"] / 10
+    assert f["shares"]["silent_harmful"]["share"] == share
+    assert f["points"][0]["silent_harmful"]["per_day"] == pytest.approx(10_000 * 0.001 * share)
+    assert f["rate_per_gpu_day"]["how"] == "given"
 
     out_b = tmp_path / "b"
     proc = subprocess.Popen(burnin_cmd(*args, "--out", str(out_b)), stdout=subprocess.PIPE,

@@ -25,7 +25,7 @@ from burnin.harness.supervisor import Supervisor
 from burnin.reports import history as hist
 from burnin.reports.html import write_campaign_report
 from burnin.reports.metrics import Metrics
-from burnin.reports.effects import EFFECTS, classify_effect, effect_rates, noise_band
+from burnin.reports.effects import EFFECTS, HARMFUL, classify_effect, detector_harm, effect_rates, noise_band
 from burnin.reports.trials import CAMPAIGN_SCHEMA_VERSION, judge_trial, outcome_rates, wilson
 from burnin.reports.writers import write_html_safely
 from burnin.scenarios.campaign import draw_controls, draw_trials, is_recovery_campaign
@@ -61,6 +61,12 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[
         row["masked"] = sum(t["outcome"] == "masked" for t in ts)
         row["effects"] = {e: {"count": k, "rate": k / len(ts), "ci95": list(wilson(k, len(ts)))}
                           for e in EFFECTS for k in [sum(t.get("effect") == e for t in ts)]}
+        # what the row's faults do when nothing acts on them (every trial whose unchecked run is known)
+        known = [t["unchecked"]["effect"] for t in ts if t.get("unchecked") and t["unchecked"]["effect"]]
+        row["unchecked"] = {"trials": len(known), **{e: known.count(e) for e in EFFECTS},
+                            "harmful": {"count": (h := sum(e in HARMFUL for e in known)),
+                                        "rate": h / len(known) if known else None,
+                                        "ci95": list(wilson(h, len(known))) if known else [0.0, 1.0]}}
         scorecard.append(row)
     ref_alarms = (reference or {}).get("false_alarms", [])
     fault_free_steps = (reference or {}).get("steps", 0)
@@ -75,6 +81,9 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[
         "outcomes": outcomes,
         "effects": effect_rates(judged),
         "noise_band": band,
+        "unchecked_effects": effect_rates([{"effect": t["unchecked"]["effect"]} for t in judged
+                                           if t.get("unchecked") and t["unchecked"]["effect"]]),
+        "detector_harm": detector_harm(judged, detectors),
         "scorecard": scorecard,
         "false_alarms": {"reference_window_steps": fault_free_steps, "reference": dict(alarms_by_detector),
                          "in_trials_before_fault": sum(t["false_alarms"] for t in judged)},
@@ -116,6 +125,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
     def remaining() -> dict[str, Any]:
         c = scenario.campaign
         return {"campaign": {"warmup": c.warmup, "window": c.window, "spread_windows": c.spread_windows,
+                             "observe": c.observe,
                              "trials": [t for t in plan if t["trial"] not in done]}}
 
     def record(rec: dict[str, Any]) -> None:
@@ -188,6 +198,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
     elif (run_dir / "reference.json").exists():
         state["reference"] = json.loads((run_dir / "reference.json").read_text())
     summary = summarize(scenario, list(done.values()), state["reference"])
+    summary["seed"] = seed  # the one the trials were drawn from (--seed, or the resumed campaign's)
     summary["complete"] = len(done) == len(plan)
     if state.get("error"):
         summary["error"] = state["error"]
@@ -195,6 +206,7 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
     summary["timing"] = {"wall_s": time.time() - t0,
                          "reference_window_s": (state["reference"] or {}).get("window_s")}
     _write_reports(run_dir, summary)
+    metrics.campaign_effects(summary)
     metrics.write_textfile(run_dir / "metrics.prom")
     summary["run_dir"] = str(run_dir)
     _record(summary, done, history, t0)
@@ -241,6 +253,27 @@ def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
         lines += ["", f"Noise band (relative to the fault-free window): final loss {band['final']:.3g}, held-out loss "
                       f"{band['eval']:.3g}, largest per-step deviation {band['step']:.3g}; measured from "
                       f"{band['how']}. Diverged: NaN/Inf, or {band['diverged_ratio']}x the reference's loss."]
+    harm = summary.get("detector_harm")
+    if harm and harm["trials"]:
+        lines += ["", f"## Detectors against harm ({harm['harmful']} harmful, {harm['benign']} benign of "
+                      f"{harm['trials']} trials run unchecked; {harm['unknown']} unknown)", "",
+                  "Share of the harmful trials each detector flags, and of the benign ones (a false alarm on a "
+                  "corruption that does not matter), when nothing acts on the fault; Wilson 95 % CI.", "",
+                  "| detector | harmful caught | 95 % CI | benign flagged | 95 % CI |", "|---|---|---|---|---|"]
+        for d, v in harm["detectors"].items():
+            hc, bf = v["harmful_caught"], v["benign_flagged"]
+            lines.append(f"| {d} | {_share(hc)} | {hc['ci95'][0]:.3f}–{hc['ci95'][1]:.3f} | {_share(bf)} | "
+                         f"{bf['ci95'][0]:.3f}–{bf['ci95'][1]:.3f} |")
+        lines += ["", "Unchecked effect per target and bit class (what the faults do when nothing catches them):", "",
+                  "| target | bit class | trials | " + " | ".join(EFFECTS) + " | harmful share |",
+                  "|---|---|---|" + "---|" * (len(EFFECTS) + 1)]
+        for row in summary["scorecard"]:
+            u = row.get("unchecked") or {}
+            if not u.get("trials"):
+                continue
+            label = row["bit_class"] + (f" ({row['pattern']})" if row.get("pattern", "single") != "single" else "")
+            lines.append(f"| {row['target']} | {label} | {u['trials']} | " + " | ".join(str(u[e]) for e in EFFECTS)
+                         + f" | {u['harmful']['rate']:.2f} |")
     lines += ["", "## Detector scorecard", "",
               "Detection rate per target and bit class (median latency in steps); `sdc` is the silent escape rate.", ""]
     dets = sorted({d for row in summary["scorecard"] for d in row["detectors"]})
@@ -260,6 +293,10 @@ def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
                   f"reference steps; {fa['in_trials_before_fault']} in trial steps before the fault.", ""]
     atomic_write(run_dir / "campaign.md", "\n".join(lines).encode())
     _write_html(run_dir, summary)
+
+
+def _share(v: dict[str, Any]) -> str:
+    return "–" if v["rate"] is None else f"{v['count']}/{v['of']} ({v['rate']:.3f})"
 
 
 def _write_html(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from burnin.reports.trials import CAMPAIGN_SCHEMA_VERSION, outcome_rates, wilson
 from burnin.reports.verdict import judge
 from burnin.reports.writers import write_reports
 from burnin.scenarios.campaign import trial_scenario
-from burnin.scenarios.schema import OUTCOMES, Scenario
+from burnin.scenarios.schema import TRIAL_OUTCOMES, Scenario
 
 __all__ = ["run_trials",
            "summarize", "PHASES"]
@@ -170,14 +170,14 @@ def markdown(summary: dict[str, Any], run_dir: Path) -> str:
                  f"Bit-exact against the golden run: {ex['count']}/{summary['trials']} "
                  f"(95 % CI {ex['ci95'][0]:.3f}–{ex['ci95'][1]:.3f}).")
     lines += [f"{exactness} Unexplained failures: {summary['unexplained_failures']}.", "",
-              "| fault | trials | " + " | ".join(OUTCOMES) + " | exact | lost steps (max) |",
-              "|---|---|" + "---|" * len(OUTCOMES) + "---|---|"]
+              "| fault | trials | " + " | ".join(TRIAL_OUTCOMES) + " | exact | lost steps (max) |",
+              "|---|---|" + "---|" * len(TRIAL_OUTCOMES) + "---|---|"]
     for name, b in summary["by_fault"].items():
         o = b["outcomes"]
         lost = b["lost_steps"]
         lines.append(f"| {name} | {b['trials']} | " + " | ".join(
             f"{o[k]['count']} ({o[k]['ci95'][0]:.2f}–{o[k]['ci95'][1]:.2f})" if o[k]["count"] else "0"
-            for k in OUTCOMES) + f" | {b['exact']['count']} | {lost['max'] if lost['max'] is not None else '–'} |")
+            for k in TRIAL_OUTCOMES) + f" | {b['exact']['count']} | {lost['max'] if lost['max'] is not None else '–'} |")
     lines += ["", "## Recovery time (seconds: p50 / p90 / p99)", "",
               "| fault | " + " | ".join(p[:-2] for p in PHASES) + " |", "|---|" + "---|" * len(PHASES)]
     for name, b in summary["by_fault"].items():

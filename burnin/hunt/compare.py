@@ -3,7 +3,9 @@
 A side is a campaign directory (its trials), a run or burn-in directory (its faults), or a history
 selection `history:SCENARIO[@COMMIT]` (every fault of those runs, pooled). Per metric:
 
-- rates (each outcome's, detection, exactness): the difference B - A with a 95 % interval and an
+- rates (each outcome's, detection, exactness, and for campaigns with effect classes the harmful sdc
+  rate: silent escapes that were transient, degraded or diverged against each side's own noise band):
+  the difference B - A with a 95 % interval and an
   exact test. Two campaigns that drew the same trials (same scenario faults, seed and trial count:
   each trial i is the same fault at the same place on both sides) are *paired*: the exact test is
   McNemar's (a binomial test on the discordant trials), the interval Newcombe's square-and-add of
@@ -30,12 +32,14 @@ from typing import Any
 from burnin.core.events import read_events
 from burnin.errors import UserError
 from burnin.reports import history as hist
+from burnin.reports.effects import HARMFUL, classify_effect
 from burnin.reports.trials import Z95, judge_trial, wilson
 
 __all__ = ["load_side", "compare", "markdown"]
 
 #: +1: higher is better; -1: higher is worse; 0: neither (a difference is reported, not judged)
-POLARITY = {"recovered": 1, "masked": 0, "detected": -1, "sdc": -1, "failed": -1, "detection": 1, "exact": 1}
+POLARITY = {"recovered": 1, "masked": 0, "detected": -1, "sdc": -1, "failed": -1, "unjudged": 0, "detection": 1,
+            "exact": 1, "harmful": -1}
 TIME_SAME = 0.10
 
 
@@ -68,8 +72,13 @@ def load_side(spec: str, history: str | None = None) -> dict[str, Any]:
 
 def _from_campaign(path: Path) -> dict[str, Any]:
     summary = json.loads((path / "campaign.json").read_text())
+    band = summary.get("noise_band")
+    ref_file = path / "reference.json"
+    reference = json.loads(ref_file.read_text()) if band and ref_file.exists() else None
     rows = []
     for t in sorted(read_events(path / "trials.jsonl"), key=lambda t: t["trial"]):
+        if t.get("control"):
+            continue  # a control trial measures the noise band; it has no outcome
         key = json.dumps(t["fault"], sort_keys=True)
         if t.get("kind") == "recovery":
             rec = t.get("recovery") or {}
@@ -78,8 +87,15 @@ def _from_campaign(path: Path) -> dict[str, Any]:
                          "key": key})
         else:
             j = judge_trial(t)
+            # a silent escape that did harm (transient, degraded, diverged against the side's own noise band);
+            # None for a campaign measured before effect classes
+            harmful = None
+            if reference is not None:
+                effect = classify_effect(j, t, reference, band).get("effect")
+                harmful = effect in HARMFUL
             rows.append({"trial": t["trial"], "outcome": j["outcome"], "detected": bool(j["detectors"]),
-                         "exact": t.get("exact"), "recovery_s": None, "lost_steps": None, "key": key})
+                         "exact": t.get("exact"), "recovery_s": None, "lost_steps": None, "key": key,
+                         "harmful": harmful})
     return {"label": path.name, "kind": "campaign", "rows": rows, "seed": summary.get("seed"),
             "plan": [r["key"] for r in rows]}
 
@@ -194,6 +210,10 @@ def compare(a: dict[str, Any], b: dict[str, Any], *, alpha: float = 0.05, margin
                                     paired, alpha, margin))
     metrics.append(_rate_metric("detection rate", [r["detected"] for r in ra], [r["detected"] for r in rb],
                                 paired, alpha, margin))
+    if ra and rb and all(r.get("harmful") is not None for r in ra + rb):
+        # each side's effects against its own measured noise band
+        metrics.append(_rate_metric("harmful sdc rate", [r["harmful"] for r in ra], [r["harmful"] for r in rb],
+                                    paired, alpha, margin))
     if all(r["exact"] is not None for r in ra + rb) and ra and rb:
         metrics.append(_rate_metric("exact rate", [bool(r["exact"]) for r in ra], [bool(r["exact"]) for r in rb],
                                     paired, alpha, margin))

@@ -29,11 +29,21 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
     warmup, window = campaign["warmup"], campaign["window"]
     end = warmup + window
 
-    def window_run(start_snapshot: Any) -> tuple[str, list[str], float, list[float], float | None]:
+    def window_run(start_snapshot: Any, act: bool = True) -> tuple[str, list[str], float, list[float], float | None]:
         """The window from the snapshot: the final state hash, each step's loss bits and loss (the last
-        execution of a step), its wall time, and the held-out loss at its end (every rank evaluates)."""
+        execution of a step), its wall time, and the held-out loss at its end (every rank evaluates).
+        act=False: the detectors watch and log but nothing recovers (what a fault does unchecked)."""
         guard._restore(start_snapshot)
         guard.rollbacks, guard.log = 0, []
+        mode = guard.mode
+        if not act:
+            guard.mode = "none"
+        try:
+            return _window(start_snapshot)
+        finally:
+            guard.mode = mode
+
+    def _window(start_snapshot: Any) -> tuple[str, list[str], float, list[float], float | None]:
         guard.snap = start_snapshot if guard.mode == "rollback" and guard.active else None
         seen: dict[int, tuple[str, float]] = {}
         step = warmup
@@ -93,15 +103,34 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
         mine = {"injected": [{"index": i, "step": s, "details": d} for i, s, d in run.injector.injected],
                 "findings": guard.log, "rollbacks": guard.rollbacks}
         parts = _gather(mine, world_size)
+        observed = None
+        # A trial a detector acted on hides what its fault would have done: run it once more with the
+        # detectors watching, not acting (the same fault, drawn from the same seed, at the same point).
+        if campaign.get("observe") and any(p["findings"] for p in parts) and not trial.get("control"):
+            run.injector = Injector(faults, rank, world_size, events, set(), go_timeout_s=60)
+            run.injector.quiet = True
+            o_final, o_bits, _, o_losses, o_eval = window_run(base, act=False)
+            o_parts = _gather({"injected": [d for _, _, d in run.injector.injected], "findings": guard.log},
+                              world_size)
+            if [d for p in o_parts for d in p["injected"]] != [x["details"] for p in parts for x in p["injected"]]:
+                raise HarnessError(f"trial {trial['trial']}: the unchecked run injected another fault than the trial "
+                                   "(is the fault's draw deterministic?)")
+            observed = {"findings": sorted((f for p in o_parts for f in p["findings"]), key=lambda f: f["step"]),
+                        "exact": o_final == ref_hash, "diverged_at_step": _first_difference(o_bits, ref_bits, warmup),
+                        "losses": o_losses, "eval_loss": o_eval}
         if rank == 0:
             injected = [x for p in parts for x in p["injected"]]
             findings = sorted((f for p in parts for f in p["findings"]), key=lambda f: f["step"])
             events.emit("trial_done", trial=trial["trial"], template=trial["template"], fault=faults[0],
                         injected=injected, findings=findings, rollbacks=parts[0]["rollbacks"],
                         state_hash=final, exact=final == ref_hash,
-                        diverged_at_step=next((warmup + i for i, (a, b) in enumerate(zip(bits, ref_bits)) if a != b),
-                                              None),
-                        wall_s=wall, losses=losses, eval_loss=held_out, control=bool(trial.get("control")))
+                        diverged_at_step=_first_difference(bits, ref_bits, warmup),
+                        wall_s=wall, losses=losses, eval_loss=held_out, control=bool(trial.get("control")),
+                        **({"observed": observed} if observed is not None else {}))
+
+
+def _first_difference(bits: list[str], ref_bits: list[str], warmup: int) -> int | None:
+    return next((warmup + i for i, (a, b) in enumerate(zip(bits, ref_bits)) if a != b), None)
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:

@@ -146,8 +146,10 @@ class CampaignProgress:
         if kind not in ("trial_done", "failure_detected", "campaign_reference", "restart"):
             return
         done = ev.get("trials_done", 0)
+        if ev.get("trials_total"):  # the control trials of the noise band come after the trials
+            self.total = ev["trials_total"]
         if self._bar is not None:
-            self._bar.update(self._task, completed=done)
+            self._bar.update(self._task, completed=done, total=self.total)
             return
         if kind == "trial_done" and done % self._every and done != self.total:
             return

@@ -36,7 +36,8 @@ from typing import Any
 
 from burnin.reports.trials import wilson
 
-__all__ = ["EFFECTS", "HARMFUL", "DIVERGED_RATIO", "noise_band", "deviations", "classify_effect", "effect_rates"]
+__all__ = ["EFFECTS", "HARMFUL", "DIVERGED_RATIO", "noise_band", "deviations", "classify_effect", "effect_rates",
+           "unchecked_effect", "detector_harm"]
 
 EFFECTS = ("benign", "transient", "degraded", "diverged")
 HARMFUL = ("transient", "degraded", "diverged")
@@ -103,24 +104,85 @@ def noise_band(controls: list[dict[str, Any]], reference: dict[str, Any] | None)
 
 def classify_effect(judged: dict[str, Any], rec: dict[str, Any], reference: dict[str, Any] | None,
                     band: dict[str, Any]) -> dict[str, Any]:
-    """`judged` (a `judge_trial` row) with `effect` and `deviation` added for a silent outcome."""
+    """`judged` (a `judge_trial` row) with `effect` and `deviation` added for a silent outcome, and `unchecked`
+    for every trial whose unchecked run is known (see `unchecked_effect`)."""
+    out = dict(judged)
+    u = unchecked_effect(judged, rec, reference, band)
+    if u is not None:
+        out["unchecked"] = u
     if judged["outcome"] not in ("masked", "sdc"):
-        return judged
+        return out
     if judged["outcome"] == "masked":
-        return {**judged, "effect": "benign"}
+        return {**out, "effect": "benign"}
+    effect, d = _effect(rec, reference, band)
+    if d is None:
+        return {**out, "effect": None}
+    return {**out, "effect": effect, "deviation": {k: d[k] for k in ("final", "eval", "step")}}
+
+
+def _effect(rec: dict[str, Any], reference: dict[str, Any] | None,
+            band: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """The class of a window that did not end exact, and its deviations (None: no losses to judge)."""
     d = deviations(rec, reference)
     if d is None:
-        return {**judged, "effect": None}
+        return None, None
     ratios = [r for r in (d["final_ratio"], d["eval_ratio"]) if r is not None]
     if d["nonfinite"] or any(r >= DIVERGED_RATIO for r in ratios):
-        effect = "diverged"
-    elif d["final"] > band["final"] or (d["eval"] is not None and d["eval"] > band["eval"]):
-        effect = "degraded"
-    elif d["step"] > band["step"]:
-        effect = "transient"
-    else:
-        effect = "benign"
-    return {**judged, "effect": effect, "deviation": {k: d[k] for k in ("final", "eval", "step")}}
+        return "diverged", d
+    if d["final"] > band["final"] or (d["eval"] is not None and d["eval"] > band["eval"]):
+        return "degraded", d
+    if d["step"] > band["step"]:
+        return "transient", d
+    return "benign", d
+
+
+def unchecked_effect(judged: dict[str, Any], rec: dict[str, Any], reference: dict[str, Any] | None,
+                     band: dict[str, Any]) -> dict[str, Any] | None:
+    """What the trial's fault does when nothing acts on it: its effect class, and each detector that flags
+    it (steps after the injection). From the trial's own window when no detector acted (it ran unchecked),
+    or from its unchecked run (`observed`: the same fault again, detectors watching but not acting; a
+    campaign's `observe`). None for a crash, or a caught trial without an unchecked run."""
+    if judged.get("crash") or judged["outcome"] == "failed":
+        return None
+    src = rec.get("observed")
+    if src is None:
+        if judged["outcome"] not in ("masked", "sdc"):
+            return None
+        src = rec
+    inj = rec.get("injected") or []
+    step = inj[0]["step"] if inj else (rec.get("fault") or {}).get("step", 0)
+    flagged: dict[str, int] = {}
+    for f in src.get("findings") or []:
+        if f["step"] >= step:
+            flagged.setdefault(f["detector"], f["step"] - step)
+    effect = "benign" if src.get("exact") else _effect(src, reference, band)[0]
+    return {"effect": effect, "flagged": flagged, "exact": bool(src.get("exact"))}
+
+
+def detector_harm(judged: list[dict[str, Any]], detectors: list[str]) -> dict[str, Any]:
+    """Per detector, and for any detector at all: the share of the harmful trials (unchecked effect
+    transient, degraded or diverged) it flags, and the share of the benign ones it flags, with Wilson 95 %
+    intervals; over the trials whose unchecked effect is known."""
+    known = [t["unchecked"] for t in judged if t.get("unchecked") and t["unchecked"]["effect"] is not None]
+    harmful = [u for u in known if u["effect"] in HARMFUL]
+    benign = [u for u in known if u["effect"] == "benign"]
+
+    def score(hit: Any) -> dict[str, Any]:
+        caught, flagged = sum(map(hit, harmful)), sum(map(hit, benign))
+        return {"harmful_caught": {"count": caught, "of": len(harmful), "rate": caught / len(harmful) if harmful else None,
+                                   "ci95": list(wilson(caught, len(harmful))) if harmful else [0.0, 1.0]},
+                "benign_flagged": {"count": flagged, "of": len(benign), "rate": flagged / len(benign) if benign else None,
+                                   "ci95": list(wilson(flagged, len(benign))) if benign else [0.0, 1.0]}}
+
+    out = {d: score(lambda u, d=d: d in u["flagged"]) for d in detectors}
+    out["any"] = score(lambda u: bool(u["flagged"]))
+    missing = sum(1 for t in judged if not (t.get("unchecked") and t["unchecked"]["effect"] is not None))
+    return {"detectors": out, "trials": len(known), "harmful": len(harmful), "benign": len(benign),
+            "unknown": missing,
+            "how": "each trial's unchecked run: its own window when no detector acted, else the same fault again "
+                   "with the detectors watching, not acting (campaign.observe); harmful = transient, degraded or "
+                   "diverged against the noise band; a detector flags a trial when it fires at or after the "
+                   "injected step"}
 
 
 def effect_rates(judged: list[dict[str, Any]]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from burnin.core.events import read_events
 from burnin.errors import UserError, oneline
+from burnin.reports.trials import wilson
 from burnin.reports.verdict import judge_burn_in
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TIERS", "DEFAULT_GPUS", "ASSUMPTIONS", "young_interval", "daly_interval", "useful_fraction",
            "tier_goodput", "Value", "Recovery", "Measured", "read_source", "compose", "parse_gpus", "forecast",
-           "evaluate", "kind"]
+           "evaluate", "kind", "is_sdc_campaign", "sdc_forecast", "sdc_text"]
 
 SCHEMA_VERSION = 1
 DEFAULT_GPUS = (1000, 10000, 100000)
@@ -590,3 +591,97 @@ ASSUMPTIONS = [
     "Planned interruptions (maintenance) are not counted; in-process rollback (detected corruption) is not one of "
     "the tiers forecast.",
 ]
+
+
+# -- silent data corruption: harmful escapes per day ---------------------------------------------
+
+SDC_ASSUMPTIONS = [
+    "A silent data corruption event on a device is one fault like the campaign's trials: the campaign's shares "
+    "(silent and harmful, caught, harmful if unchecked) are what such an event does. The trials draw target, "
+    "tensor, element, bit class and step uniformly from the campaign's templates; a real defect has its own "
+    "distribution (a stuck bit, a unit that miscomputes one operation), so the forecast is as good as the "
+    "templates' resemblance to it.",
+    "Events arrive independently at a constant rate per device; the job's rate is the device count times it.",
+    "The failure model's `Silent data corruption` interruptions are SDCs that were noticed (they stopped the job): "
+    "a lower bound of the rate of SDC events, which burnin's campaign says how many would pass unnoticed.",
+    "An effect is judged over the campaign's window after the fault (its `campaign.window` steps): harm that "
+    "shows only later (a parameter frozen by an infinite second moment, a slow drift) reads benign.",
+]
+
+
+def is_sdc_campaign(path: str | Path) -> bool:
+    """A data-fault campaign's directory whose summary has effect classes."""
+    f = Path(path) / "campaign.json"
+    if not f.is_file():
+        return False
+    try:
+        s = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(s, dict) and "effects" in s and "by_fault" not in s
+
+
+def sdc_forecast(path: str | Path, model: FailureModel | None, gpus: list[int] | tuple[int, ...] = DEFAULT_GPUS, *,
+                 per_gpu_day: float | None = None) -> dict[str, Any]:
+    """Harmful silent corruptions per day at each GPU count: a per-device SDC rate (given, or the failure
+    model's `Silent data corruption` category) times the campaign's share of trials that escaped silently
+    and did harm (Wilson 95 % bounds carried through), beside what the same events would do unchecked."""
+    summary = _load_json(Path(path) / "campaign.json")
+    if per_gpu_day is not None:
+        rate = Value(per_gpu_day, "given", "--sdc-per-gpu-day")
+    else:
+        cat = next((c for c in (model.categories if model else []) if "silent data corruption" in c.name.lower()),
+                   None)
+        if cat is None or model is None:
+            raise UserError(f"forecast: the failure model {model.name if model else ''!r} has no `Silent data "
+                            "corruption` category; give --sdc-per-gpu-day R (SDC events per GPU per day)")
+        rate = Value(model.rate(cat) * 86400, "assumed",
+                     f"{cat.count} `{cat.name}` interruptions in {model.days:g} days on {model.gpus} GPUs "
+                     f"({model.source or model.name}): noticed SDCs, a lower bound")
+    n = summary["trials"]
+    eff = summary["effects"]
+    harmful_silent = eff["harmful"]["count"]
+    unchecked = summary.get("unchecked_effects") or {}
+    shares = {
+        "silent_harmful": {"count": harmful_silent, "of": n, "what": "escaped every detector and did harm"},
+        "silent": {"count": summary["outcomes"]["sdc"]["count"], "of": n,
+                   "what": "escaped every detector (any change of the final state)"},
+    }
+    if unchecked.get("silent_trials"):
+        shares["unchecked_harmful"] = {"count": unchecked["harmful"]["count"], "of": unchecked["silent_trials"],
+                                       "what": "did harm when nothing acted on it (no detector)"}
+    for v in shares.values():
+        v["share"] = v["count"] / v["of"] if v["of"] else 0.0
+        v["ci95"] = list(wilson(v["count"], v["of"])) if v["of"] else [0.0, 1.0]
+    points = []
+    for g in gpus:
+        events = g * rate.value
+        row: dict[str, Any] = {"gpus": g, "sdc_events_per_day": events}
+        for k, v in shares.items():
+            row[k] = {"per_day": events * v["share"], "ci95": [events * v["ci95"][0], events * v["ci95"][1]],
+                      "days_between": 1 / (events * v["share"]) if v["share"] else None}
+        points.append(row)
+    return {"schema_version": SCHEMA_VERSION, "kind": "sdc",
+            "source": {"path": str(path), "scenario": summary.get("scenario"), "trials": n, "seed": summary.get("seed"),
+                       "noise_band": {k: summary["noise_band"][k] for k in ("final", "eval", "step", "how")}},
+            "rate_per_gpu_day": asdict(rate), "shares": shares, "gpus": list(gpus), "points": points,
+            "assumptions": SDC_ASSUMPTIONS}
+
+
+def sdc_text(f: dict[str, Any]) -> str:
+    """The SDC forecast as a few lines and a table."""
+    r = f["rate_per_gpu_day"]
+    lines = [f"Silent data corruption at scale, from {f['source']['path']} ({f['source']['trials']} trials)",
+             f"SDC events: {r['value']:.3g} per GPU per day ({r['how']}: {r['where']})"]
+    for k, v in f["shares"].items():
+        lines.append(f"  {k}: {v['count']}/{v['of']} = {v['share']:.3f} (95 % {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}) "
+                     f"of events {v['what']}")
+    keys = list(f["shares"])
+    lines.append("")
+    lines.append(f"{'GPUs':>8} {'events/day':>11} " + " ".join(f"{k + '/day':>26}" for k in keys))
+    for p in f["points"]:
+        cells = " ".join(f"{p[k]['per_day']:>9.3g} [{p[k]['ci95'][0]:.2g}, {p[k]['ci95'][1]:.2g}]".rjust(26) for k in keys)
+        lines.append(f"{p['gpus']:>8} {p['sdc_events_per_day']:>11.3g} {cells}")
+    lines.append("")
+    lines += [f"- {a}" for a in f["assumptions"]]
+    return "\n".join(lines)

@@ -22,10 +22,11 @@ from typing import Any, Callable
 from burnin.core.events import read_events
 from burnin.core.files import atomic_write_text
 from burnin.reports import plots
+from burnin.reports.effects import EFFECTS
 from burnin.reports.plots import OUTCOME_COLORS, PHASE_COLORS, PHASES
 from burnin.reports.result import is_simulated, passed
 from burnin.reports.verdict import exactness, judge_burn_in
-from burnin.scenarios.schema import OUTCOMES
+from burnin.scenarios.schema import TRIAL_OUTCOMES
 
 __all__ = ["write_run_report", "write_campaign_report", "write_burn_in_report", "write_compare_report",
            "run_page", "campaign_page", "burn_in_page", "compare_page", "rebuild"]
@@ -406,7 +407,7 @@ def campaign_page(summary: dict[str, Any], run_dir: str | Path = "") -> str:
         body.append(f'<div class="banner error"><b>harness error</b>: {_e(summary["error"])}</div>')
     out = summary.get("outcomes") or {}
     kp = [("trials", n)]
-    for o in OUTCOMES:
+    for o in TRIAL_OUTCOMES:
         if o in out and (out[o]["count"] or o == "sdc"):
             v = out[o]
             kp.append((f"{o} (95 % interval)", f"{v['rate']:.2f} ({v['ci95'][0]:.2f}–{v['ci95'][1]:.2f})"))
@@ -428,6 +429,7 @@ def campaign_page(summary: dict[str, Any], run_dir: str | Path = "") -> str:
     if recovery:
         body.append(_recovery_sections(summary))
     else:
+        body.append(_effects_section(summary))
         body.append(_scorecard_section(summary))
     name = "campaign.md"
     files = _files(Path(run_dir), [name, "campaign.json", "trials.jsonl", "metrics.prom"]) if run_dir else []
@@ -438,6 +440,43 @@ def _bit_label(row: dict[str, Any]) -> str:
     """A scorecard row's bit class, with its pattern when it is not a single bit (multi-bit, burst)."""
     pattern = row.get("pattern", "single")
     return row["bit_class"] if pattern == "single" else f"{row['bit_class']} ({pattern})"
+
+
+def _ci(v: dict[str, Any]) -> str:
+    return f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+
+
+def _effects_section(summary: dict[str, Any]) -> str:
+    """What the silent outcomes did against the noise band, and the detectors against harm (the trials run
+    unchecked): absent from a campaign written before either existed."""
+    eff, band, harm = summary.get("effects"), summary.get("noise_band"), summary.get("detector_harm")
+    parts = []
+    if eff and band:
+        parts.append(f"<h2>What the silent outcomes did ({_e(eff['silent_trials'])} masked or sdc trials)</h2>")
+        rows = [[e, eff[e]["count"], f"{eff[e]['rate']:.3f}", _ci(eff[e])]
+                for e in ("benign", "transient", "degraded", "diverged", "harmful")]
+        parts.append(_table("effects", ["effect", "trials", "rate", "95 % interval"], rows, num={1, 2}))
+        parts.append(f"<p>Noise band, relative to the fault-free window: final loss {band['final']:.3g}, held-out loss "
+                     f"{band['eval']:.3g}, largest per-step deviation {band['step']:.3g}; {_e(band['how'])}. Diverged: "
+                     f"NaN/Inf, or {_e(band['diverged_ratio'])}x the reference's loss.</p>")
+    if harm and harm.get("trials"):
+        parts.append(f"<h2>Detectors against harm</h2><p>{_e(harm['harmful'])} harmful and {_e(harm['benign'])} benign "
+                     f"of {_e(harm['trials'])} trials run unchecked ({_e(harm['unknown'])} unknown): {_e(harm['how'])}.</p>")
+        rows = []
+        for d, v in harm["detectors"].items():
+            hc, bf = v["harmful_caught"], v["benign_flagged"]
+            rows.append([d, f"{hc['count']}/{hc['of']}", "–" if hc["rate"] is None else f"{hc['rate']:.3f} {_ci(hc)}",
+                         f"{bf['count']}/{bf['of']}", "–" if bf["rate"] is None else f"{bf['rate']:.3f} {_ci(bf)}"])
+        parts.append(_table("detector-harm", ["detector", "harmful caught", "share (95 %)", "benign flagged",
+                                              "share (95 %)"], rows))
+        rows = [[row["target"], _bit_label(row), u["trials"], *(u[e] for e in EFFECTS),
+                 f"{u['harmful']['rate']:.2f} {_ci(u['harmful'])}"]
+                for row in summary.get("scorecard") or [] for u in [row.get("unchecked") or {}] if u.get("trials")]
+        parts.append("<details><summary>Unchecked effect per target and bit class (what the faults do when nothing "
+                     "catches them)</summary>"
+                     + _table("unchecked", ["target", "bit class", "trials", *EFFECTS, "harmful share"], rows,
+                              num={2, 3, 4, 5, 6}) + "</details>")
+    return "\n".join(parts)
 
 
 def _scorecard_section(summary: dict[str, Any]) -> str:
@@ -475,12 +514,12 @@ def _recovery_sections(summary: dict[str, Any]) -> str:
     for name, b in by_fault.items():
         o = b["outcomes"]
         cells = [f"{o[k]['count']} ({o[k]['ci95'][0]:.2f}–{o[k]['ci95'][1]:.2f})" if o[k]["count"] else "0"
-                 for k in OUTCOMES]
+                 for k in TRIAL_OUTCOMES]
         lost = b["lost_steps"]
         rows.append([name, b["trials"], *cells, f"{b['exact']['count']}/{b['trials']}",
                      lost["max"] if lost["max"] is not None else "–",
                      ", ".join(f"{k}: {v}" for k, v in b["tiers"].items())])
-    parts.append(_table("by-fault", ["fault", "trials", *OUTCOMES, "exact",
+    parts.append(_table("by-fault", ["fault", "trials", *TRIAL_OUTCOMES, "exact",
                                      "lost steps (max)", "resumed from"], rows, num={1}))
     parts.append("<h2>Recovery time</h2>")
     parts.append(_figure("phases-plot", _e("Per fault: the median of each recovery phase, stacked; the bar and the "

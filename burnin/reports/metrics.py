@@ -39,8 +39,8 @@ CAUSES: tuple[str, ...] = (
 #: Parts of a recovery, in order; the names match RecoveryBreakdown's fields without `_s`.
 PHASES: tuple[str, ...] = ("detection", "teardown", "restart", "checkpoint_load", "first_step")
 #: In-rank detectors (burnin.rank.detectors, plus step recomputation); anything else is "other".
-DETECTORS: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_norm_spike", "fingerprint", "checksum", "gather_hash",
-                               "recompute")
+DETECTORS: tuple[str, ...] = ("nonfinite", "loss_spike", "grad_norm_spike", "update_rms_spike", "fingerprint",
+                               "checksum", "gather_hash", "recompute")
 #: Everything that can detect a fault: in-rank detectors, the supervisor's, the checkpoint loader's.
 DETECTED_BY: tuple[str, ...] = DETECTORS + (
     "exit_signal", "exit_code", "heartbeat", "rank_error", "step_timeout", "connect_timeout",
@@ -204,6 +204,14 @@ class Metrics:
             "burnin_goodput_ratio", "Useful steps over executed steps (a burn-in under its fault mix).", registry=r)
         self.burn_in_faults = Gauge(
             "burnin_burn_in_faults_per_hour", "Faults a burn-in fired per hour of wall time.", registry=r)
+        self.sdc_effects = Gauge(
+            "burnin_sdc_effect_trials", "A data-fault campaign's trials by effect class against its measured noise "
+            "band (benign, transient, degraded, diverged): scope silent = the masked and sdc trials, unchecked = "
+            "every trial as it runs when nothing acts on its fault.", ["scope", "effect"], registry=r)
+        self.detector_harm = Gauge(
+            "burnin_detector_harm_ratio", "Per detector (and `any`), over a campaign's trials run unchecked: the "
+            "share of the harmful ones it flags (measure harmful_caught) and of the benign ones "
+            "(benign_flagged).", ["detector", "measure"], registry=r)
         self.run_info = Gauge(
             "burnin_run_info", "The run being reported; always 1.", ["scenario", "run_id"], registry=r)
         self.runs = Counter(
@@ -292,6 +300,20 @@ class Metrics:
             self.corruption_outcomes.labels(target=_bounded(target, TARGETS),
                                             bit_class=_bounded(str(bit_class), BIT_CLASSES),
                                             outcome=_bounded(outcome, OUTCOMES)).inc()
+
+    def campaign_effects(self, summary: dict[str, Any]) -> None:
+        """A data-fault campaign's effect classes and detectors against harm, once its summary is made (the
+        noise band needs every control trial first)."""
+        for scope, key in (("silent", "effects"), ("unchecked", "unchecked_effects")):
+            eff = summary.get(key) or {}
+            for effect in ("benign", "transient", "degraded", "diverged"):
+                if effect in eff:
+                    self.sdc_effects.labels(scope=scope, effect=effect).set(eff[effect]["count"])
+        for det, v in ((summary.get("detector_harm") or {}).get("detectors") or {}).items():
+            for measure in ("harmful_caught", "benign_flagged"):
+                if v[measure]["rate"] is not None:
+                    self.detector_harm.labels(detector=_bounded(det, (*DETECTORS, "any")), measure=measure).set(
+                        v[measure]["rate"])
 
     def run_finished(self, scenario: str, ok: bool) -> None:
         for result in ("passed", "failed"):

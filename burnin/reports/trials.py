@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from burnin.scenarios.schema import OUTCOMES
+from burnin.scenarios.schema import TRIAL_OUTCOMES
 
 __all__ = ["CAMPAIGN_SCHEMA_VERSION", "Z95", "wilson", "outcome_rates", "judge_trial"]
 
@@ -30,7 +30,7 @@ def outcome_rates(outcomes: list[str]) -> dict[str, dict[str, Any]]:
     """Per outcome: count, rate and its 95 % Wilson interval."""
     n = len(outcomes)
     out = {}
-    for o in OUTCOMES:
+    for o in TRIAL_OUTCOMES:
         k = outcomes.count(o)
         out[o] = {"count": k, "rate": k / n if n else 0.0, "ci95": list(wilson(k, n))}
     return out

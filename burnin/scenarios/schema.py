@@ -22,6 +22,7 @@ from burnin.scenarios.checks import (MAX_VARY_COMBINATIONS, NOT_A_BOOLEAN, boole
 
 __all__ = [
     "OUTCOMES",
+    "TRIAL_OUTCOMES",
     "MODEL_PRESETS",
     "Workload",
     "Checkpointing",
@@ -44,6 +45,8 @@ __all__ = [
 #: Every outcome a fault can end in; `unjudged` (injected after the run had diverged: no outcome of its own)
 #: is the verdict's, never an expectation.
 OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed", "degraded", "unjudged")
+#: A campaign's trial has one fault: nothing diverged before it, so it is never `unjudged`.
+TRIAL_OUTCOMES = OUTCOMES[:-1]
 Outcome = Literal["recovered", "masked", "detected", "sdc", "failed", "degraded"]
 MODEL_PRESETS = ("tiny", "small", "gpt2-124m")
 
@@ -458,6 +461,10 @@ class Campaign(_Model):
     spread_windows: int = Field(0, ge=0, le=100, description="fault-free windows over other batches from the same "
                                                              "state: the seed-to-seed spread of the final and the "
                                                              "held-out loss, the noise band's other half")
+    observe: bool = Field(True, description="run each trial a detector acted on once more with the detectors "
+                                            "watching, not acting: what its fault does unchecked (its effect class) "
+                                            "and which detectors flag it; the per-detector harmful-caught and "
+                                            "benign-flagged shares (one more window per caught trial)")
 
 
 class BurnInFault(_Model):
