@@ -101,15 +101,65 @@ def test_a_pattern_that_does_not_fit_is_a_one_line_error_at_load(tmp_path: Path)
         "burst": "{target: param, tensor: blocks.0.ln_1.weight, burst: 4096}",   # 128 elements
         "bits": "{target: param, bit_class: sign, bits: 2}",                    # one sign bit
     }
-    for field, params in cases.items():
+    cases = {(k, "corruption.bitflip", ""): v for k, v in cases.items()}
+    cases.update({
+        ("times", "corruption.bitflip", ""): "{target: param, every: 2, times: 3}",  # a flip again undoes it
+        ("kernels", "corruption.kernel_tile", ", kernels: torch"): "{seed: 1}",     # no Triton kernel to hit
+        ("tensor", "corruption.stuck_bit", ""): "{tensor: blocks.9.ln_1.weight}",   # no such parameter
+        ("steps", "corruption.stuck_bit", ""): "{steps: 0}",
+    })
+    for (field, fault, workload), params in cases.items():
         path = tmp_path / f"{field}.yaml"
-        path.write_text(f"name: x\nworkload: {{model: tiny, ranks: 2, steps: 16}}\nfaults:\n"
-                        f"  - {{fault: corruption.bitflip, step: 9, params: {params}}}\n")
+        path.write_text(f"name: x\nworkload: {{model: tiny, ranks: 2, steps: 16{workload}}}\nfaults:\n"
+                        f"  - {{fault: {fault}, step: 9, params: {params}}}\n")
         with pytest.raises(ScenarioError) as exc:
             load_scenario(str(path))
         assert field in str(exc.value) and "\n" not in str(exc.value).strip(), str(exc.value)
     ok = tmp_path / "vary.yaml"  # both drawable in a campaign
     ok.write_text("name: x\nworkload: {model: tiny, ranks: 2, steps: 16}\ncampaign: {trials: 4, warmup: 4, window: 4}\n"
                   "faults:\n  - {fault: corruption.bitflip, step: 5, params: {target: param, tensor: wte.weight},"
-                  " vary: {bits: [1, 2, 3], burst: [1, 32]}}\n")
+                  " vary: {bits: [1, 2, 3], burst: [1, 32]}}\n"
+                  "  - {fault: corruption.bitflip, step: 5, params: {target: grad}, vary: {times: [1, 3], every: [1, 2]}}\n"
+                  "  - {fault: corruption.stuck_bit, step: 5, vary: {region: [1, 32], value: [0, 1], steps: [1, 4]}}\n"
+                  "  - {fault: corruption.kernel_tile, step: 5, vary: {bit_class: [exponent, mantissa_high]}}\n")
     load_scenario(str(ok))
+
+
+@pytest.mark.slow
+def test_a_stuck_region_a_recurring_flip_and_a_wrong_kernel_tile_in_a_real_run(tmp_path: Path) -> None:
+    """A bit stuck at 0 over an aligned region of a parameter, forced after each of its steps' optimizer step;
+    a flip of an activation that recurs every 2 steps; one wrong tile of the Triton loss kernel. Each acts as
+    it says, in the event log of a real run, and the verdict counts how often each acted."""
+    import json
+
+    from conftest import run_cli, run_dir_of
+
+    scenario = tmp_path / "beyond.yaml"
+    scenario.write_text(
+        "name: beyond-one-bit\nworkload: {model: tiny, ranks: 2, steps: 14, threads: 1}\nfaults:\n"
+        "  - {fault: corruption.stuck_bit, rank: 0, step: 3, expect: [sdc, masked], params: {tensor: blocks.0.ln_1.weight,"
+        " bit: 24, value: 0, region: 32, steps: 3, seed: 2}}\n"
+        "  - {fault: corruption.bitflip, rank: 1, step: 6, expect: [sdc, masked], params: {target: activation,"
+        " tensor: blocks.0.mlp.c_fc, bit_class: mantissa_high, every: 2, times: 3, seed: 1}}\n"
+        "  - {fault: corruption.kernel_tile, rank: 1, step: 12, expect: [sdc, masked], params: {bit_class: exponent}}\n"
+        "expect: {exact: false}\n")
+    proc = run_cli("run", str(scenario), "--out", str(tmp_path / "runs"), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = run_dir_of(tmp_path / "runs")
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    acted = {}
+    for ev in events:
+        if ev["event"] in ("fault_injected", "fault_repeated"):
+            acted.setdefault(ev["fault_index"], []).append((ev["step"], ev.get("details") or {}))
+    stuck = acted[0]
+    assert [s for s, _ in stuck] == [3, 4, 5]
+    first = stuck[0][1]
+    lo, hi = first["elements"]
+    assert lo % 32 == 0 and hi - lo == 32 and lo <= first["index"] < hi and first["pattern"] == "stuck-at"
+    assert all(0 <= d["changed"] <= 32 for _, d in stuck)
+    assert [s for s, _ in acted[1]] == [6, 8, 10]                                # every 2 steps, 3 times
+    assert [s for s, _ in acted[2]] == [12] and acted[2][0][1]["pattern"] == "tile"
+    summary = json.loads((run / "summary.json").read_text())
+    faults = summary["faults"]
+    assert faults[0]["details"]["firings"] == 3 and faults[1]["details"]["firings"] == 3
+    assert faults[0]["details"]["changed_total"] == sum(d["changed"] for _, d in stuck)

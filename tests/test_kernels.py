@@ -99,6 +99,30 @@ def test_overrun_lands_in_the_neighbouring_output_and_is_one_shot() -> None:
     assert torch.equal(again_lse, clean_lse) and torch.equal(again_nll, clean_nll)
 
 
+def test_a_wrong_tile_flips_one_bit_of_its_rows_only_and_is_one_shot() -> None:
+    """corruption.kernel_tile: one program's rows come out with one bit of their log-sum-exp flipped (and their
+    loss with it); every other row is the clean launch's, bit for bit; the next launch is clean."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(512, 1000, generator=g)
+    targets = torch.randint(0, 1000, (512,), generator=g)
+    clean_nll, clean_lse = reduction.logsumexp_nll(logits, targets)
+    rows = _runtime.grid_rows(512, reduction._block_cols(1000))
+    programs = -(-512 // rows)
+    assert programs >= 2
+    bad = 1 % programs
+    reduction.arm(bad_tile=bad + 7 * programs, tile_xor=1 << 20)  # the tile is taken modulo the programs
+    nll, lse = reduction.logsumexp_nll(logits, targets)
+    tile = slice(bad * rows, (bad + 1) * rows)
+    flipped = (clean_lse[tile].view(torch.int32) ^ (1 << 20)).view(torch.float32)
+    assert torch.equal(lse[tile], flipped)
+    assert not torch.equal(nll[tile], clean_nll[tile])
+    others = torch.ones(512, dtype=torch.bool)
+    others[tile] = False
+    assert torch.equal(lse[others], clean_lse[others]) and torch.equal(nll[others], clean_nll[others])
+    again_nll, again_lse = reduction.logsumexp_nll(logits, targets)
+    assert torch.equal(again_lse, clean_lse) and torch.equal(again_nll, clean_nll)
+
+
 def test_wild_offset_is_a_real_sigsegv_in_the_interpreter() -> None:
     code = textwrap.dedent("""
         import torch

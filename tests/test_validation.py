@@ -403,7 +403,7 @@ CAMPAIGNS = [
     ("an out-of-rank data fault", fault("fault: network.link_down\nstep: 3", head=CAMPAIGN), 5, "faults.0.fault",
      "a data-fault campaign runs in-rank faults only"),
     ("a fault that takes no seed", fault("fault: process.straggler\nstep: 3", head=CAMPAIGN), 5, "faults.0.fault",
-     "takes none; a campaign can draw corruption.bitflip, corruption.nan"),
+     "takes none; a campaign can draw corruption.bitflip, corruption.kernel_tile, corruption.nan, corruption.stuck_bit"),
     ("a step outside the window", fault("fault: corruption.bitflip\nstep: 9", head=CAMPAIGN), 6, "faults.0.step",
      "step 9 is outside the campaign window 2..6"),
     ("a drawn step outside the window", fault("fault: corruption.bitflip\nstep: 3\nvary: {step: [3, 9]}", head=CAMPAIGN),

@@ -98,6 +98,10 @@ class Fault:
         """How many consecutive steps the fault acts on (most act once)."""
         return 1
 
+    def fires_at(self, offset: int) -> bool:
+        """Whether the fault acts `offset` steps into its span (a recurring defect acts every N-th step of it)."""
+        return True
+
     def inject(self, ctx: Any) -> dict[str, Any]:
         """Apply the fault. Returns details that go into the `fault_injected` event."""
         raise NotImplementedError

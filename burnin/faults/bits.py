@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["BIT_CLASSES", "bit_width", "bits_of", "flip_bit_", "set_value_", "draw_bit"]
+__all__ = ["BIT_CLASSES", "bit_width", "bits_of", "flip_bit_", "set_bit_", "set_value_", "draw_bit"]
 
 BitClass = Literal["sign", "exponent", "mantissa_high", "mantissa_low", "any"]
 BIT_CLASSES: tuple[str, ...] = ("sign", "exponent", "mantissa_high", "mantissa_low", "any")
@@ -81,6 +81,16 @@ def flip_bit_(t: torch.Tensor, index: int, bit: int) -> tuple[int, int]:
     ints[index] ^= mask
     after = int(ints[index].item()) & ((1 << width) - 1)
     return before, after
+
+
+def set_bit_(t: torch.Tensor, index: int, bit: int, value: int) -> tuple[int, int]:
+    """Force bit `bit` of element `index` to `value` (0 or 1), as a stuck memory cell does; the element's bits
+    before and after (equal when the bit already held the value)."""
+    before = flip_bit_(t, index, bit)[0]
+    if (before >> bit) & 1 == value:
+        flip_bit_(t, index, bit)  # it held the value already: put it back
+        return before, before
+    return before, before ^ (1 << bit)
 
 
 def set_value_(t: torch.Tensor, index: int, value: float) -> float:

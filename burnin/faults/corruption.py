@@ -44,8 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from burnin.core.model_shapes import FLOAT_BITS, PRESETS, TOKEN_BITS, TP_PLAN, layout, parameter_shapes, tp_shape
 from burnin.faults.base import COLLECTIVE_POINTS, Fault
+from burnin.faults.memory import reduction_kernel
 
-__all__ = ["Bitflip", "NaN", "TARGET_POINTS", "TARGET_AT", "NOT_HERE", "workload_problem"]
+__all__ = ["Bitflip", "NaN", "StuckBit", "KernelTile", "TARGET_POINTS", "TARGET_AT", "NOT_HERE", "workload_problem"]
 
 Target = Literal["param", "optimizer_state", "grad", "allreduce_payload", "grad_reduced", "activation", "batch",
                  "all_gather_output", "reduce_scatter_input", "reduce_scatter_output", "replica_all_reduce_output",
@@ -109,6 +110,10 @@ class BitflipParams(_CorruptionParams):
     burst: int = Field(1, ge=1, le=4096, description="adjacent elements hit, the same bits in each: a run of `burst` "
                                                      "elements aligned to a multiple of it (32: a warp's lanes) that "
                                                      "holds the element")
+    every: int = Field(1, ge=1, le=10_000, description="a recurring defect: flip again every `every` steps, "
+                                                       "`times` times in all (the same element and bits of what each "
+                                                       "step computes anew)")
+    times: int = Field(1, ge=1, le=10_000, description="how many times the flip happens (1: once)")
 
 
 class NaNParams(_CorruptionParams):
@@ -222,13 +227,20 @@ class _TensorCorruption(Fault):
 
 
 class Bitflip(_TensorCorruption):
-    """Flip one bit of one element: the silent data corruption of a bad DIMM, SRAM cell or link."""
+    """Flip one bit of one element: the silent data corruption of a bad DIMM, SRAM cell or link. With
+    `times` > 1 a recurring defect: the same flip of what each step computes anew, every `every` steps."""
 
     name = "corruption.bitflip"
     summary = ("flip one bit in a parameter, gradient, all-reduce payload, activation, optimizer state or batch, "
-               "or in what a sharded collective sends or received")
+               "or in what a sharded collective sends or received; once, or every N steps (a recurring defect)")
     Params = BitflipParams
     disruptive = False
+
+    def span(self) -> int:
+        return (self.params.times - 1) * self.params.every + 1
+
+    def fires_at(self, offset: int) -> bool:
+        return offset % self.params.every == 0
 
     def corrupt(self, tensor: Any, index: int, rng: random.Random) -> dict[str, Any]:
         from burnin.faults.bits import draw_bit, flip_bit_  # lazy: torch, in the rank only
@@ -254,8 +266,8 @@ class Bitflip(_TensorCorruption):
                 if i == index:
                     before = was if b == flipped[0] else before
                     after = now
-        pattern = ("burst" if p.burst > 1 else "") + (" " if p.burst > 1 and p.bits > 1 else "") + \
-            ("multi-bit" if p.bits > 1 else "")
+        pattern = " ".join(w for w, on in (("burst", p.burst > 1), ("multi-bit", p.bits > 1),
+                                           ("recurring", p.times > 1)) if on)
         return {"bit": bit, "bit_class": cls, "before": f"{before:#x}", "after": f"{after:#x}",
                 "bits": sorted(flipped), "elements": [start, end], "pattern": pattern or "single"}
 
@@ -276,6 +288,105 @@ class NaN(_TensorCorruption):
             raise ValueError(f"{self.name}: {tensor.dtype} cannot hold {self.params.value}")
         old = set_value_(tensor, index, float(self.params.value))
         return {"value": self.params.value, "old": old}
+
+
+class StuckBitParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: Literal["param", "optimizer_state"] = Field("param", description="the state the stuck cells hold")
+    tensor: str | None = Field(None, description="parameter name; drawn from seed when absent")
+    state: Literal["exp_avg", "exp_avg_sq"] = Field("exp_avg", description="optimizer_state: which AdamW moment")
+    index: int | None = Field(None, ge=0, description="an element of the region (flat index); drawn when absent")
+    region: int = Field(32, ge=1, le=4096, description="stuck elements: a run of `region` adjacent elements "
+                                                       "aligned to a multiple of it that holds the element")
+    bit: int | None = Field(None, ge=0, le=31, description="the stuck bit (0 = least significant)")
+    bit_class: Literal["sign", "exponent", "mantissa_high", "mantissa_low", "any"] = Field(
+        "any", description="the class a drawn bit comes from")
+    value: Literal[0, 1] = Field(1, description="what the bit is stuck at")
+    steps: int = Field(8, ge=1, le=100_000, description="steps the cells stay stuck: after each of these steps' "
+                                                        "optimizer step, the bit is forced again")
+    seed: int = Field(0, ge=0, description="draws what is not given")
+
+
+class StuckBit(_TensorCorruption):
+    """A bit stuck at 0 or 1 over a region of a parameter or AdamW moment, for a number of steps: a defective
+    memory row. After each optimizer step of its span the bit is forced again in every element of the region
+    (an element whose bit already holds the value is not changed: that part of the defect is invisible)."""
+
+    name = "corruption.stuck_bit"
+    summary = "a bit stuck at 0 or 1 over a region of a parameter or optimizer state, forced again every step"
+    Params = StuckBitParams
+    points = ("after_optimizer_step",)
+    disruptive = False
+
+    def default_point(self) -> str:
+        return "after_optimizer_step"
+
+    def fire_point(self, point: str) -> str:
+        return point
+
+    def span(self) -> int:
+        return self.params.steps
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        from burnin.faults.bits import draw_bit, set_bit_  # lazy: torch, in the rank only
+
+        p = self.params
+        rng = random.Random(p.seed)
+        name, tensor = self._locate(ctx, rng)
+        index = p.index if p.index is not None else rng.randrange(tensor.numel())
+        if index >= tensor.numel():
+            raise ValueError(f"{self.name}: element {index} is outside {name} ({tensor.numel()} elements)")
+        bit = p.bit if p.bit is not None else draw_bit(tensor.dtype, p.bit_class, rng)
+        start = index - index % p.region
+        end = min(start + p.region, tensor.numel())
+        changed = 0
+        for i in range(start, end):
+            before, after = set_bit_(tensor, i, bit, p.value)
+            changed += before != after
+        return {"target": p.target, "tensor": name, "index": index, "dtype": str(tensor.dtype).replace("torch.", ""),
+                "bit": bit, "bit_class": _class_of(tensor.dtype, bit), "value": p.value, "elements": [start, end],
+                "changed": changed, "pattern": "stuck-at"}
+
+
+class KernelTileParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tile: int | None = Field(None, ge=0, le=1_000_000, description="which program (tile of rows) of the launch "
+                                                                   "computes wrongly, modulo the launch's programs; "
+                                                                   "drawn when absent")
+    bit: int | None = Field(None, ge=0, le=31, description="the bit of the tile's log-sum-exp results that comes "
+                                                          "out flipped")
+    bit_class: Literal["sign", "exponent", "mantissa_high", "mantissa_low", "any"] = Field(
+        "any", description="the class a drawn bit comes from")
+    seed: int = Field(0, ge=0, description="draws what is not given")
+
+
+class KernelTile(Fault):
+    """One tile of the loss's Triton reduction kernel computes wrongly: every row of one program's tile gets
+    its log-sum-exp with one bit flipped (a defective streaming multiprocessor or a bad lane of one), and
+    with it the row's loss and, through the saved log-sum-exp, its softmax gradient. One launch."""
+
+    name = "corruption.kernel_tile"
+    summary = "one output tile of the Triton loss kernel computes wrongly (one bit of each of its rows' results)"
+    where = "in_rank"
+    points = ("before_forward",)
+    Params = KernelTileParams
+    effects = ("corruption",)
+    effect_scope = "detector"
+    disruptive = False
+
+    def inject(self, ctx: Any) -> dict[str, Any]:
+        import torch  # lazy: in the rank only
+
+        from burnin.faults.bits import draw_bit  # lazy: torch, in the rank only
+
+        p = self.params
+        reduction = reduction_kernel(ctx, self.name)
+        rng = random.Random(p.seed)
+        tile = p.tile if p.tile is not None else rng.randrange(1 << 20)
+        bit = p.bit if p.bit is not None else draw_bit(torch.float32, p.bit_class, rng)
+        reduction.arm(bad_tile=tile, tile_xor=1 << bit)
+        return {"target": "kernel_tile", "tensor": "reduction", "tile": tile, "bit": bit,
+                "bit_class": _class_of(torch.float32, bit), "pattern": "tile"}
 
 
 def _shard(name: str, tensor: Any) -> tuple[str, Any]:
@@ -335,6 +446,11 @@ def workload_problem(fault: str, params: BaseModel, *, point: str | None, step: 
         if p.bit is not None and p.bit >= bits:
             return ("bit", "target"), (f"bit {p.bit} is outside a {dtype} element of target {target} "
                                        f"(bits 0..{bits - 1})")
+        if p.times > 1 and target in ("param", "optimizer_state"):
+            return ("times", "target"), (f"a recurring flip (times {p.times}) of target {target} flips the same bit "
+                                         "of the same element again, which undoes it; recur on what each step "
+                                         "computes anew (activation, grad, allreduce_payload, grad_reduced, batch), "
+                                         "or use corruption.stuck_bit for a defective memory cell")
         if p.bit is None and target == "batch" and p.bit_class == "exponent":
             return ("bit_class", "target"), ("the batch holds int64 tokens, which have no exponent bits; "
                                              "use sign, mantissa_high, mantissa_low or any")
@@ -480,4 +596,4 @@ def _num(value: int) -> str:
 
 
 #: The faults this module adds to the built-in catalogue (`burnin.faults.registry` registers them).
-FAULTS = (Bitflip, NaN)
+FAULTS = (Bitflip, NaN, StuckBit, KernelTile)

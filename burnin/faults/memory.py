@@ -19,14 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from burnin.faults.base import Fault
 
-__all__ = ["IllegalAccess", "LatentKernelBug", "OobWrite"]
+__all__ = ["IllegalAccess", "LatentKernelBug", "OobWrite", "reduction_kernel"]
 
 # 2**40 elements: terabytes past any allocation, so the load hits unmapped memory on any machine.
 _WILD = 1 << 40
 
 
-def _reduction(ctx: Any, fault: str):
-    """The reduction kernel's module, after checking that this rank's loss really runs it."""
+def reduction_kernel(ctx: Any, fault: str):
+    """The reduction kernel's module, after checking that this rank's loss really runs it (also for
+    `corruption.kernel_tile`)."""
     kernels = getattr(getattr(ctx.model, "cfg", None), "kernels", None)
     if kernels != "triton":
         raise RuntimeError(f"{fault} acts on the Triton loss kernel, but this workload uses kernels={kernels!r}: "
@@ -69,7 +70,7 @@ class IllegalAccess(Fault):
     effects = ("illegal_memory_access",)
 
     def inject(self, ctx: Any) -> dict[str, Any]:
-        reduction = _reduction(ctx, self.name)
+        reduction = reduction_kernel(ctx, self.name)
         row = self.params.row % _rows(ctx)
         _no_core_dump()
         reduction.arm(wild_row=row, wild_offset=self.params.offset)
@@ -134,7 +135,7 @@ class LatentKernelBug(Fault):
         return pattern, condition
 
     def inject(self, ctx: Any) -> dict[str, Any]:
-        reduction = _reduction(ctx, self.name)
+        reduction = reduction_kernel(ctx, self.name)
         batch = ctx.tensors.get("batch")
         if batch is None:
             raise RuntimeError(f"{self.name} needs the step's batch at {ctx.point}")
@@ -175,7 +176,7 @@ class OobWrite(Fault):
     effect_scope = "detector"
 
     def inject(self, ctx: Any) -> dict[str, Any]:
-        reduction = _reduction(ctx, self.name)
+        reduction = reduction_kernel(ctx, self.name)
         reduction.arm(overrun=self.params.elements)
         return {"kernel": "reduction", "elements_past_end": self.params.elements, "lands_in": "lse[0:n]"}
 

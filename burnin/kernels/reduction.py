@@ -4,8 +4,9 @@
 `F.cross_entropy(logits, targets)`; its forward runs `_logsumexp_nll_kernel`, its backward is plain
 torch. The kernel is also where the memory faults of the catalogue act: `arm()` makes its next
 launch compute one row's offset wrong (a load far outside the tensor: an illegal memory access on
-CUDA, SIGSEGV in the interpreter) or store a few elements past the end of its output (a silent
-overwrite of the neighbouring tensor). Disarmed, those arguments are no-ops.
+CUDA, SIGSEGV in the interpreter), store a few elements past the end of its output (a silent
+overwrite of the neighbouring tensor), or compute one program's tile wrongly (one bit of each of its
+rows' log-sum-exp flipped). Disarmed, those arguments are no-ops.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["cross_entropy", "logsumexp_nll", "logsumexp_nll_reference", "arm", "
 def _logsumexp_nll_kernel(
     logits_ptr, targets_ptr, nll_ptr, lse_ptr,
     n_rows, n_cols, stride_row,
-    wild_row, wild_offset, overrun,
+    wild_row, wild_offset, overrun, bad_tile, tile_xor,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -55,6 +56,10 @@ def _logsumexp_nll_kernel(
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
             m = m_new
     lse = m + tl.log(tl.where(row_ok, s, 1.0))  # rows past the end sum to 0: keep log() quiet
+    if pid == bad_tile:
+        # Armed only: this program's tile comes out wrong, one bit of each row's log-sum-exp flipped (and the
+        # loss computed from it), as from a defective unit.
+        lse = (lse.to(tl.int32, bitcast=True) ^ tile_xor).to(tl.float32, bitcast=True)
     tgt = tl.load(targets_ptr + rows, mask=row_ok, other=0)
     x_t = tl.load(logits_ptr + rows.to(tl.int64) * stride_row + tgt, mask=row_ok, other=0.0).to(tl.float32)
     nll = lse - x_t
@@ -73,15 +78,18 @@ class Armed:
     wild_row: int = -1       # the row whose offset is wrong
     wild_offset: int = 0     # elements added to that row's offset
     overrun: int = 0         # elements stored past the end of the output
+    bad_tile: int = -1       # the program whose results come out wrong (modulo the launch's programs)
+    tile_xor: int = 0        # the bits flipped in each of its rows' log-sum-exp
 
 
 _armed = Armed()
 
 
-def arm(*, wild_row: int = -1, wild_offset: int = 0, overrun: int = 0) -> None:
-    """Make the next launch (only that one) compute a wrong offset or write past its output."""
+def arm(*, wild_row: int = -1, wild_offset: int = 0, overrun: int = 0, bad_tile: int = -1, tile_xor: int = 0) -> None:
+    """Make the next launch (only that one) compute a wrong offset, write past its output, or compute one
+    tile's results wrongly."""
     global _armed
-    _armed = Armed(wild_row, wild_offset, overrun)
+    _armed = Armed(wild_row, wild_offset, overrun, bad_tile, tile_xor)
 
 
 def disarm() -> None:
@@ -117,9 +125,15 @@ def logsumexp_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     _logsumexp_nll_kernel[grid](
         logits, targets, nll, lse, n_rows, n_cols, logits.stride(0),
         armed.wild_row, armed.wild_offset, armed.overrun,
+        armed.bad_tile % grid[0] if armed.bad_tile >= 0 else -1, _signed32(armed.tile_xor),
         BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=n_cols <= block_n,
     )
     return nll, lse
+
+
+def _signed32(mask: int) -> int:
+    """A 32-bit XOR mask as the int32 the kernel takes (bit 31: negative)."""
+    return mask - (1 << 32) if mask >= 1 << 31 else mask
 
 
 def logsumexp_nll_reference(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

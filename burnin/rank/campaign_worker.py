@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 from burnin.errors import HarnessError
+from burnin.rank.guard import CorruptionDetected
 from burnin.rank.injector import Injector
 
 __all__ = ["run_trials"]
@@ -26,6 +27,7 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
 
     guard = run.guard
     guard.quiet = True
+    state: dict[str, Any] = {}
     warmup, window = campaign["warmup"], campaign["window"]
     end = warmup + window
 
@@ -48,10 +50,20 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
         seen: dict[int, tuple[str, float]] = {}
         step = warmup
         t0 = time.perf_counter()
+        state["gave_up"] = None
         while step < end:
             guard.before_step(step)
             loss, bits, gnorm = one_step(step)
-            nxt, loss, bits = guard.after_step(step, loss, bits, gnorm, rerun=one_step)
+            try:
+                nxt, loss, bits = guard.after_step(step, loss, bits, gnorm, rerun=one_step)
+            except CorruptionDetected as exc:
+                if guard.mode != "rollback":
+                    raise  # restart mode: the supervisor restarts the group, as the campaign asked
+                # Rollback gave up (a fault that acts again on every replay: a stuck bit). Every rank raised
+                # it together (the guard agrees first): the trial ends here, detected; the next one restores
+                # its own state, so the group need not restart.
+                state["gave_up"] = str(exc)
+                break
             if nxt > step:
                 seen[step] = (bits, float(loss))
                 run.injector.fire("between_steps", step, model=guard.model, optimizer=guard.optimizer)
@@ -100,6 +112,7 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
         if rank == 0:
             events.emit("trial_started", trial=trial["trial"])
         final, bits, wall, losses, held_out = window_run(base)
+        gave_up = state["gave_up"]
         mine = {"injected": [{"index": i, "step": s, "details": d} for i, s, d in run.injector.injected],
                 "findings": guard.log, "rollbacks": guard.rollbacks}
         parts = _gather(mine, world_size)
@@ -112,7 +125,8 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
             o_final, o_bits, _, o_losses, o_eval = window_run(base, act=False)
             o_parts = _gather({"injected": [d for _, _, d in run.injector.injected], "findings": guard.log},
                               world_size)
-            if [d for p in o_parts for d in p["injected"]] != [x["details"] for p in parts for x in p["injected"]]:
+            # (the fault as drawn: its first act on each rank; a fault with a span acts again on a replayed step)
+            if [p["injected"][:1] for p in o_parts] != [[x["details"] for x in p["injected"][:1]] for p in parts]:
                 raise HarnessError(f"trial {trial['trial']}: the unchecked run injected another fault than the trial "
                                    "(is the fault's draw deterministic?)")
             observed = {"findings": sorted((f for p in o_parts for f in p["findings"]), key=lambda f: f["step"]),
@@ -126,6 +140,7 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
                         state_hash=final, exact=final == ref_hash,
                         diverged_at_step=_first_difference(bits, ref_bits, warmup),
                         wall_s=wall, losses=losses, eval_loss=held_out, control=bool(trial.get("control")),
+                        **({"gave_up": gave_up} if gave_up else {}),
                         **({"observed": observed} if observed is not None else {}))
 
 

@@ -143,20 +143,23 @@ class Injector:
             if first and not self.quiet:
                 self.events.emit("fault_injected", fault_index=index, fault=fault.name, step=step, point=named,
                                  where="in_rank", simulated=fault.simulated, details=details)
+            elif not self.quiet:  # a fault that acts again across its span (a recurring defect, a stuck bit)
+                self.events.emit("fault_repeated", fault_index=index, fault=fault.name, step=step, point=named,
+                                 details=details)
 
     def _due(self, index: int, fault: Any, spec: dict[str, Any], step: int) -> bool:
         span = fault.span()
         if spec.get("at_s") is not None:
             if index in self._began:  # a timed fault with a span: the steps after the one it first hit
-                return step < self._began[index] + span
+                return step < self._began[index] + span and fault.fires_at(step - self._began[index])
             if index in self.fired or self.clock0 is None or time.time() < self.clock0 + spec["at_s"]:
                 return False
             self._began[index] = step
             return True
         if not spec["step"] <= step < spec["step"] + span:
             return False
-        # A repeating fault keeps firing across its span; a one-shot fault never fires twice.
-        return span > 1 or index not in self.fired
+        # A repeating fault keeps firing across its span (at the steps it says); a one-shot fault never twice.
+        return fault.fires_at(step - spec["step"]) if span > 1 else index not in self.fired
 
     def _inflict(self, index: int, fault: Any, step: int, point: str) -> None:
         """Apply an out-of-rank fault from inside the rank. The event is written first: the fault may end

@@ -220,6 +220,12 @@ def _fault_result(i: int, spec: Any, by_kind: dict[str, list[dict[str, Any]]], f
                       expected=spec.expected, outcome="failed", injected=injected_ev is not None,
                       injected_at=injected_ev["t"] if injected_ev else None,
                       simulated=bool(injected_ev and injected_ev.get("simulated")), details=details)
+    again = [ev for ev in by_kind["fault_repeated"] if ev.get("fault_index") == i]
+    if again:  # it acted again across its span: how often, and (a stuck bit) how many elements it changed in all
+        res.details["firings"] = 1 + len(again)
+        if "changed" in details:
+            res.details["changed_total"] = details["changed"] + sum((ev.get("details") or {}).get("changed", 0)
+                                                                    for ev in again)
     mine = [f for f in failures if i in f.fault_indices]
     failure = mine[0] if mine else None
     if failure is not None and res.injected_at is not None:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from burnin.errors import short
 from burnin.faults import registry
 from burnin.faults.base import COLLECTIVE_POINTS
-from burnin.faults.corruption import Bitflip, NaN, workload_problem
+from burnin.faults.corruption import Bitflip, NaN, StuckBit, workload_problem
 
 if TYPE_CHECKING:
     from burnin.scenarios.schema import FaultSpec, Scenario
@@ -333,7 +333,7 @@ def _workload_problem(sc: "Scenario", cls: Any, f: FaultSpec, rank: Any, step: A
             return ("point", "target"), ("point replica_all_reduce is HSDP's all-reduce across replicas, and this "
                                          "workload has none (dp_replicate=1); set dp_replicate > 1, or use all_gather "
                                          "or reduce_scatter")
-    if cls.name in (Bitflip.name, NaN.name) and w.entry is None:  # a loop's own model: checked when it fires
+    if cls.name in (Bitflip.name, NaN.name, StuckBit.name) and w.entry is None:  # a loop's own model: when it fires
         shards, where = 1, (0, 0)
         if w.parallel is not None:
             shards = w.parallel.mesh(w.ranks)[1]

@@ -664,10 +664,10 @@ class Scenario(_Model):
             raise ValueError("campaign: a data-fault campaign steps burnin's own workload trial by trial; with "
                              "workload.entry, use `burnin run` (or a campaign of process and storage faults)")
         for i, f in enumerate(self.faults):
-            if f.fault.startswith("memory.") and self.workload.entry is not None:
+            if (f.fault.startswith("memory.") or f.fault == "corruption.kernel_tile") and self.workload.entry is not None:
                 raise ValueError(f"faults.{i}.fault: {f.fault} acts on burnin's own Triton loss kernel, which "
                                  f"a loop named by workload.entry does not run; drop the fault")
-            if f.fault.startswith("memory.") and self.workload.kernels != "triton":
+            if (f.fault.startswith("memory.") or f.fault == "corruption.kernel_tile") and self.workload.kernels != "triton":
                 raise ValueError(f"faults.{i}.fault: {f.fault} acts on the Triton loss kernel; "
                                  f"set workload.kernels: triton (it is {self.workload.kernels!r})")
             if f.rank >= self.workload.ranks:
