@@ -373,17 +373,31 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
         summary = run_campaign(scenario, args.out, trials=args.trials, seed=args.seed, resume=args.resume,
                                on_event=progress.on_event, history=args.history)
     o = summary["outcomes"]
+    recovery = summary.get("kind") == "recovery"
+    # (`degraded` is an outcome of a system that recovers itself: a data-fault campaign never has one)
     print(f"{summary['scenario']}: {summary['trials']} trials  " + "  ".join(
-        f"{k} {v['count']} ({v['rate']:.1%}, {v['ci95'][0]:.1%}-{v['ci95'][1]:.1%})" for k, v in o.items()))
-    if summary.get("kind") == "recovery":
+        f"{k} {v['count']} ({v['rate']:.1%}, {v['ci95'][0]:.1%}-{v['ci95'][1]:.1%})" for k, v in o.items()
+        if recovery or k != "degraded" or v["count"]))
+    if recovery:
         return _report_recovery_campaign(summary)
+    eff, band = summary.get("effects"), summary.get("noise_band")
+    if eff and band and eff["silent_trials"]:
+        print(f"effects of the {eff['silent_trials']} silent trials: " + ", ".join(
+            f"{e} {eff[e]['count']}" for e in ("benign", "transient", "degraded", "diverged"))
+            + f"; harmful {eff['harmful']['rate']:.1%} ({eff['harmful']['ci95'][0]:.1%}-{eff['harmful']['ci95'][1]:.1%});"
+            f" noise band: final loss {band['final']:.2%}, held-out {band['eval']:.2%}, per step {band['step']:.2%}")
     fa = summary["false_alarms"]
     print(f"false alarms: {sum(fa['reference'].values())} in the fault-free reference; "
           f"wall {summary['timing']['wall_s']:.0f} s")
     if summary.get("error"):
         print(f"burnin: harness error: {summary['error']}", file=sys.stderr)
-    print(f"{'PASS' if summary['complete'] and not fa['reference'] else 'FAIL'} {summary['run_dir']}")
-    return 0 if summary["complete"] and not fa["reference"] else 1
+    wrong = (summary.get("effect_expectations") or {}).get("failed") or []
+    for w in wrong[:5]:
+        print(f"burnin: trial {w['trial']} (faults.{w['template']}): effect {w['effect']}, expected "
+              f"{' or '.join(w['expected'])}", file=sys.stderr)
+    ok = summary["complete"] and not fa["reference"] and not wrong
+    print(f"{'PASS' if ok else 'FAIL'} {summary['run_dir']}")
+    return 0 if ok else 1
 
 
 def _report_recovery_campaign(summary: dict[str, Any]) -> int:

@@ -163,3 +163,43 @@ def test_a_stuck_region_a_recurring_flip_and_a_wrong_kernel_tile_in_a_real_run(t
     faults = summary["faults"]
     assert faults[0]["details"]["firings"] == 3 and faults[1]["details"]["firings"] == 3
     assert faults[0]["details"]["changed_total"] == sum(d["changed"] for _, d in stuck)
+
+
+@pytest.mark.slow
+def test_each_effect_class_from_a_deterministic_bundled_campaign(tmp_path: Path) -> None:
+    """sdc-effects: one trial per class, each fault expecting its class; then the same trials judged against a
+    wrong expectation fail the campaign, naming the trial."""
+    import json
+
+    from conftest import run_cli, run_dir_of
+
+    from burnin.harness.campaign import summarize
+
+    proc = run_cli("campaign", "sdc-effects", "--out", str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = run_dir_of(tmp_path)
+    s = json.loads((run / "campaign.json").read_text())
+    assert s["effect_expectations"] == {"checked": 4, "failed": []}
+    assert [s["effects"][e]["count"] for e in ("benign", "transient", "degraded", "diverged")] == [1, 1, 1, 1]
+    records = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
+    assert [r["template"] for r in records if not r.get("control")] == [0, 1, 2, 3]  # draw: each
+    sc = load_scenario("sdc-effects")
+    wrong = sc.model_copy(update={"faults": [sc.faults[0], sc.faults[1].model_copy(update={"expect_effect": "benign"}),
+                                             *sc.faults[2:]]})
+    again = summarize(wrong, records, json.loads((run / "reference.json").read_text()))
+    assert again["effect_expectations"]["failed"] == [{"trial": 1, "template": 1, "expected": ["benign"],
+                                                       "effect": "transient"}]
+
+
+def test_an_effect_expectation_outside_a_data_fault_campaign_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\nworkload: {model: tiny, ranks: 2, steps: 16}\nfaults:\n"
+                    "  - {fault: corruption.bitflip, step: 9, params: {target: param}, expect_effect: benign}\n")
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(str(path))
+    assert "expect_effect" in str(exc.value) and "\n" not in str(exc.value).strip(), str(exc.value)
+    path.write_text("name: x\nworkload: {model: tiny, ranks: 2, steps: 16}\ncampaign: {trials: 2, warmup: 4, window: 4}\n"
+                    "faults:\n  - {fault: corruption.bitflip, step: 5, params: {target: param}, expect_effect: harmful}\n")
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(str(path))
+    assert "expect_effect" in str(exc.value) and "\n" not in str(exc.value).strip(), str(exc.value)

@@ -68,6 +68,19 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[
                                         "rate": h / len(known) if known else None,
                                         "ci95": list(wilson(h, len(known))) if known else [0.0, 1.0]}}
         scorecard.append(row)
+    # Templates that say which effect their trials must have (deterministic demonstrations of each class).
+    wrong = []
+    checked = 0
+    for t in judged:
+        spec = scenario.faults[t["template"]] if t.get("template") is not None and t["template"] < len(scenario.faults) \
+            else None
+        if spec is None or spec.expect_effect is None:
+            continue
+        want = [spec.expect_effect] if isinstance(spec.expect_effect, str) else list(spec.expect_effect)
+        got = (t.get("unchecked") or {}).get("effect")
+        checked += 1
+        if got not in want:
+            wrong.append({"trial": t["trial"], "template": t["template"], "expected": want, "effect": got})
     ref_alarms = (reference or {}).get("false_alarms", [])
     fault_free_steps = (reference or {}).get("steps", 0)
     alarms_by_detector: dict[str, int] = defaultdict(int)
@@ -84,6 +97,7 @@ def summarize(scenario: Scenario, trials: list[dict[str, Any]], reference: dict[
         "unchecked_effects": effect_rates([{"effect": t["unchecked"]["effect"]} for t in judged
                                            if t.get("unchecked") and t["unchecked"]["effect"]]),
         "detector_harm": detector_harm(judged, detectors),
+        "effect_expectations": {"checked": checked, "failed": wrong},
         "scorecard": scorecard,
         "false_alarms": {"reference_window_steps": fault_free_steps, "reference": dict(alarms_by_detector),
                          "in_trials_before_fault": sum(t["false_alarms"] for t in judged)},
@@ -253,6 +267,12 @@ def _write_reports(run_dir: Path, summary: dict[str, Any]) -> None:
         lines += ["", f"Noise band (relative to the fault-free window): final loss {band['final']:.3g}, held-out loss "
                       f"{band['eval']:.3g}, largest per-step deviation {band['step']:.3g}; measured from "
                       f"{band['how']}. Diverged: NaN/Inf, or {band['diverged_ratio']}x the reference's loss."]
+    ee = summary.get("effect_expectations") or {}
+    if ee.get("checked"):
+        lines += ["", f"Effect expectations: {ee['checked'] - len(ee['failed'])} of {ee['checked']} trials had the "
+                      "effect their fault expects" + "".join(f"; trial {w['trial']} (faults.{w['template']}): "
+                                                             f"{w['effect']}, expected {' or '.join(w['expected'])}"
+                                                             for w in ee["failed"])]
     harm = summary.get("detector_harm")
     if harm and harm["trials"]:
         lines += ["", f"## Detectors against harm ({harm['harmful']} harmful, {harm['benign']} benign of "

@@ -40,7 +40,8 @@ def judge_trial(rec: dict[str, Any]) -> dict[str, Any]:
     """One trial's outcome from its `trial_done` record (or a crash record)."""
     fault = rec["fault"]
     if rec.get("crash"):
-        return {"trial": rec["trial"], "fault": fault["fault"], "target": fault["params"].get("target"),
+        return {"trial": rec["trial"], "template": rec.get("template"), "fault": fault["fault"],
+                "target": fault["params"].get("target"),
                 "bit_class": fault["params"].get("bit_class") or fault["params"].get("value"), "outcome": "detected",
                 "detectors": ["crash"], "latency_steps": {}, "false_alarms": 0, "crash": rec["crash"]}
     inj = rec["injected"][0] if rec["injected"] else None
@@ -58,7 +59,8 @@ def judge_trial(rec: dict[str, Any]) -> dict[str, Any]:
         outcome = "recovered" if rec["exact"] else "detected"
     else:
         outcome = "masked" if rec["exact"] else "sdc"
-    return {"trial": rec["trial"], "fault": fault["fault"], "target": details.get("target", fault["params"].get("target")),
+    return {"trial": rec["trial"], "template": rec.get("template"),
+            "fault": fault["fault"], "target": details.get("target", fault["params"].get("target")),
             "bit_class": details.get("bit_class") or details.get("value") or "n/a", "tensor": details.get("tensor"),
             "bit": details.get("bit"), "pattern": details.get("pattern", "single"), "outcome": outcome, "detectors": sorted(latency), "latency_steps": latency,
             "false_alarms": len(before), "rollbacks": rec.get("rollbacks", 0), "exact": rec["exact"],

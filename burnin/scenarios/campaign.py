@@ -37,7 +37,7 @@ def draw_trials(scenario: Scenario, trials: int, seed: int) -> list[dict[str, An
     out = []
     for k in range(trials):
         rng = random.Random(f"burnin-campaign:{seed}:{k}")
-        template = rng.randrange(len(scenario.faults))
+        template = rng.randrange(len(scenario.faults)) if c.draw == "random" else k % len(scenario.faults)
         spec = scenario.faults[template].model_dump(mode="json")
         params = dict(spec["params"])
         for key in sorted(spec["vary"]):

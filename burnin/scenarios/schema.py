@@ -48,6 +48,8 @@ OUTCOMES = ("recovered", "masked", "detected", "sdc", "failed", "degraded", "unj
 #: A campaign's trial has one fault: nothing diverged before it, so it is never `unjudged`.
 TRIAL_OUTCOMES = OUTCOMES[:-1]
 Outcome = Literal["recovered", "masked", "detected", "sdc", "failed", "degraded"]
+#: What a silent corruption did (burnin.reports.effects): an expectation a data-fault campaign can check.
+Effect = Literal["benign", "transient", "degraded", "diverged"]
 MODEL_PRESETS = ("tiny", "small", "gpt2-124m")
 
 MAX_RANKS = 64
@@ -407,6 +409,10 @@ class FaultSpec(_Model):
     vary: dict[str, list[Any] | VaryRange] = Field(
         default_factory=dict, description="campaigns: per trial, draw `rank`, `step` or a parameter from a list "
                                           "of choices or an inclusive {min, max} range")
+    expect_effect: Effect | list[Effect] | None = Field(
+        None, description="data-fault campaigns: the effect class(es) each trial of this fault must have when "
+                          "nothing acts on it (benign, transient, degraded, diverged, against the campaign's noise "
+                          "band); a trial with another fails the campaign")
     at_s: float | None = Field(None, ge=0, le=7 * 86400,
                                description="burn-in schedules: fire this many seconds after the burn-in began "
                                            "(instead of at `step`): an out-of-rank fault at that instant, in the "
@@ -458,6 +464,9 @@ class Campaign(_Model):
                                                           "trials again with the lowest mantissa bit (a flip that "
                                                           "cannot matter); their spread is what a silent corruption's "
                                                           "effect is measured against")
+    draw: Literal["random", "each"] = Field("random", description="which fault a trial takes: drawn at random, or "
+                                                                 "each in turn (trial k takes fault k mod their "
+                                                                 "number: every fault gets its trials)")
     spread_windows: int = Field(0, ge=0, le=100, description="fault-free windows over other batches from the same "
                                                              "state: the seed-to-seed spread of the final and the "
                                                              "held-out loss, the noise band's other half")
@@ -670,6 +679,10 @@ class Scenario(_Model):
             if (f.fault.startswith("memory.") or f.fault == "corruption.kernel_tile") and self.workload.kernels != "triton":
                 raise ValueError(f"faults.{i}.fault: {f.fault} acts on the Triton loss kernel; "
                                  f"set workload.kernels: triton (it is {self.workload.kernels!r})")
+            if f.expect_effect is not None and (self.campaign is None or f.build().where != "in_rank"):
+                raise ValueError(f"faults.{i}.expect_effect: effect classes are measured by a data-fault campaign "
+                                 "(against its noise band), and this is not one; add a `campaign:` section or drop "
+                                 "expect_effect")
             if f.rank >= self.workload.ranks:
                 raise ValueError(f"faults.{i}.rank: {rank_problem(f.rank, self.workload.ranks)}")
             if f.step >= self.workload.steps:
