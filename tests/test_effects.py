@@ -183,6 +183,12 @@ def test_each_effect_class_from_a_deterministic_bundled_campaign(tmp_path: Path)
     assert [s["effects"][e]["count"] for e in ("benign", "transient", "degraded", "diverged")] == [1, 1, 1, 1]
     records = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
     assert [r["template"] for r in records if not r.get("control")] == [0, 1, 2, 3]  # draw: each
+    # triage knows the classes: the harmful escapes are failures signed by class and place, the benign one is none
+    tri = run_cli("triage", str(run), "--json", timeout=60)
+    assert tri.returncode == 0, tri.stderr
+    sigs = sorted(g["signature"] for g in json.loads(tri.stdout)["groups"])
+    assert sigs == ["silent degraded: corruption.kernel_tile exponent", "silent diverged: corruption.bitflip param exponent",
+                    "silent transient: corruption.kernel_tile mantissa_high"], sigs
     sc = load_scenario("sdc-effects")
     wrong = sc.model_copy(update={"faults": [sc.faults[0], sc.faults[1].model_copy(update={"expect_effect": "benign"}),
                                              *sc.faults[2:]]})

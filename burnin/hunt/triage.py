@@ -12,6 +12,10 @@ the injected faults that explain it or `unexplained`, and its status against a b
 `ongoing` (in both), `resolved` (in the baseline, gone now). Groups explained by one fault share a
 cause, and are listed together under it: a latent kernel bug that shows as a segfault in one run
 and a NaN in another is one cause with two signatures.
+
+A data-fault campaign's directory counts as one run whose failures are its harmful silent escapes, signed
+by effect class and where the fault struck (`silent diverged: corruption.bitflip param exponent`): triage
+of two campaigns says which kinds of harm are new, ongoing or resolved. A benign escape is no failure.
 """
 
 from __future__ import annotations
@@ -21,20 +25,29 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from burnin.core.events import read_events
 from burnin.errors import UserError
 from burnin.reports import history as hist
+from burnin.reports.effects import HARMFUL, classify_effect
+from burnin.reports.trials import judge_trial
 
 __all__ = ["collect_dirs", "collect_history", "triage", "markdown"]
 
 
 def collect_dirs(dirs: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(runs, failures) from run directories (summary.json) and burn-in directories (burn-in.json's run)."""
+    """(runs, failures) from run directories (summary.json), burn-in directories (burn-in.json's run) and
+    data-fault campaign directories (their harmful silent escapes and crashed trials)."""
     runs, failures = [], []
     for d in dirs:
         path = Path(d)
         summary = path / "summary.json"
+        if not summary.exists() and (path / "campaign.json").exists() and (path / "trials.jsonl").exists():
+            run, found = _campaign(path)
+            runs.append(run)
+            failures += found
+            continue
         if not summary.exists():
-            raise UserError(f"triage: {d} holds no summary.json; give run directories (or --history)")
+            raise UserError(f"triage: {d} holds no summary.json; give run or campaign directories (or --history)")
         s = json.loads(summary.read_text())
         runs.append({"run_id": s["run_id"], "scenario": s["scenario"], "started_at": s["started_at"]})
         names = {f["index"]: f["fault"] for f in s.get("faults", [])}
@@ -44,6 +57,43 @@ def collect_dirs(dirs: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, 
                              "cause": f["cause"], "rank": f.get("rank"), "step": f.get("last_step"), "time": f["time"],
                              "explained_by": sorted({names[i] for i in idx if i in names}) or None})
     return runs, failures
+
+
+def _campaign(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A data-fault campaign as one run: each trial whose fault escaped and did harm (transient, degraded,
+    diverged against the campaign's own noise band) is a failure signed by its class and where it struck
+    (`silent diverged: corruption.bitflip param exponent`); a benign escape is not one. A crashed trial
+    keeps its crash's signature."""
+    try:
+        summary = json.loads((path / "campaign.json").read_text())
+        trials = read_events(path / "trials.jsonl")
+        events = read_events(path / "events.jsonl") if (path / "events.jsonl").exists() else []
+        reference = json.loads((path / "reference.json").read_text()) if (path / "reference.json").exists() else None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"triage: {path} is a damaged campaign directory ({' '.join(str(exc).split())[:200]})") from None
+    if summary.get("kind") == "recovery" or "effects" not in summary:
+        raise UserError(f"triage: {path} is a campaign without effect classes (a recovery campaign, or one from before "
+                        "them); triage its trials' runs, or run it again")
+    started = events[0]["t"] if events else path.stat().st_mtime
+    run = {"run_id": path.name, "scenario": summary["scenario"], "started_at": started}
+    out = []
+    for t in trials:
+        if t.get("control"):
+            continue
+        j = classify_effect(judge_trial(t), t, reference, summary["noise_band"])
+        fault = t["fault"]
+        base = {"run_id": path.name, "scenario": summary["scenario"], "rank": fault.get("rank"),
+                "step": (t.get("injected") or [{}])[0].get("step", fault.get("step")), "time": started,
+                "explained_by": [j["fault"]]}
+        if t.get("crash"):
+            cause, _, sig = t["crash"].partition(": ")
+            out.append({**base, "signature": sig or t["crash"], "cause": cause})
+        elif j.get("effect") in HARMFUL:
+            target = None if j["fault"].endswith("." + str(j["target"])) else j["target"]
+            pattern = None if j.get("pattern") in (None, "single", "tile") else j["pattern"]
+            where = " ".join(str(x) for x in (target, j["bit_class"], pattern) if x)
+            out.append({**base, "signature": f"silent {j['effect']}: {j['fault']} {where}", "cause": "sdc"})
+    return run, out
 
 
 def collect_history(history: str | None, *, scenario: str | None = None, commit: str | None = None,
