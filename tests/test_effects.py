@@ -175,9 +175,10 @@ def test_each_effect_class_from_a_deterministic_bundled_campaign(tmp_path: Path)
 
     from burnin.harness.campaign import summarize
 
-    proc = run_cli("campaign", "sdc-effects", "--out", str(tmp_path), timeout=300)
+    history = tmp_path / "history.sqlite"
+    proc = run_cli("campaign", "sdc-effects", "--out", str(tmp_path / "runs"), "--history", str(history), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    run = run_dir_of(tmp_path)
+    run = run_dir_of(tmp_path / "runs")
     s = json.loads((run / "campaign.json").read_text())
     assert s["effect_expectations"] == {"checked": 4, "failed": []}
     assert [s["effects"][e]["count"] for e in ("benign", "transient", "degraded", "diverged")] == [1, 1, 1, 1]
@@ -189,6 +190,10 @@ def test_each_effect_class_from_a_deterministic_bundled_campaign(tmp_path: Path)
     sigs = sorted(g["signature"] for g in json.loads(tri.stdout)["groups"])
     assert sigs == ["silent degraded: corruption.kernel_tile exponent", "silent diverged: corruption.bitflip param exponent",
                     "silent transient: corruption.kernel_tile mantissa_high"], sigs
+    # ... from the campaign's directory and from the history alike
+    tri = run_cli("triage", "--history", str(history), "--json", timeout=60)
+    assert tri.returncode == 0, tri.stderr
+    assert sorted(g["signature"] for g in json.loads(tri.stdout)["groups"]) == sigs
     sc = load_scenario("sdc-effects")
     wrong = sc.model_copy(update={"faults": [sc.faults[0], sc.faults[1].model_copy(update={"expect_effect": "benign"}),
                                              *sc.faults[2:]]})

@@ -223,13 +223,14 @@ def run_campaign(scenario: Scenario, out_dir: str | Path = "runs", *, trials: in
     metrics.campaign_effects(summary)
     metrics.write_textfile(run_dir / "metrics.prom")
     summary["run_dir"] = str(run_dir)
-    _record(summary, done, history, t0)
+    _record(summary, done, history, t0, state["reference"])
     return summary
 
 
-def _record(summary: dict[str, Any], done: dict[int, Any], history: str | None, t0: float) -> None:
+def _record(summary: dict[str, Any], done: dict[int, Any], history: str | None, t0: float,
+            reference: dict[str, Any] | None = None) -> None:
     trials = [done[k] for k in sorted(done) if not done[k].get("control")]  # controls measure the band only
-    hist.record_campaign(summary, trials, hist.history_path(history), t0)
+    hist.record_campaign(summary, trials, hist.history_path(history), t0, reference)
 
 
 def read_campaign_meta(run_dir: str | Path) -> tuple[int, int]:

@@ -28,8 +28,7 @@ from typing import Any
 from burnin.core.events import read_events
 from burnin.errors import UserError
 from burnin.reports import history as hist
-from burnin.reports.effects import HARMFUL, classify_effect
-from burnin.reports.trials import judge_trial
+from burnin.reports.effects import harmful_escapes
 
 __all__ = ["collect_dirs", "collect_history", "triage", "markdown"]
 
@@ -78,21 +77,14 @@ def _campaign(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     run = {"run_id": path.name, "scenario": summary["scenario"], "started_at": started}
     out = []
     for t in trials:
-        if t.get("control"):
-            continue
-        j = classify_effect(judge_trial(t), t, reference, summary["noise_band"])
-        fault = t["fault"]
-        base = {"run_id": path.name, "scenario": summary["scenario"], "rank": fault.get("rank"),
-                "step": (t.get("injected") or [{}])[0].get("step", fault.get("step")), "time": started,
-                "explained_by": [j["fault"]]}
-        if t.get("crash"):
+        if t.get("crash") and not t.get("control"):
             cause, _, sig = t["crash"].partition(": ")
-            out.append({**base, "signature": sig or t["crash"], "cause": cause})
-        elif j.get("effect") in HARMFUL:
-            target = None if j["fault"].endswith("." + str(j["target"])) else j["target"]
-            pattern = None if j.get("pattern") in (None, "single", "tile") else j["pattern"]
-            where = " ".join(str(x) for x in (target, j["bit_class"], pattern) if x)
-            out.append({**base, "signature": f"silent {j['effect']}: {j['fault']} {where}", "cause": "sdc"})
+            out.append({"run_id": path.name, "scenario": summary["scenario"], "rank": t["fault"].get("rank"),
+                        "step": t["fault"].get("step"), "time": started, "explained_by": [t["fault"]["fault"]],
+                        "signature": sig or t["crash"], "cause": cause})
+    for e in harmful_escapes(trials, reference, summary["noise_band"]):
+        out.append({"run_id": path.name, "scenario": summary["scenario"], "rank": e["rank"], "step": e["step"],
+                    "time": started, "explained_by": [e["fault"]], "signature": e["signature"], "cause": "sdc"})
     return run, out
 
 

@@ -34,10 +34,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from burnin.reports.trials import wilson
+from burnin.reports.trials import judge_trial, wilson
 
 __all__ = ["EFFECTS", "HARMFUL", "DIVERGED_RATIO", "noise_band", "deviations", "classify_effect", "effect_rates",
-           "unchecked_effect", "detector_harm"]
+           "unchecked_effect", "detector_harm", "harmful_escapes"]
 
 EFFECTS = ("benign", "transient", "degraded", "diverged")
 HARMFUL = ("transient", "degraded", "diverged")
@@ -196,4 +196,25 @@ def effect_rates(judged: list[dict[str, Any]]) -> dict[str, Any]:
     harmful = sum(t["effect"] in HARMFUL for t in silent)
     out["harmful"] = {"count": harmful, "rate": harmful / n if n else 0.0,
                       "ci95": list(wilson(harmful, n)) if n else [0.0, 1.0]}
+    return out
+
+
+def harmful_escapes(trials: list[dict[str, Any]], reference: dict[str, Any] | None,
+                    band: dict[str, Any]) -> list[dict[str, Any]]:
+    """A campaign's trials whose fault escaped every detector and did harm (transient, degraded, diverged
+    against the band), each with a signature of its class and place for triage and the history:
+    `silent diverged: corruption.bitflip param exponent`."""
+    out = []
+    for t in trials:
+        if t.get("control") or t.get("crash"):
+            continue
+        j = classify_effect(judge_trial(t), t, reference, band)
+        if j.get("effect") not in HARMFUL:
+            continue
+        target = None if j["fault"].endswith("." + str(j["target"])) else j["target"]
+        pattern = None if j.get("pattern") in (None, "single", "tile") else j["pattern"]
+        where = " ".join(str(x) for x in (target, j["bit_class"], pattern) if x)
+        out.append({"trial": t["trial"], "fault": j["fault"], "effect": j["effect"], "rank": t["fault"].get("rank"),
+                    "step": (t.get("injected") or [{}])[0].get("step", t["fault"].get("step")),
+                    "signature": f"silent {j['effect']}: {j['fault']} {where}"})
     return out

@@ -27,6 +27,7 @@ from urllib.parse import quote
 from typing import Any
 
 from burnin.errors import UserError, oneline
+from burnin.reports.effects import harmful_escapes
 from burnin.reports.trials import judge_trial
 
 __all__ = ["history_path", "connect", "record_run", "record_campaign", "record_burn_in", "select_runs",
@@ -228,10 +229,14 @@ def _explained(result: Any, failure: Any) -> str | None:
 
 
 def record_campaign(summary: dict[str, Any], trials: list[dict[str, Any]], path: Path | None,
-                    started_at: float) -> None:
-    """A campaign: its summary's figures, and each trial as a fault row (with its failures for process trials)."""
+                    started_at: float, reference: dict[str, Any] | None = None) -> None:
+    """A campaign: its summary's figures, and each trial as a fault row (with its failures for process trials;
+    for a data-fault campaign, each harmful silent escape as a failure signed by its effect class)."""
     run_id = Path(summary["run_dir"]).name
-    figures = {k: summary.get(k) for k in ("kind", "trials", "outcomes", "exact", "seed", "complete")}
+    figures = {k: summary.get(k) for k in ("kind", "trials", "outcomes", "exact", "seed", "complete", "effects",
+                                           "unchecked_effects")}
+    if summary.get("detector_harm"):
+        figures["detector_harm_any"] = summary["detector_harm"]["detectors"].get("any")
     if summary.get("kind") == "recovery":
         figures["recovery_s"] = summary["recovery_s"]["total_s"]
     ok = summary.get("complete", False) and (summary.get("failed_expectations", 0) == 0 if summary.get("kind") == "recovery"
@@ -256,6 +261,10 @@ def record_campaign(summary: dict[str, Any], trials: list[dict[str, Any]], path:
         if t.get("crash"):
             failures.append((run_id, t["trial"], None, t["crash"], "crash", "crash", f.get("rank"), f.get("step"),
                              f["fault"], None))
+    if summary.get("noise_band") and reference is not None:
+        for e in harmful_escapes(trials, reference, summary["noise_band"]):
+            failures.append((run_id, e["trial"], None, e["signature"], "sdc", None, e["rank"], e["step"], e["fault"],
+                             None))
     _write(path, run, faults, failures)
 
 
