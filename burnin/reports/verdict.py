@@ -285,7 +285,7 @@ def _by_divergence(faults: list[FaultResult], scenario: Any, by_kind: dict[str, 
     those at or before it. What else the evidence says, fault by fault:
 
     - damage that nothing read (a checkpoint or snapshot never loaded), or that a later resume or rollback to
-      a step before it threw away, or a fault that cannot change the bits: `masked`;
+      a step before it threw away (a fault that acts once), or a fault that cannot change the bits: `masked`;
     - an undetected fault at or before the first divergent step: `sdc` (guilty; one of these caused it);
     - a fault injected after the divergence: `unjudged`, no outcome of its own (nothing to compare it with);
     - a detected fault whose recovery matched the golden run step for step until a later fault's divergence:
@@ -311,9 +311,11 @@ def _by_divergence(faults: list[FaultResult], scenario: Any, by_kind: dict[str, 
         s = step_of(f)
         acts_from = s + 1 if f.point == "between_steps" else s
         stored, unread = _damage_unread(f, by_kind)
-        wiped = None if stored else next(((t, step) for t, step in restarts
-                                          if t > f.injected_at and step <= acts_from), None)
-        if not spec.build().changes_state:
+        fault = spec.build()
+        # (a fault with a span acts again on the steps a resume runs again: a resume does not undo it)
+        wiped = None if stored or fault.span() > 1 else next(((t, step) for t, step in restarts
+                                                              if t > f.injected_at and step <= acts_from), None)
+        if not fault.changes_state:
             f.outcome, f.details["why"] = "masked", "it cannot change the training's bits without stopping the group"
         elif unread:
             f.outcome, f.details["why"] = "masked", unread
