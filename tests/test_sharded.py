@@ -337,10 +337,14 @@ def test_a_save_killed_midway_never_commits_and_the_one_before_is_loaded(tmp_pat
     saved = [e for e in events if e["event"] == "checkpoint_saved"]
     assert all(bool(e.get("asynchronous")) == async_save for e in saved), saved
     refused = [(e["attempt"], e["checkpoint_step"]) for e in events if e["event"] == "checkpoint_rejected"]
-    assert (1, 8) in refused and (2, 12) in refused and all("not committed" in e["reason"] for e in events
-                                                            if e["event"] == "checkpoint_rejected"), refused
+    second = [step for attempt, step in refused if attempt == 2]
+    # The commit-phase crash, armed at step 10, hits the next commit. A synchronous save of step 8 committed
+    # before step 8 ran; an asynchronous one may still be in flight at step 10 on a busy machine (seen once in
+    # a full suite): then the crash hits that commit, not step 12's.
+    assert (1, 8) in refused and second in ([12], [8] if async_save else [12]) and all(
+        "not committed" in e["reason"] for e in events if e["event"] == "checkpoint_rejected"), refused
     starts = {e["attempt"]: e["from_step"] for e in events if e["event"] == "resumed" and e["rank"] == 0}
-    assert starts[1] == 4 and starts[2] == 8, starts
+    assert starts[1] == 4 and starts[2] == second[0] - 4, starts
     # what the crashes left: the checkpoint committed last, its DCP shards and .metadata under the manifest
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["step_00000016"], ckpts
