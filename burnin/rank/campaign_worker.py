@@ -27,7 +27,7 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
 
     guard = run.guard
     guard.quiet = True
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"observing": bool(campaign.get("observe"))}
     warmup, window = campaign["warmup"], campaign["window"]
     end = warmup + window
 
@@ -69,7 +69,10 @@ def run_trials(campaign: dict[str, Any], run: Any, one_step: Callable[[int], tup
                 run.injector.fire("between_steps", step, model=guard.model, optimizer=guard.optimizer)
             step = nxt
         wall = time.perf_counter() - t0
-        held_out = run.held_out_loss()
+        # A trial the guard acted on (every rank rolled back, or gave up, together) is judged from its unchecked
+        # run when the campaign runs one: its own held-out loss would be read by nothing (~1.3 steps of forward).
+        skip_eval = state.get("observing") and guard.mode == "rollback" and (guard.rollbacks or state["gave_up"])
+        held_out = None if skip_eval else run.held_out_loss()
         ordered = [seen[s] for s in sorted(seen)]
         return (state_hash(guard.model, guard.optimizer), [b for b, _ in ordered], wall, [x for _, x in ordered],
                 held_out[0] if held_out else None)
