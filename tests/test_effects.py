@@ -17,6 +17,15 @@ REF = {"losses": [3.0, 2.9, 2.8, 2.7], "eval_loss": 2.75,
                   {"final_loss": 2.7 * 0.99, "eval_loss": 2.75, "losses": [3.0, 2.9, 2.8 * 0.98, 2.7 * 0.99]}]}
 
 
+def _refused(tmp_path: Path, field: str, text: str) -> None:
+    """The scenario `text` is refused at load with one line that names `field`."""
+    path = tmp_path / f"{field}.yaml"
+    path.write_text(text)
+    with pytest.raises(ScenarioError) as exc:
+        load_scenario(str(path))
+    assert field in str(exc.value) and "\n" not in str(exc.value).strip(), str(exc.value)
+
+
 def _trial(losses: list[float], eval_loss: float, outcome: str = "sdc") -> tuple[dict, dict]:
     return {"trial": 0, "outcome": outcome}, {"losses": losses, "eval_loss": eval_loss}
 
@@ -59,12 +68,9 @@ def test_bad_values_of_the_new_fields_are_one_line_errors(tmp_path: Path) -> Non
         attach(object(), object(), evaluate=5)
     assert "evaluate" in str(exc.value) and "\n" not in str(exc.value)
     for field, value in (("controls", -1), ("spread_windows", 1000), ("controls", "many")):
-        path = tmp_path / f"{field}.yaml"
-        path.write_text(f"name: x\nworkload: {{model: tiny, ranks: 2, steps: 16}}\ncampaign: {{trials: 4, {field}: "
-                        f"{value}}}\nfaults:\n  - {{fault: corruption.bitflip, step: 9, params: {{target: param}}}}\n")
-        with pytest.raises(ScenarioError) as exc:
-            load_scenario(str(path))
-        assert field in str(exc.value) and "\n" not in str(exc.value).strip(), str(exc.value)
+        _refused(tmp_path, field, f"name: x\nworkload: {{model: tiny, ranks: 2, steps: 16}}\ncampaign: {{trials: 4, "
+                                  f"{field}: {value}}}\nfaults:\n  - {{fault: corruption.bitflip, step: 9, params: "
+                                  "{target: param}}\n")
     path = tmp_path / "eval.yaml"
     path.write_text("name: x\nworkload: {model: tiny, ranks: 2, steps: 16, eval_batches: -2}\n")
     with pytest.raises(ScenarioError) as exc:
@@ -109,12 +115,8 @@ def test_a_pattern_that_does_not_fit_is_a_one_line_error_at_load(tmp_path: Path)
         ("steps", "corruption.stuck_bit", ""): "{steps: 0}",
     })
     for (field, fault, workload), params in cases.items():
-        path = tmp_path / f"{field}.yaml"
-        path.write_text(f"name: x\nworkload: {{model: tiny, ranks: 2, steps: 16{workload}}}\nfaults:\n"
-                        f"  - {{fault: {fault}, step: 9, params: {params}}}\n")
-        with pytest.raises(ScenarioError) as exc:
-            load_scenario(str(path))
-        assert field in str(exc.value) and "\n" not in str(exc.value).strip(), str(exc.value)
+        _refused(tmp_path, field, f"name: x\nworkload: {{model: tiny, ranks: 2, steps: 16{workload}}}\nfaults:\n"
+                                  f"  - {{fault: {fault}, step: 9, params: {params}}}\n")
     ok = tmp_path / "vary.yaml"  # both drawable in a campaign
     ok.write_text("name: x\nworkload: {model: tiny, ranks: 2, steps: 16}\ncampaign: {trials: 4, warmup: 4, window: 4}\n"
                   "faults:\n  - {fault: corruption.bitflip, step: 5, params: {target: param, tensor: wte.weight},"
@@ -203,14 +205,8 @@ def test_each_effect_class_from_a_deterministic_bundled_campaign(tmp_path: Path)
 
 
 def test_an_effect_expectation_outside_a_data_fault_campaign_is_a_one_line_error(tmp_path: Path) -> None:
-    path = tmp_path / "run.yaml"
-    path.write_text("name: x\nworkload: {model: tiny, ranks: 2, steps: 16}\nfaults:\n"
-                    "  - {fault: corruption.bitflip, step: 9, params: {target: param}, expect_effect: benign}\n")
-    with pytest.raises(ScenarioError) as exc:
-        load_scenario(str(path))
-    assert "expect_effect" in str(exc.value) and "\n" not in str(exc.value).strip(), str(exc.value)
-    path.write_text("name: x\nworkload: {model: tiny, ranks: 2, steps: 16}\ncampaign: {trials: 2, warmup: 4, window: 4}\n"
-                    "faults:\n  - {fault: corruption.bitflip, step: 5, params: {target: param}, expect_effect: harmful}\n")
-    with pytest.raises(ScenarioError) as exc:
-        load_scenario(str(path))
-    assert "expect_effect" in str(exc.value) and "\n" not in str(exc.value).strip(), str(exc.value)
+    _refused(tmp_path, "expect_effect", "name: x\nworkload: {model: tiny, ranks: 2, steps: 16}\nfaults:\n"
+             "  - {fault: corruption.bitflip, step: 9, params: {target: param}, expect_effect: benign}\n")
+    _refused(tmp_path, "expect_effect", "name: x\nworkload: {model: tiny, ranks: 2, steps: 16}\ncampaign: {trials: 2, "
+             "warmup: 4, window: 4}\nfaults:\n  - {fault: corruption.bitflip, step: 5, params: {target: param}, "
+             "expect_effect: harmful}\n")

@@ -51,6 +51,8 @@ __all__ = ["Bitflip", "NaN", "StuckBit", "KernelTile", "TARGET_POINTS", "TARGET_
 Target = Literal["param", "optimizer_state", "grad", "allreduce_payload", "grad_reduced", "activation", "batch",
                  "all_gather_output", "reduce_scatter_input", "reduce_scatter_output", "replica_all_reduce_output",
                  "tp_all_reduce_output"]
+#: Which bits a drawn bit comes from (the same words as `burnin.faults.bits.BIT_CLASSES`, without torch).
+BitClass = Literal["sign", "exponent", "mantissa_high", "mantissa_low", "any"]
 
 #: The targets inside a sharded model's collectives, each at the point of its collective.
 COLLECTIVE_TARGETS: dict[str, str] = {
@@ -103,7 +105,7 @@ class _CorruptionParams(BaseModel):
 
 class BitflipParams(_CorruptionParams):
     bit: int | None = Field(None, ge=0, le=63, description="exact bit (0 = least significant)")
-    bit_class: Literal["sign", "exponent", "mantissa_high", "mantissa_low", "any"] = Field(
+    bit_class: BitClass = Field(
         "any", description="the class a drawn bit comes from")
     bits: int = Field(1, ge=1, le=8, description="bits flipped in each element hit: `bit` (or a drawn one) and "
                                                  "bits-1 more drawn from the same class")
@@ -299,7 +301,7 @@ class StuckBitParams(BaseModel):
     region: int = Field(32, ge=1, le=4096, description="stuck elements: a run of `region` adjacent elements "
                                                        "aligned to a multiple of it that holds the element")
     bit: int | None = Field(None, ge=0, le=31, description="the stuck bit (0 = least significant)")
-    bit_class: Literal["sign", "exponent", "mantissa_high", "mantissa_low", "any"] = Field(
+    bit_class: BitClass = Field(
         "any", description="the class a drawn bit comes from")
     value: Literal[0, 1] = Field(1, description="what the bit is stuck at")
     steps: int = Field(8, ge=1, le=100_000, description="steps the cells stay stuck: after each of these steps' "
@@ -355,7 +357,7 @@ class KernelTileParams(BaseModel):
                                                                    "drawn when absent")
     bit: int | None = Field(None, ge=0, le=31, description="the bit of the tile's log-sum-exp results that comes "
                                                           "out flipped")
-    bit_class: Literal["sign", "exponent", "mantissa_high", "mantissa_low", "any"] = Field(
+    bit_class: BitClass = Field(
         "any", description="the class a drawn bit comes from")
     seed: int = Field(0, ge=0, description="draws what is not given")
 

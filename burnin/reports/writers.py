@@ -296,11 +296,9 @@ def render_plain(result: RunResult) -> str:
             extra.append("simulated")
         if not f.injected:
             extra.append("not injected")
-        verdict = "ok" if f.outcome in f.expected else "UNEXPECTED"
         if f.details.get("why"):
             extra.append(str(f.details["why"]))
-        if f.outcome == "unjudged":
-            verdict = "not judged"
+        verdict = "not judged" if f.outcome == "unjudged" else "ok" if f.ok else "UNEXPECTED"
         lines.append(f"{_fault_label(f)} {f.point} -> {f.outcome} (expected {'|'.join(f.expected)}) "
                      f"{verdict}" + (f" [{', '.join(extra)}]" if extra else ""))
     if result.tolerance is not None and not result.exact:
